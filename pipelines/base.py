@@ -1,0 +1,88 @@
+"""What a pipeline returns, whatever its method: coded segments on the source frames,
+per-region measurements, and the identity of the algorithm that made them.
+
+Learned segmenters and risk models of later work return the same types, so the output
+writers (``pipelines.outputs``) and the service never depend on a particular method.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+from highdicom.sr import CodedConcept
+from numpy.typing import NDArray
+
+from pipelines.series import LoadedSeries
+
+NOT_FOR_DIAGNOSTIC_USE = "NOT FOR DIAGNOSTIC USE"
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """Identity of the method behind a result, as it is named in every output."""
+
+    name: str  # e.g. "dicomnode hyperdense threshold baseline"
+    version: str  # e.g. "1.0.0"; part of the output SOP Instance UID seed
+    kind: str  # "threshold baseline", "learned segmenter", ...
+    provenance: str  # what trained it or where its parameters come from
+    notice: str = NOT_FOR_DIAGNOSTIC_USE
+
+
+@dataclass(frozen=True)
+class SegmentClass:
+    """A coded segment class (DICOM SEG Segment Sequence item)."""
+
+    label: str
+    category: CodedConcept
+    property_type: CodedConcept
+
+
+@dataclass(frozen=True)
+class RegionMeasurements:
+    """Measurements of one connected region (or of all regions of a class together)."""
+
+    volume_ml: float
+    hu_max: float  # highest mean HU of a 3x3-pixel in-plane window inside the region
+    hu_mean: float
+    key_frame: int  # index into LoadedSeries.frames of the frame where the region is largest
+    key_area_mm2: float  # region's area on that frame
+
+
+@dataclass(frozen=True)
+class SegmentResult:
+    """One segment class: its mask on the source frames and its measurements."""
+
+    segment: SegmentClass
+    frame_mask: NDArray[np.bool_]  # (n_frames, rows, columns), on LoadedSeries.frames
+    regions: Sequence[RegionMeasurements]  # largest first
+    total: RegionMeasurements | None  # None when the segment is empty
+
+
+@dataclass(frozen=True)
+class PipelineResult:
+    """Everything the output writers need from a pipeline run."""
+
+    algorithm: Algorithm
+    segments: Sequence[SegmentResult]
+    key_frame: int  # frame shown in the Secondary Capture
+    notes: Sequence[str] = field(default_factory=tuple)
+
+
+class Pipeline(Protocol):
+    """A clinical pipeline: a pure function of a loaded series."""
+
+    @property
+    def algorithm(self) -> Algorithm:
+        """The identity written into every output."""
+        ...
+
+    def run(self, series: LoadedSeries) -> PipelineResult:
+        """Segment and measure ``series``; raise ``PipelineError`` with a readable reason."""
+        ...
+
+
+class PipelineError(Exception):
+    """A pipeline could not produce a result; the message is shown to an admin."""
