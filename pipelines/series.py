@@ -15,6 +15,8 @@ import numpy as np
 from numpy.typing import NDArray
 from pydicom.dataset import Dataset
 
+from pipelines.geometry import Grid, PlaneStack
+
 
 @dataclass(frozen=True)
 class SourceFrame:
@@ -55,10 +57,8 @@ class LoadedSeries:
 
     ``frames`` and ``frame_hu`` follow the slice-normal order (ascending position along the
     normal); ``datasets`` are the image instances kept (localizers excluded), pixel data
-    included, in the same order for single-frame series. ``frame_to_grid`` maps a frame
-    pixel index (frame, row, column) to a fractional voxel index of ``volume`` (4x4 per
-    frame is not needed: frames are parallel planes, so one 4x4 for index->mm suffices per
-    frame and is given by ``frame_affines``).
+    included: one per frame, in frame order, for single-frame series; the one instance for
+    an enhanced multi-frame series. ``stack`` and ``grid`` relate frames and volume.
     """
 
     datasets: Sequence[Dataset]
@@ -67,6 +67,8 @@ class LoadedSeries:
     frame_affines: NDArray[np.float64]  # (n_frames, 4, 4): (0, row, col) index -> patient mm
     volume: Volume
     gantry_tilt_deg: float
+    stack: PlaneStack
+    grid: Grid
 
     @property
     def reference(self) -> Dataset:
