@@ -1,0 +1,175 @@
+"""What every output object shares: its identity, equipment, codes and text lines."""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass
+
+import highdicom as hd
+from highdicom.sr import CodedConcept
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.valuerep import format_number_as_ds
+
+from pipelines.base import Algorithm, PipelineResult, RegionMeasurements
+from pipelines.outputs.uids import derive_uid
+from pipelines.series import LoadedSeries
+
+MANUFACTURER = "dicomnode"
+DEVICE_SERIAL_NUMBER = "1"  # one software device; the node's AE title names the instance
+PRIVATE_SCHEME = "99DCMNODE"  # coding scheme of the few concepts DICOM does not define
+UNIT_ML = CodedConcept("ml", "UCUM", "milliliter")
+UNIT_HU = CodedConcept("[hnsf'U]", "UCUM", "Hounsfield unit")
+UNIT_MM2 = CodedConcept("mm2", "UCUM", "square millimeter")
+TYPE2_PATIENT_STUDY = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+)
+UNSTATED = "NOT STATED BY SOURCE"
+HU_MAX_METHOD = CodedConcept(
+    "HUMAX3X3", PRIVATE_SCHEME, "Highest mean of a 3x3-pixel in-plane window"
+)
+
+
+@dataclass(frozen=True)
+class OutputIdentity:
+    """Series/instance identity and producing-device attributes of one output object."""
+
+    series_instance_uid: str
+    sop_instance_uid: str
+    series_number: int
+    series_description: str
+    manufacturer_model_name: str  # the pipeline's name
+    software_versions: str  # the algorithm's version
+    content_datetime: datetime.datetime
+    instance_number: int = 1
+
+    @property
+    def content_date(self) -> datetime.date:
+        """ContentDate of the object."""
+        return self.content_datetime.date()
+
+    @property
+    def content_time(self) -> datetime.time:
+        """ContentTime of the object (whole seconds)."""
+        return self.content_datetime.time().replace(microsecond=0)
+
+
+def output_identity(
+    series_instance_uid: str,
+    pipeline_name: str,
+    algorithm: Algorithm,
+    kind: str,
+    series_number: int,
+    series_description: str,
+    content_datetime: datetime.datetime,
+) -> OutputIdentity:
+    """Identity of output ``kind`` ("seg", "sc-1", "sr") derived from the source series.
+
+    The series UID hashes ``"series-" + kind`` (first part before a dash), the instance UID
+    hashes ``kind`` itself, both with the source series UID, pipeline name and version.
+    """
+    series_kind = "series-" + kind.split("-")[0]
+    seed = (series_instance_uid, pipeline_name, algorithm.version)
+    return OutputIdentity(
+        series_instance_uid=derive_uid(*seed, series_kind),
+        sop_instance_uid=derive_uid(*seed, kind),
+        series_number=series_number,
+        series_description=series_description,
+        manufacturer_model_name=pipeline_name,
+        software_versions=algorithm.version,
+        content_datetime=content_datetime,
+    )
+
+
+def algorithm_family(algorithm: Algorithm) -> CodedConcept:
+    """CID 7162 family: Artificial Intelligence for learned methods, else Morphological
+    Operations (thresholding, connected components and masks are image morphology)."""
+    if "learn" in algorithm.kind.lower() or "model" in algorithm.kind.lower():
+        return CodedConcept.from_code(codes.DCM.ArtificialIntelligence)
+    return CodedConcept.from_code(codes.DCM.MorphologicalOperations)
+
+
+def contributing_equipment(source: Dataset) -> list[hd.ContributingEquipment]:
+    """The source scanner as acquisition equipment, when the source names its maker."""
+    if not source.get("Manufacturer"):
+        return []
+    return [hd.ContributingEquipment.for_image_acquisition(source)]
+
+
+def shallow_copy(source: Dataset) -> Dataset:
+    """A new dataset holding ``source``'s elements (not copied) and file meta."""
+    copied = Dataset()
+    copied.update(source)
+    if "file_meta" in source.__dict__:
+        copied.file_meta = source.file_meta
+    return copied
+
+
+def patient_study_source(source: Dataset) -> Dataset:
+    """``source``, or a shallow copy completed so that outputs copying its patient and
+    study modules are valid: absent Type 2 attributes are added empty, and an empty
+    DeidentificationMethod of a de-identified source (Type 1C) says it was not stated.
+    """
+    missing = [k for k in TYPE2_PATIENT_STUDY if k not in source]
+    method_empty = (
+        source.get("PatientIdentityRemoved") == "YES"
+        and not source.get("DeidentificationMethod")
+        and not source.get("DeidentificationMethodCodeSequence")
+    )
+    if not missing and not method_empty:
+        return source
+    completed = shallow_copy(source)
+    for keyword in missing:
+        setattr(completed, keyword, None)
+    if method_empty:
+        completed.DeidentificationMethod = UNSTATED
+    return completed
+
+
+def ds_value(value: float) -> float:
+    """``value`` rounded so that its DS string has at most 16 characters."""
+    return float(format_number_as_ds(round(float(value), 3)))
+
+
+def algorithm_title(algorithm: Algorithm) -> str:
+    """One line naming the algorithm: name, version and kind."""
+    return f"{algorithm.name} {algorithm.version} ({algorithm.kind})"
+
+
+def provenance_line(algorithm: Algorithm) -> str:
+    """One line saying where the algorithm's parameters or training come from."""
+    return f"Provenance: {algorithm.provenance}"
+
+
+def measurement_line(label: str, total: RegionMeasurements | None) -> str:
+    """One line of a segment's total measurements, or that nothing was found."""
+    if total is None:
+        return f"{label}: none found"
+    return (
+        f"{label}: {total.volume_ml:.1f} mL, HUmax {total.hu_max:.0f}, mean {total.hu_mean:.0f} HU"
+    )
+
+
+def summary_lines(result: PipelineResult) -> list[str]:
+    """Human-readable lines every output shows: algorithm, results, notice, provenance."""
+    lines = [algorithm_title(result.algorithm)]
+    lines += [measurement_line(s.segment.label, s.total) for s in result.segments]
+    lines += [result.algorithm.notice, provenance_line(result.algorithm)]
+    return lines
+
+
+def source_dataset(series: LoadedSeries, frame: int) -> Dataset:
+    """The source instance holding ``series.frames[frame]``."""
+    uid = series.frames[frame].sop_instance_uid
+    for ds in series.datasets:
+        if ds.SOPInstanceUID == uid:
+            return ds
+    raise ValueError(f"frame {frame} refers to instance {uid}, which the series does not hold")

@@ -1,0 +1,143 @@
+"""DICOM Segmentation (binary) of a pipeline's segments, on the source frames' planes."""
+
+from __future__ import annotations
+
+import highdicom as hd
+import numpy as np
+from numpy.typing import NDArray
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian
+
+from pipelines.base import Algorithm, PipelineResult, SegmentResult
+from pipelines.outputs.common import (
+    DEVICE_SERIAL_NUMBER,
+    MANUFACTURER,
+    OutputIdentity,
+    algorithm_family,
+    patient_study_source,
+    shallow_copy,
+)
+from pipelines.outputs.uids import derive_uid
+from pipelines.series import LoadedSeries
+
+
+def source_frame_keys(series: LoadedSeries) -> list[tuple[str, int | None]]:
+    """(SOPInstanceUID, frame number) of every frame of ``series.datasets``, in their order.
+
+    Single-frame instances give one key each (frame number None); a multi-frame instance
+    gives one key per frame, numbered from 1.
+    """
+    keys: list[tuple[str, int | None]] = []
+    for ds in series.datasets:
+        n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+        if n_frames == 1 and "PerFrameFunctionalGroupsSequence" not in ds:
+            keys.append((str(ds.SOPInstanceUID), None))
+        else:
+            keys += [(str(ds.SOPInstanceUID), k + 1) for k in range(n_frames)]
+    return keys
+
+
+def seg_pixel_array(series: LoadedSeries, result: PipelineResult) -> NDArray[np.uint8]:
+    """Masks as (source frames, rows, columns, segments), in the source datasets' order.
+
+    ``SegmentResult.frame_mask`` follows ``series.frames``; a source frame that the loader
+    did not keep stays empty.
+    """
+    if not result.segments:
+        raise ValueError("a DICOM SEG needs at least one segment; the result has none")
+    index = {(f.sop_instance_uid, f.frame_number): i for i, f in enumerate(series.frames)}
+    masks = np.stack([s.frame_mask for s in result.segments], axis=-1)
+    if masks.shape[:3] != series.frame_hu.shape:
+        raise ValueError(
+            f"segment masks {masks.shape[:3]} do not match the frames {series.frame_hu.shape}"
+        )
+    keys = source_frame_keys(series)
+    pixels = np.zeros((len(keys), *masks.shape[1:]), dtype=np.uint8)
+    for row, key in enumerate(keys):
+        if key in index:
+            pixels[row] = masks[index[key]]
+    return pixels
+
+
+def with_shared_pixel_measures(source: Dataset) -> Dataset:
+    """``source``, or for a multi-frame source that keeps its pixel measures per frame
+    (as legacy-converted instances may), a shallow copy with them shared: highdicom reads
+    them from the shared functional groups only.
+    """
+    if "PerFrameFunctionalGroupsSequence" not in source:
+        return source
+    shared = source.SharedFunctionalGroupsSequence[0]
+    if "PixelMeasuresSequence" in shared:
+        return source
+    per_frame = source.PerFrameFunctionalGroupsSequence
+    spacings = {tuple(str(v) for v in f.PixelMeasuresSequence[0].PixelSpacing) for f in per_frame}
+    if len(spacings) != 1:
+        raise ValueError(f"frames of {source.SOPInstanceUID} differ in pixel spacing")
+    new_shared = Dataset()
+    new_shared.update(shared)
+    new_shared.PixelMeasuresSequence = per_frame[0].PixelMeasuresSequence
+    completed = shallow_copy(source)
+    completed.SharedFunctionalGroupsSequence = [new_shared]
+    return completed
+
+
+def segment_description(
+    number: int, segment: SegmentResult, algorithm: Algorithm, seed: str
+) -> hd.seg.SegmentDescription:
+    """Segment Sequence item: coded class, automatic algorithm, tracking ID and UID."""
+    identification = hd.AlgorithmIdentificationSequence(
+        name=algorithm.name,
+        family=algorithm_family(algorithm),
+        version=algorithm.version,
+        source=MANUFACTURER,
+    )
+    return hd.seg.SegmentDescription(
+        segment_number=number,
+        segment_label=segment.segment.label,
+        segmented_property_category=segment.segment.category,
+        segmented_property_type=segment.segment.property_type,
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_identification=identification,
+        tracking_uid=derive_uid(seed, "segment", str(number)),
+        tracking_id=segment.segment.label,
+    )
+
+
+def build_seg(
+    series: LoadedSeries,
+    result: PipelineResult,
+    identity: OutputIdentity,
+    content_label: str = "HYPERDENSE",
+) -> hd.seg.Segmentation:
+    """Binary SEG, one segment per ``result.segments`` item, every source frame kept.
+
+    highdicom adds the source scanner and itself as Contributing Equipment.
+    """
+    descriptions = [
+        segment_description(i + 1, s, result.algorithm, identity.sop_instance_uid)
+        for i, s in enumerate(result.segments)
+    ]
+    return hd.seg.Segmentation(
+        source_images=[
+            with_shared_pixel_measures(patient_study_source(series.datasets[0])),
+            *series.datasets[1:],
+        ],
+        pixel_array=seg_pixel_array(series, result),
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions,
+        series_instance_uid=identity.series_instance_uid,
+        series_number=identity.series_number,
+        sop_instance_uid=identity.sop_instance_uid,
+        instance_number=identity.instance_number,
+        manufacturer=MANUFACTURER,
+        manufacturer_model_name=identity.manufacturer_model_name,
+        software_versions=identity.software_versions,
+        device_serial_number=DEVICE_SERIAL_NUMBER,
+        content_description=result.algorithm.notice,
+        content_label=content_label,
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+        omit_empty_frames=False,
+        series_description=identity.series_description,
+        content_date=identity.content_date,
+        content_time=identity.content_time,
+    )
