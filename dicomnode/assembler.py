@@ -1,0 +1,71 @@
+"""Assembly: a series whose last instance is older than ``stable_age_s`` is complete,
+and is then routed to a job or marked ignored."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import structlog
+
+from dicomnode.config import NodeConfig
+from dicomnode.jobs import JobQueue
+from dicomnode.records import SeriesInfo, SeriesState
+from dicomnode.routing import Ignored, Routed, route
+from dicomnode.state import StateStore
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What assembly did with one complete series; ``job_id`` when it was queued."""
+
+    series: SeriesInfo
+    outcome: Routed | Ignored
+    job_id: int | None
+
+
+class Assembler:
+    """Finds complete series and hands them to routing."""
+
+    def __init__(self, config: NodeConfig, store: StateStore, jobs: JobQueue) -> None:
+        """Use ``config``'s stable age and rules on ``store``'s series."""
+        self.config = config
+        self.store = store
+        self.jobs = jobs
+
+    def find_complete_series(self, now: float) -> list[SeriesInfo]:
+        """Series still receiving that have had no instance for ``stable_age_s``."""
+        return self.store.stable_series(now - self.config.stable_age_s)
+
+    def assemble(self, now: float) -> list[Decision]:
+        """Route every complete series: queue a job or record why it is ignored."""
+        decisions = []
+        for series in self.find_complete_series(now):
+            bound = log.bind(
+                study_uid=series.study_instance_uid, series_uid=series.series_instance_uid
+            )
+            outcome = route(series, self.config.routes)
+            job_id = None
+            if isinstance(outcome, Routed):
+                job_id = self.jobs.enqueue_for_series(
+                    series, outcome.rule, outcome.pipeline, outcome.destinations, now
+                )
+                moved = job_id is not None
+            else:
+                moved = self.store.conclude_series(series, SeriesState.IGNORED, outcome.reason)
+            if not moved:
+                bound.info("series received more instances while assembling; waiting")
+                continue
+            if isinstance(outcome, Routed):
+                bound.info(
+                    "series routed",
+                    rule=outcome.rule,
+                    pipeline=outcome.pipeline,
+                    job_id=job_id,
+                    instances=series.instance_count,
+                )
+            else:
+                bound.info("series ignored", reason=outcome.reason)
+            decisions.append(Decision(series, outcome, job_id))
+        return decisions

@@ -1,0 +1,219 @@
+"""The node's one typed configuration, read from a TOML file and validated by pydantic.
+
+Relative ``spool_dir`` and ``state_dir`` in a file are taken relative to that file.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
+
+
+class ConfigError(Exception):
+    """A configuration that cannot be used; ``problems`` lists ``path: reason`` lines."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        """Keep the problems and build a message listing each one."""
+        self.problems = problems
+        super().__init__(f"invalid configuration {source}:\n  " + "\n  ".join(problems))
+
+
+def _check_ae_title(value: str) -> str:
+    """An AE title: 1-16 characters, no backslash or control characters, not blank."""
+    if not value.strip() or len(value) > 16:
+        raise ValueError("AE title must be 1 to 16 characters and not blank")
+    if any(ch == "\\" or ord(ch) < 0x20 or ord(ch) > 0x7E for ch in value):
+        raise ValueError("AE title must be printable ASCII without backslash")
+    return value.strip()
+
+
+def _check_regex(value: str | None) -> str | None:
+    """A Python regular expression that compiles."""
+    if value is not None:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"invalid regular expression: {exc}") from exc
+    return value
+
+
+def _as_list(value: object) -> object:
+    """Accept one string where a list of strings is expected."""
+    return [value] if isinstance(value, str) else value
+
+
+AETitle = Annotated[str, AfterValidator(_check_ae_title)]
+Regex = Annotated[str | None, AfterValidator(_check_regex)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+OneOrMore = Annotated[list[str] | None, BeforeValidator(_as_list)]
+
+
+class _Model(BaseModel):
+    """Base for every config model: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class NodeSettings(_Model):
+    """The node's own Application Entity and where it listens."""
+
+    ae_title: AETitle = "DICOMNODE"
+    host: str = "0.0.0.0"
+    port: Port = 11112
+    max_pdu: int = Field(default=131072, ge=0)
+
+
+class AllowedCaller(_Model):
+    """A peer allowed to open associations; ``host`` pins its address when given."""
+
+    ae_title: AETitle
+    host: str | None = None
+
+
+class Destination(_Model):
+    """A storage SCP results are sent to."""
+
+    ae_title: AETitle
+    host: str
+    port: Port
+
+
+class RouteMatch(_Model):
+    """Conditions on a series; all given must hold, string equality ignores case."""
+
+    modality: OneOrMore = None
+    body_part_examined: OneOrMore = None
+    series_description: Regex = None
+    protocol_name: Regex = None
+    image_type_contains: OneOrMore = None
+    calling_ae_title: OneOrMore = None
+    called_ae_title: OneOrMore = None
+
+
+class RouteRule(_Model):
+    """Series matching ``match`` go to ``pipeline``; its results to ``destinations``."""
+
+    name: str = Field(min_length=1)
+    match: RouteMatch = RouteMatch()
+    pipeline: str = Field(min_length=1)
+    destinations: list[str] = []
+
+
+class OutboxSettings(_Model):
+    """Retry policy for sending results: exponential back-off, capped, then give up."""
+
+    initial_delay_s: float = Field(default=5.0, gt=0)
+    max_delay_s: float = Field(default=600.0, gt=0)
+    max_attempts: int = Field(default=10, ge=1)
+    calling_ae_title: AETitle | None = None
+    timeout_s: float = Field(default=30.0, gt=0)
+
+
+class WorkerSettings(_Model):
+    """Pipeline workers: how many threads take jobs from the queue."""
+
+    threads: int = Field(default=1, ge=1, le=16)
+
+
+class NodeConfig(_Model):
+    """Everything the node needs, validated once and passed explicitly."""
+
+    node: NodeSettings = NodeSettings()
+    allowed_callers: list[AllowedCaller] = Field(min_length=1)
+    destinations: dict[str, Destination] = {}
+    routes: list[RouteRule] = []
+    stable_age_s: float = Field(default=30.0, gt=0)
+    poll_interval_s: float = Field(default=0.5, gt=0)
+    spool_dir: Path
+    state_dir: Path
+    outbox: OutboxSettings = OutboxSettings()
+    worker: WorkerSettings = WorkerSettings()
+
+    @model_validator(mode="after")
+    def _check_references(self) -> NodeConfig:
+        """Every route names destinations that exist and rule names are unique."""
+        problems: list[str] = []
+        seen: set[str] = set()
+        for index, rule in enumerate(self.routes):
+            if rule.name in seen:
+                problems.append(f"routes.{index}.name: duplicate rule name {rule.name!r}")
+            seen.add(rule.name)
+            problems.extend(
+                f"routes.{index}.destinations: unknown destination {name!r}"
+                for name in rule.destinations
+                if name not in self.destinations
+            )
+        if self.outbox.max_delay_s < self.outbox.initial_delay_s:
+            problems.append("outbox.max_delay_s: must not be less than initial_delay_s")
+        if problems:
+            raise ConfigError("(cross-references)", problems)
+        return self
+
+
+def _describe(error: ValidationError) -> list[str]:
+    """One ``dotted.path: reason`` line per pydantic error."""
+    lines = []
+    for item in error.errors():
+        path = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        lines.append(f"{path}: {item['msg']}")
+    return lines
+
+
+def load_config(path: Path) -> NodeConfig:
+    """Read and validate a TOML config file; raise :class:`ConfigError` listing problems."""
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(str(path), [f"(file): cannot read: {exc.strerror}"]) from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(str(path), [f"(file): invalid TOML: {exc}"]) from exc
+    base = path.resolve().parent
+    for key in ("spool_dir", "state_dir"):
+        if isinstance(raw.get(key), str):
+            raw[key] = str(base / raw[key])
+    try:
+        return NodeConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(str(path), _describe(exc)) from exc
+    except ConfigError as exc:
+        raise ConfigError(str(path), exc.problems) from exc
+
+
+def default_config(base_dir: Path, port: int) -> NodeConfig:
+    """A demo config: node on loopback ``port``, spool and state under ``base_dir``.
+
+    DCMTK's and pynetdicom's default calling AE titles may connect; series of head CT
+    (CT, body part HEAD or BRAIN) go to the ``head_ct`` pipeline and results to the
+    destination ``PACS`` (AE ``PACS`` on loopback port ``port + 1``).
+    """
+    return NodeConfig(
+        node=NodeSettings(ae_title="DICOMNODE", host="127.0.0.1", port=port),
+        allowed_callers=[
+            AllowedCaller(ae_title=title, host="127.0.0.1")
+            for title in ("STORESCU", "ECHOSCU", "PYNETDICOM", "FINDSCU")
+        ],
+        destinations={"PACS": Destination(ae_title="PACS", host="127.0.0.1", port=port + 1)},
+        routes=[
+            RouteRule(
+                name="head-ct",
+                match=RouteMatch(modality=["CT"], body_part_examined=["HEAD", "BRAIN"]),
+                pipeline="hyperdense_regions",
+                destinations=["PACS"],
+            )
+        ],
+        stable_age_s=5.0,
+        spool_dir=base_dir / "spool",
+        state_dir=base_dir / "state",
+    )

@@ -1,0 +1,258 @@
+"""Storage SCP: accepts C-ECHO and C-STORE from allowed peers and spools what they send.
+
+The C-STORE handler is thin: it reads only identifying and routing attributes (never
+pixels), writes the bytes exactly as sent to the spool, records them, then answers.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+import sqlite3
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import structlog
+from pydicom import uid
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pynetdicom import AE, evt
+from pynetdicom.association import Association as PynetAssociation
+from pynetdicom.events import Event, EventHandlerType
+from pynetdicom.transport import ThreadedAssociationServer
+
+from dicomnode import spool
+from dicomnode.config import NodeConfig
+from dicomnode.records import Association, InstanceRecord
+from dicomnode.state import StateStore
+from dicomnode.status import Status
+
+log = structlog.get_logger(__name__)
+
+VERIFICATION_SOP_CLASS = uid.UID("1.2.840.10008.1.1")  # PS3.4 Annex A
+
+STORAGE_CLASSES: tuple[str, ...] = (
+    uid.CTImageStorage,
+    uid.EnhancedCTImageStorage,
+    uid.LegacyConvertedEnhancedCTImageStorage,
+    uid.MRImageStorage,
+    uid.EnhancedMRImageStorage,
+    uid.LegacyConvertedEnhancedMRImageStorage,
+    uid.SecondaryCaptureImageStorage,
+    uid.MultiFrameSingleBitSecondaryCaptureImageStorage,
+    uid.MultiFrameGrayscaleByteSecondaryCaptureImageStorage,
+    uid.MultiFrameGrayscaleWordSecondaryCaptureImageStorage,
+    uid.MultiFrameTrueColorSecondaryCaptureImageStorage,
+)
+
+TRANSFER_SYNTAXES: tuple[str, ...] = (
+    uid.ExplicitVRLittleEndian,
+    uid.ImplicitVRLittleEndian,
+    uid.DeflatedExplicitVRLittleEndian,
+    uid.ExplicitVRBigEndian,
+    *uid.JPEGTransferSyntaxes,
+    *uid.JPEGLSTransferSyntaxes,
+    *uid.JPEG2000TransferSyntaxes,
+    *uid.RLETransferSyntaxes,
+)
+
+# What decoding a malformed dataset from the network can raise (pydicom parses lazily).
+DECODE_ERRORS = (
+    InvalidDicomError,
+    ValueError,
+    TypeError,
+    KeyError,
+    AttributeError,
+    EOFError,
+    OverflowError,
+    NotImplementedError,
+    struct.error,
+)
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+REJECT_PERMANENT, REJECT_SOURCE_USER, REJECT_CALLING_AET_NOT_RECOGNISED = 0x01, 0x01, 0x03
+
+
+class StoreRefused(Exception):
+    """A C-STORE that is answered with a failure ``status``."""
+
+    def __init__(self, status: Status, reason: str) -> None:
+        """Keep the status to answer and the reason to log."""
+        super().__init__(reason)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class _Identity:
+    """The attributes of a received dataset that identify and route it."""
+
+    study: str
+    series: str
+    sop: str
+    sop_class: str
+    modality: str
+    body_part: str
+    description: str
+    protocol: str
+    image_type: tuple[str, ...]
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    """An attribute as a stripped string, ``""`` when absent."""
+    value = ds.get(keyword)
+    return "" if value is None else str(value).strip()
+
+
+def identify(ds: Dataset, context_sop_class: str) -> _Identity:
+    """Read the identifying attributes; raise :class:`StoreRefused` if they are unusable."""
+    try:
+        ident = _Identity(
+            study=_text(ds, "StudyInstanceUID"),
+            series=_text(ds, "SeriesInstanceUID"),
+            sop=_text(ds, "SOPInstanceUID"),
+            sop_class=_text(ds, "SOPClassUID"),
+            modality=_text(ds, "Modality"),
+            body_part=_text(ds, "BodyPartExamined"),
+            description=_text(ds, "SeriesDescription"),
+            protocol=_text(ds, "ProtocolName"),
+            image_type=tuple(str(v).strip() for v in (ds.get("ImageType") or ())),
+        )
+    except DECODE_ERRORS as exc:
+        raise StoreRefused(Status.CANNOT_UNDERSTAND_UNDECODABLE, f"cannot decode: {exc}") from exc
+    for name in ("study", "series", "sop"):
+        if not spool.is_valid_uid(getattr(ident, name)):
+            raise StoreRefused(
+                Status.DATASET_DOES_NOT_MATCH_SOP_CLASS, f"missing or malformed {name} UID"
+            )
+    if ident.sop_class != context_sop_class:
+        raise StoreRefused(
+            Status.DATASET_DOES_NOT_MATCH_SOP_CLASS, "SOP Class UID differs from the context's"
+        )
+    return ident
+
+
+def _requested_title(assoc: PynetAssociation, which: str) -> str:
+    """The calling or called AE title of the peer's A-ASSOCIATE request."""
+    primitive = assoc.requestor.primitive
+    if primitive is None:
+        return ""
+    title = primitive.calling_ae_title if which == "calling" else primitive.called_ae_title
+    return title.strip()
+
+
+class Receiver:
+    """The node's listening Application Entity."""
+
+    def __init__(
+        self, config: NodeConfig, store: StateStore, on_stored: Callable[[], None] | None = None
+    ) -> None:
+        """Receive per ``config`` into ``store``; call ``on_stored`` after each instance."""
+        self.config = config
+        self.store = store
+        self.on_stored = on_stored
+        self._server: ThreadedAssociationServer | None = None
+
+    def build_ae(self) -> AE:
+        """An AE supporting Verification and the storage classes with every syntax."""
+        ae = AE(ae_title=self.config.node.ae_title)
+        ae.maximum_pdu_size = self.config.node.max_pdu
+        ae.add_supported_context(VERIFICATION_SOP_CLASS)
+        for abstract in STORAGE_CLASSES:
+            ae.add_supported_context(abstract, list(TRANSFER_SYNTAXES))
+        return ae
+
+    def start(self) -> None:
+        """Listen on the configured address in background threads."""
+        handlers: list[EventHandlerType] = [
+            (evt.EVT_CONN_OPEN, self._on_conn_open),
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_C_STORE, self._on_store),
+        ]
+        address = (self.config.node.host, self.config.node.port)
+        self._server = self.build_ae().start_server(address, block=False, evt_handlers=handlers)
+        log.info("receiver listening", host=address[0], port=address[1])
+
+    def stop(self) -> None:
+        """Stop listening and close open associations."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+
+    @staticmethod
+    def _on_conn_open(event: Event) -> None:
+        """Turn Nagle's algorithm off: DCMTK peers otherwise wait ~45 ms per instance."""
+        sock = event.assoc.dul.socket
+        if sock is not None and sock.socket is not None:
+            sock.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def _on_requested(self, event: Event) -> None:
+        """Reject association requests from AE titles or hosts not allowed."""
+        assoc = event.assoc
+        calling = _requested_title(assoc, "calling")
+        host = assoc.requestor.address
+        for caller in self.config.allowed_callers:
+            if caller.ae_title == calling and caller.host in (None, host):
+                return
+        log.warning("association rejected", calling_aet=calling, peer_host=host)
+        assoc.acse.send_reject(
+            REJECT_PERMANENT, REJECT_SOURCE_USER, REJECT_CALLING_AET_NOT_RECOGNISED
+        )
+        assoc.kill()  # as pynetdicom does: waits until the A-ASSOCIATE-RJ has gone out
+
+    def _on_store(self, event: Event) -> int:
+        """Spool and record one instance, answering a specific status on failure."""
+        assoc = event.assoc
+        who = Association(
+            calling_aet=assoc.requestor.ae_title.strip(),
+            called_aet=_requested_title(assoc, "called"),
+        )
+        try:
+            self._store(event, who)
+        except StoreRefused as exc:
+            log.warning(
+                "store refused", status=f"0x{exc.status:04X}", reason=str(exc),
+                calling_aet=who.calling_aet,
+            )  # fmt: skip
+            return int(exc.status)
+        if self.on_stored is not None:
+            self.on_stored()
+        return int(Status.SUCCESS)
+
+    def _store(self, event: Event, who: Association) -> None:
+        """Identify, spool and record; raise :class:`StoreRefused` on any failure."""
+        context = event.context
+        try:
+            ds = event.dataset
+        except DECODE_ERRORS as exc:
+            raise StoreRefused(
+                Status.CANNOT_UNDERSTAND_UNDECODABLE, f"cannot decode: {exc}"
+            ) from exc
+        ident = identify(ds, context.abstract_syntax or "")
+        bound = log.bind(study_uid=ident.study, series_uid=ident.series)
+        try:
+            path = spool.store_instance(
+                self.config.spool_dir, ident.study, ident.series, ident.sop,
+                event.encoded_dataset(),
+            )  # fmt: skip
+            self.store.record_instance(
+                InstanceRecord(
+                    sop_instance_uid=ident.sop, series_instance_uid=ident.series,
+                    study_instance_uid=ident.study, sop_class_uid=ident.sop_class,
+                    transfer_syntax_uid=context.transfer_syntax or "", path=path,
+                    received_at=time.time(), association=who, modality=ident.modality,
+                    body_part_examined=ident.body_part,
+                    series_description=ident.description, protocol_name=ident.protocol,
+                    image_type=ident.image_type,
+                )
+            )  # fmt: skip
+        except OSError as exc:
+            full = exc.errno in DISK_FULL_ERRNOS
+            bound.error("cannot spool instance", error=exc.strerror, disk_full=full)
+            status = Status.OUT_OF_RESOURCES if full else Status.PROCESSING_FAILURE
+            raise StoreRefused(status, f"cannot spool: {exc.strerror}") from exc
+        except sqlite3.Error as exc:
+            full = getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+            bound.error("cannot record instance", error=str(exc), disk_full=full)
+            status = Status.OUT_OF_RESOURCES if full else Status.PROCESSING_FAILURE
+            raise StoreRefused(status, f"cannot record: {exc}") from exc

@@ -1,0 +1,110 @@
+"""Plain records passed between the stages: instances, series, jobs, outbox items."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+
+class SeriesState(StrEnum):
+    """Where a series stands in assembly."""
+
+    RECEIVING = "receiving"
+    ROUTED = "routed"
+    IGNORED = "ignored"
+
+
+class JobState(StrEnum):
+    """Where a job stands in the durable queue."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class OutboxState(StrEnum):
+    """Where one outgoing file stands."""
+
+    PENDING = "pending"
+    SENT = "sent"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class Association:
+    """Who sent an instance: the peer's calling AE title and the AE title it called."""
+
+    calling_aet: str
+    called_aet: str
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    """One received, spooled instance and the attributes that route its series."""
+
+    sop_instance_uid: str
+    series_instance_uid: str
+    study_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    path: Path
+    received_at: float
+    association: Association
+    modality: str
+    body_part_examined: str
+    series_description: str
+    protocol_name: str
+    image_type: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class SeriesInfo:
+    """A series as assembly and routing see it (first instance's attributes)."""
+
+    series_instance_uid: str
+    study_instance_uid: str
+    modality: str
+    body_part_examined: str
+    series_description: str
+    protocol_name: str
+    image_type: tuple[str, ...]
+    all_localizer: bool
+    sop_class_uid: str
+    calling_aet: str
+    called_aet: str
+    first_arrival: float
+    last_arrival: float
+    state: SeriesState
+    reason: str | None
+    instance_count: int
+
+
+@dataclass(frozen=True)
+class Job:
+    """A queued run of one pipeline over one series."""
+
+    id: int
+    series_instance_uid: str
+    study_instance_uid: str
+    rule: str
+    pipeline: str
+    destinations: tuple[str, ...]
+    state: JobState
+    attempts: int
+    reason: str | None
+
+
+@dataclass(frozen=True)
+class OutboxItem:
+    """One result file to deliver to one destination."""
+
+    id: int
+    job_id: int
+    path: Path
+    destination: str
+    state: OutboxState
+    attempts: int
+    next_attempt_at: float
+    last_error: str | None

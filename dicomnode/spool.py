@@ -1,0 +1,83 @@
+"""Durable spool: each received instance is written atomically and fsynced.
+
+Layout: ``<spool>/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``. A file
+under its final name is always complete: bytes go to a temporary file in the same folder,
+are flushed and fsynced, renamed with :func:`os.replace`, and the folder is fsynced.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+def is_valid_uid(value: str) -> bool:
+    """A DICOM UID (digits and dots, at most 64 characters): safe as a file name."""
+    return len(value) <= 64 and _UID.match(value) is not None
+
+
+def instance_path(spool_dir: Path, study_uid: str, series_uid: str, sop_uid: str) -> Path:
+    """Where an instance lives in the spool; raises ``ValueError`` for a malformed UID."""
+    for uid in (study_uid, series_uid, sop_uid):
+        if not is_valid_uid(uid):
+            raise ValueError(f"not a valid UID: {uid!r}")
+    return spool_dir / study_uid / series_uid / f"{sop_uid}.dcm"
+
+
+def fsync_dir(path: Path) -> None:
+    """Flush a folder's entries (new names, renames) to disk."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def ensure_dir(path: Path) -> None:
+    """Create ``path`` and missing parents, fsyncing each parent that gained an entry."""
+    if path.is_dir():
+        return
+    ensure_dir(path.parent)
+    try:
+        path.mkdir()
+    except FileExistsError:
+        return
+    fsync_dir(path.parent)
+
+
+def _write_fully(fd: int, data: bytes) -> None:
+    """Write all of ``data`` to ``fd`` (``os.write`` may write less than asked)."""
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` durably; on any error no partial file is left."""
+    ensure_dir(path.parent)
+    fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=".part")
+    try:
+        try:
+            _write_fully(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temp_name, path)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def store_instance(
+    spool_dir: Path, study_uid: str, series_uid: str, sop_uid: str, data: bytes
+) -> Path:
+    """Spool one instance's encoded bytes; return the final path."""
+    path = instance_path(spool_dir, study_uid, series_uid, sop_uid)
+    write_atomic(path, data)
+    return path

@@ -1,0 +1,221 @@
+"""Durable node state in SQLite: instances, series, the job queue and the outbox.
+
+One connection (WAL, ``synchronous=FULL``) shared by all threads behind one lock; every
+public method is one transaction. Job and outbox operations live in :mod:`.jobs`.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from dicomnode.records import InstanceRecord, SeriesInfo, SeriesState
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS instances (
+    sop_instance_uid TEXT PRIMARY KEY, series_instance_uid TEXT NOT NULL,
+    study_instance_uid TEXT NOT NULL, path TEXT NOT NULL, sop_class_uid TEXT NOT NULL,
+    transfer_syntax_uid TEXT NOT NULL, received_at REAL NOT NULL,
+    calling_aet TEXT NOT NULL, called_aet TEXT NOT NULL, is_localizer INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS instances_series ON instances (series_instance_uid);
+CREATE TABLE IF NOT EXISTS series (
+    series_instance_uid TEXT PRIMARY KEY, study_instance_uid TEXT NOT NULL,
+    modality TEXT NOT NULL, body_part_examined TEXT NOT NULL,
+    series_description TEXT NOT NULL, protocol_name TEXT NOT NULL,
+    image_type TEXT NOT NULL, all_localizer INTEGER NOT NULL, sop_class_uid TEXT NOT NULL,
+    calling_aet TEXT NOT NULL, called_aet TEXT NOT NULL, first_arrival REAL NOT NULL,
+    last_arrival REAL NOT NULL, state TEXT NOT NULL, reason TEXT);
+CREATE INDEX IF NOT EXISTS series_state ON series (state, last_arrival);
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, series_instance_uid TEXT NOT NULL,
+    study_instance_uid TEXT NOT NULL, rule TEXT NOT NULL, pipeline TEXT NOT NULL,
+    destinations TEXT NOT NULL, state TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
+    reason TEXT, created_at REAL NOT NULL, started_at REAL, finished_at REAL);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, id);
+CREATE TABLE IF NOT EXISTS outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, job_id INTEGER NOT NULL REFERENCES jobs (id),
+    path TEXT NOT NULL, destination TEXT NOT NULL, state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0, next_attempt_at REAL NOT NULL, last_error TEXT,
+    created_at REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS outbox_due ON outbox (state, next_attempt_at);
+CREATE TABLE IF NOT EXISTS outbox_attempts (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, outbox_id INTEGER NOT NULL REFERENCES outbox (id),
+    attempted_at REAL NOT NULL, status INTEGER, error TEXT);
+"""
+
+_SERIES_COLUMNS = (
+    "series_instance_uid, study_instance_uid, modality, body_part_examined, "
+    "series_description, protocol_name, image_type, all_localizer, sop_class_uid, "
+    "calling_aet, called_aet, first_arrival, last_arrival, state, reason"
+)
+
+
+def _series(row: sqlite3.Row, count: int) -> SeriesInfo:
+    """Build a :class:`SeriesInfo` from a ``series`` row."""
+    return SeriesInfo(
+        series_instance_uid=row["series_instance_uid"],
+        study_instance_uid=row["study_instance_uid"],
+        modality=row["modality"],
+        body_part_examined=row["body_part_examined"],
+        series_description=row["series_description"],
+        protocol_name=row["protocol_name"],
+        image_type=tuple(filter(None, row["image_type"].split("\\"))),
+        all_localizer=bool(row["all_localizer"]),
+        sop_class_uid=row["sop_class_uid"],
+        calling_aet=row["calling_aet"],
+        called_aet=row["called_aet"],
+        first_arrival=row["first_arrival"],
+        last_arrival=row["last_arrival"],
+        state=SeriesState(row["state"]),
+        reason=row["reason"],
+        instance_count=count,
+    )
+
+
+class StateStore:
+    """The node's SQLite database; safe to share between threads."""
+
+    def __init__(self, path: Path) -> None:
+        """Open (creating if needed) the database at ``path``."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._lock = threading.RLock()
+        self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._conn.row_factory = sqlite3.Row
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=FULL")
+        self._conn.execute("PRAGMA foreign_keys=ON")
+        self._conn.executescript(SCHEMA)
+
+    def close(self) -> None:
+        """Close the connection."""
+        with self._lock:
+            self._conn.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """Hold the lock and run the block as one ``BEGIN IMMEDIATE`` transaction."""
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
+    def record_instance(self, rec: InstanceRecord) -> None:
+        """Record a spooled instance and its series' latest arrival.
+
+        A series that was already routed or ignored goes back to ``receiving``, so a
+        re-sent series is assembled and processed again.
+        """
+        localizer = int("LOCALIZER" in (part.upper() for part in rec.image_type))
+        assoc = rec.association
+        with self.transaction() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO instances VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (
+                    rec.sop_instance_uid, rec.series_instance_uid, rec.study_instance_uid,
+                    str(rec.path), rec.sop_class_uid, rec.transfer_syntax_uid,
+                    rec.received_at, assoc.calling_aet, assoc.called_aet, localizer,
+                ),
+            )  # fmt: skip
+            db.execute(
+                f"INSERT INTO series ({_SERIES_COLUMNS}) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,NULL) "
+                "ON CONFLICT (series_instance_uid) DO UPDATE SET "
+                "last_arrival = max(last_arrival, excluded.last_arrival), "
+                "calling_aet = excluded.calling_aet, called_aet = excluded.called_aet, "
+                "state = excluded.state, reason = NULL",
+                (
+                    rec.series_instance_uid, rec.study_instance_uid, rec.modality,
+                    rec.body_part_examined, rec.series_description, rec.protocol_name,
+                    "\\".join(rec.image_type), localizer, rec.sop_class_uid,
+                    assoc.calling_aet, assoc.called_aet, rec.received_at, rec.received_at,
+                    SeriesState.RECEIVING.value,
+                ),
+            )  # fmt: skip
+            db.execute(
+                "UPDATE series SET all_localizer = (SELECT min(is_localizer) FROM instances "
+                "WHERE series_instance_uid = ?) WHERE series_instance_uid = ?",
+                (rec.series_instance_uid, rec.series_instance_uid),
+            )
+
+    def _series_rows(self, where: str, args: tuple[object, ...]) -> list[SeriesInfo]:
+        """Series matching a WHERE clause, with their instance counts."""
+        with self._lock:
+            rows = self._conn.execute(
+                f"SELECT {_SERIES_COLUMNS}, (SELECT count(*) FROM instances i "
+                "WHERE i.series_instance_uid = s.series_instance_uid) AS n "
+                f"FROM series s WHERE {where} ORDER BY first_arrival",
+                args,
+            ).fetchall()
+        return [_series(row, row["n"]) for row in rows]
+
+    def get_series(self, series_uid: str) -> SeriesInfo | None:
+        """One series by UID, or ``None``."""
+        found = self._series_rows("series_instance_uid = ?", (series_uid,))
+        return found[0] if found else None
+
+    def all_series(self) -> list[SeriesInfo]:
+        """Every series known, oldest first."""
+        return self._series_rows("1", ())
+
+    def stable_series(self, received_before: float) -> list[SeriesInfo]:
+        """Series still receiving whose last instance arrived before ``received_before``."""
+        return self._series_rows(
+            "state = ? AND last_arrival < ?", (SeriesState.RECEIVING.value, received_before)
+        )
+
+    def series_paths(self, series_uid: str) -> list[Path]:
+        """Spool paths of a series' instances, in arrival order."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT path FROM instances WHERE series_instance_uid = ? "
+                "ORDER BY received_at, sop_instance_uid",
+                (series_uid,),
+            ).fetchall()
+        return [Path(row["path"]) for row in rows]
+
+    def instance_path(self, sop_uid: str) -> Path | None:
+        """Spool path of one instance, or ``None`` when it was never recorded."""
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT path FROM instances WHERE sop_instance_uid = ?", (sop_uid,)
+            ).fetchone()
+        return Path(row["path"]) if row else None
+
+    def conclude_series(self, series: SeriesInfo, state: SeriesState, reason: str | None) -> bool:
+        """Move a series out of ``receiving`` unless an instance arrived meanwhile.
+
+        Returns whether it moved. Call inside :meth:`transaction` to enqueue atomically.
+        """
+        with self.transaction() as db:
+            return self.conclude_in(db, series, state, reason)
+
+    @staticmethod
+    def conclude_in(
+        db: sqlite3.Connection, series: SeriesInfo, state: SeriesState, reason: str | None
+    ) -> bool:
+        """The conditional UPDATE behind :meth:`conclude_series`."""
+        cursor = db.execute(
+            "UPDATE series SET state = ?, reason = ? WHERE series_instance_uid = ? "
+            "AND state = ? AND last_arrival = ?",
+            (
+                state.value, reason, series.series_instance_uid,
+                SeriesState.RECEIVING.value, series.last_arrival,
+            ),
+        )  # fmt: skip
+        return cursor.rowcount == 1
+
+    def count_receiving(self) -> int:
+        """How many series are still receiving."""
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT count(*) FROM series WHERE state = ?", (SeriesState.RECEIVING.value,)
+            ).fetchone()
+        return int(row[0])
