@@ -45,7 +45,7 @@ class RegionMeasurements:
     """Measurements of one connected region (or of all regions of a class together)."""
 
     volume_ml: float
-    hu_max: float  # highest mean HU of a 3x3-pixel in-plane window inside the region
+    hu_max: float  # highest 3x3-pixel in-plane mean HU, over windows centred in the region
     hu_mean: float
     key_frame: int  # index into LoadedSeries.frames of the frame where the region is largest
     key_area_mm2: float  # region's area on that frame

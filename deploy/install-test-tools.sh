@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Installs the real DICOM peers the tests use, from Debian packages: DCMTK (storescu,
+# echoscu, dcmcjpeg...), Orthanc (a PACS) and dicom3tools (dciodvfy). Needs root.
+set -euo pipefail
+missing=()
+command -v /usr/bin/storescu >/dev/null 2>&1 || missing+=(dcmtk)
+command -v /usr/sbin/Orthanc >/dev/null 2>&1 || missing+=(orthanc)
+command -v /usr/bin/dciodvfy >/dev/null 2>&1 || missing+=(dicom3tools)
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "missing Debian packages: ${missing[*]} (run as root or: sudo apt-get install ${missing[*]})" >&2
+    exit 1
+  fi
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi

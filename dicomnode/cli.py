@@ -1,0 +1,121 @@
+"""The ``dicomnode`` command: serve, run, echo, demo."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+from dicomnode.config import ConfigError, NodeConfig, default_config, load_config
+from dicomnode.demo import run_demo, shared_dir
+from dicomnode.echo import echo
+from dicomnode.logs import configure_logging
+from dicomnode.node import Node
+from dicomnode.offline import non_dicom_files, run_folder
+from dicomnode.processing import JobFailure, check_pipelines, process_job
+
+
+def _say(line: str = "") -> None:
+    """Write one line of the command's own output to stdout (logs go to stderr)."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def _config(path: Path | None) -> NodeConfig:
+    """The config file's settings, or the embedded defaults; pipelines are checked."""
+    config = load_config(path) if path else default_config(Path("var"), 11112)
+    check_pipelines([rule.pipeline for rule in config.routes])
+    return config
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run the node until SIGINT or SIGTERM."""
+    config = _config(args.config)
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    with Node(config, process_job):
+        _say(f"{config.node.ae_title} listening on {config.node.host}:{config.node.port}")
+        stop.wait()
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Route and process a folder offline; write outputs to ``--out``."""
+    config = _config(args.config)
+    outcomes = run_folder(args.folder, args.out, config)
+    for path in non_dicom_files(args.folder):
+        _say(f"skipped   {path} (not a DICOM instance)")
+    for outcome in outcomes:
+        _say(
+            f"{outcome.decision:<9} series {outcome.series_instance_uid} "
+            f"({outcome.instances} instances): {outcome.reason}"
+        )
+        for path in outcome.outputs:
+            _say(f"          wrote {path}")
+    return 1 if any(o.decision == "failed" for o in outcomes) else 0
+
+
+def cmd_echo(args: argparse.Namespace) -> int:
+    """C-ECHO a peer; exit status 0 when it answered Success."""
+    ok = echo(args.host, args.port, args.aet, args.calling_aet)
+    _say(f"C-ECHO {args.aet}@{args.host}:{args.port}: {'success' if ok else 'FAILED'}")
+    return 0 if ok else 1
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Send a head CT with a lesion to a node and show where each result went."""
+    report = run_demo(args.out.resolve(), shared_dir())
+    _say(f"case: {report.case.description}")
+    _say(f"inserted lesion volume: {report.case.lesion_volume_ml:.1f} mL")
+    _say(f"node listened on 127.0.0.1:{report.node_port}; results sent to the demo PACS:")
+    for path in report.results:
+        _say(f"  {path}")
+    if not report.idle:
+        _say("the demo timed out before all results arrived")
+        return 1
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line."""
+    parser = argparse.ArgumentParser(prog="dicomnode", description=__doc__)
+    parser.add_argument("--log-level", default="INFO", help="log level (logs go to stderr)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the DICOM node")
+    serve.add_argument("--config", type=Path, required=True, help="TOML configuration file")
+    serve.set_defaults(handler=cmd_serve)
+    run = sub.add_parser("run", help="process a folder of DICOM files offline")
+    run.add_argument("folder", type=Path)
+    run.add_argument("--out", type=Path, required=True, help="folder for the output objects")
+    run.add_argument("--config", type=Path, help="TOML configuration (routing rules)")
+    run.set_defaults(handler=cmd_run)
+    ping = sub.add_parser("echo", help="C-ECHO a DICOM peer")
+    ping.add_argument("--host", default="127.0.0.1")
+    ping.add_argument("--port", type=int, default=11112)
+    ping.add_argument("--aet", default="DICOMNODE", help="called AE title")
+    ping.add_argument("--calling-aet", default="ECHOSCU")
+    ping.set_defaults(handler=cmd_echo)
+    demo = sub.add_parser("demo", help="end-to-end demo on loopback")
+    demo.add_argument("--out", type=Path, default=Path("demo-output"))
+    demo.set_defaults(handler=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``dicomnode`` console script."""
+    args = build_parser().parse_args(argv)
+    configure_logging(logging.getLevelNamesMapping()[args.log_level.upper()])
+    try:
+        return int(args.handler(args))
+    except (ConfigError, JobFailure) as exc:
+        sys.stderr.write(f"dicomnode: {exc}\n")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""``dicomnode run``: route and process a folder of DICOM files exactly as the node would."""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+from pydicom.errors import InvalidDicomError
+
+from dicomnode.config import NodeConfig
+from dicomnode.processing import JobFailure, run_pipeline
+from dicomnode.records import SeriesInfo, SeriesState
+from dicomnode.routing import Ignored, route
+from pipelines.volume import is_localizer
+
+OFFLINE_AET = "OFFLINE"
+
+
+@dataclass(frozen=True)
+class SeriesOutcome:
+    """What happened to one series of the folder."""
+
+    series_instance_uid: str
+    instances: int
+    decision: str  # "processed", "ignored" or "failed"
+    reason: str
+    outputs: tuple[Path, ...]
+
+
+def _scan(folder: Path) -> tuple[dict[str, list[tuple[Path, pydicom.Dataset]]], list[Path]]:
+    """Group the folder's DICOM files by series; also return the files that are not DICOM."""
+    by_series: dict[str, list[tuple[Path, pydicom.Dataset]]] = defaultdict(list)
+    skipped = []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        try:
+            header = pydicom.dcmread(path, stop_before_pixels=True)
+        except (InvalidDicomError, OSError, ValueError):
+            skipped.append(path)
+            continue
+        if "SeriesInstanceUID" not in header or "SOPClassUID" not in header:
+            skipped.append(path)
+            continue
+        by_series[str(header.SeriesInstanceUID)].append((path, header))
+    return by_series, skipped
+
+
+def _series_info(headers: list[pydicom.Dataset], now: float) -> SeriesInfo:
+    """Routing attributes of a series, as the receiver would record them."""
+    first = headers[0]
+    return SeriesInfo(
+        series_instance_uid=str(first.SeriesInstanceUID),
+        study_instance_uid=str(first.get("StudyInstanceUID", "")),
+        modality=str(first.get("Modality", "")),
+        body_part_examined=str(first.get("BodyPartExamined", "")),
+        series_description=str(first.get("SeriesDescription", "")),
+        protocol_name=str(first.get("ProtocolName", "")),
+        image_type=tuple(str(v).strip() for v in first.get("ImageType") or ()),
+        all_localizer=all(is_localizer(h) for h in headers),
+        sop_class_uid=str(first.SOPClassUID),
+        calling_aet=OFFLINE_AET,
+        called_aet=OFFLINE_AET,
+        first_arrival=now,
+        last_arrival=now,
+        state=SeriesState.RECEIVING,
+        reason=None,
+        instance_count=len(headers),
+    )
+
+
+def run_folder(folder: Path, out_dir: Path, config: NodeConfig) -> list[SeriesOutcome]:
+    """Route every series in ``folder`` by ``config``'s rules; run the routed ones.
+
+    Outputs are written to ``out_dir/<SeriesInstanceUID>/``. Non-DICOM files are skipped.
+    """
+    by_series, _ = _scan(folder)
+    outcomes = []
+    for series_uid, members in sorted(by_series.items()):
+        decision = route(_series_info([h for _, h in members], time.time()), config.routes)
+        if isinstance(decision, Ignored):
+            outcomes.append(SeriesOutcome(series_uid, len(members), "ignored", decision.reason, ()))
+            continue
+        try:
+            written = run_pipeline([p for p, _ in members], decision.pipeline, out_dir / series_uid)
+        except JobFailure as exc:
+            outcomes.append(SeriesOutcome(series_uid, len(members), "failed", str(exc), ()))
+            continue
+        outcomes.append(
+            SeriesOutcome(
+                series_uid, len(members), "processed", f"rule {decision.rule}", tuple(written)
+            )
+        )
+    return outcomes
+
+
+def non_dicom_files(folder: Path) -> list[Path]:
+    """Files in ``folder`` that are not DICOM instances (reported, never processed)."""
+    return _scan(folder)[1]

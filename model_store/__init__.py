@@ -1,0 +1,1 @@
+"""Versioned model artefacts (parameters, weights) with manifests that pin their hashes."""

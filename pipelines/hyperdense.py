@@ -1,0 +1,171 @@
+"""Hyperdense regions of head CT by fixed HU thresholds: the baseline pipeline.
+
+Acute blood (50-90 HU) and iodinated contrast staining (up to a few hundred HU) are
+brighter than brain (grey matter ~40 HU, white matter ~30 HU). The pipeline strips the
+skull, denoises in-plane, keeps brain voxels within an HU window, drops small connected
+regions and measures the rest. Nothing is trained: every parameter is a fixed threshold.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from highdicom.sr import CodedConcept
+from numpy.typing import NDArray
+from pydicom.sr.codedict import codes
+from scipy import ndimage
+
+from model_store.registry import load_parameters
+from pipelines.base import (
+    Algorithm,
+    PipelineError,
+    PipelineResult,
+    SegmentClass,
+    SegmentResult,
+)
+from pipelines.brain import brain_mask
+from pipelines.geometry import grid_to_frames
+from pipelines.measure import connected_regions, measure_region
+from pipelines.series import LoadedSeries
+
+MODEL_NAME = "hyperdense_threshold"
+MODEL_VERSION = "1.0.0"
+
+HYPERDENSE_SEGMENT = SegmentClass(
+    label="Hyperdense region",
+    category=CodedConcept.from_code(codes.SCT.MorphologicallyAbnormalStructure),
+    property_type=CodedConcept.from_code(codes.SCT.Lesion),
+)
+
+
+@dataclass(frozen=True)
+class HyperdenseParameters:
+    """The pipeline's fixed thresholds.
+
+    ``low_hu`` 55 sits above grey matter (~40 HU plus noise after denoising) and below
+    most acute blood; ``high_hu`` 300 keeps contrast staining and stays below bone.
+    ``median_size_px`` is the side of the in-plane median filter. Regions are 3-D
+    connected with ``connectivity`` 6, 18 or 26 (26: diagonal neighbours join, so a
+    lesion cut obliquely by thick slices stays one region) and kept from
+    ``min_volume_ml`` up (0.1 mL drops noise specks and the smallest calcifications).
+    """
+
+    low_hu: float = 55.0
+    high_hu: float = 300.0
+    median_size_px: int = 3
+    min_volume_ml: float = 0.1
+    connectivity: int = 26
+
+    def __post_init__(self) -> None:
+        """Refuse parameters the pipeline cannot use."""
+        if not self.low_hu < self.high_hu:
+            raise ValueError(f"low_hu {self.low_hu} must be below high_hu {self.high_hu}")
+        if self.median_size_px < 1 or self.median_size_px % 2 == 0:
+            raise ValueError(f"median_size_px must be odd and positive: {self.median_size_px}")
+        if self.min_volume_ml < 0:
+            raise ValueError(f"min_volume_ml must not be negative: {self.min_volume_ml}")
+        if self.connectivity not in (6, 18, 26):
+            raise ValueError(f"connectivity must be 6, 18 or 26: {self.connectivity}")
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> HyperdenseParameters:
+        """Parameters from a mapping; unknown keys are refused, missing ones default."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown hyperdense parameters: {', '.join(unknown)}")
+        return cls(**dict(values))
+
+    @classmethod
+    def from_json(cls, path: Path) -> HyperdenseParameters:
+        """Parameters from a JSON object in ``path``."""
+        return cls.from_mapping(json.loads(path.read_text(encoding="utf-8")))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The parameters as a JSON-ready dict."""
+        return asdict(self)
+
+
+class HyperdenseThresholdPipeline:
+    """Pipeline ``hyperdense_regions``: thresholded hyperdense brain regions, measured."""
+
+    name = "hyperdense_regions"
+
+    def __init__(
+        self, parameters: HyperdenseParameters | None = None, version: str = MODEL_VERSION
+    ) -> None:
+        """Use ``parameters``, or those of ``version`` in the model store (hash-checked)."""
+        self.parameters = parameters or HyperdenseParameters.from_mapping(
+            load_parameters(MODEL_NAME, version)
+        )
+        self._algorithm = Algorithm(
+            name="dicomnode hyperdense threshold baseline",
+            version=version,
+            kind="threshold baseline",
+            provenance="fixed thresholds, not trained",
+        )
+
+    @property
+    def algorithm(self) -> Algorithm:
+        """The identity written into every output."""
+        return self._algorithm
+
+    def segment(self, series: LoadedSeries) -> tuple[NDArray[np.int32], int]:
+        """Labelled hyperdense regions on ``series.volume``'s grid, largest first."""
+        p = self.parameters
+        volume = series.volume
+        brain = brain_mask(volume.hu, volume.spacing)
+        if not brain.any():
+            raise PipelineError("no intracranial soft tissue found: not a head CT, or no skull")
+        box = ndimage.find_objects(brain.astype(np.uint8))[0]
+        size = (1, p.median_size_px, p.median_size_px)
+        denoised = ndimage.median_filter(volume.hu[box], size=size)
+        hyperdense = np.zeros(brain.shape, dtype=bool)
+        hyperdense[box] = brain[box] & (denoised >= p.low_hu) & (denoised <= p.high_hu)
+        return connected_regions(
+            hyperdense, volume.voxel_volume_ml, p.min_volume_ml, p.connectivity
+        )
+
+    def run(self, series: LoadedSeries) -> PipelineResult:
+        """Segment, map the regions onto the source frames and measure them.
+
+        A region that no acquired frame crosses (it exists only between two planes, by
+        interpolation) cannot be shown or measured on the images and is dropped.
+        """
+        labels, count = self.segment(series)
+        voxel_ml = series.volume.voxel_volume_ml
+        areas = np.array(
+            [np.linalg.norm(a[:3, 1]) * np.linalg.norm(a[:3, 2]) for a in series.frame_affines]
+        )
+        kept = np.zeros(labels.shape, dtype=bool)
+        regions = []
+        for i in range(1, count + 1):
+            grid_mask = labels == i
+            frame_mask = grid_to_frames(series, grid_mask)
+            if frame_mask.any():
+                kept |= grid_mask
+                regions.append(
+                    measure_region(grid_mask, voxel_ml, frame_mask, series.frame_hu, areas)
+                )
+        frame_mask = grid_to_frames(series, kept)
+        total = (
+            measure_region(kept, voxel_ml, frame_mask, series.frame_hu, areas) if regions else None
+        )
+        notes = [
+            f"{len(regions)} hyperdense region(s) of at least "
+            f"{self.parameters.min_volume_ml:g} mL on the acquired frames"
+            + (
+                f" ({count - len(regions)} between frames only, dropped)"
+                if count > len(regions)
+                else ""
+            ),
+            "parameters: " + ", ".join(f"{k}={v}" for k, v in self.parameters.to_dict().items()),
+        ]
+        segment = SegmentResult(HYPERDENSE_SEGMENT, frame_mask, regions, total)
+        key_frame = total.key_frame if total else len(series.frames) // 2
+        return PipelineResult(self.algorithm, [segment], key_frame, notes)

@@ -1,0 +1,112 @@
+"""Pure measurements of segmented regions: components, volume, HU statistics, key frame.
+
+Volumes come from a mask on the orthogonal grid; HU statistics and the key frame come
+from the source frames as acquired (``LoadedSeries.frame_hu`` and a frame mask), so the
+numbers are those a reader gets contouring the original slices.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.typing import NDArray
+from scipy import ndimage
+
+from pipelines.base import RegionMeasurements
+
+HU_MAX_WINDOW_PX = 3
+"""Side of the in-plane window whose mean defines HUmax (Jiang et al. 2025: 3x3 pixels)."""
+
+
+def structure(connectivity: int) -> NDArray[np.bool_]:
+    """3-D neighbourhood for labelling: 6 (faces), 18 (faces, edges) or 26 (all)."""
+    ranks = {6: 1, 18: 2, 26: 3}
+    if connectivity not in ranks:
+        raise ValueError(f"connectivity must be 6, 18 or 26, not {connectivity}")
+    return np.asarray(ndimage.generate_binary_structure(3, ranks[connectivity]))
+
+
+def connected_regions(
+    mask: NDArray[np.bool_],
+    voxel_volume_ml: float,
+    min_volume_ml: float,
+    connectivity: int = 26,
+) -> tuple[NDArray[np.int32], int]:
+    """Label the 3-D connected regions of ``mask`` of at least ``min_volume_ml``.
+
+    Returns the label array (0 background, 1..n largest first, smaller regions dropped)
+    and n.
+    """
+    out = np.zeros(mask.shape, dtype=np.int32)
+    if not mask.any():
+        return out, 0
+    box = _bounding_box(mask, margin=0)
+    labels, count = ndimage.label(mask[box], structure=structure(connectivity))
+    sizes = np.bincount(labels.ravel(), minlength=count + 1)[1:] * voxel_volume_ml
+    kept = np.nonzero(sizes >= min_volume_ml)[0]
+    kept = kept[np.argsort(-sizes[kept], kind="stable")]
+    lookup = np.zeros(count + 1, dtype=np.int32)
+    lookup[kept + 1] = np.arange(1, len(kept) + 1, dtype=np.int32)
+    out[box] = lookup[labels]
+    return out, len(kept)
+
+
+def _bounding_box(mask: NDArray[np.bool_], margin: int) -> tuple[slice, ...]:
+    """Slices of the smallest box holding a non-empty mask, widened by ``margin``."""
+    box = ndimage.find_objects(mask.astype(np.uint8))[0]
+    return tuple(
+        slice(max(s.start - margin, 0), min(s.stop + margin, n))
+        for s, n in zip(box, mask.shape, strict=True)
+    )
+
+
+def volume_ml(mask: NDArray[np.bool_], voxel_volume_ml: float) -> float:
+    """Volume of a mask on a regular grid, in mL."""
+    return float(np.count_nonzero(mask)) * voxel_volume_ml
+
+
+def mean_hu(hu: NDArray[np.floating], mask: NDArray[np.bool_]) -> float:
+    """Mean HU over the mask's voxels; NaN for an empty mask."""
+    return float(hu[mask].mean()) if mask.any() else float("nan")
+
+
+def hu_max(hu: NDArray[np.floating], mask: NDArray[np.bool_]) -> float:
+    """HUmax: the highest in-plane 3x3 mean of HU centred on a voxel of the mask.
+
+    ``hu`` and ``mask`` are (frames, rows, columns); the window may reach past the region's
+    edge (it is centred on a region voxel) and repeats edge pixels at the image border.
+    NaN for an empty mask.
+    """
+    if not mask.any():
+        return float("nan")
+    half = HU_MAX_WINDOW_PX // 2
+    box = (slice(None), *_bounding_box(mask, margin=half)[1:])
+    size = (1, HU_MAX_WINDOW_PX, HU_MAX_WINDOW_PX)
+    means = ndimage.uniform_filter(hu[box].astype(np.float64), size=size, mode="nearest")
+    return float(means[mask[box]].max())
+
+
+def largest_frame(
+    frame_mask: NDArray[np.bool_], pixel_area_mm2: NDArray[np.float64]
+) -> tuple[int, float]:
+    """The frame where the mask's area is largest (first on ties) and that area in mm2."""
+    areas = frame_mask.sum(axis=(1, 2)) * np.asarray(pixel_area_mm2, dtype=np.float64)
+    key = int(np.argmax(areas))
+    return key, float(areas[key])
+
+
+def measure_region(
+    grid_mask: NDArray[np.bool_],
+    voxel_volume_ml: float,
+    frame_mask: NDArray[np.bool_],
+    frame_hu: NDArray[np.floating],
+    pixel_area_mm2: NDArray[np.float64],
+) -> RegionMeasurements:
+    """Volume from the grid mask; HU statistics and key frame from the frame mask."""
+    key, area = largest_frame(frame_mask, pixel_area_mm2)
+    return RegionMeasurements(
+        volume_ml=volume_ml(grid_mask, voxel_volume_ml),
+        hu_max=hu_max(frame_hu, frame_mask),
+        hu_mean=mean_hu(frame_hu, frame_mask),
+        key_frame=key,
+        key_area_mm2=area,
+    )

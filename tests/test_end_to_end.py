@@ -1,0 +1,195 @@
+"""The node end to end: DCMTK storescu -> node -> SEG, SC, SR -> a real Orthanc PACS."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+from pydicom import uid
+from pydicom.sr.codedict import codes
+
+from dicomnode.config import NodeConfig
+from dicomnode.node import Node
+from dicomnode.processing import process_job
+from dicomnode.records import JobState, OutboxState, SeriesState
+from pipelines.synthetic import InsertedLesion, insert_lesion, write_series
+from tests.dciodvfy import dciodvfy_errors
+from tests.orthanc import Orthanc
+from tests.support import free_port, require_tool
+
+OUTPUT_CLASSES = {
+    uid.SegmentationStorage: "seg",
+    uid.SecondaryCaptureImageStorage: "sc",
+    uid.Comprehensive3DSRStorage: "sr",
+}
+
+
+def _wait(
+    condition: Callable[[], bool], timeout_s: float, what: str, node: Node | None = None
+) -> None:
+    """Poll ``condition``; fail at once, with the reason, if the node fails a job."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        if node is not None and node.jobs is not None:
+            failed = [j.reason for j in node.jobs.all() if j.state is JobState.FAILED]
+            assert not failed, f"job failed: {failed}"
+        time.sleep(0.25)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
+    pacs = Orthanc(tmp_path_factory.mktemp("orthanc"))
+    pacs.start()
+    yield pacs
+    pacs.stop()
+
+
+def _config(base: Path, pacs: Orthanc) -> NodeConfig:
+    return NodeConfig.model_validate(
+        {
+            "node": {"ae_title": "DICOMNODE", "host": "127.0.0.1", "port": free_port()},
+            "allowed_callers": [{"ae_title": "STORESCU", "host": "127.0.0.1"}],
+            "destinations": {
+                "PACS": {"ae_title": pacs.ae_title, "host": "127.0.0.1", "port": pacs.dicom_port}
+            },
+            "routes": [
+                {
+                    "name": "head-ct",
+                    "match": {"modality": "CT", "body_part_examined": ["HEAD", "BRAIN"]},
+                    "pipeline": "hyperdense_regions",
+                    "destinations": ["PACS"],
+                }
+            ],
+            "stable_age_s": 1.0,
+            "poll_interval_s": 0.1,
+            "spool_dir": str(base / "spool"),
+            "state_dir": str(base / "state"),
+            "outbox": {"initial_delay_s": 0.3, "max_delay_s": 1.0, "max_attempts": 100},
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory, orthanc: Orthanc) -> Iterator[Node]:
+    with Node(_config(tmp_path_factory.mktemp("node"), orthanc), process_job) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def ge_case(
+    ge_headct_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[list[Path], InsertedLesion]:
+    datasets = [pydicom.dcmread(p) for p in sorted(ge_headct_dir.glob("*.dcm"))]
+    lesion = insert_lesion(datasets, center_mm=None, radius_mm=13.0, hu=68.0, seed=3)
+    return write_series(datasets, tmp_path_factory.mktemp("ge-case")), lesion
+
+
+def storescu(
+    node: Node, *paths: Path, options: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess[str]:
+    executable = require_tool("storescu", "dcmtk")
+    return subprocess.run(
+        [executable, *options, "-aec", node.config.node.ae_title, "127.0.0.1",
+         str(node.config.node.port), *map(str, paths)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+
+def _send_and_wait(node: Node, pacs: Orthanc, files: list[Path]) -> None:
+    result = storescu(node, *files)
+    assert result.returncode == 0, result.stderr
+    _wait(lambda: node.is_idle() and len(pacs.get("/instances")) >= 3, 300, "results", node)
+
+
+def test_ge_head_ct_comes_back_as_seg_sc_sr(
+    node: Node, orthanc: Orthanc, ge_case: tuple[list[Path], InsertedLesion], tmp_path: Path
+) -> None:
+    files, lesion = ge_case
+    _send_and_wait(node, orthanc, files)
+    sources = [pydicom.dcmread(p) for p in files]
+    stored = {OUTPUT_CLASSES[t["SOPClassUID"]]: t for t in orthanc.instances()}
+    assert set(stored) == {"seg", "sc", "sr"}
+    paths = {
+        kind: orthanc.download(tags["SOPInstanceUID"], tmp_path / f"{kind}.dcm")
+        for kind, tags in stored.items()
+    }
+    for kind, path in paths.items():
+        assert dciodvfy_errors(path) == [], kind
+
+    seg = hd.seg.segread(paths["seg"])
+    assert seg.StudyInstanceUID == sources[0].StudyInstanceUID
+    uids = [str(ds.SOPInstanceUID) for ds in sources]
+    found = seg.get_pixels_by_source_instance(source_sop_instance_uids=uids, segment_numbers=[1])
+    mask = found[..., 0].astype(bool)
+    assert seg.NumberOfFrames == len(sources)
+    positions = {
+        f.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID: np.asarray(
+            f.PlanePositionSequence[0].ImagePositionPatient, dtype=float
+        )
+        for f in seg.PerFrameFunctionalGroupsSequence
+    }
+    for ds in sources:
+        assert np.allclose(positions[ds.SOPInstanceUID], ds.ImagePositionPatient, atol=1e-3)
+    dice = 2 * (mask & lesion.masks).sum() / (mask.sum() + lesion.masks.sum())
+    assert dice >= 0.8, f"Dice {dice:.3f}"
+
+    report = hd.sr.srread(paths["sr"]).content
+    total = report.get_volumetric_roi_measurement_groups()[0]
+    volume = total.get_measurements(name=codes.SCT.Volume)[0].value
+    assert abs(float(volume) - lesion.volume_ml) <= 0.1 * lesion.volume_ml, (
+        volume,
+        lesion.volume_ml,
+    )
+
+
+def test_resending_makes_no_duplicates_and_outbox_waits_for_pacs(
+    node: Node, orthanc: Orthanc, ge_case: tuple[list[Path], InsertedLesion]
+) -> None:
+    files, _ = ge_case
+    _send_and_wait(node, orthanc, files)
+    before = sorted(t["SOPInstanceUID"] for t in orthanc.instances())
+    _send_and_wait(node, orthanc, files)
+    assert sorted(t["SOPInstanceUID"] for t in orthanc.instances()) == before
+    assert len(before) == 3
+
+    for instance in orthanc.get("/instances"):
+        orthanc.delete(f"/instances/{instance}")
+    orthanc.stop()
+    assert storescu(node, *files).returncode == 0
+
+    def waiting_after_failures() -> bool:
+        pending = [i for i in node.outbox.items() if i.state is OutboxState.PENDING]
+        return len(pending) == 3 and all(node.outbox.attempts(i.id) for i in pending)
+
+    _wait(waiting_after_failures, 120, "results waiting in the outbox after failed attempts")
+    orthanc.start()
+    _wait(
+        lambda: node.is_idle() and len(orthanc.get("/instances")) == 3,
+        120,
+        "delivery after restart",
+    )
+    assert sorted(t["SOPInstanceUID"] for t in orthanc.instances()) == before
+
+
+def test_philips_study_only_axial_series_is_processed(
+    node: Node, orthanc: Orthanc, philips_study_dir: Path
+) -> None:
+    result = storescu(node, philips_study_dir, options=("+sd", "+r", "+sp", "I*"))
+    assert result.returncode == 0, result.stderr
+    _wait(node.is_idle, 300, "the Philips study to be processed", node)
+    series = {s.series_description.strip(): s for s in node.store.all_series()}  # type: ignore[union-attr]
+    axial = next(s for s in series.values() if s.instance_count == 54)
+    assert axial.state is SeriesState.ROUTED
+    ignored = {s.reason for s in series.values() if s.state is SeriesState.IGNORED}
+    assert ignored == {"localizer/scout series", "secondary capture"}
+    jobs = [j for j in node.jobs.all() if j.series_instance_uid == axial.series_instance_uid]
+    assert jobs and jobs[-1].state is JobState.DONE, jobs
