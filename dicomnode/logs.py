@@ -48,6 +48,9 @@ def drop_patient_identifiers(
 def configure_logging(level: int = logging.INFO, stream: TextIO | None = None) -> None:
     """Log JSON lines to ``stream`` (stderr by default) through the identifier filter.
 
+    Without ``stream``, ``sys.stderr`` is looked up at each log call, so a replaced
+    stderr (a test's capture, a daemon's redirect) is honoured.
+
     pynetdicom's own stdlib logger is held at WARNING: at DEBUG it dumps whole datasets.
     """
     structlog.configure(
@@ -60,7 +63,7 @@ def configure_logging(level: int = logging.INFO, stream: TextIO | None = None) -
             structlog.processors.JSONRenderer(),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.WriteLoggerFactory(file=stream or sys.stderr),
+        logger_factory=lambda *_: structlog.WriteLogger(stream or sys.stderr),
         cache_logger_on_first_use=False,
     )
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)

@@ -1,0 +1,88 @@
+"""The ``dicomnode`` command: run (offline), echo, demo, and config errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom import uid
+
+from dicomnode.cli import main
+from dicomnode.config import default_config
+from dicomnode.node import Node
+from dicomnode.processing import process_job
+from pipelines.synthetic import insert_lesion, synthetic_head_ct, write_series
+from tests.support import free_port
+
+OUTPUT_CLASSES = {
+    uid.SegmentationStorage,
+    uid.SecondaryCaptureImageStorage,
+    uid.Comprehensive3DSRStorage,
+}
+
+
+def test_run_processes_a_folder_like_the_node(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    datasets = synthetic_head_ct(seed=5, n_slices=24, rows=192)
+    insert_lesion(datasets, center_mm=None, radius_mm=12.0, hu=72.0, seed=5)
+    folder = tmp_path / "in"
+    write_series(datasets, folder)
+    (folder / "README.txt").write_text("not DICOM")
+    assert main(["run", str(folder), "--out", str(tmp_path / "out")]) == 0
+    said = capsys.readouterr().out
+    assert "processed" in said
+    assert "README.txt (not a DICOM instance)" in said
+    outputs = sorted((tmp_path / "out").rglob("*.dcm"))
+    assert {pydicom.dcmread(p).SOPClassUID for p in outputs} == OUTPUT_CLASSES
+
+
+def test_run_reports_an_unloadable_series(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    datasets = synthetic_head_ct(seed=6, n_slices=4, rows=64)
+    datasets[1].ImageOrientationPatient = [1, 0, 0, 0, 0, -1]
+    write_series(datasets, tmp_path / "in")
+    assert main(["run", str(tmp_path / "in"), "--out", str(tmp_path / "out")]) == 1
+    assert "series cannot be loaded: frames have more than one orientation" in (
+        capsys.readouterr().out
+    )
+
+
+def test_invalid_config_is_refused_with_the_field_path(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text('spool_dir = "s"\nstate_dir = "t"\n[node]\nport = 70000\n')
+    assert main(["serve", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "node.port" in err
+    assert "allowed_callers" in err
+
+
+def test_unknown_pipeline_is_refused_at_start(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "pipe.toml"
+    config.write_text(
+        'spool_dir = "s"\nstate_dir = "t"\n[[allowed_callers]]\nae_title = "A"\n'
+        '[[routes]]\nname = "r"\npipeline = "nonesuch"\n'
+    )
+    assert main(["serve", "--config", str(config)]) == 2
+    assert "unknown pipeline(s) nonesuch" in capsys.readouterr().err
+
+
+def test_echo_command(tmp_path: Path) -> None:
+    port = free_port()
+    with Node(default_config(tmp_path, port), process_job):
+        assert main(["echo", "--port", str(port), "--aet", "DICOMNODE"]) == 0
+        assert main(["echo", "--port", str(port), "--calling-aet", "INTRUDER"]) == 1
+
+
+def test_demo_returns_seg_sc_sr(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--out", str(tmp_path / "demo")]) == 0
+    said = capsys.readouterr().out
+    results = sorted((tmp_path / "demo" / "pacs").glob("*.dcm"))
+    assert {pydicom.dcmread(p).SOPClassUID for p in results} == OUTPUT_CLASSES
+    assert all(str(p) in said for p in results)
