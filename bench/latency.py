@@ -134,8 +134,9 @@ def main() -> int:
     )  # fmt: skip
     (work / "storescp").mkdir()
     reference = subprocess.Popen(
-        [STORESCP, "-od", str(work / "storescp"), "-aet", "STORESCP", str(ref_port)], env=env
-    )
+        [STORESCP, "-od", str(work / "storescp"), "-aet", "STORESCP", str(ref_port)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
     try:
         deadline = time.monotonic() + 60
         while not echo("127.0.0.1", node_port, "DICOMNODE", "STORESCU"):
