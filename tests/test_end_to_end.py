@@ -193,3 +193,32 @@ def test_philips_study_only_axial_series_is_processed(
     assert ignored == {"localizer/scout series", "secondary capture"}
     jobs = [j for j in node.jobs.all() if j.series_instance_uid == axial.series_instance_uid]
     assert jobs and jobs[-1].state is JobState.DONE, jobs
+
+
+@pytest.mark.parametrize(
+    ("tool", "propose"),
+    [(["dcmcjpls"], "-xt"), (["dcmcjpeg", "+e1"], "-xs"), (["dcmcrle"], "-xr")],
+)
+def test_compressed_series_is_received_and_processed(
+    node: Node,
+    orthanc: Orthanc,
+    ge_case: tuple[list[Path], InsertedLesion],
+    tmp_path: Path,
+    tool: list[str],
+    propose: str,
+) -> None:
+    """A series sent in a compressed transfer syntax is stored as sent and processed."""
+    files, _ = ge_case
+    executable = require_tool(tool[0], "dcmtk")
+    encoded = []
+    for src in files:
+        subprocess.run([executable, *tool[1:], str(src), str(tmp_path / src.name)], check=True)
+        encoded.append(tmp_path / src.name)
+    done_before = sum(j.state is JobState.DONE for j in node.jobs.all())
+    result = storescu(node, *encoded, options=(propose,))
+    assert result.returncode == 0, result.stderr
+    _wait(lambda: sum(j.state is JobState.DONE for j in node.jobs.all()) > done_before, 120,
+          "the compressed series' job", node)  # fmt: skip
+    syntax = pydicom.dcmread(encoded[0]).file_meta.TransferSyntaxUID
+    spooled = node.store.series_paths(pydicom.dcmread(encoded[0]).SeriesInstanceUID)  # type: ignore[union-attr]
+    assert pydicom.dcmread(spooled[0]).file_meta.TransferSyntaxUID == syntax
