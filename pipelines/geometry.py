@@ -169,6 +169,23 @@ def _interpolate_along_normal(
     return out
 
 
+def represented_thickness(depths: NDArray[np.float64]) -> NDArray[np.float64]:
+    """Per plane: half the gap to the previous plus half the gap to the next plane.
+
+    ``depths`` are positions along the normal in any order; an end plane counts its own
+    gap to its single neighbour. A lone plane gets zero.
+    """
+    order = np.argsort(depths)
+    gaps = np.diff(depths[order])
+    if len(gaps) == 0:
+        return np.zeros(len(depths))
+    before = np.concatenate([[gaps[0]], gaps])
+    after = np.concatenate([gaps, [gaps[-1]]])
+    thickness = np.empty(len(depths))
+    thickness[order] = (before + after) / 2.0
+    return thickness
+
+
 def grid_to_frame_indices(stack: PlaneStack, grid: Grid) -> NDArray[np.intp]:
     """For each frame, the nearest grid (slice, row offset, column offset) as integers."""
     rel = (stack.offsets - grid.origin) / np.asarray(grid.spacing)

@@ -29,7 +29,7 @@ from pipelines.base import (
     SegmentResult,
 )
 from pipelines.brain import brain_mask
-from pipelines.geometry import grid_to_frames
+from pipelines.geometry import grid_to_frames, represented_thickness
 from pipelines.measure import connected_regions, measure_region
 from pipelines.series import LoadedSeries
 
@@ -138,7 +138,7 @@ class HyperdenseThresholdPipeline:
         interpolation) cannot be shown or measured on the images and is dropped.
         """
         labels, count = self.segment(series)
-        voxel_ml = series.volume.voxel_volume_ml
+        thickness = represented_thickness(series.stack.offsets[:, 0])
         areas = np.array(
             [np.linalg.norm(a[:3, 1]) * np.linalg.norm(a[:3, 2]) for a in series.frame_affines]
         )
@@ -149,13 +149,9 @@ class HyperdenseThresholdPipeline:
             frame_mask = grid_to_frames(series, grid_mask)
             if frame_mask.any():
                 kept |= grid_mask
-                regions.append(
-                    measure_region(grid_mask, voxel_ml, frame_mask, series.frame_hu, areas)
-                )
+                regions.append(measure_region(frame_mask, series.frame_hu, areas, thickness))
         frame_mask = grid_to_frames(series, kept)
-        total = (
-            measure_region(kept, voxel_ml, frame_mask, series.frame_hu, areas) if regions else None
-        )
+        total = measure_region(frame_mask, series.frame_hu, areas, thickness) if regions else None
         notes = [
             f"{len(regions)} hyperdense region(s) of at least "
             f"{self.parameters.min_volume_ml:g} mL on the acquired frames"

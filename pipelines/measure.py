@@ -59,11 +59,6 @@ def _bounding_box(mask: NDArray[np.bool_], margin: int) -> tuple[slice, ...]:
     )
 
 
-def volume_ml(mask: NDArray[np.bool_], voxel_volume_ml: float) -> float:
-    """Volume of a mask on a regular grid, in mL."""
-    return float(np.count_nonzero(mask)) * voxel_volume_ml
-
-
 def mean_hu(hu: NDArray[np.floating], mask: NDArray[np.bool_]) -> float:
     """Mean HU over the mask's voxels; NaN for an empty mask."""
     return float(hu[mask].mean()) if mask.any() else float("nan")
@@ -95,16 +90,21 @@ def largest_frame(
 
 
 def measure_region(
-    grid_mask: NDArray[np.bool_],
-    voxel_volume_ml: float,
     frame_mask: NDArray[np.bool_],
     frame_hu: NDArray[np.floating],
     pixel_area_mm2: NDArray[np.float64],
+    thickness_mm: NDArray[np.float64],
 ) -> RegionMeasurements:
-    """Volume from the grid mask; HU statistics and key frame from the frame mask."""
+    """Measure a region on the acquired frames, as a reader would on the images.
+
+    Volume is planimetric (Cavalieri): each frame's mask area times the thickness the
+    frame represents (half the gap to each neighbouring plane), so it is the volume of
+    exactly what the SEG shows. HU statistics and the key frame come from the frames too.
+    """
     key, area = largest_frame(frame_mask, pixel_area_mm2)
+    areas = frame_mask.sum(axis=(1, 2)) * np.asarray(pixel_area_mm2, dtype=np.float64)
     return RegionMeasurements(
-        volume_ml=volume_ml(grid_mask, voxel_volume_ml),
+        volume_ml=float(np.sum(areas * thickness_mm)) / 1000.0,
         hu_max=hu_max(frame_hu, frame_mask),
         hu_mean=mean_hu(frame_hu, frame_mask),
         key_frame=key,

@@ -26,6 +26,7 @@ from pydicom.uid import (
 from scipy import ndimage
 
 from pipelines.brain import brain_mask
+from pipelines.geometry import represented_thickness
 
 BRAIN_SEMI_AXES_MM = np.array([70.0, 90.0, 65.0])  # inner skull: 140 x 180 x 130 mm (x, y, z)
 HEAD_CENTRE_MM = np.array([0.0, 5.0, 80.0])  # LPS
@@ -261,23 +262,6 @@ def _plane(ds: Dataset) -> _Plane:
         (float(ds.PixelSpacing[0]), float(ds.PixelSpacing[1])),
         hu + float(ds.get("RescaleIntercept", 0)),
     )
-
-
-def represented_thickness(depths: NDArray[np.float64]) -> NDArray[np.float64]:
-    """Per plane: half the gap to the previous plus half the gap to the next plane.
-
-    ``depths`` are positions along the normal in any order; an end plane counts its own
-    gap to its single neighbour. A lone plane gets zero.
-    """
-    order = np.argsort(depths)
-    gaps = np.diff(depths[order])
-    if len(gaps) == 0:
-        return np.zeros(len(depths))
-    before = np.concatenate([[gaps[0]], gaps])
-    after = np.concatenate([gaps, [gaps[-1]]])
-    thickness = np.empty(len(depths))
-    thickness[order] = (before + after) / 2.0
-    return thickness
 
 
 def insert_lesion(

@@ -143,8 +143,10 @@ def test_ge_head_ct_comes_back_as_seg_sc_sr(
     assert dice >= 0.8, f"Dice {dice:.3f}"
 
     report = hd.sr.srread(paths["sr"]).content
-    total = report.get_volumetric_roi_measurement_groups()[0]
-    volume = total.get_measurements(name=codes.SCT.Volume)[0].value
+    groups = {str(g.tracking_identifier): g for g in report.get_volumetric_roi_measurement_groups()}
+    # Region 1 is the largest region: the lesion (the others are calcifications).
+    largest = groups["Hyperdense region 1"]
+    volume = largest.get_measurements(name=codes.SCT.Volume)[0].value
     assert abs(float(volume) - lesion.volume_ml) <= 0.1 * lesion.volume_ml, (
         volume,
         lesion.volume_ml,

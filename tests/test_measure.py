@@ -13,7 +13,6 @@ from pipelines.measure import (
     largest_frame,
     mean_hu,
     measure_region,
-    volume_ml,
 )
 
 
@@ -83,11 +82,12 @@ def test_volume_mean_and_largest_frame() -> None:
     mask[0, :2, :2] = True  # 4 pixels
     mask[2, :3, :3] = True  # 9 pixels
     hu = np.where(mask, 60.0, 20.0)
-    assert volume_ml(mask, 0.002) == pytest.approx(0.026)
     assert mean_hu(hu, mask) == pytest.approx(60.0)
     # frame 0 has larger pixels, so its 4 pixels outweigh frame 2's 9
     assert largest_frame(mask, np.array([3.0, 1.0, 1.0])) == (0, pytest.approx(12.0))
-    result = measure_region(mask, 0.002, mask, hu, np.ones(3))
+    result = measure_region(mask, hu, np.ones(3), np.array([5.0, 5.0, 2.0]))
+    # planimetric volume: 4 px x 1 mm2 x 5 mm + 9 px x 1 mm2 x 2 mm = 38 mm3
+    assert result.volume_ml == pytest.approx(0.038)
     assert result.key_frame == 2
     assert result.key_area_mm2 == pytest.approx(9.0)
     assert result.hu_mean == pytest.approx(60.0)

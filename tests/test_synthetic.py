@@ -11,10 +11,10 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
+from pipelines.geometry import represented_thickness
 from pipelines.synthetic import (
     HEAD_CENTRE_MM,
     insert_lesion,
-    represented_thickness,
     synthetic_head_ct,
     write_series,
 )
