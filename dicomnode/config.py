@@ -127,6 +127,13 @@ class WorkerSettings(_Model):
     threads: int = Field(default=1, ge=1, le=16)
 
 
+class HttpSettings(_Model):
+    """The health and metrics endpoint (``/health``, ``/metrics``); loopback by default."""
+
+    host: str = "127.0.0.1"
+    port: Port = 8080
+
+
 class NodeConfig(_Model):
     """Everything the node needs, validated once and passed explicitly."""
 
@@ -140,6 +147,7 @@ class NodeConfig(_Model):
     state_dir: Path
     outbox: OutboxSettings = OutboxSettings()
     worker: WorkerSettings = WorkerSettings()
+    http: HttpSettings | None = None
 
     @model_validator(mode="after")
     def _check_references(self) -> NodeConfig:

@@ -17,6 +17,7 @@ import structlog
 
 from dicomnode.assembler import Assembler
 from dicomnode.config import NodeConfig
+from dicomnode.health import HealthServer
 from dicomnode.jobs import JobQueue, OutboxStore
 from dicomnode.outbox import OutboxProcessor
 from dicomnode.receiver import Receiver
@@ -55,6 +56,7 @@ class Node:
         self._wake_outbox = threading.Event()
         self._threads: list[threading.Thread] = []
         self._receiver: Receiver | None = None
+        self.health: HealthServer | None = None
 
     @property
     def database_path(self) -> Path:
@@ -85,9 +87,20 @@ class Node:
             self._threads.append(thread)
         self._receiver = Receiver(self.config, self.store)
         self._receiver.start()
+        if self.config.http is not None:
+            self.health = HealthServer(
+                self.config.http.host,
+                self.config.http.port,
+                self.store.counts_by_state,
+                lambda: self._receiver is not None,
+            )
+            self.health.start()
 
     def stop(self) -> None:
         """Stop listening, let the loops finish their current step, close state."""
+        if self.health is not None:
+            self.health.stop()
+            self.health = None
         if self._receiver is not None:
             self._receiver.stop()
             self._receiver = None

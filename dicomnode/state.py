@@ -212,6 +212,21 @@ class StateStore:
         )  # fmt: skip
         return cursor.rowcount == 1
 
+    def counts_by_state(self) -> dict[str, dict[str, int]]:
+        """Row counts per state of the series, jobs and outbox tables, and instances."""
+        counts: dict[str, dict[str, int]] = {}
+        with self._lock:
+            for table in ("series", "jobs", "outbox"):
+                rows = self._conn.execute(
+                    f"SELECT state, count(*) FROM {table} GROUP BY state"
+                ).fetchall()
+                counts[table] = {str(state): int(n) for state, n in rows}
+            row = self._conn.execute("SELECT count(*) FROM instances").fetchone()
+            counts["instances"] = {"stored": int(row[0])}
+            row = self._conn.execute("SELECT count(*) FROM outbox_attempts").fetchone()
+            counts["outbox_attempts"] = {"all": int(row[0])}
+        return counts
+
     def count_receiving(self) -> int:
         """How many series are still receiving."""
         with self._lock:
