@@ -1,0 +1,272 @@
+"""Radiomics features of one ROI with pyradiomics, computed on a crop around the ROI.
+
+Stock pyradiomics filters the whole volume before it looks at the ROI. ``extract`` hands
+it a block around the ROI instead, wide enough that every feature is the one stock
+pyradiomics computes on the whole volume (``crop=False`` runs exactly that, the
+reference the crop is tested against):
+
+- with resampling (the bundled files): pyradiomics resamples only the ROI's bounding box
+  plus ``padDistance``, on a grid fixed by the mask. The image is cropped to that region
+  plus the B-spline's reach; the whole-volume mask still defines the grid, so the
+  resampled block, and all that follows, is the stock one.
+- without resampling: the block reaches as far as each filter does (LoG 18 sigma, where
+  ITK's recursive filter output stops changing). Square, square root, logarithm and
+  exponential scale by the image's largest |HU|: they run in a pass of their own, on a
+  copy whose corner outside the ROI's bounding box holds the volume's largest |HU|.
+
+LBP-3D maps come from ``pipelines.radiomics.lbp3d`` (pyradiomics' own needs a removed
+SciPy function) and are measured as pyradiomics measures its derived images.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pywt
+import SimpleITK as sitk
+from numpy.typing import NDArray
+from radiomics import imageoperations
+from radiomics.featureextractor import RadiomicsFeatureExtractor
+
+from pipelines.radiomics.images import (
+    Box,
+    bounding_box,
+    grow,
+    outside_corner,
+    slices,
+    to_image,
+)
+from pipelines.radiomics.lbp3d import lbp3d_maps
+from pipelines.radiomics.params import RadiomicsError, load_extractor
+from pipelines.series import LoadedSeries
+
+POINTWISE = frozenset({"Square", "SquareRoot", "Logarithm", "Exponential"})
+LBP3D = "LBP3D"
+LOG_REACH_SIGMAS = 18.0  # ITK's recursive LoG output is bit-identical beyond this
+SPLINE_REACH_VOXELS = 32  # cubic B-spline prefilter (pole 0.268): 0.268**32 < 1e-18
+ROI_LABEL = 1  # label of the binary mask handed to pyradiomics
+
+
+def extract(
+    volume_hu: NDArray[np.floating],
+    spacing_mm: tuple[float, float, float],
+    mask: NDArray[np.bool_] | NDArray[np.integer],
+    params: str | Path,
+    *,
+    label: int = 1,
+    direction: NDArray[np.float64] | None = None,
+    crop: bool = True,
+) -> dict[str, float]:
+    """Features of the ROI ``mask`` (True voxels, or voxels equal to ``label``).
+
+    ``volume_hu`` and ``mask`` have axis order (slice, row, column) with ``spacing_mm``
+    in that order; ``direction`` (3x3, columns the unit axis vectors) defaults to the
+    identity, which pyradiomics' index-space features do not depend on. ``params`` is a
+    bundled study name or a pyradiomics YAML path. Raises ``RadiomicsError`` for a mask
+    features cannot be computed on.
+    """
+    roi = _roi(volume_hu, spacing_mm, mask, label)
+    extractor = load_extractor(params)
+    settings: dict[str, Any] = {**extractor.settings, "label": ROI_LABEL}
+    types = dict(extractor.enabledImagetypes)
+    lbp = types.pop(LBP3D, None)
+    features = dict(extractor.enabledFeatures)
+    texture = {k: v for k, v in features.items() if not k.startswith("shape")}
+    resampled = bool(settings.get("interpolator")) and bool(settings.get("resampledPixelSpacing"))
+    _check_roi_dimensions(roi, settings)
+
+    volume = np.asarray(volume_hu)
+    full_box = tuple((0, n) for n in volume.shape)
+    box = bounding_box(roi)
+    margin = (
+        _resampling_margin(spacing_mm, settings)
+        if resampled
+        else _filter_margin(spacing_mm, types, lbp, settings)
+    )
+    region = grow(box, margin, volume.shape) if crop else full_box
+    block = volume[slices(region)].astype(np.float64)  # float64: B-spline and filters
+    image = to_image(block, spacing_mm, direction=direction, start=_starts(region))
+    mask_region = full_box if resampled else region
+    mask_image = to_image(
+        roi[slices(mask_region)].astype(np.uint8),
+        spacing_mm,
+        direction=direction,
+        start=_starts(mask_region),
+    )
+
+    out: dict[str, float] = {}
+    separate = crop and not resampled  # pointwise filters need the sentinel pass
+    main = {k: v for k, v in types.items() if not (separate and k in POINTWISE)}
+    out |= _run(settings, main, features, image, mask_image)
+    pointwise = {k: v for k, v in types.items() if k not in main}
+    if pointwise:
+        sentinel = _with_sentinel(image, volume, region, box)
+        out |= _run(settings, pointwise, texture, sentinel, mask_image)
+    if lbp is not None:
+        out |= _lbp3d_features(image, mask_image, settings, lbp, texture, resampled)
+    return out
+
+
+def extract_series(
+    series: LoadedSeries,
+    mask: NDArray[np.bool_] | NDArray[np.integer],
+    params: str | Path,
+    *,
+    label: int = 1,
+) -> dict[str, float]:
+    """``extract`` on ``series.volume``; ``mask`` lies on that volume's grid."""
+    volume = series.volume
+    spacing = volume.spacing
+    direction = volume.affine[:3, :3] / np.asarray(spacing)
+    return extract(volume.hu, spacing, mask, params, label=label, direction=direction)
+
+
+def _roi(
+    volume_hu: NDArray[np.floating],
+    spacing_mm: tuple[float, float, float],
+    mask: NDArray[np.bool_] | NDArray[np.integer],
+    label: int,
+) -> NDArray[np.bool_]:
+    """The binary ROI, after checking volume, spacing and mask agree and are usable."""
+    volume_hu = np.asarray(volume_hu)
+    mask = np.asarray(mask)
+    if volume_hu.ndim != 3:
+        raise RadiomicsError(f"the volume must be 3-D (slice, row, column), not {volume_hu.shape}")
+    if mask.shape != volume_hu.shape:
+        raise RadiomicsError(f"mask shape {mask.shape} differs from volume shape {volume_hu.shape}")
+    if len(spacing_mm) != 3 or not all(math.isfinite(s) and s > 0 for s in spacing_mm):
+        raise RadiomicsError(f"spacing must be three positive lengths in mm, not {spacing_mm}")
+    roi = mask.astype(bool) if mask.dtype == np.bool_ else mask == label
+    n = int(roi.sum())
+    if n == 0:
+        raise RadiomicsError(f"the mask is empty (no voxel equals label {label})")
+    if n == 1:
+        raise RadiomicsError("the mask holds a single voxel: no texture or shape to measure")
+    if not np.all(np.isfinite(volume_hu[roi])):
+        raise RadiomicsError("the volume holds non-finite values inside the mask")
+    return roi
+
+
+def _check_roi_dimensions(roi: NDArray[np.bool_], settings: dict[str, Any]) -> None:
+    """pyradiomics' ``minimumROIDimensions``, checked before any work is done."""
+    needed = int(settings.get("minimumROIDimensions", 2))
+    extents = [hi - lo for lo, hi in bounding_box(roi)]
+    if sum(e > 1 for e in extents) < needed:
+        raise RadiomicsError(
+            f"the mask spans {extents} voxels: fewer than the {needed} dimensions wider than "
+            "one voxel that minimumROIDimensions asks for"
+        )
+
+
+def _starts(region: Box) -> tuple[int, ...]:
+    """Index of a region's first voxel."""
+    return tuple(lo for lo, _ in region)
+
+
+def _resampling_margin(
+    spacing_mm: tuple[float, float, float], settings: dict[str, Any]
+) -> list[int]:
+    """Voxels beyond the ROI that pyradiomics' resampling grid and its B-spline reach."""
+    pad = float(settings.get("padDistance", 5))
+    target = settings["resampledPixelSpacing"][::-1]  # pyradiomics gives (x, y, z)
+    return [
+        math.ceil((pad + 1.0) * (t if t > 0 else s) / s + 0.5) + 2 + SPLINE_REACH_VOXELS
+        for s, t in zip(spacing_mm, target, strict=True)
+    ]
+
+
+def _filter_margin(
+    spacing_mm: tuple[float, float, float],
+    types: dict[str, Any],
+    lbp: dict[str, Any] | None,
+    settings: dict[str, Any],
+) -> list[int]:
+    """Voxels beyond the ROI that each enabled filter reaches, per axis."""
+    margins = []
+    for s in spacing_mm:
+        reach = 1
+        for kind, custom in types.items():
+            options = {**settings, **(custom or {})}
+            if kind == "LoG":
+                sigmas = options.get("sigma") or [0.0]
+                reach = max(reach, math.ceil(LOG_REACH_SIGMAS * max(sigmas) / s))
+            elif kind == "Wavelet":
+                levels = int(options.get("start_level", 0)) + int(options.get("level", 1))
+                length = pywt.Wavelet(options.get("wavelet", "coif1")).dec_len
+                reach = max(reach, length * 2**levels)
+            elif kind == "Gradient":
+                reach = max(reach, 2)
+        if lbp is not None:
+            radius = float({**settings, **lbp}.get("lbp3DIcosphereRadius", 1))
+            reach = max(reach, math.ceil(radius) + 2 + SPLINE_REACH_VOXELS)
+        margins.append(reach)
+    return margins
+
+
+def _with_sentinel(
+    image: sitk.Image, volume: NDArray[np.floating], region: Box, box: Box
+) -> sitk.Image:
+    """``image`` whose crop corner outside the ROI box holds the volume's largest |HU|.
+
+    Square, square root, logarithm and exponential scale each voxel by the image's
+    largest |value|; with it in the crop, ROI voxels get the whole-volume values.
+    """
+    corner = outside_corner(region, box)
+    if corner is None:  # the crop is the whole volume
+        return image
+    arr = sitk.GetArrayFromImage(image)
+    arr[corner] = float(volume.flat[int(np.argmax(np.abs(volume)))])
+    out = sitk.GetImageFromArray(arr)
+    out.CopyInformation(image)
+    return out
+
+
+def _run(
+    settings: dict[str, Any],
+    types: dict[str, Any],
+    features: dict[str, Any],
+    image: sitk.Image,
+    mask: sitk.Image,
+) -> dict[str, float]:
+    """One pyradiomics run with these image types and feature classes; features only."""
+    extractor = RadiomicsFeatureExtractor(**settings)
+    extractor.disableAllImageTypes()
+    extractor.enableImageTypes(**{k: (v or {}) for k, v in types.items()})
+    extractor.disableAllFeatures()
+    extractor.enableFeaturesByName(**features)
+    try:
+        result = extractor.execute(image, mask, label=ROI_LABEL)
+    except ValueError as error:  # pyradiomics' mask checks (e.g. ROI lost in resampling)
+        raise RadiomicsError(f"pyradiomics rejected the ROI: {error}") from error
+    return {k: float(v) for k, v in result.items() if not k.startswith("diagnostics_")}
+
+
+def _lbp3d_features(
+    image: sitk.Image,
+    mask: sitk.Image,
+    settings: dict[str, Any],
+    custom: dict[str, Any],
+    texture: dict[str, Any],
+    resampled: bool,
+) -> dict[str, float]:
+    """Features of the LBP-3D maps, on the (resampled) image pyradiomics would filter."""
+    options = {**settings, **(custom or {})}
+    if resampled:
+        image, mask = imageoperations.resampleImage(image, mask, **options)
+    plain = {**options, "resampledPixelSpacing": None, "interpolator": None}
+    maps = lbp3d_maps(
+        image,
+        mask,
+        label=ROI_LABEL,
+        levels=int(options.get("lbp3DLevels", 2)),
+        radius=float(options.get("lbp3DIcosphereRadius", 1)),
+        subdivision=int(options.get("lbp3DIcosphereSubdivision", 1)),
+    )
+    out: dict[str, float] = {}
+    for lbp_image, name in maps:
+        values = _run(plain, {"Original": {}}, texture, lbp_image, mask)
+        out |= {name + k.removeprefix("original"): v for k, v in values.items()}
+    return out

@@ -1,0 +1,68 @@
+"""Numpy volumes and masks as SimpleITK images, and the crop around a ROI.
+
+Arrays have axis order (slice, row, column) with spacing in that order, as
+``pipelines.series.Volume`` gives them; SimpleITK orders (x, y, z) = (column, row,
+slice), so spacing and direction columns are reversed on the way in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import SimpleITK as sitk
+from numpy.typing import NDArray
+
+Box = tuple[tuple[int, int], ...]  # per axis (start, stop), array order
+
+
+def to_image(
+    array: NDArray[np.generic],
+    spacing_mm: Sequence[float],
+    *,
+    direction: NDArray[np.float64] | None = None,
+    start: Sequence[int] = (0, 0, 0),
+) -> sitk.Image:
+    """``array`` as an image whose voxel 0 sits at index ``start`` of a grid at the origin.
+
+    ``direction`` is the 3x3 matrix whose columns are the unit vectors of the slice, row
+    and column axes (identity by default). Images of sub-blocks of one grid made with
+    their ``start`` share that grid's physical space.
+    """
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array))
+    axes = np.eye(3) if direction is None else np.asarray(direction, dtype=np.float64)
+    spacing = np.asarray(spacing_mm, dtype=np.float64)
+    image.SetSpacing([float(s) for s in spacing[::-1]])
+    image.SetDirection([float(v) for v in axes[:, ::-1].ravel()])
+    image.SetOrigin([float(v) for v in axes @ (np.asarray(start) * spacing)])
+    return image
+
+
+def bounding_box(roi: NDArray[np.bool_]) -> Box:
+    """The ROI's bounding box, per axis (first, last + 1)."""
+    box = []
+    for axis in range(roi.ndim):
+        hit = np.flatnonzero(roi.any(axis=tuple(a for a in range(roi.ndim) if a != axis)))
+        box.append((int(hit[0]), int(hit[-1]) + 1))
+    return tuple(box)
+
+
+def grow(box: Box, margin: Sequence[int], shape: Sequence[int]) -> Box:
+    """``box`` widened by ``margin`` voxels per axis, clipped to ``shape``."""
+    return tuple(
+        (max(lo - m, 0), min(hi + m, n)) for (lo, hi), m, n in zip(box, margin, shape, strict=True)
+    )
+
+
+def slices(box: Box) -> tuple[slice, ...]:
+    """``box`` as an index into an array."""
+    return tuple(slice(lo, hi) for lo, hi in box)
+
+
+def outside_corner(crop: Box, box: Box) -> tuple[int, ...] | None:
+    """A corner of ``crop`` outside ``box`` (crop-relative index); None if there is none."""
+    for corner in np.ndindex(*(2,) * len(crop)):
+        index = [lo if c == 0 else hi - 1 for (lo, hi), c in zip(crop, corner, strict=True)]
+        if any(not lo <= i < hi for i, (lo, hi) in zip(index, box, strict=True)):
+            return tuple(i - lo for i, (lo, _) in zip(index, crop, strict=True))
+    return None

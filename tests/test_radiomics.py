@@ -1,0 +1,281 @@
+"""Radiomics extraction: pyradiomics' baseline, feature counts, cropping, errors."""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from numpy.typing import NDArray
+
+from pipelines.radiomics import (
+    STUDY_PARAMS,
+    RadiomicsError,
+    count_features,
+    extract,
+    extract_series,
+    study_feature_counts,
+)
+from pipelines.radiomics.extract import _filter_margin, _resampling_margin
+from pipelines.radiomics.images import bounding_box, grow
+from pipelines.radiomics.lbp3d import icosphere, lbp3d_maps
+from pipelines.synthetic import insert_lesion, synthetic_head_ct
+from pipelines.volume import load_datasets
+from tests.support import SHARED_DIR, shared_path
+
+# pykwalify loads pyradiomics' schema functions with the deprecated load_module().
+pytestmark = pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")
+
+BASELINE = SHARED_DIR / "data" / "radiomics_baseline"
+# Settings of pyradiomics' baseline (its general_info): original image, no resampling.
+BASELINE_PARAMS = """
+imageType: {Original: {}}
+featureClass: {shape: , firstorder: , glcm: , glrlm: , glszm: , gldm: , ngtdm: }
+setting: {binWidth: 25, voxelArrayShift: 2000, distances: [1], gldm_a: 0, label: 1,
+          additionalInfo: false}
+"""
+# Mesh-based shape features changed after the baseline was made (pyradiomics 1.3): stock
+# pyradiomics 3.0.1 differs from it there by up to 0.1%, exactly as we do.
+MESH_FEATURES = {"MeshVolume", "SurfaceArea", "SurfaceVolumeRatio", "Sphericity"}
+# Small sets that exercise each path of the crop: resampled (grid from the whole mask) and
+# not resampled (filter reach, the sentinel for the |HU|-scaled maps, LBP-3D).
+RESAMPLED_PARAMS = """
+imageType: {Original: {}, LoG: {sigma: [1.0, 3.0]}, Wavelet: {}, Square: {},
+            Exponential: {}, LBP3D: {binWidth: 0.5}}
+featureClass: {shape: , firstorder: , glcm: , glszm: }
+setting: {binWidth: 25, resampledPixelSpacing: [1, 1, 1], interpolator: sitkBSpline,
+          padDistance: 5, voxelArrayShift: 1000, additionalInfo: false}
+"""
+NATIVE_PARAMS = """
+imageType: {Original: {}, LoG: {sigma: [1.0]}, Wavelet: {}, Gradient: {}, SquareRoot: {},
+            Logarithm: {}, LBP3D: {binWidth: 0.5}}
+featureClass: {firstorder: , glcm: , glszm: }
+setting: {binWidth: 25, voxelArrayShift: 1000, additionalInfo: false}
+"""
+
+
+def write(tmp_path: Path, name: str, text: str) -> Path:
+    """A parameter file in ``tmp_path``."""
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(text)
+    return path
+
+
+def phantom(
+    shape: tuple[int, int, int] = (24, 112, 112), seed: int = 0
+) -> tuple[NDArray[np.float32], NDArray[np.bool_]]:
+    """Noisy soft tissue, a bright rim and air, with an irregular 50-90 HU blob."""
+    rng = np.random.default_rng(seed)
+    z, y, x = np.indices(shape, dtype=np.float64)
+    centre = np.array(shape) / 2.0
+    r = np.sqrt(((z - centre[0]) * 2.5) ** 2 + (y - centre[1]) ** 2 + (x - centre[2]) ** 2)
+    volume = np.where(r < 40, 35.0, np.where(r < 46, 900.0, -1000.0))
+    volume += rng.normal(0.0, 6.0, shape)
+    wobble = 6.0 + 1.5 * np.sin(3 * np.arctan2(y - centre[1], x - centre[2]))
+    mask = r < wobble
+    volume[mask] = 70.0 + rng.normal(0.0, 10.0, int(mask.sum()))
+    volume[0, 0, 0] = 2500.0  # the largest |HU|, far from the ROI
+    return volume.astype(np.float32), mask
+
+
+SPACING = (2.5, 0.8, 0.8)
+Features = tuple[dict[str, float], dict[str, float]]  # cropped, whole volume
+
+
+def baseline(case: str) -> dict[str, float]:
+    """pyradiomics' baseline feature values of ``case``."""
+    values = {}
+    for path in sorted((BASELINE / "baseline").glob("baseline_*.csv")):
+        with path.open(newline="") as handle:
+            rows = list(csv.reader(handle))
+        if case not in rows[0]:
+            continue
+        column = rows[0].index(case)
+        for row in rows[1:]:
+            if not row[0].startswith("diagnostics_") and row[column]:
+                values[row[0]] = float(row[column])
+    return values
+
+
+@pytest.mark.shared
+@pytest.mark.parametrize("case", ["brain1", "lung1"])
+def test_reproduces_pyradiomics_baseline(tmp_path: Path, case: str) -> None:
+    """All 107 original-image features of pyradiomics' own test case match its baseline."""
+    image = sitk.ReadImage(str(shared_path(BASELINE / f"{case}_image.nrrd")))
+    label = sitk.ReadImage(str(BASELINE / f"{case}_label.nrrd"))
+    assert np.allclose(np.abs(image.GetDirection()), np.eye(3).ravel())
+    features = extract(
+        sitk.GetArrayFromImage(image),
+        tuple(image.GetSpacing()[::-1]),
+        sitk.GetArrayFromImage(label),
+        write(tmp_path, "baseline", BASELINE_PARAMS),
+    )
+    expected = baseline(case)
+    assert len(expected) == 107
+    assert features.keys() == expected.keys()
+    for name, value in expected.items():
+        rtol = 2e-3 if name.rsplit("_", 1)[1] in MESH_FEATURES else 1e-6
+        assert math.isclose(features[name], value, rel_tol=rtol, abs_tol=1e-9), name
+
+
+def test_study_feature_counts() -> None:
+    """Each study's file lands near its published count (1834, 1316, 107 x 15 maps)."""
+    counts = study_feature_counts()
+    assert counts.keys() == STUDY_PARAMS.keys()
+    assert 1700 <= counts["ht_after_mt"] <= 1900
+    assert counts["iph_vs_contrast"] == 1316
+    assert 1500 <= counts["ich_expansion"] <= 1700
+
+
+@pytest.fixture(scope="module")
+def resampled_pair(tmp_path_factory: pytest.TempPathFactory) -> Features:
+    """Cropped and uncropped features of the phantom with the resampled set."""
+    params = write(tmp_path_factory.mktemp("p"), "resampled", RESAMPLED_PARAMS)
+    volume, mask = phantom()
+    return (
+        extract(volume, SPACING, mask, params),
+        extract(volume, SPACING, mask, params, crop=False),
+    )
+
+
+def test_crop_really_crops() -> None:
+    """The phantom is wider than the ROI plus either margin, so the crop is a real one."""
+    volume, mask = phantom()
+    box = bounding_box(mask)
+    settings = {"padDistance": 5, "resampledPixelSpacing": [1, 1, 1]}
+    native = {"LoG": {"sigma": [1.0]}, "Wavelet": {}, "Gradient": {}}
+    for margin in (
+        _resampling_margin(SPACING, settings),
+        _filter_margin(SPACING, native, {}, {}),
+    ):
+        crop = grow(box, margin, volume.shape)
+        assert any(hi - lo < n for (lo, hi), n in zip(crop, volume.shape, strict=True))
+
+
+def test_crop_matches_whole_volume_resampled(resampled_pair: Features) -> None:
+    """With 1 mm resampling the cropped extraction equals stock pyradiomics on the volume."""
+    cropped, whole = resampled_pair
+    assert cropped.keys() == whole.keys()
+    assert len(cropped) == 14 + (18 + 24 + 16) * (1 + 2 + 8 + 2 + 3)
+    for name, value in whole.items():
+        assert math.isclose(cropped[name], value, rel_tol=1e-9, abs_tol=1e-12), name
+
+
+def test_crop_matches_whole_volume_native(tmp_path: Path) -> None:
+    """Without resampling, filter margins and the |HU| sentinel keep every value too."""
+    params = write(tmp_path, "native", NATIVE_PARAMS)
+    volume, mask = phantom(seed=1)
+    cropped = extract(volume, SPACING, mask, params)
+    whole = extract(volume, SPACING, mask, params, crop=False)
+    assert cropped.keys() == whole.keys()
+    assert len(cropped) == (18 + 24 + 16) * (1 + 1 + 8 + 1 + 2 + 3)
+    for name, value in whole.items():
+        assert math.isclose(cropped[name], value, rel_tol=1e-9, abs_tol=1e-12), name
+
+
+def test_count_matches_extraction(resampled_pair: Features, tmp_path: Path) -> None:
+    """``count_features`` counts what ``extract`` returns."""
+    assert count_features(write(tmp_path, "resampled", RESAMPLED_PARAMS)) == len(resampled_pair[0])
+
+
+def test_deterministic(tmp_path: Path) -> None:
+    """The same input gives the same values, bit for bit."""
+    params = write(tmp_path, "native", NATIVE_PARAMS)
+    volume, mask = phantom(shape=(16, 64, 64), seed=2)
+    assert extract(volume, SPACING, mask, params) == extract(volume, SPACING, mask, params)
+
+
+@pytest.mark.parametrize(
+    ("make_mask", "message"),
+    [
+        (lambda m: np.zeros_like(m), "empty"),
+        (lambda m: np.pad(np.ones((1, 1, 1), bool), [(5, 10), (5, 10), (5, 10)]), "single"),
+        (lambda m: np.pad(np.ones((1, 1, 6), bool), [(5, 10), (5, 10), (5, 5)]), "dimensions"),
+        (lambda m: m[:-1], "shape"),
+        (lambda m: m.astype(np.int32) * 2, "empty"),  # label 1 asked, label 2 given
+    ],
+)
+def test_bad_masks_raise_clearly(
+    make_mask: Callable[[NDArray[np.bool_]], NDArray[np.generic]], message: str
+) -> None:
+    """Masks features cannot be computed on raise RadiomicsError saying why."""
+    volume = np.zeros((16, 16, 16), np.float32)
+    mask = np.zeros(volume.shape, bool)
+    mask[4:8, 4:8, 4:8] = True
+    with pytest.raises(RadiomicsError, match=message):
+        extract(volume, (1.0, 1.0, 1.0), make_mask(mask), "ht_after_mt")  # type: ignore[arg-type]
+
+
+def test_bad_inputs_raise_clearly() -> None:
+    """Unknown parameter files, bad spacing and NaN in the ROI are refused."""
+    volume, mask = phantom(shape=(8, 24, 24))
+    with pytest.raises(RadiomicsError, match="parameter file"):
+        extract(volume, SPACING, mask, "no_such_study")
+    with pytest.raises(RadiomicsError, match="spacing"):
+        extract(volume, (0.0, 1.0, 1.0), mask, "ht_after_mt")
+    volume[mask] = np.nan
+    with pytest.raises(RadiomicsError, match="non-finite"):
+        extract(volume, SPACING, mask, "ht_after_mt")
+
+
+def test_extract_series_uses_the_volume_grid(tmp_path: Path) -> None:
+    """The LoadedSeries wrapper gives what ``extract`` gives on ``series.volume``."""
+    datasets = synthetic_head_ct(1, n_slices=12, rows=128)
+    lesion = insert_lesion(datasets, center_mm=None, radius_mm=8.0, hu=70.0, seed=1)
+    series = load_datasets(datasets)
+    mask = lesion.masks  # untilted 5 mm series: frames and grid coincide
+    assert mask.shape == series.volume.hu.shape
+    params = write(tmp_path, "small", RESAMPLED_PARAMS.replace("LBP3D: {binWidth: 0.5}", ""))
+    features = extract_series(series, mask, params)
+    assert features == extract(series.volume.hu, series.volume.spacing, mask, params)
+    assert math.isclose(
+        features["original_shape_VoxelVolume"] / 1000.0, lesion.volume_ml, rel_tol=0.05
+    )
+
+
+@pytest.mark.filterwarnings("ignore:Precision loss occurred in moment calculation")
+def test_lbp3d_of_a_flat_image() -> None:
+    """Worked example: all 42 signs 1 give m1 = 42 sqrt(42) / (4 pi), and m2 is uniform."""
+    vertices = icosphere(1, 1.0)
+    assert vertices.shape == (42, 3)
+    assert np.allclose(np.linalg.norm(vertices, axis=1), 1.0)
+    image = sitk.GetImageFromArray(np.full((9, 9, 9), 40.0))
+    mask_arr = np.zeros((9, 9, 9), np.uint8)
+    mask_arr[3:6, 3:6, 3:6] = 1
+    maps = dict(
+        (name, sitk.GetArrayFromImage(m))
+        for m, name in lbp3d_maps(image, sitk.GetImageFromArray(mask_arr))
+    )
+    inside = mask_arr == 1
+    assert np.allclose(maps["lbp-3D-m1"][inside], 42 * math.sqrt(42) / (4 * math.pi))
+    assert np.ptp(maps["lbp-3D-m2"][inside]) < 1e-12
+
+
+def test_lbp3d_matches_pyradiomics(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where trimesh is installed, pyradiomics' own filter (old sph_harm restored) agrees."""
+    pytest.importorskip("trimesh", reason="pyradiomics' LBP-3D needs trimesh (not installed)")
+    import scipy.special
+    from radiomics import imageoperations
+
+    monkeypatch.setattr(
+        scipy.special,
+        "sph_harm",
+        lambda m, n, a, b: scipy.special.sph_harm_y(n, m, b, a),
+        raising=False,
+    )
+    volume, mask = phantom(shape=(12, 32, 32))
+    image, roi = (
+        sitk.GetImageFromArray(volume.astype(np.float64)),
+        sitk.GetImageFromArray(mask.astype(np.uint8)),
+    )
+    theirs = {
+        name: sitk.GetArrayFromImage(m) for m, name, _ in imageoperations.getLBP3DImage(image, roi)
+    }
+    ours = {name: sitk.GetArrayFromImage(m) for m, name in lbp3d_maps(image, roi)}
+    assert theirs.keys() == ours.keys()
+    for name in ours:
+        assert np.allclose(ours[name][mask], theirs[name][mask], rtol=1e-12, atol=1e-12), name
