@@ -1,0 +1,60 @@
+"""CNN features and Grad-CAM for the risk models: input preparation from a lesion mask,
+MONAI 2-D backbones by name, fine-tuning with a binary head, pooled-feature export with
+PCA, Grad-CAM on the source frame, and weights as safetensors.
+
+Data flow: ``inputs.prepare_case`` -> ``networks.build_classifier`` ->
+``training.fine_tune`` -> ``features.case_features`` -> ``features.fit_pca``;
+``gradcam.grad_cam`` for the Secondary Capture; ``weights`` to store the network.
+"""
+
+from pipelines.cnn.features import case_features, fit_pca, sample_features
+from pipelines.cnn.gradcam import NEGATIVE, POSITIVE, CamResult, grad_cam
+from pipelines.cnn.inputs import (
+    SLICES_AROUND_LARGEST,
+    TWO_POINT_FIVE_D,
+    CaseInput,
+    CropBox,
+    InputConfig,
+    largest_frame,
+    prepare_case,
+    prepare_frames,
+)
+from pipelines.cnn.networks import (
+    SPECS,
+    BackboneName,
+    CnnClassifier,
+    build_classifier,
+    default_device,
+)
+from pipelines.cnn.training import EpochProgress, OptimizerName, fine_tune, predict_proba
+from pipelines.cnn.weights import load_backbone_weights, load_classifier, save_classifier
+
+__all__ = [
+    "NEGATIVE",
+    "POSITIVE",
+    "SLICES_AROUND_LARGEST",
+    "SPECS",
+    "TWO_POINT_FIVE_D",
+    "BackboneName",
+    "CamResult",
+    "CaseInput",
+    "CnnClassifier",
+    "CropBox",
+    "EpochProgress",
+    "InputConfig",
+    "OptimizerName",
+    "build_classifier",
+    "case_features",
+    "default_device",
+    "fine_tune",
+    "fit_pca",
+    "grad_cam",
+    "largest_frame",
+    "load_backbone_weights",
+    "load_classifier",
+    "predict_proba",
+    "prepare_case",
+    "prepare_frames",
+    "sample_features",
+    "save_classifier",
+]

@@ -1,0 +1,87 @@
+"""Grad-CAM of the CNN (``monai.visualize.GradCAM``) placed back on the source frame.
+
+The map is computed on one sample (by default the one centred on the key frame) at the
+backbone's last convolutional stage (``BackboneSpec.cam_layer``: ``layer4`` for the
+ResNets and SEResNeXt-50, ``head_act`` for EfficientNet-Lite0), resized to the crop and
+written into a zero image of the frame's size, so a Secondary Capture can overlay it on
+the frame as acquired.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.visualize import GradCAM
+from numpy.typing import NDArray
+from torch import nn
+
+from pipelines.cnn.inputs import CaseInput, CropBox
+from pipelines.cnn.networks import CnnClassifier
+
+POSITIVE, NEGATIVE = 1, 0
+
+
+@dataclass(frozen=True)
+class CamResult:
+    """A Grad-CAM heat map in [0, 1] (1 = strongest evidence for the class)."""
+
+    frame_index: int  # source frame the map belongs to (the sample's centre frame)
+    crop: CropBox
+    heat_crop: NDArray[np.float32]  # (crop.side, crop.side)
+    heat_frame: NDArray[np.float32]  # (rows, columns) of the frame, zero outside the crop
+
+
+class _TwoClass(nn.Module):
+    """The one-logit classifier seen as two classes: (negative, positive) = (-z, z)."""
+
+    def __init__(self, model: CnnClassifier) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.model(x)
+        return torch.cat([-z, z], dim=1)
+
+
+def _unit_max(x: torch.Tensor) -> torch.Tensor:
+    """Scale a non-negative map to a maximum of 1 (an all-zero map stays zero)."""
+    peak = float(x.detach().max())
+    return x / peak if peak > 0 else torch.zeros_like(x)
+
+
+def grad_cam(
+    model: CnnClassifier,
+    case: CaseInput,
+    *,
+    class_index: int = POSITIVE,
+    sample: int | None = None,
+    target_layer: str | None = None,
+) -> CamResult:
+    """Grad-CAM of one sample of ``case`` for ``class_index`` (POSITIVE or NEGATIVE).
+
+    ``target_layer`` is a module name inside ``model`` (default ``model.cam_layer``).
+    The map is rectified, scaled to a maximum of 1 (MONAI's default post-processing
+    inverts it, so it is not used) and resized bilinearly to the crop.
+    """
+    if class_index not in (POSITIVE, NEGATIVE):
+        raise ValueError(f"class_index must be {POSITIVE} or {NEGATIVE}, not {class_index}")
+    index = case.key_sample if sample is None else sample
+    device = next(model.parameters()).device
+    wrapper = _TwoClass(model).train(model.training)  # MONAI restores the wrapper's mode
+    cam = GradCAM(
+        nn_module=wrapper,
+        target_layers=f"model.{target_layer or model.cam_layer}",
+        postprocessing=_unit_max,
+    )
+    x = case.samples[index : index + 1].to(device)
+    heat = cam(x, class_idx=class_index).detach()
+    model.zero_grad(set_to_none=True)
+    side = case.crop.side
+    heat = F.interpolate(heat.float(), size=(side, side), mode="bilinear", align_corners=False)
+    heat_crop = np.nan_to_num(heat[0, 0].cpu().numpy().clip(0.0, 1.0)).astype(np.float32)
+    heat_frame = np.zeros(case.frame_shape, dtype=np.float32)
+    heat_frame[case.crop.rows, case.crop.cols] = heat_crop
+    return CamResult(case.sample_centres[index], case.crop, heat_crop, heat_frame)
