@@ -1,17 +1,15 @@
-"""Seeded synthetic head CT series and lesion insertion, for tests and demonstrations.
+"""Seeded synthetic head CT series, for tests and demonstrations.
 
 ``synthetic_head_ct`` draws an ellipsoidal head (scalp, skull with diploe, CSF, cortex
 with sulci, white matter, deep grey nuclei, ventricles) on each slice plane in patient
-coordinates, so a gantry tilt only changes the planes. ``insert_lesion`` paints a blob
-defined in patient coordinates into any series, synthetic or real, and reports its mask
-and volume on the series' own frames.
+coordinates, so a gantry tilt only changes the planes. Lesions are painted by
+``pipelines.lesions`` (``insert_lesion`` is re-exported here for its earlier users).
 """
 
 from __future__ import annotations
 
 import datetime
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,28 +23,15 @@ from pydicom.uid import (
 )
 from scipy import ndimage
 
-from pipelines.brain import brain_mask
-from pipelines.geometry import represented_thickness
+from pipelines.lesions import InsertedLesion as InsertedLesion  # re-exported
+from pipelines.lesions import insert_lesion as insert_lesion  # re-exported
+from pipelines.lesions import plane_points
 
 BRAIN_SEMI_AXES_MM = np.array([70.0, 90.0, 65.0])  # inner skull: 140 x 180 x 130 mm (x, y, z)
 HEAD_CENTRE_MM = np.array([0.0, 5.0, 80.0])  # LPS
 FIELD_OF_VIEW_MM = 230.0
 RESCALE_INTERCEPT = -1024.0
 BITS_STORED = 12
-BRAIN_LIKE_HU = (-5.0, 90.0)  # voxels a lesion may replace
-HETEROGENEITY_HU = 3.0  # standard deviation of the lesion's voxel-wise HU variation
-CENTRE_MARGIN_MM = 4.0  # clearance between a lesion chosen by seed and the brain's edge
-
-
-@dataclass(frozen=True)
-class InsertedLesion:
-    """Where a lesion was painted: per-dataset masks (input order) and its volume."""
-
-    masks: NDArray[np.bool_]  # (n_datasets, rows, columns)
-    volume_ml: float
-    center_mm: tuple[float, float, float]  # LPS
-    radius_mm: float
-    hu: float
 
 
 def _inside(p: NDArray[np.float64], axes: NDArray[np.float64]) -> NDArray[np.bool_]:
@@ -88,19 +73,6 @@ def _brain_hu(p: NDArray[np.float64]) -> NDArray[np.float64]:
     return hu
 
 
-def _plane_points(
-    origin: NDArray[np.float64],
-    row_dir: NDArray[np.float64],
-    col_dir: NDArray[np.float64],
-    spacing: tuple[float, float],
-    shape: tuple[int, int],
-) -> NDArray[np.float64]:
-    """LPS position (rows, cols, 3) of every pixel; spacing is (between rows, columns)."""
-    r = np.arange(shape[0])[:, None, None] * spacing[0] * col_dir
-    c = np.arange(shape[1])[None, :, None] * spacing[1] * row_dir
-    return np.asarray(origin + r + c, dtype=np.float64)
-
-
 def synthetic_head_ct(
     seed: int = 0,
     *,
@@ -131,7 +103,7 @@ def synthetic_head_ct(
         origin = centre - half * row_dir - half * col_dir
         hu = np.zeros((rows, rows))
         for offset in (-1.0 / 3.0, 0.0, 1.0 / 3.0):  # through-plane partial volume
-            points = _plane_points(
+            points = plane_points(
                 origin + offset * slice_thickness_mm * normal,
                 row_dir,
                 col_dir,
@@ -233,157 +205,6 @@ def _set_geometry(
     ds.PixelSpacing = [f"{spacing:.6f}", f"{spacing:.6f}"]
     ds.SliceThickness = f"{thickness:g}"
     ds.GantryDetectorTilt = f"{tilt_deg:g}"
-
-
-@dataclass(frozen=True)
-class _Plane:
-    """Geometry and HU of one dataset's frame."""
-
-    origin: NDArray[np.float64]
-    row_dir: NDArray[np.float64]
-    col_dir: NDArray[np.float64]
-    spacing: tuple[float, float]
-    hu: NDArray[np.float64]
-
-    @property
-    def normal(self) -> NDArray[np.float64]:
-        """Unit normal, row direction x column direction."""
-        return np.asarray(np.cross(self.row_dir, self.col_dir), dtype=np.float64)
-
-
-def _plane(ds: Dataset) -> _Plane:
-    """Read the plane geometry and rescaled HU of a single-frame image."""
-    orientation = np.asarray(ds.ImageOrientationPatient, dtype=np.float64)
-    hu = ds.pixel_array.astype(np.float64) * float(ds.get("RescaleSlope", 1))
-    return _Plane(
-        np.asarray(ds.ImagePositionPatient, dtype=np.float64),
-        orientation[:3],
-        orientation[3:],
-        (float(ds.PixelSpacing[0]), float(ds.PixelSpacing[1])),
-        hu + float(ds.get("RescaleIntercept", 0)),
-    )
-
-
-def insert_lesion(
-    datasets: Sequence[Dataset],
-    *,
-    center_mm: tuple[float, float, float] | None,
-    radius_mm: float,
-    hu: float,
-    seed: int,
-    irregular: bool = True,
-) -> InsertedLesion:
-    """Paint a lesion of ``hu`` into the datasets' pixel data, in place.
-
-    The blob is a sphere of ``radius_mm`` about ``center_mm`` (LPS), or, when
-    ``irregular``, a star-shaped body whose radius varies smoothly with direction. Only
-    voxels whose HU lies in ``BRAIN_LIKE_HU`` before insertion are replaced, by ``hu`` plus
-    Gaussian heterogeneity. With ``center_mm`` None the centre is drawn from the seed
-    inside the brain. Stored values are written back with each dataset's rescale and
-    pixel representation, clipped to its BitsStored range.
-    """
-    rng = np.random.default_rng(seed)
-    planes = [_plane(ds) for ds in datasets]
-    radius_of = _radius_function(rng, radius_mm, irregular)
-    reach = radius_of.reach
-    centre = (
-        np.asarray(center_mm, dtype=np.float64)
-        if center_mm is not None
-        else _centre_in_brain(planes, reach + CENTRE_MARGIN_MM, rng)
-    )
-    masks = np.zeros((len(planes), *planes[0].hu.shape), dtype=bool)
-    for k, (ds, plane) in enumerate(zip(datasets, planes, strict=True)):
-        if abs(float(np.dot(centre - plane.origin, plane.normal))) > reach:
-            continue
-        offset = (
-            _plane_points(plane.origin, plane.row_dir, plane.col_dir, plane.spacing, plane.hu.shape)
-            - centre
-        )
-        distance = np.linalg.norm(offset, axis=-1)
-        inside = distance <= radius_of(offset / np.maximum(distance, 1e-9)[..., None])
-        low, high = BRAIN_LIKE_HU
-        masks[k] = inside & (plane.hu >= low) & (plane.hu <= high)
-        if masks[k].any():
-            painted = plane.hu.copy()
-            painted[masks[k]] = hu + rng.normal(0.0, HETEROGENEITY_HU, int(masks[k].sum()))
-            _write_hu(ds, painted)
-    depths = np.array([float(np.dot(p.origin, p.normal)) for p in planes])
-    areas = np.array([p.spacing[0] * p.spacing[1] for p in planes])
-    volume = float(np.sum(masks.sum(axis=(1, 2)) * areas * represented_thickness(depths))) / 1000.0
-    return InsertedLesion(
-        masks, volume, (float(centre[0]), float(centre[1]), float(centre[2])), radius_mm, hu
-    )
-
-
-@dataclass(frozen=True)
-class _RadiusFunction:
-    """Radius as a function of unit direction: R * exp(sum c_k P_l(u . d_k))."""
-
-    radius: float
-    directions: NDArray[np.float64]  # (K, 3) unit vectors
-    weights: NDArray[np.float64]  # (K,)
-    degrees: NDArray[np.int_]  # (K,) Legendre degree 2 or 3
-
-    @property
-    def reach(self) -> float:
-        """An upper bound of the radius over all directions (|P_l| <= 1)."""
-        return float(self.radius * np.exp(np.abs(self.weights).sum()))
-
-    def __call__(self, unit: NDArray[np.float64]) -> NDArray[np.float64]:
-        """Radius (mm) along each unit vector of ``unit`` (..., 3)."""
-        exponent = np.zeros(unit.shape[:-1])
-        for d, w, degree in zip(self.directions, self.weights, self.degrees, strict=True):
-            x = unit @ d
-            exponent += w * (0.5 * (3 * x**2 - 1) if degree == 2 else 0.5 * (5 * x**3 - 3 * x))
-        return np.asarray(self.radius * np.exp(exponent))
-
-
-def _radius_function(rng: np.random.Generator, radius: float, irregular: bool) -> _RadiusFunction:
-    """A sphere, or four random smooth lobes of modest amplitude."""
-    count = 4 if irregular else 0
-    directions = rng.normal(size=(count, 3))
-    directions /= np.linalg.norm(directions, axis=1, keepdims=True) + 1e-12
-    weights = rng.normal(0.0, 0.08, count)
-    degrees = rng.choice([2, 3], size=count)
-    return _RadiusFunction(radius, directions, weights, degrees)
-
-
-def _centre_in_brain(
-    planes: Sequence[_Plane], clearance_mm: float, rng: np.random.Generator
-) -> NDArray[np.float64]:
-    """A brain voxel at least ``clearance_mm`` from the brain's edge, drawn by ``rng``.
-
-    The frames are stacked in normal order as if they were orthogonal (a tilt shears the
-    stack by a few per cent at most, absorbed by the clearance margin).
-    """
-    normal = planes[0].normal
-    depths = np.array([float(np.dot(p.origin, normal)) for p in planes])
-    order = np.argsort(depths)
-    gap = float(np.median(np.diff(depths[order]))) if len(planes) > 1 else 1.0
-    spacing = (gap, planes[0].spacing[0], planes[0].spacing[1])
-    stack = np.stack([planes[i].hu for i in order])
-    brain = brain_mask(stack, spacing)
-    distance = ndimage.distance_transform_edt(np.pad(brain, 1), sampling=spacing)[1:-1, 1:-1, 1:-1]
-    candidates = np.argwhere(distance >= clearance_mm)
-    if len(candidates) == 0:
-        raise ValueError(f"no brain voxel is {clearance_mm:.1f} mm from the brain's edge")
-    k, r, c = candidates[rng.integers(len(candidates))]
-    p = planes[order[k]]
-    return np.asarray(p.origin + r * p.spacing[0] * p.col_dir + c * p.spacing[1] * p.row_dir)
-
-
-def _write_hu(ds: Dataset, hu: NDArray[np.float64]) -> None:
-    """Store HU as the dataset's stored values (rescale, representation, BitsStored)."""
-    if ds.file_meta.TransferSyntaxUID.is_compressed:
-        raise ValueError("insert_lesion needs uncompressed pixel data")
-    slope = float(ds.get("RescaleSlope", 1))
-    intercept = float(ds.get("RescaleIntercept", 0))
-    signed = int(ds.PixelRepresentation) == 1
-    bits = int(ds.BitsStored)
-    low, high = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
-    dtype = np.dtype(f"<{'i' if signed else 'u'}{int(ds.BitsAllocated) // 8}")
-    stored = np.clip(np.rint((hu - intercept) / slope), low, high).astype(dtype)
-    ds.PixelData = stored.tobytes()
 
 
 def write_series(datasets: Sequence[Dataset], folder: Path) -> list[Path]:

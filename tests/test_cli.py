@@ -12,7 +12,8 @@ from dicomnode.cli import main
 from dicomnode.config import default_config
 from dicomnode.node import Node
 from dicomnode.processing import process_job
-from pipelines.synthetic import insert_lesion, synthetic_head_ct, write_series
+from pipelines.lesions import insert_lesion
+from pipelines.synthetic import synthetic_head_ct, write_series
 from tests.support import free_port
 
 OUTPUT_CLASSES = {

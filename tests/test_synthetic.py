@@ -12,12 +12,8 @@ from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
 from pipelines.geometry import represented_thickness
-from pipelines.synthetic import (
-    HEAD_CENTRE_MM,
-    insert_lesion,
-    synthetic_head_ct,
-    write_series,
-)
+from pipelines.lesions import insert_lesion
+from pipelines.synthetic import HEAD_CENTRE_MM, synthetic_head_ct, write_series
 from pipelines.volume import load_datasets
 
 
