@@ -62,6 +62,33 @@ class SegmentResult:
 
 
 @dataclass(frozen=True)
+class RiskPrediction:
+    """A model's risk for one case, as the SR and SCs report it."""
+
+    outcome: str  # e.g. "haemorrhagic transformation"
+    probability: float  # 0..1
+    cutoff: float  # the model's operating point (Youden on its training data)
+    model_name: str
+    model_version: str
+    notice: str  # e.g. "trained on synthetic data - not for clinical use"
+    imputed: Sequence[str] = ()  # clinical variables that were missing and imputed
+
+    @property
+    def high_risk(self) -> bool:
+        """The category at the model's cut-off."""
+        return self.probability >= self.cutoff
+
+
+@dataclass(frozen=True)
+class HeatMap:
+    """A saliency map (e.g. Grad-CAM) on one source frame, values in [0, 1]."""
+
+    frame: int  # index into LoadedSeries.frames
+    heat: NDArray[np.float32]  # (rows, columns) of that frame
+    label: str  # e.g. "Grad-CAM (EfficientNet-Lite0), positive class"
+
+
+@dataclass(frozen=True)
 class PipelineResult:
     """Everything the output writers need from a pipeline run."""
 
@@ -69,6 +96,8 @@ class PipelineResult:
     segments: Sequence[SegmentResult]
     key_frame: int  # frame shown in the Secondary Capture
     notes: Sequence[str] = field(default_factory=tuple)
+    risk: RiskPrediction | None = None
+    heatmaps: Sequence[HeatMap] = field(default_factory=tuple)
 
 
 class Pipeline(Protocol):
