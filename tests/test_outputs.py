@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import datetime
+from dataclasses import replace
 from pathlib import Path
 
 import highdicom as hd
@@ -17,8 +18,10 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from pipelines.base import (
     Algorithm,
+    HeatMap,
     PipelineResult,
     RegionMeasurements,
+    RiskPrediction,
     SegmentClass,
     SegmentResult,
 )
@@ -296,3 +299,51 @@ def test_derive_uid_is_a_pure_function_of_its_parts() -> None:
     assert derive_uid("ab", "c") != derive_uid("a", "bc")
     assert len(uid) <= 64
     assert pydicom.uid.UID(uid).is_valid
+
+
+def test_risk_goes_into_the_sr_and_heat_maps_into_saliency_captures(
+    series: LoadedSeries, result: PipelineResult, tmp_path: Path
+) -> None:
+    heat = np.zeros(series.frame_hu.shape[1:], dtype=np.float32)
+    heat[280:320, 280:320] = 1.0
+    risk = RiskPrediction(
+        outcome="haemorrhagic transformation",
+        probability=0.734,
+        cutoff=0.42,
+        model_name="ht_after_mt combined",
+        model_version="1.0.0",
+        notice="trained on synthetic data \u2014 not for clinical use",
+        imputed=("NIHSS", "ASPECTS"),
+    )
+    maps = [HeatMap(14, heat, "Grad-CAM, frame 15"), HeatMap(15, heat, "Grad-CAM, frame 16")]
+    with_risk = replace(result, risk=risk, heatmaps=maps)
+    outputs = build_outputs(series, with_risk, pipeline_name=PIPELINE, content_datetime=WHEN)
+    assert len(outputs) == 5
+    paths = []
+    for number, ds in enumerate(outputs):
+        paths.append(tmp_path / f"{number}.dcm")
+        ds.save_as(paths[-1], enforce_file_format=True)
+        assert dciodvfy_errors(paths[-1]) == [], number
+    sr = hd.sr.srread(paths[2])
+    numbers = [item for item in sr.ContentSequence[-1].ContentSequence if item.ValueType == "NUM"]
+    assert numbers[0].MeasuredValueSequence[0].NumericValue == pytest.approx(73.4)
+    codes_found = [
+        item.ConceptCodeSequence[0].CodeMeaning
+        for item in sr.ContentSequence[-1].ContentSequence
+        if item.ValueType == "CODE"
+    ]
+    assert codes_found == ["High risk"]
+    text = " ".join(text_values(sr))
+    assert "Risk of haemorrhagic transformation: 73%" in text
+    assert "trained on synthetic data - not for clinical use" in text
+    assert "NIHSS, ASPECTS" in text
+    saliency = [pydicom.dcmread(p) for p in paths[3:]]
+    assert saliency[0].SeriesInstanceUID == saliency[1].SeriesInstanceUID
+    assert saliency[0].SeriesInstanceUID != outputs[1].SeriesInstanceUID
+    assert [ds.InstanceNumber for ds in saliency] == [1, 2]
+    assert saliency[0].SourceImageSequence[0].ReferencedSOPInstanceUID == (
+        series.frames[14].sop_instance_uid
+    )
+    pixels = saliency[0].pixel_array
+    assert pixels[300, 300, 0] > pixels[300, 300, 2]  # hot: red over blue
+    assert pixels[50, 50, 0] == pixels[50, 50, 2]  # no heat: grey

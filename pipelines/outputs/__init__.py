@@ -8,11 +8,13 @@ re-sent series gives the same objects again.
 from __future__ import annotations
 
 import datetime
+from dataclasses import replace
 
 from pydicom.dataset import Dataset
 
 from pipelines.base import PipelineResult
 from pipelines.outputs.common import OutputIdentity, output_identity
+from pipelines.outputs.saliency import build_saliency_sc
 from pipelines.outputs.sc import build_sc
 from pipelines.outputs.seg import build_seg
 from pipelines.outputs.sr import build_sr
@@ -22,6 +24,7 @@ from pipelines.series import LoadedSeries
 __all__ = [
     "OutputIdentity",
     "build_outputs",
+    "build_saliency_sc",
     "build_sc",
     "build_seg",
     "build_sr",
@@ -38,7 +41,9 @@ def build_outputs(
     series_number_base: int = 900,
     content_datetime: datetime.datetime | None = None,
 ) -> list[Dataset]:
-    """[SEG, SC, SR] of ``result``, numbered ``series_number_base`` + 1, 2, 3.
+    """[SEG, SC, SR, saliency SCs...] of ``result``, series ``series_number_base`` + 1..4.
+
+    Each heat map of the result becomes one Secondary Capture of the fourth series.
 
     ``content_datetime`` (default now) becomes each object's ContentDate/ContentTime.
     """
@@ -61,4 +66,13 @@ def build_outputs(
     seg = build_seg(series, result, identity("seg", 1, "HYPERDENSE SEG"))
     sc = build_sc(series, result, identity("sc-1", 2, "HYPERDENSE SUMMARY"))
     sr = build_sr(series, result, seg, identity("sr", 3, "HYPERDENSE REPORT"))
-    return [seg, sc, sr]
+    saliency = [
+        build_saliency_sc(
+            series,
+            result,
+            heatmap,
+            replace(identity(f"gradcam-{number}", 4, "SALIENCY"), instance_number=number),
+        )
+        for number, heatmap in enumerate(result.heatmaps, start=1)
+    ]
+    return [seg, sc, sr, *saliency]

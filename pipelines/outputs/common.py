@@ -158,12 +158,34 @@ def measurement_line(label: str, total: RegionMeasurements | None) -> str:
     )
 
 
+def plain(text: str) -> str:
+    """``text`` in the DICOM default repertoire (ASCII): dashes and quotes replaced."""
+    table = str.maketrans({"\u2014": "-", "\u2013": "-", "\u2018": "'", "\u2019": "'"})
+    return text.translate(table).encode("ascii", "replace").decode("ascii")
+
+
 def summary_lines(result: PipelineResult) -> list[str]:
     """Human-readable lines every output shows: algorithm, results, notice, provenance."""
     lines = [algorithm_title(result.algorithm)]
     lines += [measurement_line(s.segment.label, s.total) for s in result.segments]
     lines += [result.algorithm.notice, provenance_line(result.algorithm)]
-    return lines
+    return [plain(line) for line in lines]
+
+
+def risk_lines(result: PipelineResult) -> list[str]:
+    """Lines stating a result's risk prediction, its model and its notice; none without."""
+    risk = result.risk
+    if risk is None:
+        return []
+    category = "HIGH" if risk.high_risk else "low"
+    lines = [
+        f"Risk of {risk.outcome}: {100 * risk.probability:.0f}% ({category} at the model's "
+        f"cut-off {100 * risk.cutoff:.0f}%)",
+        f"Model: {risk.model_name} {risk.model_version} - {risk.notice}",
+    ]
+    if risk.imputed:
+        lines.append("Imputed (missing) clinical variables: " + ", ".join(risk.imputed))
+    return [plain(line) for line in lines]
 
 
 def source_dataset(series: LoadedSeries, frame: int) -> Dataset:

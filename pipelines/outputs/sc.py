@@ -19,6 +19,7 @@ from pipelines.outputs.common import (
     OutputIdentity,
     contributing_equipment,
     patient_study_source,
+    risk_lines,
     source_dataset,
     summary_lines,
 )
@@ -29,6 +30,7 @@ OVERLAY_ALPHA = 0.4
 SEGMENT_COLOURS = ((255, 40, 40), (255, 200, 0), (0, 200, 255), (60, 220, 60), (220, 80, 255))
 TEXT_COLOUR = (255, 255, 255)
 NOTICE_COLOUR = (255, 90, 90)
+RISK_COLOUR = (255, 210, 80)
 _LETTERS = (("R", "L"), ("A", "P"), ("F", "H"))  # negative, positive direction per LPS axis
 
 
@@ -93,22 +95,39 @@ def sc_pixels(series: LoadedSeries, result: PipelineResult) -> NDArray[np.uint8]
     colours = [TEXT_COLOUR]
     colours += [SEGMENT_COLOURS[i % len(SEGMENT_COLOURS)] for i in range(len(result.segments))]
     colours += [NOTICE_COLOUR, TEXT_COLOUR]
+    extra = risk_lines(result)
+    lines += extra
+    colours += [RISK_COLOUR] * len(extra)
     return np.concatenate([image, text_panel(image.shape[1], lines, colours)], axis=0)
 
 
 def build_sc(
     series: LoadedSeries, result: PipelineResult, identity: OutputIdentity
 ) -> hd.sc.SCImage:
-    """RGB Secondary Capture of ``result.key_frame`` (window W80/L40) with a text panel.
+    """RGB Secondary Capture of ``result.key_frame`` (window W80/L40) with a text panel."""
+    derivation = f"Key frame, window W80/L40, overlay: {result.algorithm.name}"
+    return secondary_capture(
+        series, result.key_frame, sc_pixels(series, result), identity, derivation
+    )
 
-    Patient and study come from the key frame's instance (StudyDescription included);
-    the instance is referenced in SourceImageSequence.
+
+def secondary_capture(
+    series: LoadedSeries,
+    frame_index: int,
+    pixels: NDArray[np.uint8],
+    identity: OutputIdentity,
+    derivation: str,
+) -> hd.sc.SCImage:
+    """An RGB Secondary Capture of ``pixels`` drawn from ``series.frames[frame_index]``.
+
+    Patient and study come from the frame's instance (StudyDescription included); the
+    instance (and frame) is referenced in SourceImageSequence.
     """
-    frame = series.frames[result.key_frame]
-    source = source_dataset(series, result.key_frame)
+    frame = series.frames[frame_index]
+    source = source_dataset(series, frame_index)
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=patient_study_source(source),
-        pixel_array=sc_pixels(series, result),
+        pixel_array=pixels,
         photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
         bits_allocated=8,
         coordinate_system=hd.CoordinateSystemNames.PATIENT,
@@ -133,7 +152,7 @@ def build_sc(
     else:
         sc.Laterality = ""  # Type 2C, empty: unknown whether the part is paired
     sc.BurnedInAnnotation = "YES"
-    sc.DerivationDescription = f"Key frame, window W80/L40, overlay: {result.algorithm.name}"
+    sc.DerivationDescription = derivation[:1024]
     reference = Dataset()
     reference.ReferencedSOPClassUID = source.SOPClassUID
     reference.ReferencedSOPInstanceUID = source.SOPInstanceUID

@@ -8,6 +8,9 @@ and method ``HU_MAX_METHOD`` (highest mean HU of a 3x3-pixel in-plane window, a 
 source frames), which references the source image of that frame. The notice ("NOT FOR
 DIAGNOSTIC USE") and the algorithm's kind and provenance are TEXT items of a root
 "Qualitative Evaluations" container (TID 1500) and algorithm parameters of every group.
+A risk prediction, when the pipeline makes one, goes in the same container as a NUM
+(DCM 122157 Probability, in %), a CODE (private "Risk category at the model cut-off":
+SCT High risk / Low risk) and TEXT lines naming the outcome, the model and its notice.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from pipelines.outputs.common import (
     ds_value,
     patient_study_source,
     provenance_line,
+    risk_lines,
     source_dataset,
     summary_lines,
 )
@@ -38,6 +42,8 @@ from pipelines.outputs.uids import derive_uid
 from pipelines.series import LoadedSeries
 
 QUALITATIVE_EVALUATIONS = CodedConcept("C0034375", "UMLS", "Qualitative Evaluations")
+RISK_CATEGORY = CodedConcept("RISKCAT", PRIVATE_SCHEME, "Risk category at the model cut-off")
+UNIT_PERCENT = CodedConcept("%", "UCUM", "percent")
 
 
 def algorithm_identification(result: PipelineResult) -> hd.sr.AlgorithmIdentification:
@@ -169,22 +175,40 @@ def observation_context(
     )
 
 
+def risk_items(result: PipelineResult) -> list[hd.sr.ContentItem]:
+    """The risk as NUM (probability, %) and CODE (category at the model's cut-off)."""
+    risk = result.risk
+    if risk is None:
+        return []
+    contains = hd.sr.RelationshipTypeValues.CONTAINS
+    category = codes.SCT.HighRisk if risk.high_risk else codes.SCT.LowRisk
+    return [
+        hd.sr.NumContentItem(
+            name=codes.DCM.Probability,
+            value=ds_value(100.0 * risk.probability),
+            unit=UNIT_PERCENT,
+            relationship_type=contains,
+        ),
+        hd.sr.CodeContentItem(name=RISK_CATEGORY, value=category, relationship_type=contains),
+    ]
+
+
 def notice_container(result: PipelineResult) -> hd.sr.ContainerContentItem:
-    """Root "Qualitative Evaluations" container with the summary lines as TEXT items."""
+    """Root "Qualitative Evaluations" container: the risk items (if any), then the
+    summary and risk lines as TEXT items."""
     container = hd.sr.ContainerContentItem(
         name=QUALITATIVE_EVALUATIONS,
         relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
     )
-    container.ContentSequence = hd.sr.ContentSequence(
-        [
-            hd.sr.TextContentItem(
-                name=codes.DCM.Comment,
-                value=line,
-                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
-            )
-            for line in summary_lines(result)
-        ]
-    )
+    texts = [
+        hd.sr.TextContentItem(
+            name=codes.DCM.Comment,
+            value=line,
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+        )
+        for line in [*summary_lines(result), *risk_lines(result)]
+    ]
+    container.ContentSequence = hd.sr.ContentSequence([*risk_items(result), *texts])
     return container
 
 
