@@ -16,7 +16,7 @@ from dicomnode.echo import echo
 from dicomnode.logs import configure_logging
 from dicomnode.node import Node
 from dicomnode.offline import non_dicom_files, run_folder
-from dicomnode.processing import JobFailure, check_pipelines, process_job
+from dicomnode.processing import JobFailure, check_pipelines, processor
 
 
 def _say(line: str = "") -> None:
@@ -28,7 +28,7 @@ def _say(line: str = "") -> None:
 def _config(path: Path | None) -> NodeConfig:
     """The config file's settings, or the embedded defaults; pipelines are checked."""
     config = load_config(path) if path else default_config(Path("var"), 11112)
-    check_pipelines([rule.pipeline for rule in config.routes])
+    check_pipelines([config.default_pipeline, *(rule.pipeline for rule in config.routes)])
     return config
 
 
@@ -38,7 +38,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
-    with Node(config, process_job):
+    with Node(config, processor(config)):
         _say(f"{config.node.ae_title} listening on {config.node.host}:{config.node.port}")
         stop.wait()
     return 0

@@ -148,6 +148,7 @@ class NodeConfig(_Model):
     outbox: OutboxSettings = OutboxSettings()
     worker: WorkerSettings = WorkerSettings()
     http: HttpSettings | None = None
+    default_pipeline: str = "hyperdense_regions"  # used when a rule's pipeline is unavailable
 
     @model_validator(mode="after")
     def _check_references(self) -> NodeConfig:

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import structlog
 
-from dicomnode.node import JobSpec
-from pipelines.base import PipelineError
+from dicomnode.config import NodeConfig
+from dicomnode.node import JobSpec, Process
+from pipelines.base import PipelineError, PipelineUnavailable
 from pipelines.outputs import build_outputs
 from pipelines.registry import get_pipeline, pipeline_names
 from pipelines.volume import VolumeLoadError, load_series
@@ -34,18 +35,31 @@ def check_pipelines(names: Sequence[str]) -> None:
         )
 
 
-def run_pipeline(paths: Sequence[Path], pipeline_name: str, output_dir: Path) -> list[Path]:
-    """Load ``paths`` as one series, run ``pipeline_name`` and write SEG, SC and SR files.
+def run_pipeline(
+    paths: Sequence[Path], pipeline_name: str, output_dir: Path, fallback: str | None = None
+) -> list[Path]:
+    """Load ``paths`` as one series, run ``pipeline_name`` and write its output files.
 
-    Returns the written files in the order SEG, SC(s), SR.
+    When the pipeline is unavailable here (its model files are absent), ``fallback`` runs
+    instead, and the outputs name the algorithm that actually ran. Returns the written
+    files in the order SEG, SC, SR, saliency SCs.
     """
     try:
         series = load_series(paths)
     except VolumeLoadError as exc:
         raise JobFailure(f"series cannot be loaded: {exc}") from exc
-    pipeline = get_pipeline(pipeline_name)
     try:
-        result = pipeline.run(series)
+        try:
+            result = get_pipeline(pipeline_name).run(series)
+        except PipelineUnavailable as exc:
+            if fallback is None or fallback == pipeline_name:
+                raise
+            log.warning(
+                "pipeline unavailable, running the default", pipeline=pipeline_name,
+                fallback=fallback, reason=str(exc),
+            )  # fmt: skip
+            pipeline_name = fallback
+            result = get_pipeline(fallback).run(series)
     except PipelineError as exc:
         raise JobFailure(f"pipeline {pipeline_name} failed: {exc}") from exc
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -65,6 +79,13 @@ def run_pipeline(paths: Sequence[Path], pipeline_name: str, output_dir: Path) ->
     return written
 
 
-def process_job(job: JobSpec) -> list[Path]:
-    """The node's job callback: run the job's pipeline on its spooled instances."""
-    return run_pipeline(job.instance_paths, job.pipeline, job.output_dir)
+def processor(config: NodeConfig) -> Process:
+    """The node's job callback: run each job's pipeline on its spooled instances, falling
+    back to ``config.default_pipeline`` when the pipeline is unavailable."""
+
+    def process_job(job: JobSpec) -> list[Path]:
+        return run_pipeline(
+            job.instance_paths, job.pipeline, job.output_dir, config.default_pipeline
+        )
+
+    return process_job

@@ -115,3 +115,8 @@ class Pipeline(Protocol):
 
 class PipelineError(Exception):
     """A pipeline could not produce a result; the message is shown to an admin."""
+
+
+class PipelineUnavailable(PipelineError):
+    """A pipeline cannot run here (e.g. its model files are absent); the message says
+    what is missing and where to put it. The node then falls back to its default."""

@@ -11,7 +11,7 @@ from pydicom import uid
 from dicomnode.cli import main
 from dicomnode.config import default_config
 from dicomnode.node import Node
-from dicomnode.processing import process_job
+from dicomnode.processing import processor
 from pipelines.lesions import insert_lesion
 from pipelines.synthetic import synthetic_head_ct, write_series
 from tests.support import free_port
@@ -76,7 +76,8 @@ def test_unknown_pipeline_is_refused_at_start(
 
 def test_echo_command(tmp_path: Path) -> None:
     port = free_port()
-    with Node(default_config(tmp_path, port), process_job):
+    config = default_config(tmp_path, port)
+    with Node(config, processor(config)):
         assert main(["echo", "--port", str(port), "--aet", "DICOMNODE"]) == 0
         assert main(["echo", "--port", str(port), "--calling-aet", "INTRUDER"]) == 1
 

@@ -16,7 +16,7 @@ from pydicom.sr.codedict import codes
 
 from dicomnode.config import NodeConfig
 from dicomnode.node import Node
-from dicomnode.processing import process_job
+from dicomnode.processing import processor
 from dicomnode.records import JobState, OutboxState, SeriesState
 from pipelines.synthetic import InsertedLesion, insert_lesion, write_series
 from tests.dciodvfy import dciodvfy_errors
@@ -80,7 +80,8 @@ def _config(base: Path, pacs: Orthanc) -> NodeConfig:
 
 @pytest.fixture(scope="module")
 def node(tmp_path_factory: pytest.TempPathFactory, orthanc: Orthanc) -> Iterator[Node]:
-    with Node(_config(tmp_path_factory.mktemp("node"), orthanc), process_job) as running:
+    config = _config(tmp_path_factory.mktemp("node"), orthanc)
+    with Node(config, processor(config)) as running:
         yield running
 
 
