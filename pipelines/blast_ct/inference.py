@@ -1,0 +1,154 @@
+"""BLAST-CT inference: fully convolutional over boxes of a volume, and the reference tiling.
+
+In the reference tool, output tile i along an axis covers voxels [30 i, 30 i + 30) and its
+110^3 input patch starts at 30 i - 40; the factor-s pathway samples that patch every s
+voxels from offset s // 2, which in volume coordinates is the fixed lattice
+{s m + s // 2}, and output voxel x takes the coarse value of lattice point
+m = floor(x / s). Tile borders are multiples of 30, hence of 3 and 5, so the lattice and
+this assignment are the same in every tile. ``box_logits`` therefore computes any box of
+the output directly: per pathway it gathers the lattice points the box needs (indices
+clamped to the volume, which is the reference's edge padding), runs the blocks once and
+repeats each coarse voxel s times. ``reference_logits`` is the reference's patch-by-patch
+computation, kept to show that both give the same numbers.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+from torch import Tensor
+
+from pipelines.blast_ct.network import (
+    NUM_CLASSES,
+    OUTPUT,
+    PATCH,
+    PATHWAY_DEPTH,
+    DeepMedic,
+    upsample,
+)
+
+Box = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
+"""Half-open output ranges (start, stop) along (z, y, x)."""
+
+REFERENCE_BATCH = 32
+
+
+def boxes(shape: Sequence[int], size: Sequence[int]) -> Iterator[Box]:
+    """Boxes of at most ``size`` covering ``shape``, z outermost."""
+    ranges = [
+        [(start, min(start + step, n)) for start in range(0, n, step)]
+        for n, step in zip(shape, size, strict=True)
+    ]
+    yield from itertools.product(*ranges)
+
+
+def _lattice(start: int, stop: int, factor: int, length: int, device: torch.device) -> Tensor:
+    """Indices of the factor-s lattice points whose pathway output covers [start, stop).
+
+    Includes the ``PATHWAY_DEPTH`` extra points each side that the valid convolutions
+    consume; indices outside the volume are clamped (edge replication).
+    """
+    first = start // factor - PATHWAY_DEPTH
+    last = -(-stop // factor) + PATHWAY_DEPTH
+    points = torch.arange(first, last, device=device) * factor + factor // 2
+    return points.clamp_(0, length - 1)
+
+
+def box_logits(model: DeepMedic, image: Tensor, box: Box) -> Tensor:
+    """Logits (1, 5, *box size) of ``model`` on a normalised image (1, 1, z, y, x)."""
+    shape = image.shape[2:]
+    features = []
+    for pathway in model.pathways:
+        s = pathway.factor
+        sub = image
+        for axis, ((start, stop), n) in enumerate(zip(box, shape, strict=True)):
+            sub = sub.index_select(2 + axis, _lattice(start, stop, s, n, image.device))
+        out = pathway(sub.contiguous(memory_format=torch.channels_last_3d))
+        if s > 1:
+            out = upsample(out, s)
+        crops = tuple(slice(a - (a // s) * s, b - (a // s) * s) for a, b in box)
+        features.append(out[(slice(None), slice(None), *crops)])
+    return model.head(features)
+
+
+def reference_logits(model: DeepMedic, image: Tensor, batch: int = REFERENCE_BATCH) -> Tensor:
+    """Logits (1, 5, z, y, x) computed as the reference tool does, patch by patch.
+
+    Tile centres 15 + 30 i for i = 0 .. floor(S / 30) per axis, 110^3 patches cut from the
+    edge-padded image, batched ``batch`` at a time in z, y, x order, tiles written without
+    overlap and the result cropped to the image.
+    """
+    shape = tuple(int(n) for n in image.shape[2:])
+    counts = [n // OUTPUT + 1 for n in shape]
+    margin = PATCH // 2 - OUTPUT // 2
+    padded_np = np.pad(
+        image[0, 0].cpu().numpy(),
+        [(margin, c * OUTPUT - n + margin) for n, c in zip(shape, counts, strict=True)],
+        mode="edge",
+    )
+    padded = torch.from_numpy(padded_np).to(image.device)
+    out = torch.zeros((1, NUM_CLASSES, *(c * OUTPUT for c in counts)), device=image.device)
+    starts = list(itertools.product(*(range(0, c * OUTPUT, OUTPUT) for c in counts)))
+    for i in range(0, len(starts), batch):
+        chunk = starts[i : i + batch]
+        patches = torch.stack(
+            [padded[z : z + PATCH, y : y + PATCH, x : x + PATCH] for z, y, x in chunk]
+        )[:, None]
+        logits = model(patches)
+        for (z, y, x), tile in zip(chunk, logits, strict=True):
+            out[0, :, z : z + OUTPUT, y : y + OUTPUT, x : x + OUTPUT] = tile
+    return out[:, :, : shape[0], : shape[1], : shape[2]]
+
+
+def ensemble_sum(
+    models: Sequence[DeepMedic],
+    image: NDArray[np.float32],
+    box_size: Sequence[int],
+    device: torch.device,
+) -> NDArray[np.float32]:
+    """Sum of the members' softmax probabilities (5, z, y, x) on a normalised image.
+
+    Per box, each member's softmax is added to a float32 running sum in member order, as
+    the reference ensemble does. Its argmax is the reference's label; divided by the
+    number of members it is the reference's probability.
+    """
+    if not models:
+        raise ValueError("an ensemble needs at least one member")
+    volume = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
+    volume = volume.to(device)
+    total = np.zeros((NUM_CLASSES, *image.shape), dtype=np.float32)
+    with torch.inference_mode(), _deterministic(device):
+        for box in boxes(image.shape, box_size):
+            summed: Tensor | None = None
+            for model in models:
+                p = torch.softmax(box_logits(model, volume, box), dim=1)
+                summed = p if summed is None else summed + p
+            assert summed is not None
+            region = tuple(slice(a, b) for a, b in box)
+            total[(slice(None), *region)] = summed[0].cpu().numpy()
+    return total
+
+
+class _deterministic:
+    """Context: cuDNN without autotuning and with deterministic kernels (no-op on CPU)."""
+
+    def __init__(self, device: torch.device) -> None:
+        """Remember whether the device is CUDA."""
+        self.cuda = device.type == "cuda"
+        self.saved = (False, False)
+
+    def __enter__(self) -> None:
+        """Switch cuDNN to deterministic, non-benchmarking mode."""
+        if self.cuda:
+            backend = torch.backends.cudnn
+            self.saved = (backend.benchmark, backend.deterministic)
+            backend.benchmark, backend.deterministic = False, True
+
+    def __exit__(self, *exc: object) -> None:
+        """Restore the previous cuDNN flags."""
+        if self.cuda:
+            torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = self.saved
