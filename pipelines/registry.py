@@ -6,10 +6,12 @@ from collections.abc import Callable
 from functools import cache
 
 from pipelines.base import Pipeline
+from pipelines.blast_ct import BlastCtPipeline
 from pipelines.hyperdense import HyperdenseThresholdPipeline
 
 _FACTORIES: dict[str, Callable[[], Pipeline]] = {
     "hyperdense_regions": HyperdenseThresholdPipeline,
+    "blast_ct": BlastCtPipeline,
 }
 
 
