@@ -1,4 +1,4 @@
-"""The ``dicomnode`` command: serve, run, echo, demo."""
+"""The ``dicomnode`` command: serve, run, echo, demo, train."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dicomnode.config import ConfigError, NodeConfig, default_config, load_config
-from dicomnode.demo import run_demo, shared_dir
+from dicomnode.demo import describe, run_demo, shared_dir
 from dicomnode.echo import echo
 from dicomnode.logs import configure_logging
 from dicomnode.node import Node
@@ -74,10 +74,61 @@ def cmd_demo(args: argparse.Namespace) -> int:
     _say(f"inserted lesion volume: {report.case.lesion_volume_ml:.1f} mL")
     _say(f"node listened on 127.0.0.1:{report.node_port}; results sent to the demo PACS:")
     for path in report.results:
-        _say(f"  {path}")
+        _say(f"  {describe(path)}")
     if not report.idle:
         _say("the demo timed out before all results arrived")
         return 1
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train a risk model on a cohort folder (optionally generated first) into the store."""
+    from tqdm import tqdm
+
+    from model_store.registry import STORE_ROOT, ModelStoreError, promote
+    from pipelines.base import PipelineError
+    from pipelines.cohort import generate_cohort
+    from pipelines.ht_after_mt.train import TrainingSettings, train_ht_model
+    from pipelines.volume import VolumeLoadError
+
+    root = args.root or STORE_ROOT
+    if args.generate:
+        _say(f"generating a synthetic cohort of {args.generate} cases in {args.cohort}")
+        generate_cohort(args.cohort, args.generate, args.seed, rows=args.rows)
+    bars: dict[str, tqdm] = {}
+
+    def progress(stage: str, done: int, total: int) -> None:
+        bar = bars.get(stage)
+        if bar is None:
+            bar = bars[stage] = tqdm(total=total, desc=stage, unit="step", file=sys.stderr)
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+
+    try:
+        report = train_ht_model(
+            args.cohort,
+            root=root,
+            version=args.version,
+            seed=args.seed,
+            progress=progress,
+            settings=TrainingSettings(epochs=args.epochs),
+        )
+    except (ModelStoreError, PipelineError, VolumeLoadError, ValueError, OSError) as exc:
+        sys.stderr.write(f"dicomnode train: {exc}\n")
+        return 2
+    finally:
+        for bar in bars.values():
+            bar.close()
+    _say(f"wrote {report.folder} (report: {report.report_path})")
+    _say(
+        f"{report.n_cases} cases with a lesion ({len(report.skipped)} without left out): "
+        f"{report.n_train} training, {report.n_test} held out"
+    )
+    _say(report.table.rstrip("\n"))
+    if args.promote:
+        promote(args.model, args.version, root)
+        _say(f"promoted {args.model} {args.version}")
     return 0
 
 
@@ -103,6 +154,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="end-to-end demo on loopback")
     demo.add_argument("--out", type=Path, default=Path("demo-output"))
     demo.set_defaults(handler=cmd_demo)
+    train = sub.add_parser("train", help="train a risk model on a cohort folder")
+    train.add_argument("cohort", type=Path, help="cohort folder: cases/<id>/ and clinical.csv")
+    train.add_argument("--model", choices=["ht_after_mt"], default="ht_after_mt")
+    train.add_argument("--version", required=True, help="new model version, e.g. 1.1.0")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--generate", type=int, metavar="N", help="first generate N synthetic cases")
+    train.add_argument("--rows", type=int, default=128, help="image size of generated cases")
+    train.add_argument("--root", type=Path, help="model store folder (default: the bundled one)")
+    train.add_argument("--epochs", type=int, default=3, help="CNN fine-tuning epochs")
+    train.add_argument("--promote", action="store_true", help="put the new version in service")
+    train.set_defaults(handler=cmd_train)
     return parser
 
 

@@ -204,7 +204,8 @@ def default_config(base_dir: Path, port: int) -> NodeConfig:
     """A demo config: node on loopback ``port``, spool and state under ``base_dir``.
 
     DCMTK's and pynetdicom's default calling AE titles may connect; series of head CT
-    (CT, body part HEAD or BRAIN) go to the ``head_ct`` pipeline and results to the
+    (CT, body part HEAD or BRAIN) go to the ``ht_after_mt`` pipeline (hyperdense regions
+    and the bundled risk model) and results to the
     destination ``PACS`` (AE ``PACS`` on loopback port ``port + 1``).
     """
     return NodeConfig(
@@ -218,7 +219,7 @@ def default_config(base_dir: Path, port: int) -> NodeConfig:
             RouteRule(
                 name="head-ct",
                 match=RouteMatch(modality=["CT"], body_part_examined=["HEAD", "BRAIN"]),
-                pipeline="hyperdense_regions",
+                pipeline="ht_after_mt",
                 destinations=["PACS"],
             )
         ],

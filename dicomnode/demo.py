@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import shutil
 import socket
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -138,21 +137,33 @@ def run_demo(base: Path, shared: Path, timeout_s: float = 300.0) -> DemoReport:
     node_port, pacs_port = free_port(), free_port()
     config = demo_config(base / "node", node_port, pacs_port)
     pacs = DemoPacs(base / "pacs", pacs_port)
-    with pacs.running(), Node(config, processor(config)):
+    with pacs.running(), Node(config, processor(config)) as node:
         scanner = Destination(ae_title=config.node.ae_title, host="127.0.0.1", port=node_port)
         sent = send_files(scanner, case.files, DEMO_SCANNER_AET)
         failures = [p.name for p, r in sent.items() if r.status != Status.SUCCESS]
         if failures:
             raise RuntimeError(f"the node refused {len(failures)} instance(s): {failures[:3]}")
-        idle = _wait_for_results(pacs, expected=3, timeout_s=timeout_s)
+        idle = node.wait_idle(timeout_s)
+        failed = [job.reason for job in node.jobs.all() if job.reason]
+        if failed:
+            raise RuntimeError(f"the node failed the job: {failed[0]}")
     return DemoReport(case, node_port, pacs.folder, sorted(pacs.received), idle)
 
 
-def _wait_for_results(pacs: DemoPacs, expected: int, timeout_s: float) -> bool:
-    """Wait until the PACS holds ``expected`` objects or ``timeout_s`` passes."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if len(pacs.received) >= expected:
-            return True
-        time.sleep(0.2)
-    return False
+def describe(path: Path) -> str:
+    """One line naming a result object: its series description, plus the reported risk
+    and volumes for an SR."""
+    ds = pydicom.dcmread(path)
+    line = f"{ds.get('SeriesDescription', ds.Modality)}: {path}"
+    if ds.Modality == "SR":
+        texts = _texts(ds)
+        line += "".join(f"\n      {t}" for t in texts if t.startswith(("Risk", "Hyperdense")))
+    return line
+
+
+def _texts(item: Dataset) -> list[str]:
+    """TEXT values of an SR content tree, depth first."""
+    found = [str(item.TextValue)] if "TextValue" in item else []
+    for child in item.get("ContentSequence", []):
+        found += _texts(child)
+    return found

@@ -30,6 +30,13 @@ class Algorithm:
     provenance: str  # what trained it or where its parameters come from
     notice: str = NOT_FOR_DIAGNOSTIC_USE
 
+    def __post_init__(self) -> None:
+        """Name, version and notice become DICOM LO values: at most 64 characters."""
+        for field_name in ("name", "version", "notice"):
+            value = getattr(self, field_name)
+            if len(value) > 64:
+                raise ValueError(f"Algorithm.{field_name} exceeds 64 characters: {value!r}")
+
 
 @dataclass(frozen=True)
 class SegmentClass:

@@ -131,13 +131,16 @@ class HyperdenseThresholdPipeline:
             hyperdense, volume.voxel_volume_ml, p.min_volume_ml, p.connectivity
         )
 
-    def run(self, series: LoadedSeries) -> PipelineResult:
-        """Segment, map the regions onto the source frames and measure them.
+    def run(
+        self, series: LoadedSeries, segmented: tuple[NDArray[np.int32], int] | None = None
+    ) -> PipelineResult:
+        """Segment (unless ``segmented``, the output of :meth:`segment`, is given), map the
+        regions onto the source frames and measure them.
 
         A region that no acquired frame crosses (it exists only between two planes, by
         interpolation) cannot be shown or measured on the images and is dropped.
         """
-        labels, count = self.segment(series)
+        labels, count = segmented if segmented is not None else self.segment(series)
         thickness = represented_thickness(series.stack.offsets[:, 0])
         areas = np.array(
             [np.linalg.norm(a[:3, 1]) * np.linalg.norm(a[:3, 2]) for a in series.frame_affines]

@@ -1,17 +1,19 @@
-"""Pipelines by name, as routing rules name them; each is built on first use."""
+"""Pipelines by name, as routing rules name them; each is imported and built on first use
+(the learned ones import torch, MONAI and pyradiomics, which a node need not pay for at
+start-up)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import importlib
 from functools import cache
 
 from pipelines.base import Pipeline
-from pipelines.blast_ct import BlastCtPipeline
-from pipelines.hyperdense import HyperdenseThresholdPipeline
 
-_FACTORIES: dict[str, Callable[[], Pipeline]] = {
-    "hyperdense_regions": HyperdenseThresholdPipeline,
-    "blast_ct": BlastCtPipeline,
+_FACTORIES: dict[str, str] = {
+    "hyperdense_regions": "pipelines.hyperdense:HyperdenseThresholdPipeline",
+    "blast_ct": "pipelines.blast_ct:BlastCtPipeline",
+    "hyperdense_unet": "pipelines.unet:UNetPipeline",
+    "ht_after_mt": "pipelines.ht_after_mt:HtAfterMtPipeline",
 }
 
 
@@ -24,7 +26,9 @@ def pipeline_names() -> list[str]:
 def get_pipeline(name: str) -> Pipeline:
     """The pipeline registered as ``name``, built once per process."""
     try:
-        factory = _FACTORIES[name]
+        module_name, class_name = _FACTORIES[name].split(":")
     except KeyError:
         raise KeyError(f"unknown pipeline {name!r}; known: {', '.join(pipeline_names())}") from None
-    return factory()
+    factory = getattr(importlib.import_module(module_name), class_name)
+    pipeline: Pipeline = factory()
+    return pipeline

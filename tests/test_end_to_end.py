@@ -225,3 +225,41 @@ def test_compressed_series_is_received_and_processed(
     syntax = pydicom.dcmread(encoded[0]).file_meta.TransferSyntaxUID
     spooled = node.store.series_paths(pydicom.dcmread(encoded[0]).SeriesInstanceUID)  # type: ignore[union-attr]
     assert pydicom.dcmread(spooled[0]).file_meta.TransferSyntaxUID == syntax
+
+
+def test_risk_pipeline_returns_risk_sr_and_gradcam_captures(
+    orthanc: Orthanc,
+    ge_case: tuple[list[Path], InsertedLesion],
+    tmp_path_factory: pytest.TempPathFactory,
+    tmp_path: Path,
+) -> None:
+    """The default pipeline (ht_after_mt): SR with the risk, Grad-CAM SCs, all valid."""
+    files, _ = ge_case
+    base = tmp_path_factory.mktemp("risk-node")
+    config = _config(base, orthanc)
+    config.routes[0].pipeline = "ht_after_mt"
+    with Node(config, processor(config)) as risk_node:
+        assert storescu(risk_node, *files).returncode == 0
+        _wait(risk_node.is_idle, 300, "the risk pipeline's results", risk_node)
+        sent = [item.path for item in risk_node.outbox.items()]
+    assert len(sent) == 6  # SEG, SC, SR and three Grad-CAM SCs
+    for path in sent:
+        assert dciodvfy_errors(path) == [], path.name
+    stored = {t["SOPInstanceUID"] for t in orthanc.instances()}
+    datasets = [pydicom.dcmread(p) for p in sent]
+    assert {str(ds.SOPInstanceUID) for ds in datasets} <= stored
+    sr = next(ds for ds in datasets if ds.Modality == "SR")
+    probability = [
+        item.MeasuredValueSequence[0].NumericValue
+        for item in sr.ContentSequence[-1].ContentSequence
+        if item.ValueType == "NUM"
+    ]
+    assert len(probability) == 1 and 0.0 <= float(probability[0]) <= 100.0
+    texts = " ".join(
+        str(item.TextValue) for item in sr.ContentSequence[-1].ContentSequence
+        if item.ValueType == "TEXT"
+    )  # fmt: skip
+    assert "trained on synthetic data - not for clinical use" in texts
+    saliency = [ds for ds in datasets if ds.get("SeriesDescription", "").startswith("SALIENCY")]
+    assert len(saliency) == 3
+    assert len({ds.SeriesInstanceUID for ds in saliency}) == 1
