@@ -26,11 +26,9 @@ from pipelines.base import (
     PipelineError,
     PipelineResult,
     SegmentClass,
-    SegmentResult,
 )
 from pipelines.brain import brain_mask
-from pipelines.geometry import grid_to_frames, represented_thickness
-from pipelines.measure import connected_regions, measure_region
+from pipelines.measure import connected_regions, measure_segment
 from pipelines.series import LoadedSeries
 
 MODEL_NAME = "hyperdense_threshold"
@@ -141,20 +139,8 @@ class HyperdenseThresholdPipeline:
         interpolation) cannot be shown or measured on the images and is dropped.
         """
         labels, count = segmented if segmented is not None else self.segment(series)
-        thickness = represented_thickness(series.stack.offsets[:, 0])
-        areas = np.array(
-            [np.linalg.norm(a[:3, 1]) * np.linalg.norm(a[:3, 2]) for a in series.frame_affines]
-        )
-        kept = np.zeros(labels.shape, dtype=bool)
-        regions = []
-        for i in range(1, count + 1):
-            grid_mask = labels == i
-            frame_mask = grid_to_frames(series, grid_mask)
-            if frame_mask.any():
-                kept |= grid_mask
-                regions.append(measure_region(frame_mask, series.frame_hu, areas, thickness))
-        frame_mask = grid_to_frames(series, kept)
-        total = measure_region(frame_mask, series.frame_hu, areas, thickness) if regions else None
+        segment = measure_segment(series, HYPERDENSE_SEGMENT, labels, count)
+        regions, total = segment.regions, segment.total
         notes = [
             f"{len(regions)} hyperdense region(s) of at least "
             f"{self.parameters.min_volume_ml:g} mL on the acquired frames"
@@ -165,6 +151,5 @@ class HyperdenseThresholdPipeline:
             ),
             "parameters: " + ", ".join(f"{k}={v}" for k, v in self.parameters.to_dict().items()),
         ]
-        segment = SegmentResult(HYPERDENSE_SEGMENT, frame_mask, regions, total)
         key_frame = total.key_frame if total else len(series.frames) // 2
         return PipelineResult(self.algorithm, [segment], key_frame, notes)

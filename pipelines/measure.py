@@ -11,7 +11,9 @@ import numpy as np
 from numpy.typing import NDArray
 from scipy import ndimage
 
-from pipelines.base import RegionMeasurements
+from pipelines.base import RegionMeasurements, SegmentClass, SegmentResult
+from pipelines.geometry import grid_to_frames, represented_thickness
+from pipelines.series import LoadedSeries
 
 HU_MAX_WINDOW_PX = 3
 """Side of the in-plane window whose mean defines HUmax (Jiang et al. 2025: 3x3 pixels)."""
@@ -110,3 +112,29 @@ def measure_region(
         key_frame=key,
         key_area_mm2=area,
     )
+
+
+def measure_segment(
+    series: LoadedSeries, segment: SegmentClass, labels: NDArray[np.integer], count: int
+) -> SegmentResult:
+    """Map labelled grid regions ``1..count`` onto the source frames and measure them.
+
+    A region that no acquired frame crosses (it exists only between two planes, by
+    interpolation) cannot be shown or measured on the images and is dropped; the result's
+    regions are those kept, in label order.
+    """
+    thickness = represented_thickness(series.stack.offsets[:, 0])
+    areas = np.array(
+        [np.linalg.norm(a[:3, 1]) * np.linalg.norm(a[:3, 2]) for a in series.frame_affines]
+    )
+    kept = np.zeros(labels.shape, dtype=bool)
+    regions = []
+    for i in range(1, count + 1):
+        grid_mask = labels == i
+        frame_mask = grid_to_frames(series, grid_mask)
+        if frame_mask.any():
+            kept |= grid_mask
+            regions.append(measure_region(frame_mask, series.frame_hu, areas, thickness))
+    frame_mask = grid_to_frames(series, kept)
+    total = measure_region(frame_mask, series.frame_hu, areas, thickness) if regions else None
+    return SegmentResult(segment, frame_mask, regions, total)

@@ -24,8 +24,7 @@ from pipelines.blast_ct.preprocess import (
     window,
 )
 from pipelines.blast_ct.segments import CLASS_SEGMENTS
-from pipelines.geometry import grid_to_frames, represented_thickness
-from pipelines.measure import connected_regions, measure_region
+from pipelines.measure import connected_regions, measure_segment
 from pipelines.series import LoadedSeries
 
 if TYPE_CHECKING:
@@ -162,18 +161,4 @@ class BlastCtPipeline:
         )
         if p.largest_only:
             count = min(count, 1)
-        thickness = represented_thickness(series.stack.offsets[:, 0])
-        areas = np.array(
-            [np.linalg.norm(a[:3, 1]) * np.linalg.norm(a[:3, 2]) for a in series.frame_affines]
-        )
-        kept = np.zeros(mask.shape, dtype=bool)
-        regions = []
-        for i in range(1, count + 1):
-            grid_mask = regions_map == i
-            frame_mask = grid_to_frames(series, grid_mask)
-            if frame_mask.any():
-                kept |= grid_mask
-                regions.append(measure_region(frame_mask, series.frame_hu, areas, thickness))
-        frame_mask = grid_to_frames(series, kept)
-        total = measure_region(frame_mask, series.frame_hu, areas, thickness) if regions else None
-        return SegmentResult(segment, frame_mask, regions, total)
+        return measure_segment(series, segment, regions_map, count)
