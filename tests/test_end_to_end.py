@@ -18,7 +18,7 @@ from dicomnode.config import NodeConfig
 from dicomnode.node import Node
 from dicomnode.processing import processor
 from dicomnode.records import JobState, OutboxState, SeriesState
-from pipelines.synthetic import InsertedLesion, insert_lesion, write_series
+from pipelines.synthetic import InsertedLesion, insert_lesion, synthetic_head_ct, write_series
 from tests.dciodvfy import dciodvfy_errors
 from tests.orthanc import Orthanc
 from tests.support import free_port, require_tool
@@ -92,6 +92,14 @@ def ge_case(
     datasets = [pydicom.dcmread(p) for p in sorted(ge_headct_dir.glob("*.dcm"))]
     lesion = insert_lesion(datasets, center_mm=None, radius_mm=13.0, hu=68.0, seed=3)
     return write_series(datasets, tmp_path_factory.mktemp("ge-case")), lesion
+
+
+@pytest.fixture(scope="module")
+def synthetic_case(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """A generated head CT with a 70 HU lesion: runs where ../shared is absent."""
+    datasets = synthetic_head_ct(seed=11, n_slices=24, rows=256)
+    insert_lesion(datasets, center_mm=None, radius_mm=12.0, hu=70.0, seed=11)
+    return write_series(datasets, tmp_path_factory.mktemp("synthetic-case"))
 
 
 def storescu(
@@ -228,13 +236,10 @@ def test_compressed_series_is_received_and_processed(
 
 
 def test_risk_pipeline_returns_risk_sr_and_gradcam_captures(
-    orthanc: Orthanc,
-    ge_case: tuple[list[Path], InsertedLesion],
-    tmp_path_factory: pytest.TempPathFactory,
-    tmp_path: Path,
+    orthanc: Orthanc, synthetic_case: list[Path], tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     """The default pipeline (ht_after_mt): SR with the risk, Grad-CAM SCs, all valid."""
-    files, _ = ge_case
+    files = synthetic_case
     base = tmp_path_factory.mktemp("risk-node")
     config = _config(base, orthanc)
     config.routes[0].pipeline = "ht_after_mt"
