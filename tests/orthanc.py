@@ -83,8 +83,7 @@ class Orthanc:
     def delete(self, path: str) -> None:
         """DELETE a REST resource."""
         url = f"http://127.0.0.1:{self.http_port}{path}"
-        with urllib.request.urlopen(urllib.request.Request(url, method="DELETE"), timeout=10):
-            pass
+        urllib.request.urlopen(urllib.request.Request(url, method="DELETE"), timeout=10).close()
 
     def instances(self) -> list[dict[str, str]]:
         """Simplified main tags of every stored instance."""
