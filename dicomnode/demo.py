@@ -157,7 +157,7 @@ def describe(path: Path) -> str:
     line = f"{ds.get('SeriesDescription', ds.Modality)}: {path}"
     if ds.Modality == "SR":
         texts = _texts(ds)
-        line += "".join(f"\n      {t}" for t in texts if t.startswith(("Risk", "Hyperdense")))
+        line += "".join(f"\n      {t}" for t in texts if t.startswith("Risk") or " mL" in t)
     return line
 
 
