@@ -16,6 +16,7 @@ from dicomnode.echo import echo
 from dicomnode.logs import configure_logging
 from dicomnode.node import Node
 from dicomnode.offline import non_dicom_files, run_folder
+from dicomnode.pipelines_check import check_pipelines_at_start
 from dicomnode.processing import JobFailure, check_pipelines, processor
 
 
@@ -38,7 +39,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
-    with Node(config, processor(config)):
+    plan = check_pipelines_at_start(config)
+    with Node(config, processor(config, plan), plan.to_json):
         _say(f"{config.node.ae_title} listening on {config.node.host}:{config.node.port}")
         stop.wait()
     return 0
@@ -47,7 +49,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     """Route and process a folder offline; write outputs to ``--out``."""
     config = _config(args.config)
-    outcomes = run_folder(args.folder, args.out, config)
+    outcomes = run_folder(args.folder, args.out, config, check_pipelines_at_start(config))
     for path in non_dicom_files(args.folder):
         _say(f"skipped   {path} (not a DICOM instance)")
     for outcome in outcomes:

@@ -17,6 +17,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 Counts = Callable[[], dict[str, dict[str, int]]]
+PipelineStatuses = Callable[[], list[dict[str, str | None]]]
 
 
 class StateCollector(Collector):
@@ -42,11 +43,20 @@ class StateCollector(Collector):
 class HealthServer:
     """A small HTTP server for load balancers and Prometheus; runs in a thread."""
 
-    def __init__(self, host: str, port: int, counts: Counts, is_alive: Callable[[], bool]) -> None:
-        """Serve on ``host:port``; ``is_alive`` says whether the DICOM receiver listens."""
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        counts: Counts,
+        is_alive: Callable[[], bool],
+        pipelines: PipelineStatuses | None = None,
+    ) -> None:
+        """Serve on ``host:port``; ``is_alive`` says whether the DICOM receiver listens;
+        ``pipelines`` (optional) lists the pipelines in service with their status."""
         registry = CollectorRegistry()
         registry.register(StateCollector(counts))
-        self.server = ThreadingHTTPServer((host, port), _handler(registry, counts, is_alive))
+        handler = _handler(registry, counts, is_alive, pipelines)
+        self.server = ThreadingHTTPServer((host, port), handler)
         self.thread = threading.Thread(
             target=self.server.serve_forever, name="dicomnode-http", daemon=True
         )
@@ -68,7 +78,10 @@ class HealthServer:
 
 
 def _handler(
-    registry: CollectorRegistry, counts: Counts, is_alive: Callable[[], bool]
+    registry: CollectorRegistry,
+    counts: Counts,
+    is_alive: Callable[[], bool],
+    pipelines: PipelineStatuses | None = None,
 ) -> type[BaseHTTPRequestHandler]:
     """A request handler class bound to this node's registry and probes."""
 
@@ -79,7 +92,12 @@ def _handler(
                 self._reply(200, "text/plain; version=0.0.4", generate_latest(registry))
             elif self.path == "/health":
                 alive = is_alive()
-                body = {"status": "ok" if alive else "receiver down", "state": counts()}
+                body: dict[str, object] = {
+                    "status": "ok" if alive else "receiver down",
+                    "state": counts(),
+                }
+                if pipelines is not None:
+                    body["pipelines"] = pipelines()
                 self._reply(200 if alive else 503, "application/json", json.dumps(body).encode())
             else:
                 self._reply(404, "text/plain", b"not found\n")

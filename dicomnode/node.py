@@ -17,7 +17,7 @@ import structlog
 
 from dicomnode.assembler import Assembler
 from dicomnode.config import NodeConfig
-from dicomnode.health import HealthServer
+from dicomnode.health import HealthServer, PipelineStatuses
 from dicomnode.jobs import JobQueue, OutboxStore
 from dicomnode.outbox import OutboxProcessor
 from dicomnode.receiver import Receiver
@@ -47,10 +47,14 @@ Process = Callable[[JobSpec], list[Path]]
 class Node:
     """Composes receiver, state, assembler, workers and outbox; start, stop, wait."""
 
-    def __init__(self, config: NodeConfig, process: Process) -> None:
-        """Prepare (not start) a node for ``config`` running jobs with ``process``."""
+    def __init__(
+        self, config: NodeConfig, process: Process, pipelines: PipelineStatuses | None = None
+    ) -> None:
+        """Prepare (not start) a node for ``config`` running jobs with ``process``;
+        ``pipelines`` (the start-up check's statuses) is shown by ``/health``."""
         self.config = config
         self.process = process
+        self.pipelines = pipelines
         self.store: StateStore | None = None
         self._stop = threading.Event()
         self._wake_outbox = threading.Event()
@@ -93,6 +97,7 @@ class Node:
                 self.config.http.port,
                 self.store.counts_by_state,
                 lambda: self._receiver is not None,
+                self.pipelines,
             )
             self.health.start()
 

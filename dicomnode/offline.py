@@ -11,6 +11,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from dicomnode.config import NodeConfig
+from dicomnode.pipelines_check import PipelinePlan
 from dicomnode.processing import JobFailure, run_pipeline
 from dicomnode.records import SeriesInfo, SeriesState
 from dicomnode.routing import Ignored, route
@@ -70,10 +71,15 @@ def _series_info(headers: list[pydicom.Dataset], now: float) -> SeriesInfo:
     )
 
 
-def run_folder(folder: Path, out_dir: Path, config: NodeConfig) -> list[SeriesOutcome]:
+def run_folder(
+    folder: Path, out_dir: Path, config: NodeConfig, plan: PipelinePlan | None = None
+) -> list[SeriesOutcome]:
     """Route every series in ``folder`` by ``config``'s rules; run the routed ones.
 
     Outputs are written to ``out_dir/<SeriesInstanceUID>/``. Non-DICOM files are skipped.
+    A pipeline the start-up check (``plan``) found unavailable is replaced by its fallback,
+    and one that turns out unavailable while running by ``config.default_pipeline``, as
+    the node does.
     """
     by_series, _ = _scan(folder)
     outcomes = []
@@ -82,15 +88,18 @@ def run_folder(folder: Path, out_dir: Path, config: NodeConfig) -> list[SeriesOu
         if isinstance(decision, Ignored):
             outcomes.append(SeriesOutcome(series_uid, len(members), "ignored", decision.reason, ()))
             continue
+        pipeline = plan.resolve(decision.pipeline) if plan is not None else decision.pipeline
+        paths = [p for p, _ in members]
         try:
-            written = run_pipeline([p for p, _ in members], decision.pipeline, out_dir / series_uid)
+            written = run_pipeline(paths, pipeline, out_dir / series_uid, config.default_pipeline)
         except JobFailure as exc:
             outcomes.append(SeriesOutcome(series_uid, len(members), "failed", str(exc), ()))
             continue
+        reason = f"rule {decision.rule}"
+        if pipeline != decision.pipeline:
+            reason += f" ({decision.pipeline} unavailable, ran the default {pipeline})"
         outcomes.append(
-            SeriesOutcome(
-                series_uid, len(members), "processed", f"rule {decision.rule}", tuple(written)
-            )
+            SeriesOutcome(series_uid, len(members), "processed", reason, tuple(written))
         )
     return outcomes
 

@@ -14,6 +14,7 @@ import structlog
 
 from dicomnode.config import NodeConfig
 from dicomnode.node import JobSpec, Process
+from dicomnode.pipelines_check import PipelinePlan
 from pipelines.base import PipelineError, PipelineUnavailable
 from pipelines.outputs import build_outputs
 from pipelines.registry import get_pipeline, pipeline_names
@@ -79,13 +80,18 @@ def run_pipeline(
     return written
 
 
-def processor(config: NodeConfig) -> Process:
+def processor(config: NodeConfig, plan: PipelinePlan | None = None) -> Process:
     """The node's job callback: run each job's pipeline on its spooled instances, falling
-    back to ``config.default_pipeline`` when the pipeline is unavailable."""
+    back to ``config.default_pipeline`` when the pipeline is unavailable: at once when
+    ``plan`` (the start-up check) found it so, else when it raises ``PipelineUnavailable``."""
 
     def process_job(job: JobSpec) -> list[Path]:
-        return run_pipeline(
-            job.instance_paths, job.pipeline, job.output_dir, config.default_pipeline
-        )
+        pipeline = plan.resolve(job.pipeline) if plan is not None else job.pipeline
+        if pipeline != job.pipeline:
+            log.info(
+                "routed pipeline unavailable since start, running the default",
+                job_id=job.job_id, routed=job.pipeline, pipeline=pipeline,
+            )  # fmt: skip
+        return run_pipeline(job.instance_paths, pipeline, job.output_dir, config.default_pipeline)
 
     return process_job

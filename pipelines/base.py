@@ -69,6 +69,21 @@ class SegmentResult:
 
 
 @dataclass(frozen=True)
+class ClinicalIssue:
+    """Why a clinical variable of a risk model was not taken as given.
+
+    ``imputed``: the variable had no usable value and the model's fill value was used
+    (e.g. "value 99 outside plausible range 0-42", "no row for this study in the clinical
+    table"); otherwise a second source gave it (e.g. an implausible header age, the
+    table's used). ``reason`` never holds a patient identifier.
+    """
+
+    variable: str
+    reason: str
+    imputed: bool = True
+
+
+@dataclass(frozen=True)
 class RiskPrediction:
     """A model's risk for one case, as the SR and SCs report it."""
 
@@ -79,6 +94,7 @@ class RiskPrediction:
     model_version: str
     notice: str  # e.g. "trained on synthetic data - not for clinical use"
     imputed: Sequence[str] = ()  # clinical variables that were missing and imputed
+    clinical_issues: Sequence[ClinicalIssue] = ()  # why each was imputed, and other notes
 
     @property
     def high_risk(self) -> bool:
@@ -117,6 +133,12 @@ class Pipeline(Protocol):
 
     def run(self, series: LoadedSeries) -> PipelineResult:
         """Segment and measure ``series``; raise ``PipelineError`` with a readable reason."""
+        ...
+
+    def check(self) -> None:
+        """Verify, before any job, that every artefact the pipeline needs (parameters,
+        model manifest and file hashes, weights) is present and intact, and load it;
+        raise ``PipelineUnavailable`` saying what is wrong and where."""
         ...
 
 

@@ -20,11 +20,12 @@ from numpy.typing import NDArray
 from pydicom.sr.codedict import codes
 from scipy import ndimage
 
-from model_store.registry import load_parameters
+from model_store.registry import ModelStoreError, load_parameters
 from pipelines.base import (
     Algorithm,
     PipelineError,
     PipelineResult,
+    PipelineUnavailable,
     SegmentClass,
 )
 from pipelines.brain import brain_mask
@@ -98,6 +99,7 @@ class HyperdenseThresholdPipeline:
         self, parameters: HyperdenseParameters | None = None, version: str = MODEL_VERSION
     ) -> None:
         """Use ``parameters``, or those of ``version`` in the model store (hash-checked)."""
+        self._stored = parameters is None
         self.parameters = parameters or HyperdenseParameters.from_mapping(
             load_parameters(MODEL_NAME, version)
         )
@@ -112,6 +114,21 @@ class HyperdenseThresholdPipeline:
     def algorithm(self) -> Algorithm:
         """The identity written into every output."""
         return self._algorithm
+
+    def check(self) -> None:
+        """Re-verify the stored parameters (manifest and sha256) and that they are the ones
+        in use; ``PipelineUnavailable`` otherwise. Given parameters need no store."""
+        if not self._stored:
+            return
+        version = self.algorithm.version
+        try:
+            stored = HyperdenseParameters.from_mapping(load_parameters(MODEL_NAME, version))
+        except (ModelStoreError, ValueError, TypeError) as exc:
+            raise PipelineUnavailable(f"{MODEL_NAME} {version} parameters refused: {exc}") from exc
+        if stored != self.parameters:
+            raise PipelineUnavailable(
+                f"{MODEL_NAME} {version}: the stored parameters changed since the node started"
+            )
 
     def segment(self, series: LoadedSeries) -> tuple[NDArray[np.int32], int]:
         """Labelled hyperdense regions on ``series.volume``'s grid, largest first."""

@@ -7,7 +7,8 @@ from __future__ import annotations
 import importlib
 from functools import cache
 
-from pipelines.base import Pipeline
+from model_store.registry import ModelStoreError
+from pipelines.base import Pipeline, PipelineError, PipelineUnavailable
 
 _FACTORIES: dict[str, str] = {
     "hyperdense_regions": "pipelines.hyperdense:HyperdenseThresholdPipeline",
@@ -31,4 +32,28 @@ def get_pipeline(name: str) -> Pipeline:
         raise KeyError(f"unknown pipeline {name!r}; known: {', '.join(pipeline_names())}") from None
     factory = getattr(importlib.import_module(module_name), class_name)
     pipeline: Pipeline = factory()
+    return pipeline
+
+
+def verified_pipeline(name: str) -> Pipeline:
+    """The pipeline ``name``, built and its artefacts checked (``Pipeline.check``).
+
+    Raises ``PipelineUnavailable`` with a readable reason when it is not registered, cannot
+    be built (a changed manifest, missing parameters) or its artefacts fail their checks.
+    """
+    try:
+        pipeline = get_pipeline(name)
+        pipeline.check()
+    except PipelineUnavailable:
+        raise
+    except (
+        ModelStoreError,
+        PipelineError,
+        OSError,
+        ValueError,
+        KeyError,
+        ImportError,
+        RuntimeError,
+    ) as exc:
+        raise PipelineUnavailable(f"pipeline {name} failed its start-up check: {exc}") from exc
     return pipeline

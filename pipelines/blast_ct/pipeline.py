@@ -16,7 +16,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 from numpy.typing import NDArray
 
-from pipelines.base import Algorithm, PipelineResult, SegmentClass, SegmentResult
+from pipelines.base import (
+    Algorithm,
+    PipelineError,
+    PipelineResult,
+    PipelineUnavailable,
+    SegmentClass,
+    SegmentResult,
+)
 from pipelines.blast_ct.preprocess import (
     nearest_from_1mm,
     radiological,
@@ -109,6 +116,16 @@ class BlastCtPipeline:
 
             self._models = load_ensemble(self.members, self.device, self.parameters.weights_dir)
         return self._models
+
+    def check(self) -> None:
+        """Hash-check and load the ensemble members now; ``PipelineUnavailable`` when a
+        file is missing, changed or does not fit the network."""
+        try:
+            self.models()
+        except PipelineUnavailable:
+            raise
+        except (PipelineError, OSError, RuntimeError, ValueError) as exc:
+            raise PipelineUnavailable(f"BLAST-CT v1 weights refused: {exc}") from exc
 
     def probability_sum(self, image: NDArray[np.float32]) -> NDArray[np.float32]:
         """Summed member softmax (5, z, y, x) on a windowed 1 mm image."""

@@ -4,11 +4,14 @@ Read top to bottom in :meth:`HtAfterMtPipeline.run`: the threshold baseline segm
 hyperdense regions (its segment goes into the result, as in ``hyperdense_regions``); the
 largest one is described by its radiomics, the fine-tuned CNN's features of its 2.5-D
 crop and the clinical variables (header, and the clinical table named by
-``DICOMNODE_CLINICAL_TABLE`` or the constructor; missing ones imputed and listed); the
+``DICOMNODE_CLINICAL_TABLE`` or the constructor; missing, unreadable and implausible
+ones imputed and listed with their reasons: the table fails open, an unreadable table
+never removes the imaging results); the
 combined model of the promoted version gives the probability, classified at its
 training cut-off; Grad-CAM of the CNN on the lesion's largest cross-section and the
 frames two below and above it gives the heat maps. The model is loaded and hash-checked
-once, on the first run.
+once, by :meth:`HtAfterMtPipeline.check` at start-up or on the first run; a model that
+fails its checks makes the pipeline unavailable (``PipelineUnavailable``).
 """
 
 from __future__ import annotations
@@ -18,14 +21,25 @@ import threading
 from dataclasses import replace
 from pathlib import Path
 
-from model_store.registry import STORE_ROOT, load_manifest, select_version
-from pipelines.base import Algorithm, HeatMap, PipelineError, PipelineResult, RiskPrediction
+import structlog
+from pydicom.dataset import Dataset
+
+from model_store.registry import STORE_ROOT, ModelStoreError, load_manifest, select_version
+from pipelines.base import (
+    Algorithm,
+    HeatMap,
+    PipelineResult,
+    PipelineUnavailable,
+    RiskPrediction,
+)
 from pipelines.cnn import grad_cam, prepare_case
+from pipelines.ht_after_mt.clinical import NO_TABLE
 from pipelines.ht_after_mt.features import (
     TABLE_VARIABLES,
     CaseFeatures,
     ClinicalTable,
     ClinicalTableError,
+    RowLookup,
     case_features,
 )
 from pipelines.ht_after_mt.model import MODEL_NAME, OUTCOME, PRIMARY, HtModel
@@ -34,6 +48,8 @@ from pipelines.series import LoadedSeries
 
 CLINICAL_TABLE_ENV = "DICOMNODE_CLINICAL_TABLE"
 HEATMAP_OFFSETS = (-2, 0, 2)  # key slices: the largest cross-section n and n-2, n+2
+
+log = structlog.get_logger(__name__)
 
 
 class HtAfterMtPipeline:
@@ -78,41 +94,62 @@ class HtAfterMtPipeline:
 
     @property
     def model(self) -> HtModel:
-        """The model version, loaded and hash-checked on first use."""
+        """The model version, loaded and hash-checked on first use; ``PipelineUnavailable``
+        when a file is missing or changed."""
         with self._lock:
             if self._model is None:
-                self._model = HtModel.load(self.version, self.root)
+                try:
+                    self._model = HtModel.load(self.version, self.root)
+                except ModelStoreError as exc:
+                    raise PipelineUnavailable(
+                        f"model {MODEL_NAME} {self.version} refused: {exc}"
+                    ) from exc
             return self._model
 
-    def _table(self) -> ClinicalTable | None:
-        """The clinical table of the constructor, else of the environment; None if neither."""
+    def check(self) -> None:
+        """Load and verify the model now (manifest, every file's sha256, radiomics
+        parameters, CNN weights): ``PipelineUnavailable`` saying what is wrong."""
+        _ = self.model
+
+    def _lookup(self, ds: Dataset) -> tuple[RowLookup, str]:
+        """The study's table row, or why there is none, and where the variables came from.
+
+        A table that cannot be read is logged for the admin and reported in the outputs;
+        the risk is then computed with every table variable imputed.
+        """
         path = self.clinical_table or os.environ.get(CLINICAL_TABLE_ENV)
         if not path:
-            return None
+            return RowLookup(None, NO_TABLE), f"no clinical table (set {CLINICAL_TABLE_ENV})"
         try:
-            return ClinicalTable.read(Path(path))
+            table = ClinicalTable.read(Path(path), strict=False)
         except ClinicalTableError as exc:
-            raise PipelineError(f"clinical table: {exc}") from exc
+            log.warning(
+                "clinical table unreadable; its variables are imputed", table=str(path),
+                reason=exc.reason,
+            )  # fmt: skip
+            reason = f"clinical table unreadable: {exc.reason}"
+            return RowLookup(None, reason), reason
+        found = table.find_dataset(ds)
+        if found.row is None:
+            return found, f"{found.reason} ({table.source})"
+        return found, f"clinical variables from {table.source}"
 
     def run(self, series: LoadedSeries) -> PipelineResult:
         """Segment, describe the largest hyperdense region, predict, explain."""
         model = self.model
-        table = self._table()
-        row = table.lookup_dataset(series.reference) if table is not None else None
+        found, source = self._lookup(series.reference)
         labels = self.baseline.segment(series)
         baseline = self.baseline.run(series, labels)
         if baseline.segments[0].total is None:
             notes = [*baseline.notes, f"no hyperdense lesion: no risk of {OUTCOME} computed"]
             return replace(baseline, algorithm=self.algorithm, notes=notes)
-        try:
-            case = case_features(
-                series, row, self.baseline, model.radiomics_params, model.cnn_input, labels
-            )
-        except ClinicalTableError as exc:
-            raise PipelineError(f"clinical table: {exc}") from exc
+        case = case_features(
+            series, found, self.baseline, model.radiomics_params, model.cnn_input, labels
+        )
         with self._lock:
             prediction = model.predict(str(series.reference.get("SeriesInstanceUID", "")), case)
             heatmaps = self._heatmaps(series, case, model)
+        imputed = set(prediction.imputed)
         risk = RiskPrediction(
             outcome=OUTCOME,
             probability=prediction.risks[PRIMARY],
@@ -121,6 +158,11 @@ class HtAfterMtPipeline:
             model_version=model.version,
             notice=model.notice,
             imputed=prediction.imputed,
+            clinical_issues=tuple(
+                issue
+                for issue in case.clinical_issues
+                if issue.variable in imputed or not issue.imputed
+            ),
         )
         notes = [
             *baseline.notes,
@@ -128,7 +170,7 @@ class HtAfterMtPipeline:
             f"(largest cross-section on frame {case.cnn_input.key_frame})",
             f"risk of {OUTCOME}: {risk.probability:.3f} "
             f"({'high' if risk.high_risk else 'low'} at cut-off {risk.cutoff:.3f})",
-            self._clinical_note(table, row, prediction.imputed),
+            self._clinical_note(source, prediction.imputed),
             model.notice,
         ]
         return replace(
@@ -147,16 +189,8 @@ class HtAfterMtPipeline:
         return maps
 
     @staticmethod
-    def _clinical_note(
-        table: ClinicalTable | None, row: object | None, imputed: tuple[str, ...]
-    ) -> str:
+    def _clinical_note(source: str, imputed: tuple[str, ...]) -> str:
         """Where the clinical variables came from and which were imputed."""
-        if table is None:
-            source = f"no clinical table (set {CLINICAL_TABLE_ENV})"
-        elif row is None:
-            source = f"no row for this study in {table.source}"
-        else:
-            source = f"clinical variables from {table.source}"
         if not imputed:
             return f"{source}; nothing imputed"
         whole = set(TABLE_VARIABLES) <= set(imputed)

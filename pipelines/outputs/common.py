@@ -11,7 +11,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.valuerep import format_number_as_ds
 
-from pipelines.base import Algorithm, PipelineResult, RegionMeasurements
+from pipelines.base import Algorithm, PipelineResult, RegionMeasurements, RiskPrediction
 from pipelines.outputs.uids import derive_uid
 from pipelines.series import LoadedSeries
 
@@ -183,9 +183,29 @@ def risk_lines(result: PipelineResult) -> list[str]:
         f"cut-off {100 * risk.cutoff:.0f}%)",
         f"Model: {risk.model_name} {risk.model_version} - {risk.notice}",
     ]
-    if risk.imputed:
-        lines.append("Imputed (missing) clinical variables: " + ", ".join(risk.imputed))
+    lines += clinical_lines(risk)
     return [plain(line) for line in lines]
+
+
+def clinical_lines(risk: RiskPrediction) -> list[str]:
+    """The clinical variables imputed, grouped by reason, and other clinical-data notes.
+
+    E.g. ``Imputed clinical variables (training median/mode): nihss (value 99 outside
+    plausible range 0-42); diabetes, smoking (missing (empty or NA) in the clinical
+    table)``. A variable imputed without a stated reason is listed as missing.
+    """
+    lines = []
+    if risk.imputed:
+        reasons: dict[str, list[str]] = {}
+        for name in risk.imputed:
+            why = [i.reason for i in risk.clinical_issues if i.variable == name and i.imputed]
+            reasons.setdefault("; ".join(why) or "missing", []).append(name)
+        groups = [f"{', '.join(names)} ({reason})" for reason, names in reasons.items()]
+        lines.append("Imputed clinical variables (training median/mode): " + "; ".join(groups))
+    notes = [f"{i.variable}: {i.reason}" for i in risk.clinical_issues if not i.imputed]
+    if notes:
+        lines.append("Clinical data notes: " + "; ".join(notes))
+    return lines
 
 
 def source_dataset(series: LoadedSeries, frame: int) -> Dataset:

@@ -24,8 +24,14 @@ from monai.networks.nets import UNet
 from numpy.typing import NDArray
 from scipy import ndimage
 
-from model_store.registry import STORE_ROOT, ModelStoreError
-from pipelines.base import Algorithm, PipelineError, PipelineResult, SegmentResult
+from model_store.registry import STORE_ROOT, ModelStoreError, verified_files
+from pipelines.base import (
+    Algorithm,
+    PipelineError,
+    PipelineResult,
+    PipelineUnavailable,
+    SegmentResult,
+)
 from pipelines.brain import brain_mask
 from pipelines.geometry import represented_thickness
 from pipelines.hyperdense import HYPERDENSE_SEGMENT
@@ -113,6 +119,7 @@ class UNetPipeline:
 
     def __init__(self, version: str = MODEL_VERSION, root: Path = STORE_ROOT) -> None:
         """Load the bundled network of ``version`` (hash-checked)."""
+        self.version, self.root = version, root
         self.unet = load_unet(version, root)
         self._algorithm = Algorithm(
             name="dicomnode hyperdense U-Net",
@@ -125,6 +132,14 @@ class UNetPipeline:
     def algorithm(self) -> Algorithm:
         """The identity written into every output."""
         return self._algorithm
+
+    def check(self) -> None:
+        """Re-verify the bundle's manifest and weights (sha256); ``PipelineUnavailable``
+        when a file is missing or changed (it was loaded, checked, when built)."""
+        try:
+            verified_files(MODEL_NAME, self.version, self.root)
+        except ModelStoreError as exc:
+            raise PipelineUnavailable(f"{MODEL_NAME} {self.version} refused: {exc}") from exc
 
     def segment_frames(self, series: LoadedSeries) -> NDArray[np.bool_]:
         """Thresholded U-Net probabilities inside the brain, on ``series.frame_hu``."""
