@@ -122,7 +122,7 @@ def test_clinical_table_lookup_by_accession_and_by_patient_and_date(tmp_path: Pa
         "AccessionNumber": "A9",
         "nihss": 7,
     }
-    with pytest.raises(ClinicalTableError, match="appears twice"):
+    with pytest.raises(ClinicalTableError, match="rows 1 and 2 have the same AccessionNumber"):
         ClinicalTable([{"AccessionNumber": "A"}, {"AccessionNumber": "A"}])
     assert clinical_value("yes") == 1.0 and clinical_value("No") == 0.0
     assert clinical_value("") is None and clinical_value("NA") is None

@@ -246,7 +246,7 @@ class TableRow:
     """One row of the table: its number (1 = first data row), cells, and what is wrong."""
 
     number: int
-    cells: Mapping[str, Any]
+    cells: dict[str, Any]
     problem: str | None = None  # e.g. "it has 5 cells where the header has 7"
 
 
@@ -254,13 +254,13 @@ class TableRow:
 class RowLookup:
     """The row of one study, or why there is none (``reason`` is then set)."""
 
-    row: Mapping[str, Any] | None
+    row: dict[str, Any] | None
     reason: str = ""
 
     @classmethod
     def of(cls, row: Mapping[str, Any] | None) -> RowLookup:
         """A plain row (or none: :data:`NO_ROW`)."""
-        return cls(row, "" if row is not None else NO_ROW)
+        return cls(None, NO_ROW) if row is None else cls(dict(row))
 
 
 def _read_text(path: Path) -> str:
@@ -352,7 +352,7 @@ class ClinicalTable:
         self.table_rows = [
             r if isinstance(r, TableRow) else TableRow(n, dict(r)) for n, r in enumerate(rows, 1)
         ]
-        self.rows = [dict(r.cells) for r in self.table_rows]
+        self.rows = [r.cells for r in self.table_rows]
         self._by_accession: dict[str, list[TableRow]] = {}
         self._by_patient_date: dict[tuple[str, str], list[TableRow]] = {}
         for row in self.table_rows:
@@ -416,7 +416,7 @@ class ClinicalTable:
             return RowLookup(None, DUPLICATE_ROWS)
         if found[0].problem:
             return RowLookup(None, f"the row for this study is malformed: {found[0].problem}")
-        return RowLookup(dict(found[0].cells))
+        return RowLookup(found[0].cells)
 
     def find_dataset(self, ds: Dataset) -> RowLookup:
         """:meth:`find` with the study's AccessionNumber, PatientID and StudyDate."""
@@ -430,13 +430,11 @@ class ClinicalTable:
         self, accession: str | None, patient_id: str | None, study_date: str | None
     ) -> dict[str, Any] | None:
         """The usable row of this study, else None (see :meth:`find` for why)."""
-        row = self.find(accession, patient_id, study_date).row
-        return None if row is None else dict(row)
+        return self.find(accession, patient_id, study_date).row
 
     def lookup_dataset(self, ds: Dataset) -> dict[str, Any] | None:
         """The usable row of the study ``ds`` belongs to, else None."""
-        row = self.find_dataset(ds).row
-        return None if row is None else dict(row)
+        return self.find_dataset(ds).row
 
 
 # --- header ------------------------------------------------------------------------
