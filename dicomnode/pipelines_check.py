@@ -105,18 +105,25 @@ def plan_pipelines(
 def check_pipelines_at_start(
     config: NodeConfig, verify: Callable[[str], Pipeline] = verified_pipeline
 ) -> PipelinePlan:
-    """Check the pipelines ``config`` routes to; log each unavailable one (warning, with
-    its fallback) or, when nothing can replace it, as an error. Returns the plan."""
+    """Check the pipelines ``config`` routes to and its default; log each unavailable one
+    once: a warning naming its fallback, an error when a routed pipeline has none (its
+    jobs will fail), a warning when only the default is unavailable. Returns the plan."""
     plan = plan_pipelines(routed_pipelines(config), config.default_pipeline, verify)
+    routed = {rule.pipeline for rule in config.routes}
     for status in plan.unavailable():
         if status.fallback is not None:
             log.warning(
                 "pipeline unavailable at start; its series go to the default pipeline",
                 pipeline=status.name, fallback=status.fallback, reason=status.reason,
             )  # fmt: skip
-        else:
+        elif status.name in routed:
             log.error(
                 "pipeline unavailable at start and no fallback can run; its jobs will fail",
+                pipeline=status.name, reason=status.reason,
+            )  # fmt: skip
+        else:
+            log.warning(
+                "default pipeline unavailable at start; it cannot stand in for another",
                 pipeline=status.name, reason=status.reason,
             )  # fmt: skip
     return plan

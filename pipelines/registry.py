@@ -5,6 +5,7 @@ start-up)."""
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from functools import cache
 
 from model_store.registry import ModelStoreError
@@ -35,14 +36,15 @@ def get_pipeline(name: str) -> Pipeline:
     return pipeline
 
 
-def verified_pipeline(name: str) -> Pipeline:
-    """The pipeline ``name``, built and its artefacts checked (``Pipeline.check``).
+def verified_pipeline(name: str, build: Callable[[str], Pipeline] = get_pipeline) -> Pipeline:
+    """The pipeline ``name``, built (by ``build``, default: the registry's shared
+    instance) and its artefacts checked (``Pipeline.check``).
 
     Raises ``PipelineUnavailable`` with a readable reason when it is not registered, cannot
     be built (a changed manifest, missing parameters) or its artefacts fail their checks.
     """
     try:
-        pipeline = get_pipeline(name)
+        pipeline = build(name)
         pipeline.check()
     except PipelineUnavailable:
         raise
