@@ -20,7 +20,9 @@ import pydicom
 import pytest
 from structlog.testing import capture_logs
 
-from dicomnode.config import Destination, default_config
+from dicomnode.cli import main
+from dicomnode.config import Destination, default_config, load_config
+from dicomnode.offline import run_folder
 from dicomnode.pipelines_check import check_pipelines_at_start, plan_pipelines
 from dicomnode.sender import send_files
 from model_store.registry import STORE_ENV, STORE_ROOT, ModelStoreError
@@ -50,8 +52,10 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tampered_store(tmp_path_factory.mktemp("store") / "model_store")
 
 
-def write_config(folder: Path, port: int, http_port: int | None = None) -> Path:
-    """A node config routing head CT to ``ht_after_mt`` (default: ``hyperdense_regions``)."""
+def write_config(
+    folder: Path, port: int, http_port: int | None = None, pipeline: str = "ht_after_mt"
+) -> Path:
+    """A node config routing head CT to ``pipeline`` (default: ``hyperdense_regions``)."""
     http = f'[http]\nhost = "127.0.0.1"\nport = {http_port}\n' if http_port else ""
     path = folder / "node.toml"
     path.write_text(
@@ -72,7 +76,7 @@ host = "127.0.0.1"
 
 [[routes]]
 name = "head-ct"
-pipeline = "ht_after_mt"
+pipeline = "{pipeline}"
 
 [routes.match]
 modality = ["CT"]
@@ -167,23 +171,40 @@ def test_an_unavailable_pipeline_falls_back_and_is_logged(
 # --- the commands -----------------------------------------------------------------------------
 
 
-def test_run_falls_back_to_the_default_pipeline(tmp_path: Path, store: Path) -> None:
+def test_run_falls_back_to_the_default_pipeline(
+    tmp_path: Path, store: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     folder = tmp_path / "in"
     write_series(synthetic_head_ct(seed=4, n_slices=8, rows=64), folder)
-    config = write_config(tmp_path, free_port())
-    done = subprocess.run(
-        [sys.executable, "-m", "dicomnode.cli", "run", str(folder), "--out", str(tmp_path / "out"),
-         "--config", str(config)],
-        cwd=REPO_ROOT, env=cli_env(store), capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    assert "(ht_after_mt unavailable, ran the default hyperdense_regions)" in done.stdout
-    [warning] = [e for e in json_lines(done.stderr) if e["event"].startswith("pipeline unavail")]
+    # The command itself, with BLAST-CT's weights absent (its folder is read at check time).
+    monkeypatch.setenv(BLAST_CT_ENV, str(tmp_path / "no-weights"))
+    config = write_config(tmp_path, free_port(), pipeline="blast_ct")
+    status = main(["run", str(folder), "--out", str(tmp_path / "out"), "--config", str(config)])
+    said = capsys.readouterr()
+    assert status == 0, said
+    assert "(blast_ct unavailable, ran the default hyperdense_regions)" in said.out
+    [warning] = [e for e in json_lines(said.err) if e["event"].startswith("pipeline unavail")]
     assert warning["level"] == "warning" and warning["fallback"] == "hyperdense_regions"
-    assert "cnn.safetensors" in warning["reason"]
+    assert "weights not found" in warning["reason"]
     outputs = sorted((tmp_path / "out").rglob("*.dcm"))
     assert len(outputs) == 3  # SEG, SC, SR of the threshold baseline
     assert {pydicom.dcmread(p).ManufacturerModelName for p in outputs} == {"hyperdense_regions"}
+
+    # The same through run_folder with the tampered HT model.
+    def build(name: str) -> Any:
+        return HtAfterMtPipeline(root=store) if name == "ht_after_mt" else get_pipeline(name)
+
+    node_config = load_config(write_config(tmp_path, free_port()))
+    plan = check_pipelines_at_start(node_config, lambda name: verified_pipeline(name, build))
+    [outcome] = run_folder(folder, tmp_path / "out2", node_config, plan)
+    assert outcome.decision == "processed"
+    assert (
+        outcome.reason
+        == "rule head-ct (ht_after_mt unavailable, ran the default hyperdense_regions)"
+    )
+    assert {pydicom.dcmread(p).ManufacturerModelName for p in outcome.outputs} == {
+        "hyperdense_regions"
+    }
 
 
 def _get(port: int, path: str) -> tuple[int, bytes]:
