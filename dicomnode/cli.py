@@ -17,6 +17,7 @@ from dicomnode.logs import configure_logging
 from dicomnode.node import Node
 from dicomnode.offline import non_dicom_files, run_folder
 from dicomnode.processing import JobFailure, check_pipelines, processor
+from dicomnode.startup import StartupError
 
 
 def _say(line: str = "") -> None:
@@ -174,7 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(logging.getLevelNamesMapping()[args.log_level.upper()])
     try:
         return int(args.handler(args))
-    except (ConfigError, JobFailure) as exc:
+    except (ConfigError, JobFailure, StartupError) as exc:
         sys.stderr.write(f"dicomnode: {exc}\n")
         return 2
 

@@ -26,6 +26,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from dicomnode import spool
 from dicomnode.config import NodeConfig
 from dicomnode.records import Association, InstanceRecord
+from dicomnode.startup import listen_error
 from dicomnode.state import StateStore
 from dicomnode.status import Status
 
@@ -170,7 +171,10 @@ class Receiver:
             (evt.EVT_C_STORE, self._on_store),
         ]
         address = (self.config.node.host, self.config.node.port)
-        self._server = self.build_ae().start_server(address, block=False, evt_handlers=handlers)
+        try:
+            self._server = self.build_ae().start_server(address, block=False, evt_handlers=handlers)
+        except OSError as exc:
+            raise listen_error("DICOM", address[0], address[1], exc) from None
         log.info("receiver listening", host=address[0], port=address[1])
 
     def stop(self) -> None:
