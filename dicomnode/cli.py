@@ -16,12 +16,14 @@ from dicomnode.echo import echo
 from dicomnode.logs import configure_logging
 from dicomnode.node import Node
 from dicomnode.offline import non_dicom_files, run_folder
+from dicomnode.phi import scrub
 from dicomnode.processing import JobFailure, check_pipelines, processor
 
 
 def _say(line: str = "") -> None:
-    """Write one line of the command's own output to stdout (logs go to stderr)."""
-    sys.stdout.write(line + "\n")
+    """Write one line of the command's own output to stdout (logs go to stderr), without
+    any identifier the process has seen (reasons quote library errors)."""
+    sys.stdout.write(scrub(line) + "\n")
     sys.stdout.flush()
 
 
