@@ -41,6 +41,7 @@ _IDENTIFYING = frozenset(
 # Fields the pipeline itself writes: never identifying, so never scrubbed.
 _UNSCRUBBED_FIELDS = frozenset({"level", "timestamp", "logger"})
 WARNING_EVENT = "library warning"
+OWN_LOGGERS = ("dicomnode", "pipelines", "model_store", "__main__")
 UNCAUGHT_EVENT = "uncaught exception"
 
 log = structlog.get_logger(__name__)
@@ -176,7 +177,10 @@ def configure_logging(level: int = logging.INFO, stream: TextIO | None = None) -
     stderr (a test's capture, a daemon's redirect) is honoured. Calling it again replaces
     the previous configuration.
 
-    pynetdicom's own stdlib logger is held at WARNING: at DEBUG it dumps whole datasets.
+    ``level`` applies to this project's loggers (:data:`OWN_LOGGERS`); libraries log from
+    WARNING up, or from ``level`` when it is higher (highdicom's INFO lines, one per
+    copied module, would otherwise flood the log). pynetdicom's own stdlib logger is held
+    at WARNING even at DEBUG: there it dumps whole datasets.
     """
     structlog.configure(
         processors=[
@@ -196,7 +200,9 @@ def configure_logging(level: int = logging.INFO, stream: TextIO | None = None) -
     for old in [h for h in root.handlers if isinstance(h, JsonLineHandler)]:
         root.removeHandler(old)
     root.addHandler(handler)
-    root.setLevel(level)
+    root.setLevel(max(logging.WARNING, level))
+    for name in OWN_LOGGERS:
+        logging.getLogger(name).setLevel(level)
     logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, level))
     logging.captureWarnings(False)
     warnings.showwarning = _show_warning

@@ -99,6 +99,7 @@ _KEYWORD_OF_TAG: dict[BaseTag, str] = {_tag(k): k for k in IDENTIFYING_KEYWORDS}
 _PADDING = " \x00\t\r\n"
 _NAME_SEPARATORS = re.compile(r"[=^]")
 _DIGITS = re.compile(r"\d")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
 
 # How libraries print raw bytes: bytes/bytearray reprs, escape runs, spaced hex dumps.
 _BYTES_PATTERN = re.compile(
@@ -141,12 +142,16 @@ def date_forms(value: str) -> set[str]:
 def value_forms(keyword: str, text: str) -> set[str]:
     """Every string to scrub for one attribute's value ``text`` (possibly multi-valued).
 
-    The whole value, each of its values (``\\`` separated), for person names each
-    component group and component, for dates their reformatted forms; padding stripped,
-    and pieces shorter than :data:`MIN_VALUE_LENGTH` left out.
+    The whole value, each of its values (``\\`` separated), the runs between control
+    characters and the escaped ``repr`` of a value holding them, for person names each
+    component group and component (and the components joined by spaces), for dates their
+    reformatted forms; padding stripped, and pieces shorter than :data:`MIN_VALUE_LENGTH`
+    left out.
     """
     forms: set[str] = set()
     pieces = [text, *text.split("\\")]
+    pieces += [part for piece in pieces for part in _CONTROL.split(piece)]
+    forms.update(repr(piece)[1:-1] for piece in pieces if _CONTROL.search(piece))
     for piece in pieces:
         piece = piece.strip(_PADDING)
         forms.add(piece)
