@@ -118,6 +118,25 @@ class JsonLineHandler(logging.Handler):
             self.handleError(record)
 
 
+class LibraryLevelFilter(logging.Filter):
+    """Let through structlog events (already filtered by level), this project's stdlib
+    records from ``level`` up, and other libraries' records from WARNING (or ``level``)."""
+
+    def __init__(self, level: int) -> None:
+        """Filter against ``level``."""
+        super().__init__()
+        self.level = level
+        self.library_level = max(logging.WARNING, level)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Whether ``record`` is written."""
+        if isinstance(record.msg, dict):  # from structlog, through wrap_for_formatter
+            return True
+        if record.name.split(".", 1)[0] in OWN_LOGGERS:
+            return record.levelno >= self.level
+        return record.levelno >= self.library_level
+
+
 def _formatter() -> structlog.stdlib.ProcessorFormatter:
     """The one formatter: drop identifying keys, render tracebacks, scrub, JSON."""
     return structlog.stdlib.ProcessorFormatter(
@@ -177,9 +196,10 @@ def configure_logging(level: int = logging.INFO, stream: TextIO | None = None) -
     stderr (a test's capture, a daemon's redirect) is honoured. Calling it again replaces
     the previous configuration.
 
-    ``level`` applies to this project's loggers (:data:`OWN_LOGGERS`); libraries log from
-    WARNING up, or from ``level`` when it is higher (highdicom's INFO lines, one per
-    copied module, would otherwise flood the log). pynetdicom's own stdlib logger is held
+    ``level`` applies to structlog loggers and to this project's stdlib loggers
+    (:data:`OWN_LOGGERS`); other libraries log from WARNING up, or from ``level`` when it
+    is higher (:class:`LibraryLevelFilter`: highdicom's INFO lines, one per copied module,
+    would otherwise flood the log). pynetdicom's own stdlib logger is held
     at WARNING even at DEBUG: there it dumps whole datasets.
     """
     structlog.configure(
@@ -199,10 +219,9 @@ def configure_logging(level: int = logging.INFO, stream: TextIO | None = None) -
     root = logging.getLogger()
     for old in [h for h in root.handlers if isinstance(h, JsonLineHandler)]:
         root.removeHandler(old)
+    handler.addFilter(LibraryLevelFilter(level))
     root.addHandler(handler)
-    root.setLevel(max(logging.WARNING, level))
-    for name in OWN_LOGGERS:
-        logging.getLogger(name).setLevel(level)
+    root.setLevel(level)
     logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, level))
     logging.captureWarnings(False)
     warnings.showwarning = _show_warning

@@ -97,7 +97,6 @@ def _tag(keyword: str) -> BaseTag:
 
 _KEYWORD_OF_TAG: dict[BaseTag, str] = {_tag(k): k for k in IDENTIFYING_KEYWORDS}
 _PADDING = " \x00\t\r\n"
-_NAME_SEPARATORS = re.compile(r"[=^]")
 _DIGITS = re.compile(r"\d")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
 
@@ -156,9 +155,11 @@ def value_forms(keyword: str, text: str) -> set[str]:
         piece = piece.strip(_PADDING)
         forms.add(piece)
         if keyword in PERSON_NAME_KEYWORDS:
-            forms.update(part.strip(_PADDING) for part in piece.split("="))
-            forms.update(part.strip(_PADDING) for part in _NAME_SEPARATORS.split(piece))
-            forms.add(" ".join(p for p in _NAME_SEPARATORS.split(piece) if p.strip(_PADDING)))
+            for group in piece.split("="):
+                components = [c.strip(_PADDING) for c in group.split("^")]
+                forms.add(group.strip(_PADDING))
+                forms.update(components)
+                forms.add(" ".join(c for c in components if c))
         if keyword in DATE_KEYWORDS:
             forms.update(date_forms(piece))
     return {f for f in forms if len(f) >= MIN_VALUE_LENGTH}
