@@ -14,6 +14,10 @@ dataset bytes from every remaining field, formatted tracebacks included
 
 from __future__ import annotations
 
+import atexit
+import datetime
+import io
+import json
 import logging
 import sys
 import threading
@@ -41,6 +45,7 @@ _IDENTIFYING = frozenset(
 # Fields the pipeline itself writes: never identifying, so never scrubbed.
 _UNSCRUBBED_FIELDS = frozenset({"level", "timestamp", "logger"})
 WARNING_EVENT = "library warning"
+STDERR_EVENT = "stderr output"
 OWN_LOGGERS = ("dicomnode", "pipelines", "model_store", "__main__")
 UNCAUGHT_EVENT = "uncaught exception"
 
@@ -98,6 +103,75 @@ def scrub_identifying_values(
     return event_dict
 
 
+class JsonStderr(io.TextIOBase):
+    """A stand-in for ``sys.stderr`` that turns whatever is written to it outside the log
+    pipeline into JSON lines: a library's own ``StreamHandler`` (pyradiomics installs
+    one), a stray ``print(..., file=sys.stderr)``, a start-up error message. Each line
+    becomes ``{"event": "stderr output", "text": <scrubbed line>, ...}``.
+
+    Writes to file descriptor 2 from C code do not pass through Python and are not seen.
+    """
+
+    def __init__(self, target: TextIO) -> None:
+        """Write the JSON lines to ``target`` (the real stderr)."""
+        super().__init__()
+        self.target = target
+        self._pending = ""
+        self._lock = threading.Lock()
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        """The encoding of the real stderr."""
+        return str(getattr(self.target, "encoding", "utf-8"))
+
+    def writable(self) -> bool:
+        """Always writable."""
+        return True
+
+    def fileno(self) -> int:
+        """The real stderr's descriptor (for subprocesses and ``faulthandler``)."""
+        return self.target.fileno()
+
+    def write(self, text: str) -> int:
+        """Buffer ``text``; emit each complete line as one JSON object."""
+        with self._lock:
+            self._pending += text
+            *lines, self._pending = self._pending.split("\n")
+            for line in lines:
+                self._emit(line)
+        return len(text)
+
+    def flush(self) -> None:
+        """Emit a pending partial line, then flush the real stderr (unless it is closed:
+        this also runs at exit)."""
+        if getattr(self.target, "closed", False):
+            return
+        with self._lock:
+            if self._pending:
+                self._emit(self._pending)
+                self._pending = ""
+        self.target.flush()
+
+    def _emit(self, line: str) -> None:
+        """One JSON line for one line of text (blank lines are dropped)."""
+        if not line.strip():
+            return
+        record = {
+            "event": STDERR_EVENT,
+            "text": phi.scrub(line.rstrip("\r")),
+            "level": "warning",
+            "logger": "stderr",
+            "timestamp": datetime.datetime.now(datetime.UTC).isoformat().replace("+00:00", "Z"),
+        }
+        self.target.write(json.dumps(record) + "\n")
+
+
+def _real_stream(stream: TextIO | None) -> TextIO:
+    """Where log lines go: ``stream`` or the current stderr, past a :class:`JsonStderr`."""
+    target = stream or sys.stderr
+    return target.target if isinstance(target, JsonStderr) else target
+
+
 class JsonLineHandler(logging.Handler):
     """Write each formatted record as one line to ``stream``, or to the ``sys.stderr`` of
     the moment (so a replaced stderr, a test's capture or a daemon's redirect, is used)."""
@@ -111,7 +185,7 @@ class JsonLineHandler(logging.Handler):
         """Format and write one record; formatting errors go to ``handleError``."""
         try:
             line = self.format(record)
-            stream = self._stream or sys.stderr
+            stream = _real_stream(self._stream)
             stream.write(line + "\n")
             stream.flush()
         except (OSError, ValueError, TypeError, RecursionError):
@@ -189,7 +263,9 @@ def _uncaught_in_thread(args: threading.ExceptHookArgs) -> None:
     )  # fmt: skip
 
 
-def configure_logging(level: int = logging.INFO, stream: TextIO | None = None) -> None:
+def configure_logging(
+    level: int = logging.INFO, stream: TextIO | None = None, *, guard_stderr: bool = False
+) -> None:
     """Log JSON lines to ``stream`` (stderr by default) through the identifier filters.
 
     Without ``stream``, ``sys.stderr`` is looked up at each log call, so a replaced
@@ -201,6 +277,10 @@ def configure_logging(level: int = logging.INFO, stream: TextIO | None = None) -
     is higher (:class:`LibraryLevelFilter`: highdicom's INFO lines, one per copied module,
     would otherwise flood the log). pynetdicom's own stdlib logger is held
     at WARNING even at DEBUG: there it dumps whole datasets.
+
+    With ``guard_stderr``, ``sys.stderr`` is replaced by a :class:`JsonStderr`, so that
+    text written to it by anything else also comes out as scrubbed JSON lines (for the
+    unattended commands; not for interactive ones that draw progress bars).
     """
     structlog.configure(
         processors=[
@@ -227,3 +307,6 @@ def configure_logging(level: int = logging.INFO, stream: TextIO | None = None) -
     warnings.showwarning = _show_warning
     sys.excepthook = _uncaught
     threading.excepthook = _uncaught_in_thread
+    if guard_stderr and not isinstance(sys.stderr, JsonStderr):
+        sys.stderr = JsonStderr(sys.stderr)
+        atexit.register(sys.stderr.flush)

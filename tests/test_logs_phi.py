@@ -50,8 +50,10 @@ def _plant(
         ds.ReferringPhysicianName = f"{MARKER}DOC{suffix}^{MARKER}FIRST{suffix}"
 
 
-def _inputs(folder: Path) -> dict[str, list[Path]]:
-    """A good series, a malformed but processable one, an unloadable one, a refused one."""
+def _inputs(folder: Path, crash_folder: Path) -> dict[str, list[Path]]:
+    """A good series, a malformed but processable one, an unloadable one, and one whose
+    birth date makes highdicom raise with the value in the message (in ``crash_folder``:
+    the offline run stops at it)."""
     good = synthetic_head_ct(seed=31, n_slices=12, rows=128)
     insert_lesion(good, center_mm=None, radius_mm=12.0, hu=72.0, seed=31)
     _plant(good, "A", "19450317", f"{MARKER}ACC", f"{MARKER}PID")
@@ -59,14 +61,18 @@ def _inputs(folder: Path) -> dict[str, list[Path]]:
     malformed = synthetic_head_ct(seed=32, n_slices=12, rows=128)
     # A birth date in the old ACR-NEMA form, an accession number too long for SH, a
     # control character in the patient ID: pydicom warns about each when the outputs are
-    # built. (A date such as "1945-03-18" makes highdicom raise instead, failing the job.)
+    # built. (A date such as "1945-03-18" makes highdicom raise instead: series E.)
     _plant(malformed, "B", "1945.03.18", f"{MARKER}ACCESSIONTOOLONGB", f"{MARKER}PIDB\x07")
 
     unloadable = synthetic_head_ct(seed=33, n_slices=4, rows=64)
     unloadable[1].ImageOrientationPatient = [1, 0, 0, 0, 0, -1]
     _plant(unloadable, "C", "19450317", f"{MARKER}ACCC", f"{MARKER}PIDC")
 
+    undated = synthetic_head_ct(seed=35, n_slices=12, rows=128)
+    _plant(undated, "E", "1945-03-18", f"{MARKER}ACCE", f"{MARKER}PIDE")
+
     return {
+        "undated": write_series(undated, crash_folder / "undated"),
         "good": write_series(good, folder / "good"),
         "malformed": write_series(malformed, folder / "malformed"),
         "unloadable": write_series(unloadable, folder / "unloadable"),
@@ -236,10 +242,10 @@ def _assert_no_identifier(text: str, where: str) -> None:
 
 
 @pytest.mark.filterwarnings(
-    "ignore:Invalid value for VR DA:UserWarning", "ignore:The value length:UserWarning"
+    "ignore:Invalid value for VR:UserWarning", "ignore:The value length:UserWarning"
 )  # this process writes the malformed inputs; only the node's output is under test
 def test_no_identifier_in_node_or_offline_output(tmp_path: Path) -> None:
-    inputs = _inputs(tmp_path / "in")
+    inputs = _inputs(tmp_path / "in", tmp_path / "in-crash")
     pacs_port = free_port()
     with storage_scp(pacs_port) as pacs:
         _run_node(tmp_path / "node", inputs, pacs, pacs_port)
@@ -264,3 +270,13 @@ def test_no_identifier_in_node_or_offline_output(tmp_path: Path) -> None:
     offline_records = _stderr_lines(offline.stderr)
     _assert_no_identifier(offline.stdout + offline.stderr, "offline run")
     assert WARNING_EVENT in [r.get("event") for r in offline_records]
+
+    crashed = subprocess.run(
+        _cli("run", str(tmp_path / "in-crash"), "--out", str(tmp_path / "offline-crash"),
+             "--config", str(tmp_path / "node" / "node.toml")),
+        cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert crashed.returncode != 0
+    _stderr_lines(crashed.stderr)
+    _assert_no_identifier(crashed.stdout + crashed.stderr, "offline run of the undated series")
+    assert REDACTED in crashed.stderr, "the failure did not quote the birth date: proves nothing"

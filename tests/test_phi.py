@@ -22,7 +22,14 @@ from pydicom.filewriter import write_dataset
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 
 from dicomnode import phi
-from dicomnode.logs import UNCAUGHT_EVENT, WARNING_EVENT, configure_logging
+from dicomnode.cli import main
+from dicomnode.logs import (
+    STDERR_EVENT,
+    UNCAUGHT_EVENT,
+    WARNING_EVENT,
+    JsonStderr,
+    configure_logging,
+)
 from pipelines.synthetic import synthetic_head_ct, write_series
 
 R = phi.REDACTED
@@ -232,3 +239,37 @@ def test_every_source_is_one_scrubbed_json_line(log_stream: io.StringIO) -> None
 def test_identifying_keys_are_still_dropped(log_stream: io.StringIO) -> None:
     structlog.get_logger("dicomnode.test").warning("x", PatientName="A^B", accession_number="1")
     assert set(_lines(log_stream)[0]) == {"event", "level", "logger", "timestamp"}
+
+
+def test_stderr_guard_turns_stray_text_into_json_lines() -> None:
+    phi.remember_identifiers(_slice(PatientID="STRAY-PID"))
+    target = io.StringIO()
+    guard = JsonStderr(target)
+    guard.write("radiomics: WARNING: no mask for STRAY-PID\nsecond ")
+    guard.write("line\n\n")
+    guard.write("partial")
+    guard.flush()
+    lines = [json.loads(line) for line in target.getvalue().splitlines()]
+    assert [line["text"] for line in lines] == [
+        f"radiomics: WARNING: no mask for {R}",
+        "second line",
+        "partial",
+    ]
+    assert {line["event"] for line in lines} == {STDERR_EVENT}
+
+
+def test_serve_start_up_error_comes_out_as_json_lines(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    log_stream: io.StringIO,
+) -> None:
+    """Run as a command (no arguments given to ``main``), stderr carries only JSON."""
+    config = tmp_path / "bad.toml"
+    config.write_text('spool_dir = "s"\nstate_dir = "t"\n[node]\nport = 70000\n')
+    monkeypatch.setattr(sys, "argv", ["dicomnode", "serve", "--config", str(config)])
+    assert main() == 2
+    sys.stderr.flush()
+    records = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    assert {r["event"] for r in records} == {STDERR_EVENT}
+    assert any("node.port" in r["text"] for r in records)
