@@ -52,7 +52,7 @@ REDACTED = "[identifier removed]"
 BYTES_REDACTED = "[bytes removed]"
 MIN_VALUE_LENGTH = 3
 WORD_BOUNDARY_BELOW = 6
-MAX_VALUES = 2048
+MAX_VALUES = 1024
 SALVAGE_LIMIT_BYTES = 1 << 20  # how much of an undecodable deflated dataset to inflate
 
 PERSON_NAME_KEYWORDS: tuple[str, ...] = (
