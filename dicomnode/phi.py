@@ -31,6 +31,7 @@ single compiled pattern is rebuilt lazily, only after the set of values changed.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import re
 import threading
@@ -96,6 +97,11 @@ def _tag(keyword: str) -> BaseTag:
 
 
 _KEYWORD_OF_TAG: dict[BaseTag, str] = {_tag(k): k for k in IDENTIFYING_KEYWORDS}
+_CHARSET_TAG = _tag("SpecificCharacterSet")
+_PN_DELIMITERS = {0x5C, 0x3D, 0x5E}  # \\ = ^: where ISO 2022 escapes are reset
+# Sequences whose items carry more identifiers (other IDs, the requested procedure's
+# accession number); read one level deep.
+NESTED_SEQUENCE_KEYWORDS: tuple[str, ...] = ("OtherPatientIDsSequence", "RequestAttributesSequence")
 _PADDING = " \x00\t\r\n"
 _DIGITS = re.compile(r"\d")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
@@ -165,21 +171,45 @@ def value_forms(keyword: str, text: str) -> set[str]:
     return {f for f in forms if len(f) >= MIN_VALUE_LENGTH}
 
 
-def _element_texts(element: DataElement | RawDataElement) -> list[str]:
+def _encodings(ds: Dataset) -> list[str]:
+    """The Python codecs of the dataset's Specific Character Set, read from its raw bytes
+    (ASCII, the default repertoire, when absent or unreadable)."""
+    if _CHARSET_TAG not in ds:
+        return ["iso8859"]
+    try:
+        value = ds.get_item(_CHARSET_TAG).value
+    except (ValueError, TypeError, KeyError, AttributeError, EOFError, OSError):
+        return ["iso8859"]
+    if isinstance(value, bytes | bytearray):
+        names = bytes(value).decode("ascii", errors="ignore").split("\\")
+    elif isinstance(value, str):
+        names = value.split("\\")
+    else:
+        names = [str(v) for v in value or ()]
+    try:
+        return pydicom.charset.convert_encodings([n.strip() for n in names] or [""])
+    except (LookupError, ValueError):
+        return ["iso8859"]
+
+
+def _element_texts(
+    element: DataElement | RawDataElement, encodings: Sequence[str] = ("iso8859",)
+) -> list[str]:
     """The value of an element as text, without converting a raw element through pydicom.
 
-    Raw bytes are decoded as Latin-1 and as UTF-8, so that validation warnings raised by
-    a later conversion cannot print a form not remembered here.
+    Raw bytes are decoded with the dataset's character set, as Latin-1 and as UTF-8 (every
+    distinct result is kept), so that warnings raised by a later conversion cannot print a
+    form not remembered here.
     """
     value = element.value
     if value is None:
         return []
     if isinstance(value, bytes | bytearray):
-        texts = [bytes(value).decode("latin-1")]
-        utf8 = bytes(value).decode("utf-8", errors="ignore")
-        if utf8 != texts[0]:
-            texts.append(utf8)
-        return texts
+        raw = bytes(value)
+        texts = {raw.decode("latin-1"), raw.decode("utf-8", errors="ignore")}
+        with contextlib.suppress(LookupError, ValueError):  # then Latin-1 and UTF-8 stand
+            texts.add(pydicom.charset.decode_bytes(raw, encodings, _PN_DELIMITERS))
+        return sorted(texts)
     if isinstance(value, str):
         return [value]
     if isinstance(value, Sequence):
@@ -187,10 +217,12 @@ def _element_texts(element: DataElement | RawDataElement) -> list[str]:
     return [str(value)]
 
 
-def identifying_values(ds: Dataset) -> set[str]:
-    """The identifying values of ``ds`` (top level) and their pieces; never raises for a
-    malformed element, which is read as the bytes that were sent."""
+def identifying_values(ds: Dataset, nested: bool = True) -> set[str]:
+    """The identifying values of ``ds`` and their pieces (also in the items of
+    :data:`NESTED_SEQUENCE_KEYWORDS` when ``nested``); never raises for a malformed
+    element, which is read as the bytes that were sent."""
     found: set[str] = set()
+    encodings = _encodings(ds)
     for tag, keyword in _KEYWORD_OF_TAG.items():
         if tag not in ds:
             continue
@@ -198,8 +230,15 @@ def identifying_values(ds: Dataset) -> set[str]:
             element = ds.get_item(tag)
         except (ValueError, TypeError, KeyError, AttributeError, EOFError, OSError):
             continue
-        for text in _element_texts(element):
+        for text in _element_texts(element, encodings):
             found.update(value_forms(keyword, text))
+    for keyword in NESTED_SEQUENCE_KEYWORDS if nested else ():
+        try:
+            items = list(ds.get(keyword) or ())
+        except (ValueError, TypeError, KeyError, AttributeError, EOFError, OSError):
+            continue
+        for item in items:
+            found |= identifying_values(item, nested=False)
     return found
 
 

@@ -163,6 +163,18 @@ def test_identifying_values_read_raw_without_warnings(tmp_path: Path) -> None:
     assert {"ACCESSION-FAR-TOO-LONG-FOR-SH", "OTHERONE", "OTHERTWO"} <= values
 
 
+def test_nested_ids_and_other_character_sets(tmp_path: Path) -> None:
+    other = Dataset()
+    other.PatientID = "NESTED-OTHER-ID"
+    ds = _slice(SpecificCharacterSet="ISO_IR 144", PatientName="Иванов^Иван")
+    ds.OtherPatientIDsSequence = [other]
+    read = dcmread(write_series([ds], tmp_path)[0])
+    values = phi.identifying_values(read)
+    assert {"NESTED-OTHER-ID", "Иванов", "Иван"} <= values
+    phi.REGISTRY.add(values)
+    assert phi.scrub("The string Иванов^Иван") == f"The string {R}"
+
+
 def test_salvage_reads_identifiers_before_the_break() -> None:
     data = _encoded(_slice(PatientName="TRUNCATED^PERSON", PatientID="PID-BEFORE-BREAK"))
     cut = data.index(b"PID-BEFORE-BREAK") + 20
