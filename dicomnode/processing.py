@@ -12,6 +12,7 @@ from pathlib import Path
 
 import structlog
 
+from dicomnode import phi
 from dicomnode.config import NodeConfig
 from dicomnode.node import JobSpec, Process
 from pipelines.base import PipelineError, PipelineUnavailable
@@ -44,6 +45,7 @@ def run_pipeline(
     instead, and the outputs name the algorithm that actually ran. Returns the written
     files in the order SEG, SC, SR, saliency SCs.
     """
+    phi.remember_files(paths)  # before loading can log one of their values
     try:
         series = load_series(paths)
     except VolumeLoadError as exc:

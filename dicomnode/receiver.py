@@ -23,7 +23,7 @@ from pynetdicom.association import Association as PynetAssociation
 from pynetdicom.events import Event, EventHandlerType
 from pynetdicom.transport import ThreadedAssociationServer
 
-from dicomnode import spool
+from dicomnode import phi, spool
 from dicomnode.config import NodeConfig
 from dicomnode.records import Association, InstanceRecord
 from dicomnode.startup import listen_error
@@ -229,9 +229,11 @@ class Receiver:
         try:
             ds = event.dataset
         except DECODE_ERRORS as exc:
+            phi.remember_encoded(event.encoded_dataset(), context.transfer_syntax or "")
             raise StoreRefused(
                 Status.CANNOT_UNDERSTAND_UNDECODABLE, f"cannot decode: {exc}"
             ) from exc
+        phi.remember_identifiers(ds)  # before anything can log one of its values
         ident = identify(ds, context.abstract_syntax or "")
         bound = log.bind(study_uid=ident.study, series_uid=ident.series)
         try:
