@@ -16,6 +16,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from dicomnode.startup import listen_error
+
 Counts = Callable[[], dict[str, dict[str, int]]]
 PipelineStatuses = Callable[[], list[dict[str, str | None]]]
 
@@ -56,7 +58,10 @@ class HealthServer:
         registry = CollectorRegistry()
         registry.register(StateCollector(counts))
         handler = _handler(registry, counts, is_alive, pipelines)
-        self.server = ThreadingHTTPServer((host, port), handler)
+        try:
+            self.server = ThreadingHTTPServer((host, port), handler)
+        except OSError as exc:
+            raise listen_error("HTTP", host, port, exc) from None
         self.thread = threading.Thread(
             target=self.server.serve_forever, name="dicomnode-http", daemon=True
         )

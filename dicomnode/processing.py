@@ -12,6 +12,7 @@ from pathlib import Path
 
 import structlog
 
+from dicomnode import phi
 from dicomnode.config import NodeConfig
 from dicomnode.node import JobSpec, Process
 from dicomnode.pipelines_check import PipelinePlan
@@ -45,6 +46,7 @@ def run_pipeline(
     instead, and the outputs name the algorithm that actually ran. Returns the written
     files in the order SEG, SC, SR, saliency SCs.
     """
+    phi.remember_files(paths)  # before loading can log one of their values
     try:
         series = load_series(paths)
     except VolumeLoadError as exc:
