@@ -129,7 +129,7 @@ def test_a_good_row_gives_every_variable(tmp_path: Path) -> None:
         ("nihss", "12.5", "value 12.5 is not a whole number (0-42)"),
         ("nihss", "severe", NOT_A_VALUE),
         ("aspects", "11", "value 11 outside plausible range 0-10"),
-        ("age", "250", "value 250 outside plausible range 0-120 years"),
+        ("age", "250", "not in the header; value 250 outside plausible range 0-120 years"),
         ("glucose_mmol_l", "126", "value 126 outside plausible range 1-50 mmol/L"),
         ("glucose_mmol_l", "inf", "value inf outside plausible range 1-50 mmol/L"),
         ("onset_to_recanalisation_min", "1e308", "value 1e+308 outside plausible range 0-2880"),
@@ -199,7 +199,7 @@ def test_duplicate_rows_for_a_study_impute_its_table_variables(tmp_path: Path) -
     path.write_text(text + f"{ACCESSION},{PATIENT},{DATE}," + ",".join(GOOD.values()) + "\n")
     values = screened(path)
     assert set(values.missing) == set(CLINICAL_VARIABLES)
-    assert set(reasons(values).values()) == {DUPLICATE_ROWS}
+    assert {reasons(values)[name] for name in TABLE_VARIABLES} == {DUPLICATE_ROWS}
     other = study()
     other.AccessionNumber = "ACC-0001"  # the second row: unique, still used
     assert screened(path, other).missing == ()
@@ -231,9 +231,11 @@ def test_no_row_and_no_table_impute_every_table_variable(tmp_path: Path) -> None
     ds.AccessionNumber, ds.PatientID = "ACC-9999", "someone else"
     values = screened(path, ds)
     assert set(values.missing) == set(CLINICAL_VARIABLES) - {"age"}
-    assert set(reasons(values).values()) == {NO_ROW}
+    assert {reasons(values)[name] for name in TABLE_VARIABLES} == {NO_ROW}
+    assert reasons(values)["sex_male"] == f"not in the header; {NO_ROW}"
     none = screen_clinical(study(), RowLookup(None, NO_TABLE))
-    assert set(reasons(none).values()) == {NO_TABLE}
+    assert {reasons(none)[name] for name in TABLE_VARIABLES} == {NO_TABLE}
+    assert reasons(none)["age"] == f"not in the header; {NO_TABLE}"
 
 
 @pytest.mark.parametrize(

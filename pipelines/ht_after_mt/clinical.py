@@ -549,6 +549,8 @@ def screen_clinical(ds: Dataset, found: RowLookup | Mapping[str, Any] | None) ->
             )
         elif header_problem:
             reasons[name] = f"{header_problem}; table: {reasons.get(name, ABSENT)}"
+        elif values[name] is None:
+            reasons[name] = f"not in the header; {reasons.get(name, ABSENT)}"
     issues += [ClinicalIssue(name, reasons[name]) for name in CLINICAL_VARIABLES if name in reasons]
     return ClinicalValues(values, tuple(issues))
 
