@@ -13,6 +13,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,14 @@ def tampered_store(target: Path, filename: str = "cnn.safetensors") -> Path:
 def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tampered copy (CNN weights changed)."""
     return tampered_store(tmp_path_factory.mktemp("store") / "model_store")
+
+
+@pytest.fixture
+def fresh_pipelines() -> Iterator[None]:
+    """Pipelines built anew (the registry caches them per process, loaded models too)."""
+    get_pipeline.cache_clear()
+    yield
+    get_pipeline.cache_clear()
 
 
 def write_config(
@@ -127,7 +136,7 @@ def test_a_changed_manifest_makes_the_pipeline_unavailable_not_a_crash(tmp_path:
 
 
 def test_an_unavailable_pipeline_falls_back_and_is_logged(
-    tmp_path: Path, store: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, store: Path, monkeypatch: pytest.MonkeyPatch, fresh_pipelines: None
 ) -> None:
     def build(name: str) -> Any:
         return HtAfterMtPipeline(root=store) if name == "ht_after_mt" else get_pipeline(name)
@@ -172,7 +181,11 @@ def test_an_unavailable_pipeline_falls_back_and_is_logged(
 
 
 def test_run_falls_back_to_the_default_pipeline(
-    tmp_path: Path, store: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path,
+    store: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    fresh_pipelines: None,
 ) -> None:
     folder = tmp_path / "in"
     write_series(synthetic_head_ct(seed=4, n_slices=8, rows=64), folder)
