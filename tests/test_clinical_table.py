@@ -39,6 +39,8 @@ from pipelines.outputs import build_outputs
 from pipelines.outputs.common import risk_lines
 from pipelines.series import LoadedSeries
 from pipelines.volume import load_datasets
+from tests.dciodvfy import dciodvfy_errors
+from tests.support import require_tool
 
 ACCESSION, PATIENT, DATE = "ACC-7781", "PID-55501", "20240801"
 OTHER = "ACC-0002"
@@ -379,15 +381,24 @@ def series_with(case: Cohort, age: str) -> LoadedSeries:
     return load_datasets(datasets)
 
 
-def output_texts(series: LoadedSeries, pipeline: HtAfterMtPipeline) -> list[str]:
+def output_texts(
+    series: LoadedSeries, pipeline: HtAfterMtPipeline, folder: Path | None = None
+) -> list[str]:
     """The SR's TEXT values after a run (the SC's text panel draws the same lines, from
-    ``risk_lines``); asserts that the SEG and the SC are made too."""
+    ``risk_lines``); asserts that the SEG and the SC are made too, and with ``folder``
+    that the SR and SC pass dciodvfy."""
     result = pipeline.run(series)
     assert result.risk is not None and 0.0 <= result.risk.probability <= 1.0
     assert result.segments[0].total is not None  # the imaging result is kept
     outputs = build_outputs(series, result, pipeline_name="ht_after_mt")
     modalities = [str(ds.Modality) for ds in outputs]
     assert modalities[:3] == ["SEG", "OT", "SR"]
+    if folder is not None:
+        require_tool("dciodvfy", "dicom3tools")
+        for ds in outputs[1:3]:
+            path = folder / f"{ds.Modality}.dcm"
+            ds.save_as(path, enforce_file_format=True)
+            assert dciodvfy_errors(path) == [], ds.Modality
     texts = [
         str(item.TextValue)
         for item in outputs[2].ContentSequence[-1].ContentSequence
@@ -406,7 +417,7 @@ def test_a_bad_table_row_still_gives_the_risk_and_the_sr_says_why(
     text = path.read_text(encoding="utf-8").replace(ACCESSION, str(ds.AccessionNumber))
     path.write_text(text.replace(PATIENT, str(ds.PatientID)), encoding="utf-8")
     pipeline.clinical_table = path
-    texts = output_texts(series, pipeline)
+    texts = output_texts(series, pipeline, tmp_path)
     joined = "\n".join(texts)
     assert "nihss (value 99 outside plausible range 0-42)" in joined
     assert "age: header PatientAge: value 250 outside plausible range 0-120 years" in joined
