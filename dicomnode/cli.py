@@ -16,7 +16,7 @@ from dicomnode.echo import echo
 from dicomnode.logs import configure_logging
 from dicomnode.node import Node
 from dicomnode.offline import non_dicom_files, run_folder
-from dicomnode.processing import JobFailure, check_pipelines, processor
+from dicomnode.processing import JobFailure, check_pipelines, processor, reporting
 
 
 def _say(line: str = "") -> None:
@@ -38,7 +38,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
-    with Node(config, processor(config)):
+    with Node(config, processor(config), reporting()):
         _say(f"{config.node.ae_title} listening on {config.node.host}:{config.node.port}")
         stop.wait()
     return 0

@@ -1,7 +1,9 @@
 """The node: receiver plus background loops for assembly, pipeline workers and the outbox.
 
 The pipeline is not imported here: it comes in as ``process``, a callable taking a
-:class:`JobSpec` and returning the result files to send.
+:class:`JobSpec` and returning the result files to send, and (optionally) as
+:class:`Reporting`: the callables that write a failed job's "analysis not performed"
+objects and the rejection notes that retract a series' superseded results.
 """
 
 from __future__ import annotations
@@ -21,7 +23,15 @@ from dicomnode.health import HealthServer
 from dicomnode.jobs import JobQueue, OutboxStore
 from dicomnode.outbox import OutboxProcessor
 from dicomnode.receiver import Receiver
-from dicomnode.records import Job
+from dicomnode.records import Job, JobState
+from dicomnode.revisions import (
+    Delivery,
+    OutputRecord,
+    Retraction,
+    RevisionStore,
+    describe_output,
+    group_retractions,
+)
 from dicomnode.state import StateStore
 
 log = structlog.get_logger(__name__)
@@ -39,18 +49,35 @@ class JobSpec:
     instance_paths: tuple[Path, ...]
     destinations: tuple[str, ...]
     output_dir: Path
+    revision: int = 1  # 1 + the number of earlier jobs of the series
 
 
 Process = Callable[[JobSpec], list[Path]]
+FailureReport = Callable[[JobSpec, BaseException], list[Path]]
+RetractionNote = Callable[[JobSpec, Retraction], Path]
+
+
+@dataclass(frozen=True)
+class Reporting:
+    """What a node sends besides results: ``failure`` writes the objects that tell the
+    destinations a job failed (none when nothing can be attributed), ``retraction``
+    writes one rejection note retracting a group of superseded objects."""
+
+    failure: FailureReport
+    retraction: RetractionNote
 
 
 class Node:
     """Composes receiver, state, assembler, workers and outbox; start, stop, wait."""
 
-    def __init__(self, config: NodeConfig, process: Process) -> None:
-        """Prepare (not start) a node for ``config`` running jobs with ``process``."""
+    def __init__(
+        self, config: NodeConfig, process: Process, reporting: Reporting | None = None
+    ) -> None:
+        """Prepare (not start) a node for ``config`` running jobs with ``process``;
+        with ``reporting``, failed jobs and superseded results are reported to PACS."""
         self.config = config
         self.process = process
+        self.reporting = reporting
         self.store: StateStore | None = None
         self._stop = threading.Event()
         self._wake_outbox = threading.Event()
@@ -68,6 +95,7 @@ class Node:
         self.config.spool_dir.mkdir(parents=True, exist_ok=True)
         self.store = StateStore(self.database_path)
         self.jobs, self.outbox = JobQueue(self.store), OutboxStore(self.store)
+        self.revisions = RevisionStore(self.store)
         requeued = self.jobs.requeue_running()
         if requeued:
             log.warning("requeued jobs interrupted by a previous stop", count=requeued)
@@ -154,12 +182,64 @@ class Node:
         except Exception as exc:  # the single edge where a pipeline's failure is caught
             reason = str(exc) or type(exc).__name__
             bound.exception("job failed", reason=reason)
-            self.jobs.fail(job.id, reason, time.time())
+            notices = self._failure_notices(spec, exc)
+            self._finish(job, spec, JobState.FAILED, reason, notices)
+            bound.info("failure reported", objects=len(notices))
             return True
-        self.jobs.complete(job, results, time.time())
-        bound.info("job done", results=len(results))
-        self._wake_outbox.set()
+        self._finish(job, spec, JobState.DONE, None, results)
+        bound.info("job done", results=len(results), revision=spec.revision)
         return True
+
+    def _failure_notices(self, spec: JobSpec, exc: BaseException) -> list[Path]:
+        """The "analysis not performed" files of a failed job; none without reporting
+        or when they cannot be written (the job's reason still says why it failed)."""
+        if self.reporting is None:
+            return []
+        try:
+            return self.reporting.failure(spec, exc)
+        except Exception as error:  # a notice that cannot be built must not stop the worker
+            log.error(
+                "failure notice not written", job_id=spec.job_id, series_uid=spec.series_uid,
+                error=f"{type(error).__name__}: {error}",
+            )  # fmt: skip
+            return []
+
+    def _finish(
+        self, job: Job, spec: JobSpec, state: JobState, reason: str | None, files: list[Path]
+    ) -> None:
+        """Record the job's outcome; queue its files and rejection notes that retract
+        what it supersedes, all in one transaction."""
+        outputs = [describe_output(job.id, path) for path in files]
+        stale_by = self.revisions.newer_finished_job(job)
+        superseded = [] if stale_by is not None else self.revisions.superseded_by(job)
+        deliveries = [] if stale_by is not None else [Delivery(p, job.destinations) for p in files]
+        retracted: list[OutputRecord] = []
+        if self.reporting is not None:
+            for group in group_retractions(superseded):
+                try:
+                    note = self.reporting.retraction(spec, group)
+                except Exception as error:  # left unretracted; the next revision retries
+                    log.error(
+                        "rejection note not written", job_id=job.id,
+                        series_uid=spec.series_uid, objects=len(group.records),
+                        error=f"{type(error).__name__}: {error}",
+                    )  # fmt: skip
+                    continue
+                deliveries.append(Delivery(note, group.destinations))
+                retracted += group.records
+        self.revisions.finish(
+            job, state, reason, outputs, deliveries, retracted, time.time(), stale_by
+        )
+        bound = log.bind(job_id=job.id, series_uid=spec.series_uid)
+        if retracted:
+            bound.info(
+                "superseded results retracted", objects=len(retracted),
+                jobs=sorted({r.job_id for r in retracted}), revision=spec.revision,
+            )  # fmt: skip
+        if stale_by is not None:
+            bound.warning("results superseded before sending", newer_job=stale_by)
+        if deliveries:
+            self._wake_outbox.set()
 
     def _spec(self, job: Job) -> JobSpec:
         """The :class:`JobSpec` for a claimed job; creates its output folder."""
@@ -176,6 +256,7 @@ class Node:
             instance_paths=tuple(self.store.series_paths(job.series_instance_uid)),
             destinations=job.destinations,
             output_dir=output,
+            revision=self.revisions.revision_of(job),
         )
 
     def is_idle(self) -> bool:

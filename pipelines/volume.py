@@ -37,6 +37,11 @@ class VolumeLoadError(Exception):
     """A series cannot be turned into a volume; the message says why."""
 
 
+class InconsistentSeries(VolumeLoadError):
+    """The instances of a series do not form one acquisition (several series, patients,
+    studies, frames of reference, orientations, matrix sizes or pixel spacings)."""
+
+
 @dataclass(frozen=True)
 class _Frame:
     """One decoded frame before sorting."""
@@ -84,7 +89,7 @@ def load_datasets(
         raise VolumeLoadError("the series holds no image other than localizers")
     series_uids = {str(ds.get("SeriesInstanceUID", "")) for ds in images}
     if len(series_uids) > 1:
-        raise VolumeLoadError(f"the files belong to {len(series_uids)} different series")
+        raise InconsistentSeries(f"the files belong to {len(series_uids)} different series")
     frames = [frame for ds in images for frame in _frames_of(ds)]
     _check_consistent(frames)
     stack, order = plane_stack(
@@ -92,7 +97,9 @@ def load_datasets(
     )
     frames = [frames[i] for i in order]
     if len(frames) > 1 and np.min(np.diff(stack.offsets[:, 0])) < 1e-3:
-        raise VolumeLoadError("two frames lie on the same plane (duplicate or mixed acquisitions)")
+        raise InconsistentSeries(
+            "two frames lie on the same plane (duplicate or mixed acquisitions)"
+        )
     frame_hu = np.stack([f.hu for f in frames])
     spacing = slice_spacing_mm or default_slice_spacing(stack)
     grid = orthogonal_grid(stack, frame_hu.shape[1:], spacing)
@@ -190,8 +197,8 @@ def _check_consistent(frames: Sequence[_Frame]) -> None:
     first = frames[0]
     for frame in frames[1:]:
         if np.max(np.abs(frame.orientation - first.orientation)) > ORIENTATION_TOLERANCE:
-            raise VolumeLoadError("frames have more than one orientation")
+            raise InconsistentSeries("frames have more than one orientation")
         if frame.hu.shape != first.hu.shape:
-            raise VolumeLoadError("frames have different matrix sizes")
+            raise InconsistentSeries("frames have different matrix sizes")
         if not np.allclose(frame.pixel_spacing, first.pixel_spacing, atol=1e-4):
-            raise VolumeLoadError("frames have different pixel spacings")
+            raise InconsistentSeries("frames have different pixel spacings")
