@@ -8,6 +8,7 @@ failure always gets the same kind and sentence.
 from __future__ import annotations
 
 import errno
+import re
 from collections.abc import Iterator
 from enum import StrEnum
 
@@ -17,7 +18,11 @@ from pipelines.volume import InconsistentSeries, VolumeLoadError
 
 DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 CLINICAL_TABLE_PREFIX = "clinical table"  # ht_after_mt's reason for an unreadable table
-INCONSISTENT_WORDS = ("patient", "stud", "frame of reference", "frames of reference")
+INCONSISTENT_WORDS = re.compile(  # how a series-consistency check names what differs
+    r"\b(patients|patient ?ids|studies|study ?instance ?uids|frames? of reference"
+    r"|frame ?of ?reference ?uids)\b",
+    re.IGNORECASE,
+)
 
 
 class FailureKind(StrEnum):
@@ -98,8 +103,7 @@ def _kind_of(exc: BaseException) -> FailureKind | None:
     if isinstance(exc, InconsistentSeries):
         return FailureKind.INCONSISTENT_SERIES
     if isinstance(exc, VolumeLoadError):
-        message = str(exc).lower()
-        if any(word in message for word in INCONSISTENT_WORDS):
+        if INCONSISTENT_WORDS.search(str(exc)):
             return FailureKind.INCONSISTENT_SERIES
         return FailureKind.UNLOADABLE_SERIES
     if str(exc).lower().startswith(CLINICAL_TABLE_PREFIX):

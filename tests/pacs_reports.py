@@ -30,8 +30,10 @@ def node_config(
     pacs: Orthanc,
     routes: Sequence[dict[str, Any]] = (HEAD_CT_ROUTE,),
     default_pipeline: str = "hyperdense_regions",
+    stable_age_s: float = 1.0,
 ) -> NodeConfig:
-    """A node on a free loopback port, stable after 1 s, sending to ``pacs``."""
+    """A node on a free loopback port, sending to ``pacs``; series are stable after
+    ``stable_age_s``."""
     return NodeConfig.model_validate(
         {
             "node": {"ae_title": "DICOMNODE", "host": "127.0.0.1", "port": free_port()},
@@ -41,7 +43,7 @@ def node_config(
             },
             "routes": list(routes),
             "default_pipeline": default_pipeline,
-            "stable_age_s": 1.0,
+            "stable_age_s": stable_age_s,
             "poll_interval_s": 0.1,
             "spool_dir": str(base / "spool"),
             "state_dir": str(base / "state"),

@@ -32,6 +32,7 @@ TYPE2_PATIENT_STUDY = (
     "StudyID",
     "AccessionNumber",
 )
+EVIDENCE_PATIENT_STUDY = (*TYPE2_PATIENT_STUDY, "StudyInstanceUID", "SpecificCharacterSet")
 UNSTATED = "NOT STATED BY SOURCE"
 HU_MAX_METHOD = CodedConcept(
     "HUMAX3X3", PRIVATE_SCHEME, "Highest mean of a 3x3-pixel in-plane window"

@@ -26,6 +26,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from pipelines.base import NOT_FOR_DIAGNOSTIC_USE
 from pipelines.outputs.common import (
+    EVIDENCE_PATIENT_STUDY,
     MANUFACTURER,
     OutputIdentity,
     patient_study_source,
@@ -188,7 +189,9 @@ def _evidence_item(source: Dataset, header: Dataset) -> Dataset:
     """The UIDs of ``header`` with the patient and study of ``source`` (highdicom checks
     that every evidence item belongs to the document's patient and study)."""
     item = Dataset()
-    item.update(source)
+    for keyword in EVIDENCE_PATIENT_STUDY:
+        if keyword in source:
+            setattr(item, keyword, source[keyword].value)
     for keyword in ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID"):
         setattr(item, keyword, header[keyword].value)
     return item

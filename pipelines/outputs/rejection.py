@@ -17,26 +17,13 @@ from highdicom.sr import CodedConcept
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
-from pipelines.outputs.common import MANUFACTURER, patient_study_source
+from pipelines.outputs.common import EVIDENCE_PATIENT_STUDY, MANUFACTURER, patient_study_source
 from pipelines.outputs.uids import derive_uid
 
 REJECTED_FOR_QUALITY_REASONS = CodedConcept("113001", "DCM", "Rejected for Quality Reasons")
 REJECTION_SERIES_NUMBER = 907  # pipeline outputs use 901..904, failure notices 905..906
 REJECTION_VERSION = "1"
 SR_CLASS_PREFIX = "1.2.840.10008.5.1.4.1.1.88."  # SR and KOS storage classes: no pixels
-PATIENT_STUDY = (
-    "PatientName",
-    "PatientID",
-    "PatientBirthDate",
-    "PatientSex",
-    "StudyInstanceUID",
-    "StudyDate",
-    "StudyTime",
-    "ReferringPhysicianName",
-    "StudyID",
-    "AccessionNumber",
-    "SpecificCharacterSet",
-)
 
 
 @dataclass(frozen=True)
@@ -56,7 +43,7 @@ def reference_dataset(patient_study: Dataset, rejected: RejectedInstance) -> Dat
     IMAGE content items; SR objects become COMPOSITE items.
     """
     ds = Dataset()
-    for keyword in PATIENT_STUDY:
+    for keyword in EVIDENCE_PATIENT_STUDY:
         if keyword in patient_study:
             setattr(ds, keyword, patient_study[keyword].value)
     ds.SOPClassUID = rejected.sop_class_uid
