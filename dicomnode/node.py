@@ -31,6 +31,7 @@ from dicomnode.revisions import (
     RevisionStore,
     describe_output,
     group_retractions,
+    series_fingerprint,
 )
 from dicomnode.state import StateStore
 
@@ -210,8 +211,10 @@ class Node:
         """Record the job's outcome; queue its files and rejection notes that retract
         what it supersedes, all in one transaction."""
         outputs = [describe_output(job.id, path) for path in files]
+        written = {record.sop_instance_uid for record in outputs}
         stale_by = self.revisions.newer_finished_job(job)
         superseded = [] if stale_by is not None else self.revisions.superseded_by(job)
+        superseded = [r for r in superseded if r.sop_instance_uid not in written]  # replaced
         deliveries = [] if stale_by is not None else [Delivery(p, job.destinations) for p in files]
         retracted: list[OutputRecord] = []
         if self.reporting is not None:
@@ -247,16 +250,18 @@ class Node:
             raise RuntimeError("node is not started")
         output = self.config.state_dir / "results" / str(job.id)
         output.mkdir(parents=True, exist_ok=True)
+        paths = tuple(self.store.series_paths(job.series_instance_uid))
+        revision = self.revisions.assign_revision(job, series_fingerprint(paths))
         return JobSpec(
             job_id=job.id,
             series_uid=job.series_instance_uid,
             study_uid=job.study_instance_uid,
             pipeline=job.pipeline,
             rule=job.rule,
-            instance_paths=tuple(self.store.series_paths(job.series_instance_uid)),
+            instance_paths=paths,
             destinations=job.destinations,
             output_dir=output,
-            revision=self.revisions.revision_of(job),
+            revision=revision,
         )
 
     def is_idle(self) -> bool:

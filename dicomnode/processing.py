@@ -190,12 +190,17 @@ def write_rejection_note(spec: JobSpec, retraction: Retraction) -> Path:
     jobs = sorted({record.job_id for record in retraction.records})
     note = build_rejection_note(
         patient_study_header(spec, retraction),
-        [
-            RejectedInstance(
-                r.sop_class_uid, r.sop_instance_uid, r.series_instance_uid, r.study_instance_uid
+        list(
+            dict.fromkeys(  # an object re-sent unchanged by several jobs is listed once
+                RejectedInstance(
+                    r.sop_class_uid,
+                    r.sop_instance_uid,
+                    r.series_instance_uid,
+                    r.study_instance_uid,
+                )
+                for r in retraction.records
             )
-            for r in retraction.records
-        ],
+        ),
         spec.series_uid,
         f"job-{spec.job_id}|{retraction.key}",
         f"Results of job(s) {', '.join(map(str, jobs))} superseded by revision {spec.revision} "

@@ -3,8 +3,14 @@
 Every object a job queues (pipeline results or "analysis not performed" notices) is
 recorded in ``job_outputs`` with its SOP class, instance, series and study UIDs, so that
 when the same series is processed again (it changed after it was processed) the earlier
-objects can be retracted by a rejection note, also after a restart. A job's revision is
-the number of earlier jobs of its series plus one.
+objects can be retracted by a rejection note, also after a restart.
+
+A job's revision (``job_revisions``) counts the versions of its series' content: each job
+records a fingerprint of its series' spooled files; a job whose series changed since the
+previous job gets the highest earlier revision plus one (so, when every job saw a change,
+the number of earlier jobs plus one), and a job that sees exactly the files the previous
+job saw (the series was re-sent unchanged) keeps that job's revision, so its objects get
+the same UIDs and replace, rather than supersede, the ones PACS holds.
 
 Finishing a job is one transaction (:meth:`RevisionStore.finish`): the job's state and
 reason, its objects queued to its destinations, its objects recorded, the rejection
@@ -14,6 +20,7 @@ marked.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sqlite3
 from collections.abc import Sequence
@@ -32,7 +39,12 @@ CREATE TABLE IF NOT EXISTS job_outputs (
     study_instance_uid TEXT NOT NULL, source_series_uid TEXT NOT NULL, path TEXT NOT NULL,
     retracted_by INTEGER REFERENCES jobs (id), PRIMARY KEY (job_id, sop_instance_uid));
 CREATE INDEX IF NOT EXISTS job_outputs_source ON job_outputs (source_series_uid, job_id);
+CREATE TABLE IF NOT EXISTS job_revisions (
+    job_id INTEGER PRIMARY KEY REFERENCES jobs (id), series_instance_uid TEXT NOT NULL,
+    fingerprint TEXT NOT NULL, revision INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS job_revisions_series ON job_revisions (series_instance_uid, job_id);
 """
+READ_CHUNK = 1 << 20
 FINISHED_STATES = (JobState.DONE.value, JobState.FAILED.value)
 
 
@@ -69,6 +81,21 @@ class Delivery:
 
     path: Path
     destinations: tuple[str, ...]
+
+
+def series_fingerprint(paths: Sequence[Path]) -> str:
+    """sha256 over the names and contents of a series' spooled files (order-free)."""
+    digests = []
+    for path in paths:
+        digest = hashlib.sha256()
+        try:
+            with Path(path).open("rb") as handle:
+                while chunk := handle.read(READ_CHUNK):
+                    digest.update(chunk)
+        except OSError as exc:  # the pipeline will name the file; it still changes the print
+            digest.update(f"unreadable: {exc.errno}".encode())
+        digests.append(f"{Path(path).name}:{digest.hexdigest()}")
+    return hashlib.sha256("\n".join(sorted(digests)).encode()).hexdigest()
 
 
 def describe_output(job_id: int, path: Path) -> OutputRecord:
@@ -120,17 +147,46 @@ class RevisionStore:
                 if statement.strip():
                     db.execute(statement)
 
-    def revision_of(self, job: Job) -> int:
-        """1 + the number of earlier jobs of ``job``'s series."""
+    def assign_revision(self, job: Job, fingerprint: str) -> int:
+        """Record ``job``'s series fingerprint and return its revision: the previous
+        job's when the fingerprint is the same, else the highest earlier one plus one.
+
+        A job taken again after a restart is assigned again, with the same result when
+        its files did not change.
+        """
+        series = job.series_instance_uid
+        with self.store.transaction() as db:
+            previous = db.execute(
+                "SELECT fingerprint, revision FROM job_revisions WHERE series_instance_uid = ? "
+                "AND job_id < ? ORDER BY job_id DESC LIMIT 1",
+                (series, job.id),
+            ).fetchone()
+            highest = db.execute(
+                "SELECT max(revision) FROM job_revisions WHERE series_instance_uid = ? "
+                "AND job_id < ?",
+                (series, job.id),
+            ).fetchone()[0]
+            if previous is not None and previous["fingerprint"] == fingerprint:
+                revision = int(previous["revision"])
+            else:
+                revision = int(highest or 0) + 1
+            db.execute(
+                "INSERT OR REPLACE INTO job_revisions VALUES (?,?,?,?)",
+                (job.id, series, fingerprint, revision),
+            )
+        return revision
+
+    def revision_of(self, job: Job) -> int | None:
+        """The revision assigned to ``job``, or ``None`` before it was taken."""
         with self.store.transaction() as db:
             row = db.execute(
-                "SELECT count(*) FROM jobs WHERE series_instance_uid = ? AND id < ?",
-                (job.series_instance_uid, job.id),
+                "SELECT revision FROM job_revisions WHERE job_id = ?", (job.id,)
             ).fetchone()
-        return int(row[0]) + 1
+        return None if row is None else int(row[0])
 
     def superseded_by(self, job: Job) -> list[OutputRecord]:
-        """Objects of earlier jobs of ``job``'s series not yet retracted, oldest first."""
+        """Objects of earlier jobs of ``job``'s series not yet retracted, oldest first
+        (an object ``job`` writes again under the same UID is the caller's to keep)."""
         with self.store.transaction() as db:
             rows = db.execute(
                 "SELECT o.*, j.destinations FROM job_outputs o JOIN jobs j ON j.id = o.job_id "

@@ -130,3 +130,24 @@ def test_late_and_changed_instances_supersede(orthanc: Orthanc, tmp_path: Path) 
         assert node.revisions.retracted_by(first.id) == []
         seg2 = [s for s in revision2 if stored[s]["SOPClassUID"] == uid.SegmentationStorage]
         assert "rev 2" in download(orthanc, seg2[0], tmp_path / "pacs").SeriesDescription
+
+
+def test_series_resent_unchanged_replaces_with_the_same_uids(
+    orthanc: Orthanc, tmp_path: Path
+) -> None:
+    datasets = synthetic_head_ct(seed=32, n_slices=8, rows=128)
+    files = write_series(datasets, tmp_path / "series")
+    study_uid = str(datasets[0].StudyInstanceUID)
+    config = node_config(tmp_path / "node", orthanc)
+    with Node(config, processor(config), reporting()) as node:
+        storescu(node, files)
+        wait_jobs_finished(node, 1)
+        before = set(stored_in_study(orthanc, study_uid))
+        storescu(node, files)
+        wait_jobs_finished(node, 2)
+        first, second = node.jobs.all()
+        assert [node.revisions.revision_of(j) for j in (first, second)] == [1, 1]
+        again = {r.sop_instance_uid for r in node.revisions.outputs(second.id)}
+        assert again == before and len(before) == 3
+        assert set(stored_in_study(orthanc, study_uid)) == before  # no rejection note
+        assert node.revisions.retracted_by(second.id) == []
