@@ -8,6 +8,7 @@ objects and the rejection notes that retract a series' superseded results.
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -33,6 +34,7 @@ from dicomnode.revisions import (
     group_retractions,
     series_fingerprint,
 )
+from dicomnode.startup import StartupError, check_writable_dir
 from dicomnode.state import StateStore
 
 log = structlog.get_logger(__name__)
@@ -92,11 +94,32 @@ class Node:
         return self.config.state_dir / "dicomnode.sqlite3"
 
     def start(self) -> None:
-        """Open state, requeue interrupted jobs, start the loops and listen."""
-        self.config.spool_dir.mkdir(parents=True, exist_ok=True)
-        self.store = StateStore(self.database_path)
+        """Check folders, open state, requeue interrupted jobs, listen, start the loops.
+
+        Raises :class:`StartupError` (one line: an unwritable folder, a port in use, an
+        unreadable database) with nothing left running.
+        """
+        check_writable_dir(self.config.spool_dir, "spool_dir")
+        check_writable_dir(self.config.state_dir, "state_dir")
+        try:
+            self.store = StateStore(self.database_path)
+        except sqlite3.Error as exc:
+            raise StartupError(
+                f"cannot open the state database {self.database_path}: {exc}"
+            ) from None
         self.jobs, self.outbox = JobQueue(self.store), OutboxStore(self.store)
         self.revisions = RevisionStore(self.store)
+        try:
+            self._start_services()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start_services(self) -> None:
+        """Listen, start the background loops and the HTTP endpoint."""
+        assert self.store is not None
+        self._receiver = Receiver(self.config, self.store)
+        self._receiver.start()
         requeued = self.jobs.requeue_running()
         if requeued:
             log.warning("requeued jobs interrupted by a previous stop", count=requeued)
@@ -114,8 +137,6 @@ class Node:
             )
             thread.start()
             self._threads.append(thread)
-        self._receiver = Receiver(self.config, self.store)
-        self._receiver.start()
         if self.config.http is not None:
             self.health = HealthServer(
                 self.config.http.host,
@@ -157,13 +178,24 @@ class Node:
         self.stop()
 
     def _loop(self, name: str, step: Callable[[], object]) -> None:
-        """Run ``step`` until stopped, pausing ``poll_interval_s`` when it did nothing."""
+        """Run ``step`` until stopped, pausing ``poll_interval_s`` when it did nothing.
+
+        A step that keeps failing the same way (a full disk, a locked database) is logged
+        once with its traceback, then once more when it works again: never in a loop.
+        """
+        failing: str | None = None
         while not self._stop.is_set():
             try:
                 did_work = step()
-            except Exception:  # a loop must outlive one bad step; the error is logged
-                log.exception("background step failed", loop=name)
-                did_work = False
+            except Exception as exc:  # a loop must outlive one bad step; the error is logged
+                signature = f"{type(exc).__name__}: {exc}"
+                if signature != failing:
+                    log.exception("background step failed", loop=name)
+                failing, did_work = signature, False
+            else:
+                if failing is not None:
+                    log.info("background step works again", loop=name, after=failing)
+                failing = None
             if not did_work:
                 waiter = self._wake_outbox if name == "outbox" else self._stop
                 waiter.wait(self.config.poll_interval_s)

@@ -18,6 +18,7 @@ import structlog
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
+from dicomnode import phi
 from dicomnode.config import NodeConfig
 from dicomnode.failures import FailureKind, classify_failure, radiologist_sentence
 from dicomnode.node import JobSpec, Process, Reporting
@@ -69,6 +70,7 @@ def run_pipeline(
     Returns the written files in the order SEG, SC, SR, saliency SCs. Every failure is a
     ``JobFailure`` with its kind.
     """
+    phi.remember_files(paths)  # before loading can log one of their values
     try:
         series = load_series(paths)
     except VolumeLoadError as exc:

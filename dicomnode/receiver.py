@@ -23,9 +23,10 @@ from pynetdicom.association import Association as PynetAssociation
 from pynetdicom.events import Event, EventHandlerType
 from pynetdicom.transport import ThreadedAssociationServer
 
-from dicomnode import spool
+from dicomnode import phi, spool
 from dicomnode.config import NodeConfig
 from dicomnode.records import Association, InstanceRecord
+from dicomnode.startup import listen_error
 from dicomnode.state import StateStore
 from dicomnode.status import Status
 
@@ -170,7 +171,10 @@ class Receiver:
             (evt.EVT_C_STORE, self._on_store),
         ]
         address = (self.config.node.host, self.config.node.port)
-        self._server = self.build_ae().start_server(address, block=False, evt_handlers=handlers)
+        try:
+            self._server = self.build_ae().start_server(address, block=False, evt_handlers=handlers)
+        except OSError as exc:
+            raise listen_error("DICOM", address[0], address[1], exc) from None
         log.info("receiver listening", host=address[0], port=address[1])
 
     def stop(self) -> None:
@@ -225,9 +229,11 @@ class Receiver:
         try:
             ds = event.dataset
         except DECODE_ERRORS as exc:
+            phi.remember_encoded(event.encoded_dataset(), context.transfer_syntax or "")
             raise StoreRefused(
                 Status.CANNOT_UNDERSTAND_UNDECODABLE, f"cannot decode: {exc}"
             ) from exc
+        phi.remember_identifiers(ds)  # before anything can log one of its values
         ident = identify(ds, context.abstract_syntax or "")
         bound = log.bind(study_uid=ident.study, series_uid=ident.series)
         try:
