@@ -125,6 +125,9 @@ class WorkerSettings(_Model):
     """Pipeline workers: how many threads take jobs from the queue."""
 
     threads: int = Field(default=1, ge=1, le=16)
+    # A job that meets a full disk is kept and retried (back-off up to a minute) for this
+    # long; only then does it fail, with an "analysis not performed" notice to PACS.
+    disk_full_retry_s: float = Field(default=3600.0, ge=0)
 
 
 class HttpSettings(_Model):

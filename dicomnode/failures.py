@@ -7,16 +7,15 @@ failure always gets the same kind and sentence.
 
 from __future__ import annotations
 
-import errno
 import re
 from collections.abc import Iterator
 from enum import StrEnum
 
+from dicomnode.disk import is_disk_full_error
 from model_store.registry import ModelStoreError
 from pipelines.base import ModelRefused, NotHeadCt, PipelineUnavailable
 from pipelines.volume import InconsistentSeries, VolumeLoadError
 
-DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 CLINICAL_TABLE_PREFIX = "clinical table"  # ht_after_mt's reason for an unreadable table
 INCONSISTENT_WORDS = re.compile(  # how a series-consistency check names what differs
     r"\b(patients|patient ?ids|studies|study ?instance ?uids|frames? of reference"
@@ -92,7 +91,7 @@ def _kind_of(exc: BaseException) -> FailureKind | None:
     declared = getattr(exc, "kind", None)
     if isinstance(declared, FailureKind):
         return declared
-    if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
+    if is_disk_full_error(exc):
         return FailureKind.DISK_FULL
     if isinstance(exc, (ModelStoreError, ModelRefused)):
         return FailureKind.MODEL_REFUSED

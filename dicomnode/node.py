@@ -8,11 +8,12 @@ objects and the rejection notes that retract a series' superseded results.
 
 from __future__ import annotations
 
+import functools
 import sqlite3
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
 
@@ -20,6 +21,7 @@ import structlog
 
 from dicomnode.assembler import Assembler
 from dicomnode.config import NodeConfig
+from dicomnode.disk import caused_by_full_disk
 from dicomnode.health import HealthServer
 from dicomnode.jobs import JobQueue, OutboxStore
 from dicomnode.outbox import OutboxProcessor
@@ -68,6 +70,41 @@ class Reporting:
 
     failure: FailureReport
     retraction: RetractionNote
+
+
+DISK_FULL_BACKOFF_S = (5.0, 60.0)  # first retry after 5 s, doubling up to a minute
+
+
+@dataclass
+class _HeldJob:
+    """A claimed job a worker keeps back because the disk was full."""
+
+    job: Job
+    since: float
+    retry_at: float
+    tries: int
+
+
+@dataclass
+class _WorkerSlot:
+    """One worker thread's own state: the job it holds back, if any."""
+
+    held: _HeldJob | None = None
+
+    def hold(self, job: Job, now: float, exc: BaseException) -> None:
+        """Keep ``job`` for a later try; log the first time only."""
+        first, maximum = DISK_FULL_BACKOFF_S
+        if self.held is None or self.held.job.id != job.id:
+            self.held = _HeldJob(job, since=now, retry_at=now + first, tries=1)
+            log.warning(
+                "job postponed: disk full; it will be retried", job_id=job.id,
+                error=f"{type(exc).__name__}: {exc}",
+            )  # fmt: skip
+            return
+        tries = self.held.tries + 1
+        self.held = replace(
+            self.held, retry_at=now + min(first * 2 ** (tries - 1), maximum), tries=tries
+        )
 
 
 class Node:
@@ -130,7 +167,10 @@ class Node:
             ("assembler", lambda: assembler.assemble(time.time())),
             ("outbox", sender.process_due),
         ]
-        loops += [(f"worker-{i}", self._work_once) for i in range(self.config.worker.threads)]
+        loops += [
+            (f"worker-{i}", functools.partial(self._work_once, _WorkerSlot()))
+            for i in range(self.config.worker.threads)
+        ]
         for name, step in loops:
             thread = threading.Thread(
                 target=self._loop, args=(name, step), name=f"dicomnode-{name}", daemon=True
@@ -202,26 +242,54 @@ class Node:
                 if name == "outbox":
                     self._wake_outbox.clear()
 
-    def _work_once(self) -> bool:
-        """Take one job, run the pipeline, queue its results; False when none was queued."""
-        job = self.jobs.claim(time.time())
+    def _work_once(self, slot: _WorkerSlot) -> bool:
+        """Take one job (or the one this worker holds back), run it; False when idle.
+
+        A job that meets a full disk stays with this worker and is retried with back-off
+        (logged once, and once more when it runs again), for ``worker.disk_full_retry_s``;
+        after that it fails as a full disk and PACS is told so.
+        """
+        now = time.time()
+        held = slot.held
+        if held is not None and now < held.retry_at:
+            return False
+        job = held.job if held is not None else self.jobs.claim(now)
         if job is None:
             return False
+        give_up = held is not None and now - held.since >= self.config.worker.disk_full_retry_s
+        try:
+            self._run_job(job, retry_disk_full=not give_up)
+        except Exception as exc:
+            if not caused_by_full_disk(exc):
+                raise
+            slot.hold(job, now, exc)
+            return False
+        if held is not None:
+            log.info("job resumed after a full disk", job_id=job.id, waited_s=now - held.since)
+        slot.held = None
+        return True
+
+    def _run_job(self, job: Job, *, retry_disk_full: bool) -> None:
+        """Run one job's pipeline and record its results, or its failure and notices.
+
+        A full disk is raised to the caller (to hold the job) while ``retry_disk_full``.
+        """
         spec = self._spec(job)
         bound = log.bind(job_id=job.id, study_uid=spec.study_uid, series_uid=spec.series_uid)
         bound.info("job started", pipeline=job.pipeline, instances=len(spec.instance_paths))
         try:
             results = self.process(spec)
         except Exception as exc:  # the single edge where a pipeline's failure is caught
+            if retry_disk_full and caused_by_full_disk(exc):
+                raise
             reason = str(exc) or type(exc).__name__
             bound.exception("job failed", reason=reason)
             notices = self._failure_notices(spec, exc)
             self._finish(job, spec, JobState.FAILED, reason, notices)
             bound.info("failure reported", objects=len(notices))
-            return True
+            return
         self._finish(job, spec, JobState.DONE, None, results)
         bound.info("job done", results=len(results), revision=spec.revision)
-        return True
 
     def _failure_notices(self, spec: JobSpec, exc: BaseException) -> list[Path]:
         """The "analysis not performed" files of a failed job; none without reporting
