@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pydicom import uid
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
+from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.tag import Tag
 
@@ -37,6 +37,7 @@ from dicomnode.status import Status
 # What reading a malformed dataset from the network can raise (pydicom parses lazily).
 DECODE_ERRORS = (
     InvalidDicomError,
+    BytesLengthException,
     ValueError,
     TypeError,
     KeyError,

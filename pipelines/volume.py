@@ -84,7 +84,7 @@ def load_datasets(
     images = [ds for ds in datasets if not is_localizer(ds)]
     if not images:
         raise VolumeLoadError("the series holds no image other than localizers")
-    check_same_value(images, "frame of reference", ("FrameOfReferenceUID",))
+    check_same_value(images, "frames of reference", ("FrameOfReferenceUID",))
     without_pixels = [ds for ds in images if "PixelData" not in ds]
     if without_pixels:
         raise VolumeLoadError(
@@ -147,15 +147,15 @@ def check_same_value(datasets: Sequence[Dataset], what: str, keywords: Sequence[
     if len(counts) > 1:
         sizes = " and ".join(str(n) for n in sorted(counts.values(), reverse=True))
         raise VolumeLoadError(
-            f"the series mixes {len(counts)} {what}s ({' / '.join(keywords)} differ: "
+            f"the series mixes {len(counts)} {what} ({' / '.join(keywords)} differ: "
             f"{sizes} instances)"
         )
 
 
 def check_one_series(datasets: Sequence[Dataset]) -> None:
     """One patient (PatientID with its issuer), one study and one series UID."""
-    check_same_value(datasets, "patient", ("PatientID", "IssuerOfPatientID"))
-    check_same_value(datasets, "study", ("StudyInstanceUID",))
+    check_same_value(datasets, "patients", ("PatientID", "IssuerOfPatientID"))
+    check_same_value(datasets, "studies", ("StudyInstanceUID",))
     check_same_value(datasets, "series", ("SeriesInstanceUID",))
 
 
