@@ -142,7 +142,7 @@ class LimitsSettings(_Model):
     ``max_decoded_bytes`` bounds Rows x Columns x Samples x Frames x bytes per sample.
     """
 
-    max_inflated_bytes: int = Field(default=1 << 30, ge=1 << 16)
+    max_inflated_bytes: int = Field(default=1 << 29, ge=1 << 16)
     max_decoded_bytes: int = Field(default=1 << 30, ge=1 << 16)
 
 

@@ -26,11 +26,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from pydicom import uid
+from pydicom.datadict import dictionary_has_tag, dictionary_VR
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.tag import Tag
+from pydicom.valuerep import VR
 
 from dicomnode.status import Status
 
@@ -55,9 +57,15 @@ UNDEFINED_LENGTH = 0xFFFFFFFF
 ITEM_HEADER_BYTES = 8
 BOT_ENTRY_BYTES = 4
 EOT_ENTRY_BYTES = 8
-INFLATE_CHUNK_BYTES = 1 << 20
+INFLATE_CHUNK_BYTES = 1 << 20  # most output held at once while measuring an inflation
+INFLATE_INPUT_BYTES = 1 << 14  # input fed per step, so re-fed tails stay small
 ALLOWED_BITS_ALLOCATED = frozenset({1, 8, 16, 32})
 BITS_PER_BYTE = 8
+KNOWN_VRS = frozenset(vr.value for vr in VR)
+FIXED_VR_SIZES: dict[str, int] = {
+    "US": 2, "SS": 2, "UL": 4, "SL": 4, "FL": 4, "FD": 8, "AT": 4, "UV": 8, "SV": 8,
+    "OW": 2, "OL": 4, "OF": 4, "OD": 8, "OV": 8,
+}  # fmt: skip
 MAX_RESCALED_MAGNITUDE = 3.0e38  # just under float32's largest value: HU arrays are float32
 
 SAMPLES_FOR_PHOTOMETRIC: dict[str, int] = {
@@ -132,23 +140,27 @@ class PixelAttributes:
 def check_inflated_size(deflated: bytes, max_bytes: int) -> Refusal | None:
     """Inflate a raw deflate stream in bounded chunks, refusing it past ``max_bytes``.
 
-    Only a counter grows: each chunk is dropped once counted, so a deflate bomb costs at
-    most :data:`INFLATE_CHUNK_BYTES` of memory.
+    Only a counter grows: each output chunk is dropped once counted and the input is fed
+    in small pieces, so a deflate bomb costs at most :data:`INFLATE_CHUNK_BYTES` of memory
+    and time linear in the cap.
     """
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
     total = 0
-    pending = deflated
     try:
-        while True:
-            chunk = inflater.decompress(pending, INFLATE_CHUNK_BYTES)
-            total += len(chunk)
-            if total > max_bytes:
-                return Refusal(
-                    Status.OUT_OF_RESOURCES_INFLATED_SIZE,
-                    f"deflated dataset inflates beyond the cap of {max_bytes} bytes",
-                )
-            pending = inflater.unconsumed_tail
-            if not pending and not chunk:
+        for start in range(0, len(deflated), INFLATE_INPUT_BYTES):
+            pending = deflated[start : start + INFLATE_INPUT_BYTES]
+            while not inflater.eof:
+                produced = len(inflater.decompress(pending, INFLATE_CHUNK_BYTES))
+                total += produced
+                if total > max_bytes:
+                    return Refusal(
+                        Status.OUT_OF_RESOURCES_INFLATED_SIZE,
+                        f"deflated dataset inflates beyond the cap of {max_bytes} bytes",
+                    )
+                pending = inflater.unconsumed_tail
+                if not pending and produced < INFLATE_CHUNK_BYTES:
+                    break  # this piece is used up and no output is held back
+            if inflater.eof:
                 break
     except zlib.error as exc:
         return Refusal(Status.DEFLATE_STREAM_INVALID, f"corrupt deflate stream ({exc})")
@@ -157,20 +169,53 @@ def check_inflated_size(deflated: bytes, max_bytes: int) -> Refusal | None:
     return None
 
 
+def _structure_problem(elem: RawDataElement) -> str:
+    """What is wrong with a raw element's VR or length (``""`` when nothing): an unknown
+    VR, or a length that is not a multiple of its fixed-size VR's value size."""
+    if elem.VR is None:
+        return ""
+    if elem.VR not in KNOWN_VRS:
+        return "unknown VR"
+    size = FIXED_VR_SIZES.get(elem.VR)
+    if size and elem.length != UNDEFINED_LENGTH and elem.length % size:
+        return f"length {elem.length} for {elem.VR}"
+    return ""
+
+
+def _is_sequence(tag: int, elem: DataElement | RawDataElement | None) -> bool:
+    """Whether an element is a sequence; in implicit VR by the dictionary, or for
+    unknown tags by an undefined length outside Pixel Data."""
+    if elem is None:
+        return False
+    if elem.VR is not None:
+        return bool(elem.VR == "SQ")
+    if dictionary_has_tag(tag):
+        return bool(dictionary_VR(tag) == "SQ")
+    return isinstance(elem, RawDataElement) and elem.length == UNDEFINED_LENGTH
+
+
 def check_parses(ds: Dataset) -> Refusal | None:
-    """Every element, nested ones included, converts from its raw bytes."""
+    """Every element, nested ones included, has a known VR and a length its VR allows.
+
+    Raw elements are checked without converting their values (cheap: a few microseconds
+    per element); sequences are converted to reach their items.
+    """
     for tag in list(ds.keys()):
         try:
-            elem = ds[tag]
-            items = elem.value if elem.VR == "SQ" else ()
-            for item in items:
+            elem = ds.get_item(tag)
+            problem = _structure_problem(elem) if isinstance(elem, RawDataElement) else ""
+            if problem:
+                return Refusal(
+                    Status.CANNOT_UNDERSTAND_UNDECODABLE, f"element {Tag(tag)}: {problem}"
+                )
+            for item in ds[tag].value if _is_sequence(tag, elem) else ():
                 nested = check_parses(item)
                 if nested is not None:
                     return nested
         except DECODE_ERRORS as exc:
             return Refusal(
                 Status.CANNOT_UNDERSTAND_UNDECODABLE,
-                f"cannot decode element {tag} ({type(exc).__name__})",
+                f"cannot decode element {Tag(tag)} ({type(exc).__name__})",
             )
     return None
 
