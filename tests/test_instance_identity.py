@@ -9,9 +9,16 @@ from pathlib import Path
 
 import pytest
 from pydicom import uid
+from pydicom.dataset import Dataset
+from pynetdicom import AE
 
+from dicomnode.config import default_config
+from dicomnode.node import Node
 from dicomnode.records import Association, InstanceRecord, RecordOutcome, SeriesState
 from dicomnode.state import InstanceConflict, StateStore
+from dicomnode.status import Status
+from pipelines.synthetic import synthetic_head_ct
+from tests.support import free_port
 
 SERIES, STUDY = "1.2.3.4", "1.2.3"
 
@@ -101,3 +108,40 @@ def test_old_database_gains_the_new_columns(tmp_path: Path) -> None:
     assert series is not None and series.revision == 0 and series.instance_count == 1
     assert reopened.record_instance(_record(1)) is RecordOutcome.REPLACED
     assert reopened.record_instance(_record(1)) is RecordOutcome.UNCHANGED
+
+
+def test_identical_resend_of_an_instance_stored_before_hashes(tmp_path: Path) -> None:
+    """An instance recorded without a hash (older database) is compared by the hash of its
+    spooled file: an identical re-send over the network rewrites nothing."""
+    config = default_config(tmp_path, free_port())
+    config.routes = []
+    ds = synthetic_head_ct(11, n_slices=1, rows=32)[0]
+    with Node(config, lambda spec: []) as node:
+        assert _send(node, ds) == Status.SUCCESS
+        assert node.store is not None
+        with node.store.transaction() as db:
+            db.execute("UPDATE instances SET sha256 = NULL")
+        path = node.store.instance_path(str(ds.SOPInstanceUID))
+        assert path is not None
+        written = path.stat().st_mtime_ns
+        assert _send(node, ds) == Status.SUCCESS
+        assert path.stat().st_mtime_ns == written
+        stored = node.store.stored_instance(str(ds.SOPInstanceUID))
+        assert stored is not None and stored.sha256 is None  # nothing recorded either
+        ds.WindowWidth = "90"
+        assert _send(node, ds) == Status.SUCCESS
+        assert path.stat().st_mtime_ns != written
+        series = node.store.get_series(str(ds.SeriesInstanceUID))
+        assert series is not None and series.revision == 1
+
+
+def _send(node: Node, ds: Dataset) -> int:
+    """C-STORE one dataset to the node with pynetdicom; return the status."""
+    ae = AE(ae_title="PYNETDICOM")
+    ae.add_requested_context(ds.SOPClassUID, uid.ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", node.config.node.port, ae_title="DICOMNODE")
+    assert assoc.is_established
+    try:
+        return int(assoc.send_c_store(ds).Status)
+    finally:
+        assoc.release()
