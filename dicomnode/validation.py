@@ -6,14 +6,15 @@ own DIMSE status (see :mod:`dicomnode.status` and README "C-STORE statuses") and
 reason for the log that names attributes and numbers, never attribute values that could
 identify a patient.
 
-What is checked, in order: every element parses; Modality matches the SOP class; the
-Image Pixel attributes are present, in range and consistent; the decoded size is under
-the cap; Pixel Data is present, non-empty and either native with the exact length the
-attributes require (one padding byte allowed) or encapsulated with well-formed items,
-non-empty fragments, at least one fragment per frame and consistent offset tables;
-Rescale Slope and Intercept (top level and in functional groups) are finite, the slope
-positive and the rescaled range representable. Deflated datasets are measured by
-:func:`check_inflated_size` before anything inflates them whole.
+What is checked, in order: every element (nested ones included) has a known VR and a
+length its VR allows, checked on the raw bytes without converting values; Modality
+matches the SOP class; the Image Pixel attributes are present, in range and consistent;
+the decoded size is under the cap; Pixel Data is present, non-empty and either native
+with the exact length the attributes require (one padding byte allowed) or encapsulated
+with well-formed items, non-empty fragments, at least one fragment per frame and
+consistent offset tables; Rescale Slope and Intercept (top level and in functional
+groups) are finite, the slope positive and the rescaled range representable. Deflated
+datasets are measured by :func:`check_inflated_size` before anything inflates them whole.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.multival import MultiValue
+from pydicom.sequence import Sequence
 from pydicom.tag import Tag
 from pydicom.valuerep import VR
 
@@ -208,7 +210,8 @@ def check_parses(ds: Dataset) -> Refusal | None:
                 return Refusal(
                     Status.CANNOT_UNDERSTAND_UNDECODABLE, f"element {Tag(tag)}: {problem}"
                 )
-            for item in ds[tag].value if _is_sequence(tag, elem) else ():
+            value = ds[tag].value if _is_sequence(tag, elem) else None
+            for item in value if isinstance(value, Sequence) else ():
                 nested = check_parses(item)
                 if nested is not None:
                     return nested
