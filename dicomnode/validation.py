@@ -50,6 +50,7 @@ DECODE_ERRORS = (
     OverflowError,
     NotImplementedError,
     struct.error,
+    OSError,  # pydicom reading a malformed sequence item from memory
 )
 
 PIXEL_DATA_TAG = Tag(0x7FE0, 0x0010)

@@ -198,6 +198,17 @@ def _patch_at(tag: bytes, offset: int, new: bytes) -> Callable[[bytes], bytes]:
     return cut
 
 
+def _with_private_sequence(base: Dataset) -> Dataset:
+    """``base`` with a private undefined-length sequence holding one US element."""
+    ds = copy.deepcopy(base)
+    ds.add_new(0x00090010, "LO", "ACME")
+    item = Dataset()
+    item.add_new(0x00091001, "US", 7)
+    ds.add_new(0x00091010, "SQ", Sequence([item]))
+    ds[0x00091010].is_undefined_length = True
+    return ds
+
+
 def _deflate(data: bytes) -> bytes:
     """A raw deflate stream of ``data``."""
     compressor = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
@@ -484,6 +495,12 @@ def instance_cases(base: Dataset) -> list[Case]:
             "Modality with an unknown VR",
             base,
             _patch_at(MODALITY_TAG, 4, b"ZZ"),
+            Status.CANNOT_UNDERSTAND_UNDECODABLE,
+        ),
+        _bytes_case(
+            "corrupt item in a nested sequence",
+            _with_private_sequence(base),
+            _patch_at(b"\x09\x00\x01\x10US", 6, b"\x03\x00"),
             Status.CANNOT_UNDERSTAND_UNDECODABLE,
         ),
         _bytes_case(

@@ -338,3 +338,30 @@ def test_readme_status_table_matches_the_enum() -> None:
     assert found.group(1) == status_table_markdown(), (
         "README status table is stale; replace it with dicomnode.status.status_table_markdown()"
     )
+
+
+def test_private_sequences_pass_in_both_vr_encodings(slices: list[Dataset]) -> None:
+    """A private undefined-length sequence is walked, not refused, explicit or implicit;
+    a bad length inside one is found."""
+    ds = copy.deepcopy(slices[0])
+    ds.add_new(0x00090010, "LO", "ACME")
+    item = Dataset()
+    item.add_new(0x00091001, "US", 7)
+    ds.add_new(0x00091010, "SQ", Sequence([item]))
+    ds[0x00091010].is_undefined_length = True
+    assert _check(ds, uid.ImplicitVRLittleEndian) is None
+    assert _check(ds) is None
+    for undefined in (True, False):
+        ds[0x00091010].is_undefined_length = undefined
+        data = encode(ds, False, True)
+        assert data is not None
+        at = data.index(b"\x09\x00\x01\x10US")  # the nested private US
+        broken = data[: at + 6] + b"\x03\x00" + data[at + 8 :]  # length 3
+        try:  # undefined-length items are read at once: the receiver catches this
+            parsed = decode(io.BytesIO(broken), False, True)
+        except validation.DECODE_ERRORS:
+            assert undefined
+            continue
+        refusal = validation.check_instance(parsed, uid.ExplicitVRLittleEndian, ds.SOPClassUID, CAP)
+        assert refusal is not None and refusal.status == Status.CANNOT_UNDERSTAND_UNDECODABLE
+        assert "(0009,1001)" in refusal.reason
