@@ -90,7 +90,7 @@ STATUS_MEANINGS: dict[Status, str] = {
         "empty fragment, fewer fragments than frames, or an inconsistent Basic or "
         "Extended Offset Table; or encapsulated Pixel Data in a native syntax"
     ),
-    Status.DEFLATE_STREAM_INVALID: "A deflated dataset whose deflate stream is corrupt",
+    Status.DEFLATE_STREAM_INVALID: "A deflated dataset whose stream is corrupt or cut short",
     Status.COERCION_OF_DATA_ELEMENTS: DESTINATION_WARNING,
     Status.ELEMENT_DISCARDED: DESTINATION_WARNING,
     Status.DATASET_DOES_NOT_MATCH_SOP_CLASS_WARNING: DESTINATION_WARNING,
