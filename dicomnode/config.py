@@ -137,6 +137,18 @@ class HttpSettings(_Model):
     port: Port = 8080
 
 
+class LimitsSettings(_Model):
+    """Caps on what one received instance may cost in memory, checked before Success.
+
+    ``max_inflated_bytes`` bounds a Deflated Explicit VR Little Endian dataset once
+    inflated (checked while inflating, so a deflate bomb never fills memory);
+    ``max_decoded_bytes`` bounds Rows x Columns x Samples x Frames x bytes per sample.
+    """
+
+    max_inflated_bytes: int = Field(default=1 << 29, ge=1 << 16)
+    max_decoded_bytes: int = Field(default=1 << 30, ge=1 << 16)
+
+
 class NodeConfig(_Model):
     """Everything the node needs, validated once and passed explicitly."""
 
@@ -151,6 +163,7 @@ class NodeConfig(_Model):
     outbox: OutboxSettings = OutboxSettings()
     worker: WorkerSettings = WorkerSettings()
     http: HttpSettings | None = None
+    limits: LimitsSettings = LimitsSettings()
     default_pipeline: str = "hyperdense_regions"  # used when a rule's pipeline is unavailable
 
     @model_validator(mode="after")

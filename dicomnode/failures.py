@@ -7,7 +7,6 @@ failure always gets the same kind and sentence.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from enum import StrEnum
 
@@ -17,11 +16,6 @@ from pipelines.base import ModelRefused, NotHeadCt, PipelineUnavailable
 from pipelines.volume import InconsistentSeries, VolumeLoadError
 
 CLINICAL_TABLE_PREFIX = "clinical table"  # ht_after_mt's reason for an unreadable table
-INCONSISTENT_WORDS = re.compile(  # how a series-consistency check names what differs
-    r"\b(patients|patient ?ids|studies|study ?instance ?uids|frames? of reference"
-    r"|frame ?of ?reference ?uids)\b",
-    re.IGNORECASE,
-)
 
 
 class FailureKind(StrEnum):
@@ -102,8 +96,6 @@ def _kind_of(exc: BaseException) -> FailureKind | None:
     if isinstance(exc, InconsistentSeries):
         return FailureKind.INCONSISTENT_SERIES
     if isinstance(exc, VolumeLoadError):
-        if INCONSISTENT_WORDS.search(str(exc)):
-            return FailureKind.INCONSISTENT_SERIES
         return FailureKind.UNLOADABLE_SERIES
     if str(exc).lower().startswith(CLINICAL_TABLE_PREFIX):
         return FailureKind.CLINICAL_TABLE_UNREADABLE
@@ -114,11 +106,7 @@ def classify_failure(exc: BaseException) -> FailureKind:
     """The kind of a job's failure: the first exception in its cause chain that names
     one (a declared ``kind``, disk full, a refused or absent model, not a head CT, an
     inconsistent or unloadable series, an unreadable clinical table), else a pipeline
-    error.
-
-    A ``VolumeLoadError`` that is not an ``InconsistentSeries`` counts as inconsistent
-    when its message names patients, studies or frames of reference.
-    """
+    error."""
     for item in _chain(exc):
         kind = _kind_of(item)
         if kind is not None:

@@ -71,9 +71,6 @@ AIR_STORED = 0  # stored value of -1024 HU with the synthetic rescale intercept
             InconsistentSeries("frames have different pixel spacings"),
             FailureKind.INCONSISTENT_SERIES,
         ),
-        (VolumeLoadError("the series holds 2 patients"), FailureKind.INCONSISTENT_SERIES),
-        (VolumeLoadError("2 frames of reference"), FailureKind.INCONSISTENT_SERIES),
-        (VolumeLoadError("3 PatientIDs in one series"), FailureKind.INCONSISTENT_SERIES),
         (
             VolumeLoadError("an image lacks plane geometry (no attribute 'ImagePositionPatient')"),
             FailureKind.UNLOADABLE_SERIES,
