@@ -18,7 +18,7 @@ from dicomnode.node import Node
 from dicomnode.offline import non_dicom_files, run_folder
 from dicomnode.phi import scrub
 from dicomnode.pipelines_check import check_pipelines_at_start
-from dicomnode.processing import JobFailure, check_pipelines, processor
+from dicomnode.processing import JobFailure, check_pipelines, processor, reporting
 from dicomnode.startup import StartupError
 
 # Run as a command (not called from Python with arguments), these keep stderr all JSON.
@@ -46,7 +46,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
     plan = check_pipelines_at_start(config)
-    with Node(config, processor(config, plan), plan.to_json):
+    with Node(config, processor(config, plan=plan), reporting(), pipelines=plan.to_json):
         _say(f"{config.node.ae_title} listening on {config.node.host}:{config.node.port}")
         stop.wait()
     return 0

@@ -10,8 +10,9 @@ never removes the imaging results); the
 combined model of the promoted version gives the probability, classified at its
 training cut-off; Grad-CAM of the CNN on the lesion's largest cross-section and the
 frames two below and above it gives the heat maps. The model is loaded and hash-checked
-once, by :meth:`HtAfterMtPipeline.check` at start-up or on the first run; a model that
-fails its checks makes the pipeline unavailable (``PipelineUnavailable``).
+once, by :meth:`HtAfterMtPipeline.check` at start-up (a model that fails its checks
+there makes the pipeline unavailable: the node runs its default instead) or on the first
+run.
 """
 
 from __future__ import annotations
@@ -94,22 +95,21 @@ class HtAfterMtPipeline:
 
     @property
     def model(self) -> HtModel:
-        """The model version, loaded and hash-checked on first use; ``PipelineUnavailable``
-        when a file is missing or changed."""
+        """The model version, loaded and hash-checked on first use (``ModelStoreError``
+        when a file is missing or changed: the job fails as a refused model)."""
         with self._lock:
             if self._model is None:
-                try:
-                    self._model = HtModel.load(self.version, self.root)
-                except ModelStoreError as exc:
-                    raise PipelineUnavailable(
-                        f"model {MODEL_NAME} {self.version} refused: {exc}"
-                    ) from exc
+                self._model = HtModel.load(self.version, self.root)
             return self._model
 
     def check(self) -> None:
         """Load and verify the model now (manifest, every file's sha256, radiomics
-        parameters, CNN weights): ``PipelineUnavailable`` saying what is wrong."""
-        _ = self.model
+        parameters, CNN weights); ``PipelineUnavailable`` saying what is wrong, so that
+        the node starts with its default pipeline in this one's place."""
+        try:
+            _ = self.model
+        except ModelStoreError as exc:
+            raise PipelineUnavailable(f"model {MODEL_NAME} {self.version} refused: {exc}") from exc
 
     def _lookup(self, ds: Dataset) -> tuple[RowLookup, str]:
         """The study's table row, or why there is none, and where the variables came from.
