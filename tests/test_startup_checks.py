@@ -124,6 +124,8 @@ def test_a_tampered_model_is_unavailable_before_any_job(store: Path) -> None:
         pipeline.check()
     with pytest.raises(PipelineUnavailable, match=r"cnn\.safetensors"):
         verified_pipeline("ht_after_mt", lambda _: HtAfterMtPipeline(root=store))
+    with pytest.raises(ModelStoreError, match=r"cnn\.safetensors"):
+        _ = HtAfterMtPipeline(root=store).model  # at run time: a refused model fails the job
     assert verified_pipeline("ht_after_mt") is get_pipeline("ht_after_mt")  # bundled: intact
 
 
