@@ -14,6 +14,7 @@ from pynetdicom import AE
 from pynetdicom.presentation import PresentationContext, build_context
 
 from dicomnode.config import Destination
+from dicomnode.tls import client_context
 
 log = structlog.get_logger(__name__)
 
@@ -59,7 +60,13 @@ def send_files(
     ae = AE(ae_title=calling_aet)
     ae.requested_contexts = contexts
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
-    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    tls = destination.tls
+    tls_args = (
+        None if tls is None else (client_context(tls), tls.server_hostname or destination.host)
+    )
+    assoc = ae.associate(
+        destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args
+    )
     if not assoc.is_established:
         why = "rejected" if assoc.is_rejected else "not established (refused or aborted)"
         error = f"association {why}: {destination.ae_title}@{destination.host}:{destination.port}"
