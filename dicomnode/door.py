@@ -337,6 +337,7 @@ class GuardedAssociationServer(ThreadedAssociationServer):
     """pynetdicom's threaded server with :class:`Door` applied to every connection."""
 
     daemon_threads = True  # stopping never waits for peers; associations end on their own
+    request_queue_size = 128  # listen() backlog: a burst of connects must not drop SYNs
 
     def __init__(
         self,
