@@ -21,6 +21,7 @@ pynetdicom's server.
 
 from __future__ import annotations
 
+import re
 import socket
 import ssl
 import threading
@@ -43,6 +44,11 @@ from pynetdicom.utils import make_target
 log = structlog.get_logger(__name__)
 
 Peer = tuple[str, int]
+
+# pynetdicom's DUL thread polls its socket every ``_run_loop_delay`` s (1 ms by default):
+# a few dozen silent connections would then keep the CPUs busy. Until its request comes,
+# a connection is polled every PENDING_POLL_S (what a sender waits once, at most).
+PENDING_POLL_S = 0.02
 
 
 class RejectResult(IntEnum):
@@ -134,9 +140,15 @@ class Connection:
     sock: socket.socket
     opened: float
     association: Association | None = None
+    active_poll_s: float = 0.001  # the DUL poll delay to restore once a request came
     requested: bool = False
     counted: bool = False  # an accepted request that holds an association slot
     close_reason: str | None = None
+
+
+def _waiting(conn: Connection) -> bool:
+    """Whether a connection still waits for its A-ASSOCIATE-RQ and is not being closed."""
+    return not conn.requested and conn.close_reason is None
 
 
 def choose_evictions(pending: Sequence[Connection], limit: int) -> list[Connection]:
@@ -203,18 +215,21 @@ class Door:
         """Register an accepted connection; return pending ones to close (already marked)."""
         with self._lock:
             self._connections[id(sock)] = Connection(peer, sock, self.clock())
-            pending = [c for c in self._connections.values() if not c.requested]
+            pending = [c for c in self._connections.values() if _waiting(c)]
             victims = choose_evictions(pending, self.limits.max_pending_connections)
             for victim in victims:
                 victim.close_reason = EVICTED_REASON.format(n=len(pending))
             return victims
 
     def attach(self, sock: socket.socket, association: Association) -> None:
-        """Remember the association serving ``sock`` (to find it, and wake it when closing)."""
+        """Remember the association serving ``sock`` (to find it, and wake it when closing)
+        and slow its socket polling until its request comes."""
         with self._lock:
             conn = self._connections.get(id(sock))
             if conn is not None:
                 conn.association = association
+                conn.active_poll_s = association.dul._run_loop_delay
+                association.dul._run_loop_delay = PENDING_POLL_S
 
     def request(self, association: Association, refusal: Rejection | None) -> Rejection | None:
         """An A-ASSOCIATE-RQ arrived: return the rejection to send, or ``None`` to go on.
@@ -229,6 +244,7 @@ class Door:
             if conn is None:
                 return refusal
             conn.requested = True
+            association.dul._run_loop_delay = conn.active_poll_s
             if refusal is not None:
                 return refusal
             counted = [c for c in self._connections.values() if c.counted]
@@ -250,11 +266,7 @@ class Door:
         deadline = self.clock() - self.limits.request_timeout_s
         reason = TIMEOUT_REASON.format(s=self.limits.request_timeout_s)
         with self._lock:
-            late = [
-                c
-                for c in self._connections.values()
-                if not c.requested and c.close_reason is None and c.opened <= deadline
-            ]
+            late = [c for c in self._connections.values() if _waiting(c) and c.opened <= deadline]
             for conn in late:
                 conn.close_reason = reason
             return late
@@ -265,10 +277,10 @@ class Door:
             return [c for c in self._connections.values() if not c.requested]
 
     def counts(self) -> tuple[int, int]:
-        """``(pending connections, associations holding a slot)`` right now."""
+        """``(pending connections not being closed, associations holding a slot)``."""
         with self._lock:
             conns = list(self._connections.values())
-        return sum(1 for c in conns if not c.requested), sum(1 for c in conns if c.counted)
+        return sum(1 for c in conns if _waiting(c)), sum(1 for c in conns if c.counted)
 
 
 def close_pending(conn: Connection) -> None:
@@ -288,14 +300,64 @@ def _peer(address: Any) -> Peer:
     return str(address[0]), int(address[1])
 
 
-def _log_closed(conn: Connection) -> None:
+class LogBudget:
+    """At most ``per_window`` log lines per key and window; the rest are counted.
+
+    A flood must not turn into a log flood: a line over budget is dropped, and how many
+    were dropped is reported on the key's first line of a later window.
+    """
+
+    MAX_KEYS = 1024
+
+    def __init__(
+        self,
+        per_window: int = 20,
+        window_s: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """Allow ``per_window`` lines per key every ``window_s`` seconds of ``clock``."""
+        self.per_window = per_window
+        self.window_s = window_s
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._state: dict[str, list[float]] = {}  # key -> [window start, lines, dropped]
+
+    def allow(self, key: str) -> tuple[bool, int]:
+        """Whether to log a line for ``key`` now, and how many were dropped before it."""
+        now = self.clock()
+        with self._lock:
+            if len(self._state) > self.MAX_KEYS:
+                self._state = {k: v for k, v in self._state.items() if now - v[0] < self.window_s}
+            state = self._state.setdefault(key, [now, 0, 0])
+            carried = 0
+            if now - state[0] >= self.window_s:
+                carried = int(state[2])
+                state[:] = [now, 0, 0]
+            state[1] += 1
+            if state[1] > self.per_window:
+                state[2] += 1
+                return False, 0
+            return True, carried
+
+
+def _reason_kind(reason: str) -> str:
+    """A reason with its numbers blanked: lines differing only in counts are one kind."""
+    return re.sub(r"\d+(\.\d+)?", "#", reason)
+
+
+def _log_closed(conn: Connection, budget: LogBudget) -> None:
     """Log a connection that ended without an association request, with its reason."""
+    reason = conn.close_reason or PEER_CLOSED_REASON
+    allowed, dropped = budget.allow(f"{conn.peer[0]} {_reason_kind(reason)}")
+    if not allowed:
+        return
     log.warning(
         "connection closed without association request",
         peer_host=conn.peer[0],
         peer_port=conn.peer[1],
-        reason=conn.close_reason or PEER_CLOSED_REASON,
+        reason=reason,
         open_s=round(time.monotonic() - conn.opened, 3),
+        **({"similar_lines_dropped": dropped} if dropped else {}),
     )
 
 
@@ -324,7 +386,7 @@ class GuardedRequestHandler(RequestHandler):
         finally:
             conn = door.closed(self.request, reason)
             if conn is not None and not conn.requested:
-                _log_closed(conn)
+                _log_closed(conn, self.server.log_budget)
 
 
 def _tls_reason(exc: BaseException) -> str:
@@ -352,6 +414,7 @@ class GuardedAssociationServer(ThreadedAssociationServer):
     ) -> None:
         """Create the server as pynetdicom does, with ``door`` and our request handler."""
         self.door = door
+        self.log_budget = LogBudget()
         self._stopping = threading.Event()
         super().__init__(
             ae, address, ae_title, contexts, ssl_context,
