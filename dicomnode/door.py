@@ -230,6 +230,8 @@ class Door:
                 conn.association = association
                 conn.active_poll_s = association.dul._run_loop_delay
                 association.dul._run_loop_delay = PENDING_POLL_S
+                if conn.close_reason is not None:  # closed before its thread got here
+                    association.dul.to_user_queue.put(None)  # type: ignore[arg-type]
 
     def request(self, association: Association, refusal: Rejection | None) -> Rejection | None:
         """An A-ASSOCIATE-RQ arrived: return the rejection to send, or ``None`` to go on.

@@ -149,6 +149,7 @@ def test_storescu_stores_over_tls_and_others_are_refused(tmp_path: Path, pki: Pk
     failures = [e["reason"] for e in logs if e["event"] == CLOSED_EARLY]
     handshakes = [reason for reason in failures if reason.startswith("TLS handshake failed")]
     assert len(handshakes) >= 2, failures  # the plain and the rogue sender
+    assert any("certificate" in reason for reason in handshakes), handshakes
     assert all(e["peer_host"] == "127.0.0.1" for e in logs if e["event"] == CLOSED_EARLY)
 
 
