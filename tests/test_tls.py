@@ -253,9 +253,7 @@ def _write(tmp_path: Path, text: str) -> Path:
          "node.tls: Value error, require_client_certificate needs ca_certificates"),
     ],
 )  # fmt: skip
-def test_bad_tls_files_are_config_errors(
-    tmp_path: Path, pki: Pki, tls: str, expected: str
-) -> None:
+def test_bad_tls_files_are_config_errors(tmp_path: Path, pki: Pki, tls: str, expected: str) -> None:
     """Missing, malformed or mismatched files are refused at load, naming the field."""
     for path in (pki.server_cert, pki.server_key, pki.client_key):
         (tmp_path / path.name).write_bytes(path.read_bytes())
