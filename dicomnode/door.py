@@ -11,6 +11,8 @@ timeout: a handful of silent sockets then refuses every real sender. Here:
 - only associations that were *requested* count against ``max_associations`` and
   ``max_associations_per_host``; beyond them the request gets an A-ASSOCIATE-RJ
   "local limit exceeded" (transient: the sender retries later);
+- a pending connection holds one thread blocked in ``poll`` (no CPU): the association
+  and its DUL thread start only once its request begins to arrive;
 - TLS handshakes run in the connection's own thread, never in the accepting one;
 - every refusal, eviction, time-out and abort is logged with the peer's address.
 
@@ -22,6 +24,7 @@ pynetdicom's server.
 from __future__ import annotations
 
 import re
+import select
 import socket
 import ssl
 import threading
@@ -44,11 +47,6 @@ from pynetdicom.utils import make_target
 log = structlog.get_logger(__name__)
 
 Peer = tuple[str, int]
-
-# pynetdicom's DUL thread polls its socket every ``_run_loop_delay`` s (1 ms by default):
-# a few dozen silent connections would then keep the CPUs busy. Until its request comes,
-# a connection is polled every PENDING_POLL_S (what a sender waits once, at most).
-PENDING_POLL_S = 0.02
 
 
 class RejectResult(IntEnum):
@@ -110,6 +108,7 @@ TIMEOUT_REASON = (
     "closed without association request: none within {s:g} s (node.limits.request_timeout_s)"
 )
 PEER_CLOSED_REASON = "closed by the peer before any association request"
+WAIT_MARGIN_MS = 1000  # the reaper closes a silent connection first; this is a backstop
 TLS_FAILED_REASON = "TLS handshake failed: {why}"
 SHUTDOWN_REASON = "closed without association request: the node is stopping"
 
@@ -140,7 +139,6 @@ class Connection:
     sock: socket.socket
     opened: float
     association: Association | None = None
-    active_poll_s: float = 0.001  # the DUL poll delay to restore once a request came
     requested: bool = False
     counted: bool = False  # an accepted request that holds an association slot
     close_reason: str | None = None
@@ -222,14 +220,11 @@ class Door:
             return victims
 
     def attach(self, sock: socket.socket, association: Association) -> None:
-        """Remember the association serving ``sock`` (to find it, and wake it when closing)
-        and slow its socket polling until its request comes."""
+        """Remember the association serving ``sock`` (to find it, and wake it when closing)."""
         with self._lock:
             conn = self._connections.get(id(sock))
             if conn is not None:
                 conn.association = association
-                conn.active_poll_s = association.dul._run_loop_delay
-                association.dul._run_loop_delay = PENDING_POLL_S
                 if conn.close_reason is not None:  # closed before its thread got here
                     association.dul.to_user_queue.put(None)  # type: ignore[arg-type]
 
@@ -246,7 +241,6 @@ class Door:
             if conn is None:
                 return refusal
             conn.requested = True
-            association.dul._run_loop_delay = conn.active_poll_s
             if refusal is not None:
                 return refusal
             counted = [c for c in self._connections.values() if c.counted]
@@ -380,6 +374,9 @@ class GuardedRequestHandler(RequestHandler):
                     reason = TLS_FAILED_REASON.format(why=_tls_reason(exc))
                     self.server.shutdown_request(self.request)
                     return
+            if not await_data(self.request, door.limits.request_timeout_s):
+                self.server.shutdown_request(self.request)
+                return
             assoc = self._create_association()
             door.attach(self.request, assoc)
             evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
@@ -389,6 +386,29 @@ class GuardedRequestHandler(RequestHandler):
             conn = door.closed(self.request, reason)
             if conn is not None and not conn.requested:
                 _log_closed(conn, self.server.log_budget)
+
+
+def await_data(sock: socket.socket, timeout_s: float) -> bool:
+    """Wait, without polling, until the peer sends something; ``False`` if it closed.
+
+    pynetdicom's DUL thread polls its socket every millisecond from the moment its
+    association starts: a few dozen silent connections would keep the CPUs busy. So the
+    association (two more threads) is only created once its request has begun to arrive.
+    The reaper's shutdown of the socket ends the wait (``poll``, not ``select``: file
+    descriptors above 1023 are fine).
+    """
+    if isinstance(sock, ssl.SSLSocket) and sock.pending():
+        return True
+    poller = select.poll()
+    poller.register(sock, select.POLLIN | select.POLLPRI)
+    if not poller.poll(timeout_s * 1000 + WAIT_MARGIN_MS):
+        return False
+    if isinstance(sock, ssl.SSLSocket):
+        return True  # a TLS record (or its close): the association reads it
+    try:
+        return sock.recv(1, socket.MSG_PEEK) != b""
+    except OSError:
+        return False
 
 
 def _tls_reason(exc: BaseException) -> str:
