@@ -11,7 +11,9 @@ DCMTK storescu sendings of a small generated series from 127.0.0.1. Twice:
 Reports per mode: sendings that succeeded, their times, the process's threads and CPU
 seconds during the flood, connections the SCP closed. Needs dcmtk.
 
-Run: ``.venv/bin/python bench/door_flood.py [--idle 200] [--runs 3]``.
+The flood runs in a process of its own, as an attacker would, and each mode in a fresh
+process. Run from the repository root:
+``PYTHONPATH=. .venv/bin/python bench/door_flood.py [--idle 200] [--runs 3]``.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import resource
 import socket
 import statistics
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -44,6 +47,7 @@ from pipelines.synthetic import synthetic_head_ct, write_series
 
 STORESCU = "/usr/bin/storescu"
 FLOOD_HOST = "127.0.0.2"
+FLOOD_SECONDS = 12.0
 
 
 def _free_port() -> int:
@@ -54,51 +58,64 @@ def _free_port() -> int:
 
 
 class Flood:
-    """``size`` silent connections from ``FLOOD_HOST``, re-opened when closed."""
+    """``size`` silent connections from ``FLOOD_HOST``, re-opened when closed.
+
+    Runs in a process of its own (``--flood PORT``), as an attacker would.
+    """
 
     def __init__(self, port: int, size: int) -> None:
         """Prepare the flood against loopback ``port``."""
         self.port, self.size = port, size
+        self.opened = 0
         self.closed_by_scp = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._ready = threading.Event()
+        self.failed_connects = 0
 
-    def _connect(self) -> socket.socket:
-        """One silent connection."""
-        return socket.create_connection(
-            ("127.0.0.1", self.port), timeout=5, source_address=(FLOOD_HOST, 0)
-        )
+    def _connect(self) -> socket.socket | None:
+        """One silent connection, or ``None`` when the SCP does not take it."""
+        try:
+            sock = socket.create_connection(
+                ("127.0.0.1", self.port), timeout=5, source_address=(FLOOD_HOST, 0)
+            )
+        except OSError:
+            self.failed_connects += 1
+            return None
+        self.opened += 1
+        return sock
 
-    def _run(self) -> None:
-        """Open them all, then replace the closed ones every 50 ms."""
+    @staticmethod
+    def _closed(sock: socket.socket | None) -> bool:
+        """Whether the SCP has closed ``sock`` (or it never opened)."""
+        if sock is None:
+            return True
+        try:
+            return sock.recv(1, socket.MSG_DONTWAIT | socket.MSG_PEEK) == b""
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+
+    def run(self, seconds: float) -> dict[str, int]:
+        """Open them all, then replace the closed ones every 50 ms, for ``seconds``."""
         socks = [self._connect() for _ in range(self.size)]
-        self._ready.set()
-        while not self._stop.wait(0.05):
+        sys.stdout.write("ready\n")
+        sys.stdout.flush()
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            time.sleep(0.05)
             for index, sock in enumerate(socks):
-                try:
-                    if sock.recv(1, socket.MSG_DONTWAIT | socket.MSG_PEEK) != b"":
-                        continue
-                except BlockingIOError:
-                    continue
-                except OSError:
-                    pass
-                sock.close()
-                self.closed_by_scp += 1
-                socks[index] = self._connect()
+                if self._closed(sock):
+                    if sock is not None:
+                        sock.close()
+                        self.closed_by_scp += 1
+                    socks[index] = self._connect()
         for sock in socks:
-            sock.close()
-
-    def __enter__(self) -> Flood:
-        """Start and wait until every connection is open."""
-        self._thread.start()
-        self._ready.wait(30)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        """Stop and close everything."""
-        self._stop.set()
-        self._thread.join(10)
+            if sock is not None:
+                sock.close()
+        return {
+            "opened": self.opened,
+            "closed_by_scp": self.closed_by_scp,
+            "failed_connects": self.failed_connects,
+        }
 
 
 def _send(port: int, folder: Path) -> tuple[bool, float]:
@@ -112,12 +129,22 @@ def _send(port: int, folder: Path) -> tuple[bool, float]:
 
 
 def _measure(port: int, folder: Path, idle: int, runs: int) -> dict[str, Any]:
-    """Send ``runs`` times under a flood of ``idle`` connections."""
+    """Send ``runs`` times while a flood process holds ``idle`` connections."""
+    flood = subprocess.Popen(
+        [sys.executable, __file__, "--flood", str(port), "--idle", str(idle),
+         "--seconds", str(FLOOD_SECONDS)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert flood.stdout is not None
+    assert flood.stdout.readline().strip() == "ready"
     cpu0 = resource.getrusage(resource.RUSAGE_SELF)
-    with Flood(port, idle) as flood:
-        results = [_send(port, folder) for _ in range(runs)]
-        threads = threading.active_count()
+    results = []
+    for _ in range(runs):
+        results.append(_send(port, folder))
+        time.sleep(0.5)
+    threads = threading.active_count()
     cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+    flood_report = json.loads(flood.communicate(timeout=FLOOD_SECONDS + 60)[0])
     cpu = cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime
     times = [t for ok, t in results if ok]
     return {
@@ -125,9 +152,9 @@ def _measure(port: int, folder: Path, idle: int, runs: int) -> dict[str, Any]:
         "runs": runs,
         "median_s": statistics.median(times) if times else None,
         "times_s": [t for _, t in results],
-        "threads_during_flood": threads,
-        "cpu_s": round(cpu, 2),
-        "closed_by_scp": flood.closed_by_scp,
+        "scp_threads_during_flood": threads,
+        "scp_cpu_s_during_sendings": round(cpu, 2),
+        "flood": flood_report,
     }
 
 
@@ -168,22 +195,36 @@ def _door(work: Path, folder: Path, idle: int, runs: int) -> dict[str, Any]:
 
 
 def main() -> int:
-    """Run both modes and print a JSON summary."""
+    """Run both modes, each in a fresh process, and print a JSON summary."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--idle", type=int, default=200)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--slices", type=int, default=4)
+    parser.add_argument("--mode", choices=["pynetdicom", "door"], help=argparse.SUPPRESS)
+    parser.add_argument("--flood", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    parser.add_argument("--seconds", type=float, default=FLOOD_SECONDS, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    configure_logging(logging.WARNING)  # JSON lines on stderr
+    if args.flood is not None:
+        report = Flood(args.flood, args.idle).run(args.seconds)
+        sys.stdout.write(json.dumps(report) + "\n")
+        return 0
+    if args.mode is None:
+        common = ["--idle", str(args.idle), "--runs", str(args.runs), "--slices", str(args.slices)]
+        summary: dict[str, Any] = {"idle_connections": args.idle}
+        for mode in ("pynetdicom", "door"):
+            done = subprocess.run(
+                [sys.executable, __file__, "--mode", mode, *common],
+                capture_output=True, text=True, timeout=600, check=True,
+            )  # fmt: skip
+            summary[mode] = json.loads(done.stdout)
+        sys.stdout.write(json.dumps(summary, indent=2) + "\n")
+        return 0
+    configure_logging(logging.ERROR)  # JSON lines on stderr; closures are warnings
     work = Path(tempfile.mkdtemp(prefix="dicomnode-door-"))
     folder = work / "series"
     write_series(synthetic_head_ct(seed=3, n_slices=args.slices, rows=64), folder)
-    summary = {
-        "idle_connections": args.idle,
-        "pynetdicom": _baseline(work, folder, args.idle, args.runs),
-        "door": _door(work, folder, args.idle, args.runs),
-    }
-    print(json.dumps(summary, indent=2))  # noqa: T201 - a benchmark's report
+    measure = _baseline if args.mode == "pynetdicom" else _door
+    sys.stdout.write(json.dumps(measure(work, folder, args.idle, args.runs)) + "\n")
     return 0
 
 
