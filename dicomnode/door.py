@@ -40,6 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.events import EventHandlerType
+from pynetdicom.pdu_primitives import A_ABORT, A_P_ABORT
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 from pynetdicom.utils import make_target
@@ -110,6 +111,17 @@ TIMEOUT_REASON = (
 PEER_CLOSED_REASON = "closed by the peer before any association request"
 WAIT_MARGIN_MS = 1000  # the reaper closes a silent connection first; this is a backstop
 TLS_FAILED_REASON = "TLS handshake failed: {why}"
+ABORT_PRIMITIVES = (A_ABORT, A_P_ABORT)
+LOCAL_ABORT_REASON = "aborted by the node (time-out or local error)"
+ABORT_SOURCES = {0x00: "the peer (service user)", 0x02: "the peer's DICOM stack (service provider)"}
+PROVIDER_ABORT_REASONS = {
+    0x00: "reason not specified",
+    0x01: "unrecognised PDU",
+    0x02: "unexpected PDU",
+    0x04: "unrecognised PDU parameter",
+    0x05: "unexpected PDU parameter",
+    0x06: "invalid PDU parameter value",
+}
 SHUTDOWN_REASON = "closed without association request: the node is stopping"
 
 
@@ -140,6 +152,7 @@ class Connection:
     opened: float
     association: Association | None = None
     requested: bool = False
+    abort_reason: str | None = None  # why it was aborted, when an A-(P-)ABORT came in
     counted: bool = False  # an accepted request that holds an association slot
     close_reason: str | None = None
 
@@ -147,6 +160,17 @@ class Connection:
 def _waiting(conn: Connection) -> bool:
     """Whether a connection still waits for its A-ASSOCIATE-RQ and is not being closed."""
     return not conn.requested and conn.close_reason is None
+
+
+def describe_abort(primitive: object) -> str:
+    """An A-ABORT or A-P-ABORT primitive in words (PS3.8 9.3.8 and 7.4)."""
+    if isinstance(primitive, A_P_ABORT):
+        reason = PROVIDER_ABORT_REASONS.get(primitive.provider_reason or 0, "reason not given")
+        return f"A-P-ABORT: connection lost or protocol error ({reason})"
+    if isinstance(primitive, A_ABORT):
+        source = ABORT_SOURCES.get(primitive.abort_source or 0, "unknown source")
+        return f"A-ABORT from {source}"
+    return LOCAL_ABORT_REASON
 
 
 def choose_evictions(pending: Sequence[Connection], limit: int) -> list[Connection]:
@@ -248,6 +272,22 @@ class Door:
             rejection = limit_rejection(len(counted), same_host, self.limits)
             conn.counted = rejection is None
             return rejection
+
+    def note_abort(self, association: Association, primitive: object) -> None:
+        """Keep why ``association`` is being aborted, from its A-ABORT or A-P-ABORT."""
+        reason = describe_abort(primitive)
+        with self._lock:
+            for conn in self._connections.values():
+                if conn.association is association:
+                    conn.abort_reason = reason
+
+    def abort_reason(self, association: Association) -> str:
+        """Why ``association`` was aborted, as far as is known."""
+        with self._lock:
+            for conn in self._connections.values():
+                if conn.association is association and conn.abort_reason is not None:
+                    return conn.abort_reason
+        return LOCAL_ABORT_REASON
 
     def closed(self, sock: socket.socket, reason: str | None = None) -> Connection | None:
         """Forget ``sock``'s connection; ``reason`` explains a close not marked before."""

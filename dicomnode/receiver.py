@@ -25,6 +25,7 @@ from pynetdicom.events import Event, EventHandlerType
 from dicomnode import spool
 from dicomnode.config import NodeConfig
 from dicomnode.door import (
+    ABORT_PRIMITIVES,
     CALLED_AE_NOT_RECOGNISED,
     CALLING_AE_NOT_RECOGNISED,
     Door,
@@ -176,6 +177,7 @@ class Receiver:
             (evt.EVT_CONN_OPEN, self._on_conn_open),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_ACSE_RECV, self._on_acse_recv),
             (evt.EVT_ABORTED, self._on_aborted),
             (evt.EVT_C_STORE, self._on_store),
         ]
@@ -234,14 +236,19 @@ class Receiver:
             peer_host=assoc.requestor.address, peer_port=assoc.requestor.port,
         )  # fmt: skip
 
-    @staticmethod
-    def _on_aborted(event: Event) -> None:
+    def _on_acse_recv(self, event: Event) -> None:
+        """Keep the reason of an incoming A-ABORT / A-P-ABORT for the abort's log line."""
+        primitive = getattr(event, "primitive", None)  # set by pynetdicom for this event
+        if isinstance(primitive, ABORT_PRIMITIVES):
+            self.door.note_abort(event.assoc, primitive)
+
+    def _on_aborted(self, event: Event) -> None:
         """Log an association aborted by either side or by the network layer."""
         assoc = event.assoc
         log.warning(
-            "association aborted", calling_aet=_requested_title(assoc, "calling"),
+            "association aborted", reason=self.door.abort_reason(assoc),
+            calling_aet=_requested_title(assoc, "calling"),
             peer_host=assoc.requestor.address, peer_port=assoc.requestor.port,
-            established=assoc.is_established,
         )  # fmt: skip
 
     def _on_store(self, event: Event) -> int:

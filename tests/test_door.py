@@ -267,6 +267,29 @@ def test_wrong_called_ae_title_is_rejected(tmp_path: Path) -> None:
     assert all(e["peer_host"] == "127.0.0.1" for e in rejected)
 
 
+def test_aborts_are_logged_with_peer_and_reason(tmp_path: Path) -> None:
+    """A peer's A-ABORT and a connection cut mid-association are both logged."""
+    config = _config(tmp_path)
+    with structlog.testing.capture_logs() as logs, Node(config, copy_first):
+        aborted = _associate(config.node.port)
+        assert aborted.is_established
+        aborted.abort()
+        cut = _associate(config.node.port, "127.0.0.2")
+        assert cut.is_established
+        raw = cut.dul.socket.socket if cut.dul.socket is not None else None
+        assert raw is not None
+        socket.socket.shutdown(raw, socket.SHUT_RDWR)
+        deadline = time.monotonic() + 5
+        while len(_by_event(logs, "association aborted")) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        again = _associate(config.node.port)
+        assert again.is_established  # still serving
+        again.release()
+    entries = {e["peer_host"]: e["reason"] for e in _by_event(logs, "association aborted")}
+    assert entries["127.0.0.1"] == "A-ABORT from the peer (service user)"
+    assert entries["127.0.0.2"].startswith("A-P-ABORT: connection lost or protocol error")
+
+
 def _pending(host: str, opened: float) -> Connection:
     """A pending connection record for the pure eviction rule."""
     return Connection(peer=(host, 1000), sock=socket.socket(), opened=opened)
