@@ -130,8 +130,8 @@ class AssociationLimits(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    max_associations: int = Field(default=16, ge=1, le=1024)
-    max_associations_per_host: int = Field(default=8, ge=1, le=1024)
+    max_associations: int = Field(default=32, ge=1, le=1024)
+    max_associations_per_host: int = Field(default=16, ge=1, le=1024)
     max_pending_connections: int = Field(default=64, ge=1, le=4096)
     request_timeout_s: float = Field(default=5.0, gt=0, le=300)
 

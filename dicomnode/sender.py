@@ -69,7 +69,10 @@ def send_files(
     )
     if not assoc.is_established:
         why = "rejected" if assoc.is_rejected else "not established (refused or aborted)"
-        error = f"association {why}: {destination.ae_title}@{destination.host}:{destination.port}"
+        over = " over TLS" if tls is not None else ""
+        error = (
+            f"association {why}{over}: {destination.ae_title}@{destination.host}:{destination.port}"
+        )
         results.update((path, SendResult(None, error)) for path in metas)
         return results
     try:

@@ -219,7 +219,7 @@ def test_sender_checks_the_destination_hostname(tmp_path: Path, pki: Pki) -> Non
         right = send_files(unchecked, files, "DICOMNODE")
     (failed,) = wrong.values()
     assert failed.status is None and failed.error is not None
-    assert "not established" in failed.error
+    assert "not established (refused or aborted) over TLS" in failed.error
     (sent,) = right.values()
     assert sent.status == Status.SUCCESS
 
