@@ -20,6 +20,7 @@ from dicomnode.config import AllowedCaller, NodeConfig, default_config
 from dicomnode.door import (
     AssociationLimits,
     Connection,
+    LogBudget,
     RejectDiagnostic,
     RejectResult,
     RejectSource,
@@ -327,3 +328,19 @@ def test_per_host_cap_above_total_is_a_config_error() -> None:
     """A per-host cap larger than the total would be silently meaningless: refused."""
     with pytest.raises(ValueError, match="max_associations_per_host"):
         AssociationLimits(max_associations=2, max_associations_per_host=3)
+
+
+def test_log_budget_drops_repeats_and_reports_them() -> None:
+    """Over budget, lines are dropped per key; the next window's first line counts them."""
+    now = [0.0]
+    budget = LogBudget(per_window=2, window_s=10.0, clock=lambda: now[0])
+    assert [budget.allow("flood") for _ in range(4)] == [
+        (True, 0),
+        (True, 0),
+        (False, 0),
+        (False, 0),
+    ]
+    assert budget.allow("sender") == (True, 0)  # another key has its own budget
+    now[0] = 10.0
+    assert budget.allow("flood") == (True, 2)
+    assert budget.allow("flood") == (True, 0)
