@@ -6,7 +6,7 @@ DCMTK storescu sendings of a small generated series from 127.0.0.1. Twice:
 
 - ``pynetdicom``: pynetdicom's own server as the node ran it before the door (default
   ``maximum_associations``, idle sockets held until the ACSE timeout);
-- ``door``: the node's receiver (``dicomnode/door.py``) with ``[node.limits]``.
+- ``door``: the node's receiver (``dicomnode/door.py``) with ``[node.connections]``.
 
 Reports per mode: sendings that succeeded, their times, the process's threads and CPU
 seconds during the flood, connections the SCP closed. Needs dcmtk.
@@ -176,12 +176,12 @@ def _baseline(work: Path, folder: Path, idle: int, runs: int) -> dict[str, Any]:
 
 
 def _door(work: Path, folder: Path, idle: int, runs: int) -> dict[str, Any]:
-    """The node with its door (default ``[node.limits]``)."""
+    """The node with its door (default ``[node.connections]``)."""
     config = default_config(work / "door", _free_port())
     config.routes = []
     config.stable_age_s = 600
     config.allowed_callers.append(AllowedCaller(ae_title="STORESCU"))
-    config.node.limits = AssociationLimits()
+    config.node.connections = AssociationLimits()
 
     def nothing(spec: JobSpec) -> list[Path]:
         """No pipeline: nothing is routed."""
@@ -190,7 +190,7 @@ def _door(work: Path, folder: Path, idle: int, runs: int) -> dict[str, Any]:
     with Node(config, nothing):
         return {
             **_measure(config.node.port, folder, idle, runs),
-            "limits": config.node.limits.model_dump(),
+            "limits": config.node.connections.model_dump(),
         }
 
 

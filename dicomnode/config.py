@@ -76,7 +76,7 @@ class NodeSettings(_Model):
     host: str = "0.0.0.0"
     port: Port = 11112
     max_pdu: int = Field(default=131072, ge=0)
-    limits: AssociationLimits = AssociationLimits()
+    connections: AssociationLimits = AssociationLimits()
     tls: ServerTls | None = None
 
 

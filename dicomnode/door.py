@@ -96,17 +96,19 @@ CALLING_AE_NOT_RECOGNISED = Rejection(
     RejectDiagnostic.CALLING_AE_NOT_RECOGNISED,
     "calling AE title not recognised from this host",
 )
-TOTAL_LIMIT_REASON = "local limit exceeded: {n} associations open (node.limits.max_associations)"
+TOTAL_LIMIT_REASON = (
+    "local limit exceeded: {n} associations open (node.connections.max_associations)"
+)
 HOST_LIMIT_REASON = (
     "local limit exceeded: {n} associations open from this host "
-    "(node.limits.max_associations_per_host)"
+    "(node.connections.max_associations_per_host)"
 )
 EVICTED_REASON = (
     "closed without association request: {n} connections were waiting for one "
-    "(node.limits.max_pending_connections); the oldest of the busiest host was closed"
+    "(node.connections.max_pending_connections); the oldest of the busiest host was closed"
 )
 TIMEOUT_REASON = (
-    "closed without association request: none within {s:g} s (node.limits.request_timeout_s)"
+    "closed without association request: none within {s:g} s (node.connections.request_timeout_s)"
 )
 PEER_CLOSED_REASON = "closed by the peer before any association request"
 WAIT_MARGIN_MS = 1000  # the reaper closes a silent connection first; this is a backstop
@@ -126,7 +128,7 @@ SHUTDOWN_REASON = "closed without association request: the node is stopping"
 
 
 class AssociationLimits(BaseModel):
-    """``[node.limits]``: how many associations and waiting connections the node holds."""
+    """``[node.connections]``: how many associations and waiting connections the node holds."""
 
     model_config = ConfigDict(extra="forbid")
 

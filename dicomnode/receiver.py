@@ -159,7 +159,7 @@ class Receiver:
         self.config = config
         self.store = store
         self.on_stored = on_stored
-        self.door = Door(config.node.limits)
+        self.door = Door(config.node.connections)
         self._server: GuardedAssociationServer | None = None
 
     def build_ae(self) -> AE:

@@ -47,7 +47,7 @@ def _config(tmp_path: Path, **limits: Any) -> NodeConfig:
     config.allowed_callers = [
         AllowedCaller(ae_title=t) for t in ("STORESCU", "ECHOSCU", "PYNETDICOM")
     ]
-    config.node.limits = AssociationLimits(**limits)
+    config.node.connections = AssociationLimits(**limits)
     return config
 
 
@@ -173,9 +173,9 @@ def test_idle_flood_does_not_block_a_sender(tmp_path: Path) -> None:
         assert node.store is not None
         (series,) = node.store.all_series()
         assert series.instance_count == SERIES_SLICES
-        assert pending <= config.node.limits.max_pending_connections
-        assert threads < 4 * config.node.limits.max_pending_connections + 40
-        assert flood.closed_by_node >= FLOOD_SIZE - config.node.limits.max_pending_connections
+        assert pending <= config.node.connections.max_pending_connections
+        assert threads < 4 * config.node.connections.max_pending_connections + 40
+        assert flood.closed_by_node >= FLOOD_SIZE - config.node.connections.max_pending_connections
     closed = _by_event(logs, CLOSED_EARLY)
     assert {entry["peer_host"] for entry in closed} == {FLOOD_HOST}
     reasons = {entry["reason"].split(":")[0] for entry in closed}
@@ -233,7 +233,7 @@ def test_caps_reject_with_local_limit_and_the_node_keeps_serving(tmp_path: Path)
         ("127.0.0.3", "transient"),
     ]
     assert "max_associations_per_host" in rejected[0]["reason"]
-    assert "(node.limits.max_associations)" in rejected[1]["reason"]
+    assert "(node.connections.max_associations)" in rejected[1]["reason"]
     assert all(e["reason"].startswith("local limit exceeded") for e in rejected)
 
 
