@@ -16,12 +16,18 @@ from dicomnode.echo import echo
 from dicomnode.logs import configure_logging
 from dicomnode.node import Node
 from dicomnode.offline import non_dicom_files, run_folder
-from dicomnode.processing import JobFailure, check_pipelines, processor
+from dicomnode.phi import scrub
+from dicomnode.processing import JobFailure, check_pipelines, processor, reporting
+from dicomnode.startup import StartupError
+
+# Run as a command (not called from Python with arguments), these keep stderr all JSON.
+UNATTENDED_COMMANDS = frozenset({"serve", "run"})
 
 
 def _say(line: str = "") -> None:
-    """Write one line of the command's own output to stdout (logs go to stderr)."""
-    sys.stdout.write(line + "\n")
+    """Write one line of the command's own output to stdout (logs go to stderr), without
+    any identifier the process has seen (reasons quote library errors)."""
+    sys.stdout.write(scrub(line) + "\n")
     sys.stdout.flush()
 
 
@@ -38,7 +44,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
-    with Node(config, processor(config)):
+    with Node(config, processor(config), reporting()):
         _say(f"{config.node.ae_title} listening on {config.node.host}:{config.node.port}")
         stop.wait()
     return 0
@@ -171,10 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dicomnode`` console script."""
     args = build_parser().parse_args(argv)
-    configure_logging(logging.getLevelNamesMapping()[args.log_level.upper()])
+    configure_logging(
+        logging.getLevelNamesMapping()[args.log_level.upper()],
+        guard_stderr=argv is None and args.command in UNATTENDED_COMMANDS,
+    )
     try:
         return int(args.handler(args))
-    except (ConfigError, JobFailure) as exc:
+    except (ConfigError, JobFailure, StartupError) as exc:
         sys.stderr.write(f"dicomnode: {exc}\n")
         return 2
 

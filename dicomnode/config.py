@@ -131,6 +131,9 @@ class WorkerSettings(_Model):
     """Pipeline workers: how many threads take jobs from the queue."""
 
     threads: int = Field(default=1, ge=1, le=16)
+    # A job that meets a full disk is kept and retried (back-off up to a minute) for this
+    # long; only then does it fail, with an "analysis not performed" notice to PACS.
+    disk_full_retry_s: float = Field(default=3600.0, ge=0)
 
 
 class HttpSettings(_Model):
@@ -138,6 +141,18 @@ class HttpSettings(_Model):
 
     host: str = "127.0.0.1"
     port: Port = 8080
+
+
+class LimitsSettings(_Model):
+    """Caps on what one received instance may cost in memory, checked before Success.
+
+    ``max_inflated_bytes`` bounds a Deflated Explicit VR Little Endian dataset once
+    inflated (checked while inflating, so a deflate bomb never fills memory);
+    ``max_decoded_bytes`` bounds Rows x Columns x Samples x Frames x bytes per sample.
+    """
+
+    max_inflated_bytes: int = Field(default=1 << 29, ge=1 << 16)
+    max_decoded_bytes: int = Field(default=1 << 30, ge=1 << 16)
 
 
 class NodeConfig(_Model):
@@ -154,6 +169,7 @@ class NodeConfig(_Model):
     outbox: OutboxSettings = OutboxSettings()
     worker: WorkerSettings = WorkerSettings()
     http: HttpSettings | None = None
+    limits: LimitsSettings = LimitsSettings()
     default_pipeline: str = "hyperdense_regions"  # used when a rule's pipeline is unavailable
 
     @model_validator(mode="after")

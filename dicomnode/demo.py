@@ -22,7 +22,7 @@ from pynetdicom.events import Event
 
 from dicomnode.config import Destination, NodeConfig, default_config
 from dicomnode.node import Node
-from dicomnode.processing import processor
+from dicomnode.processing import processor, reporting
 from dicomnode.sender import send_files
 from dicomnode.status import Status
 from pipelines.lesions import insert_lesion
@@ -137,7 +137,7 @@ def run_demo(base: Path, shared: Path, timeout_s: float = 300.0) -> DemoReport:
     node_port, pacs_port = free_port(), free_port()
     config = demo_config(base / "node", node_port, pacs_port)
     pacs = DemoPacs(base / "pacs", pacs_port)
-    with pacs.running(), Node(config, processor(config)) as node:
+    with pacs.running(), Node(config, processor(config), reporting()) as node:
         scanner = Destination(ae_title=config.node.ae_title, host="127.0.0.1", port=node_port)
         sent = send_files(scanner, case.files, DEMO_SCANNER_AET)
         failures = [p.name for p, r in sent.items() if r.status != Status.SUCCESS]

@@ -16,6 +16,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from dicomnode.startup import listen_error
+
 Counts = Callable[[], dict[str, dict[str, int]]]
 
 
@@ -46,7 +48,10 @@ class HealthServer:
         """Serve on ``host:port``; ``is_alive`` says whether the DICOM receiver listens."""
         registry = CollectorRegistry()
         registry.register(StateCollector(counts))
-        self.server = ThreadingHTTPServer((host, port), _handler(registry, counts, is_alive))
+        try:
+            self.server = ThreadingHTTPServer((host, port), _handler(registry, counts, is_alive))
+        except OSError as exc:
+            raise listen_error("HTTP", host, port, exc) from None
         self.thread = threading.Thread(
             target=self.server.serve_forever, name="dicomnode-http", daemon=True
         )

@@ -1,15 +1,19 @@
 """The node: receiver plus background loops for assembly, pipeline workers and the outbox.
 
 The pipeline is not imported here: it comes in as ``process``, a callable taking a
-:class:`JobSpec` and returning the result files to send.
+:class:`JobSpec` and returning the result files to send, and (optionally) as
+:class:`Reporting`: the callables that write a failed job's "analysis not performed"
+objects and the rejection notes that retract a series' superseded results.
 """
 
 from __future__ import annotations
 
+import functools
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
 
@@ -17,11 +21,22 @@ import structlog
 
 from dicomnode.assembler import Assembler
 from dicomnode.config import NodeConfig
+from dicomnode.disk import caused_by_full_disk
 from dicomnode.health import HealthServer
 from dicomnode.jobs import JobQueue, OutboxStore
 from dicomnode.outbox import OutboxProcessor
 from dicomnode.receiver import Receiver
-from dicomnode.records import Job
+from dicomnode.records import Job, JobState
+from dicomnode.revisions import (
+    Delivery,
+    OutputRecord,
+    Retraction,
+    RevisionStore,
+    describe_output,
+    group_retractions,
+    series_fingerprint,
+)
+from dicomnode.startup import StartupError, check_writable_dir
 from dicomnode.state import StateStore
 
 log = structlog.get_logger(__name__)
@@ -39,18 +54,70 @@ class JobSpec:
     instance_paths: tuple[Path, ...]
     destinations: tuple[str, ...]
     output_dir: Path
+    revision: int = 1  # 1 + the number of earlier jobs of the series
 
 
 Process = Callable[[JobSpec], list[Path]]
+FailureReport = Callable[[JobSpec, BaseException], list[Path]]
+RetractionNote = Callable[[JobSpec, Retraction], Path]
+
+
+@dataclass(frozen=True)
+class Reporting:
+    """What a node sends besides results: ``failure`` writes the objects that tell the
+    destinations a job failed (none when nothing can be attributed), ``retraction``
+    writes one rejection note retracting a group of superseded objects."""
+
+    failure: FailureReport
+    retraction: RetractionNote
+
+
+DISK_FULL_BACKOFF_S = (5.0, 60.0)  # first retry after 5 s, doubling up to a minute
+
+
+@dataclass
+class _HeldJob:
+    """A claimed job a worker keeps back because the disk was full."""
+
+    job: Job
+    since: float
+    retry_at: float
+    tries: int
+
+
+@dataclass
+class _WorkerSlot:
+    """One worker thread's own state: the job it holds back, if any."""
+
+    held: _HeldJob | None = None
+
+    def hold(self, job: Job, now: float, exc: BaseException) -> None:
+        """Keep ``job`` for a later try; log the first time only."""
+        first, maximum = DISK_FULL_BACKOFF_S
+        if self.held is None or self.held.job.id != job.id:
+            self.held = _HeldJob(job, since=now, retry_at=now + first, tries=1)
+            log.warning(
+                "job postponed: disk full; it will be retried", job_id=job.id,
+                error=f"{type(exc).__name__}: {exc}",
+            )  # fmt: skip
+            return
+        tries = self.held.tries + 1
+        self.held = replace(
+            self.held, retry_at=now + min(first * 2 ** (tries - 1), maximum), tries=tries
+        )
 
 
 class Node:
     """Composes receiver, state, assembler, workers and outbox; start, stop, wait."""
 
-    def __init__(self, config: NodeConfig, process: Process) -> None:
-        """Prepare (not start) a node for ``config`` running jobs with ``process``."""
+    def __init__(
+        self, config: NodeConfig, process: Process, reporting: Reporting | None = None
+    ) -> None:
+        """Prepare (not start) a node for ``config`` running jobs with ``process``;
+        with ``reporting``, failed jobs and superseded results are reported to PACS."""
         self.config = config
         self.process = process
+        self.reporting = reporting
         self.store: StateStore | None = None
         self._stop = threading.Event()
         self._wake_outbox = threading.Event()
@@ -64,10 +131,32 @@ class Node:
         return self.config.state_dir / "dicomnode.sqlite3"
 
     def start(self) -> None:
-        """Open state, requeue interrupted jobs, start the loops and listen."""
-        self.config.spool_dir.mkdir(parents=True, exist_ok=True)
-        self.store = StateStore(self.database_path)
+        """Check folders, open state, requeue interrupted jobs, listen, start the loops.
+
+        Raises :class:`StartupError` (one line: an unwritable folder, a port in use, an
+        unreadable database) with nothing left running.
+        """
+        check_writable_dir(self.config.spool_dir, "spool_dir")
+        check_writable_dir(self.config.state_dir, "state_dir")
+        try:
+            self.store = StateStore(self.database_path)
+        except sqlite3.Error as exc:
+            raise StartupError(
+                f"cannot open the state database {self.database_path}: {exc}"
+            ) from None
         self.jobs, self.outbox = JobQueue(self.store), OutboxStore(self.store)
+        self.revisions = RevisionStore(self.store)
+        try:
+            self._start_services()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start_services(self) -> None:
+        """Listen, start the background loops and the HTTP endpoint."""
+        assert self.store is not None
+        self._receiver = Receiver(self.config, self.store)
+        self._receiver.start()
         requeued = self.jobs.requeue_running()
         if requeued:
             log.warning("requeued jobs interrupted by a previous stop", count=requeued)
@@ -78,15 +167,16 @@ class Node:
             ("assembler", lambda: assembler.assemble(time.time())),
             ("outbox", sender.process_due),
         ]
-        loops += [(f"worker-{i}", self._work_once) for i in range(self.config.worker.threads)]
+        loops += [
+            (f"worker-{i}", functools.partial(self._work_once, _WorkerSlot()))
+            for i in range(self.config.worker.threads)
+        ]
         for name, step in loops:
             thread = threading.Thread(
                 target=self._loop, args=(name, step), name=f"dicomnode-{name}", daemon=True
             )
             thread.start()
             self._threads.append(thread)
-        self._receiver = Receiver(self.config, self.store)
-        self._receiver.start()
         if self.config.http is not None:
             self.health = HealthServer(
                 self.config.http.host,
@@ -128,38 +218,131 @@ class Node:
         self.stop()
 
     def _loop(self, name: str, step: Callable[[], object]) -> None:
-        """Run ``step`` until stopped, pausing ``poll_interval_s`` when it did nothing."""
+        """Run ``step`` until stopped, pausing ``poll_interval_s`` when it did nothing.
+
+        A step that keeps failing the same way (a full disk, a locked database) is logged
+        once with its traceback, then once more when it works again: never in a loop.
+        """
+        failing: str | None = None
         while not self._stop.is_set():
             try:
                 did_work = step()
-            except Exception:  # a loop must outlive one bad step; the error is logged
-                log.exception("background step failed", loop=name)
-                did_work = False
+            except Exception as exc:  # a loop must outlive one bad step; the error is logged
+                signature = f"{type(exc).__name__}: {exc}"
+                if signature != failing:
+                    log.exception("background step failed", loop=name)
+                failing, did_work = signature, False
+            else:
+                if failing is not None:
+                    log.info("background step works again", loop=name, after=failing)
+                failing = None
             if not did_work:
                 waiter = self._wake_outbox if name == "outbox" else self._stop
                 waiter.wait(self.config.poll_interval_s)
                 if name == "outbox":
                     self._wake_outbox.clear()
 
-    def _work_once(self) -> bool:
-        """Take one job, run the pipeline, queue its results; False when none was queued."""
-        job = self.jobs.claim(time.time())
+    def _work_once(self, slot: _WorkerSlot) -> bool:
+        """Take one job (or the one this worker holds back), run it; False when idle.
+
+        A job that meets a full disk stays with this worker and is retried with back-off
+        (logged once, and once more when it runs again), for ``worker.disk_full_retry_s``;
+        after that it fails as a full disk and PACS is told so.
+        """
+        now = time.time()
+        held = slot.held
+        if held is not None and now < held.retry_at:
+            return False
+        job = held.job if held is not None else self.jobs.claim(now)
         if job is None:
             return False
+        give_up = held is not None and now - held.since >= self.config.worker.disk_full_retry_s
+        try:
+            self._run_job(job, retry_disk_full=not give_up)
+        except Exception as exc:
+            if not caused_by_full_disk(exc):
+                raise
+            slot.hold(job, now, exc)
+            return False
+        if held is not None:
+            log.info("job resumed after a full disk", job_id=job.id, waited_s=now - held.since)
+        slot.held = None
+        return True
+
+    def _run_job(self, job: Job, *, retry_disk_full: bool) -> None:
+        """Run one job's pipeline and record its results, or its failure and notices.
+
+        A full disk is raised to the caller (to hold the job) while ``retry_disk_full``.
+        """
         spec = self._spec(job)
         bound = log.bind(job_id=job.id, study_uid=spec.study_uid, series_uid=spec.series_uid)
         bound.info("job started", pipeline=job.pipeline, instances=len(spec.instance_paths))
         try:
             results = self.process(spec)
         except Exception as exc:  # the single edge where a pipeline's failure is caught
+            if retry_disk_full and caused_by_full_disk(exc):
+                raise
             reason = str(exc) or type(exc).__name__
             bound.exception("job failed", reason=reason)
-            self.jobs.fail(job.id, reason, time.time())
-            return True
-        self.jobs.complete(job, results, time.time())
-        bound.info("job done", results=len(results))
-        self._wake_outbox.set()
-        return True
+            notices = self._failure_notices(spec, exc)
+            self._finish(job, spec, JobState.FAILED, reason, notices)
+            bound.info("failure reported", objects=len(notices))
+            return
+        self._finish(job, spec, JobState.DONE, None, results)
+        bound.info("job done", results=len(results), revision=spec.revision)
+
+    def _failure_notices(self, spec: JobSpec, exc: BaseException) -> list[Path]:
+        """The "analysis not performed" files of a failed job; none without reporting
+        or when they cannot be written (the job's reason still says why it failed)."""
+        if self.reporting is None:
+            return []
+        try:
+            return self.reporting.failure(spec, exc)
+        except Exception as error:  # a notice that cannot be built must not stop the worker
+            log.error(
+                "failure notice not written", job_id=spec.job_id, series_uid=spec.series_uid,
+                error=f"{type(error).__name__}: {error}",
+            )  # fmt: skip
+            return []
+
+    def _finish(
+        self, job: Job, spec: JobSpec, state: JobState, reason: str | None, files: list[Path]
+    ) -> None:
+        """Record the job's outcome; queue its files and rejection notes that retract
+        what it supersedes, all in one transaction."""
+        outputs = [describe_output(job.id, path) for path in files]
+        written = {record.sop_instance_uid for record in outputs}
+        stale_by = self.revisions.newer_finished_job(job)
+        superseded = [] if stale_by is not None else self.revisions.superseded_by(job)
+        superseded = [r for r in superseded if r.sop_instance_uid not in written]  # replaced
+        deliveries = [] if stale_by is not None else [Delivery(p, job.destinations) for p in files]
+        retracted: list[OutputRecord] = []
+        if self.reporting is not None:
+            for group in group_retractions(superseded):
+                try:
+                    note = self.reporting.retraction(spec, group)
+                except Exception as error:  # left unretracted; the next revision retries
+                    log.error(
+                        "rejection note not written", job_id=job.id,
+                        series_uid=spec.series_uid, objects=len(group.records),
+                        error=f"{type(error).__name__}: {error}",
+                    )  # fmt: skip
+                    continue
+                deliveries.append(Delivery(note, group.destinations))
+                retracted += group.records
+        self.revisions.finish(
+            job, state, reason, outputs, deliveries, retracted, time.time(), stale_by
+        )
+        bound = log.bind(job_id=job.id, series_uid=spec.series_uid)
+        if retracted:
+            bound.info(
+                "superseded results retracted", objects=len(retracted),
+                jobs=sorted({r.job_id for r in retracted}), revision=spec.revision,
+            )  # fmt: skip
+        if stale_by is not None:
+            bound.warning("results superseded before sending", newer_job=stale_by)
+        if deliveries:
+            self._wake_outbox.set()
 
     def _spec(self, job: Job) -> JobSpec:
         """The :class:`JobSpec` for a claimed job; creates its output folder."""
@@ -167,15 +350,18 @@ class Node:
             raise RuntimeError("node is not started")
         output = self.config.state_dir / "results" / str(job.id)
         output.mkdir(parents=True, exist_ok=True)
+        paths = tuple(self.store.series_paths(job.series_instance_uid))
+        revision = self.revisions.assign_revision(job, series_fingerprint(paths))
         return JobSpec(
             job_id=job.id,
             series_uid=job.series_instance_uid,
             study_uid=job.study_instance_uid,
             pipeline=job.pipeline,
             rule=job.rule,
-            instance_paths=tuple(self.store.series_paths(job.series_instance_uid)),
+            instance_paths=paths,
             destinations=job.destinations,
             output_dir=output,
+            revision=revision,
         )
 
     def is_idle(self) -> bool:

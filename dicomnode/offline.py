@@ -10,6 +10,7 @@ from pathlib import Path
 import pydicom
 from pydicom.errors import InvalidDicomError
 
+from dicomnode import phi
 from dicomnode.config import NodeConfig
 from dicomnode.processing import JobFailure, run_pipeline
 from dicomnode.records import SeriesInfo, SeriesState
@@ -40,6 +41,7 @@ def _scan(folder: Path) -> tuple[dict[str, list[tuple[Path, pydicom.Dataset]]], 
         except (InvalidDicomError, OSError, ValueError):
             skipped.append(path)
             continue
+        phi.remember_identifiers(header)
         if "SeriesInstanceUID" not in header or "SOPClassUID" not in header:
             skipped.append(path)
             continue

@@ -1,29 +1,48 @@
 """Run one job: load the spooled series, run its pipeline, write the output objects.
 
 This is the single place where the service calls into ``pipelines``. A series that cannot
-be loaded or processed raises ``JobFailure`` with a reason an admin can read; the node
-records it as the job's failure reason.
+be loaded or processed raises ``JobFailure`` with a kind (``failures.FailureKind``) and a
+reason an admin can read; the node records the reason as the job's failure reason, and
+:func:`reporting` writes what the destinations receive instead of results: an "analysis
+not performed" SR and Secondary Capture stating the kind in a radiologist's words, and
+the rejection notes that retract a series' superseded results.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import pydicom
 import structlog
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
 
+from dicomnode import phi
 from dicomnode.config import NodeConfig
-from dicomnode.node import JobSpec, Process
-from pipelines.base import PipelineError, PipelineUnavailable
+from dicomnode.failures import FailureKind, classify_failure, radiologist_sentence
+from dicomnode.node import JobSpec, Process, Reporting
+from dicomnode.revisions import Retraction
+from pipelines.base import Pipeline, PipelineError, PipelineUnavailable
 from pipelines.outputs import build_outputs
+from pipelines.outputs.failure import FailureNotice, build_failure_outputs
+from pipelines.outputs.rejection import RejectedInstance, build_rejection_note
 from pipelines.registry import get_pipeline, pipeline_names
 from pipelines.volume import VolumeLoadError, load_series
 
 log = structlog.get_logger(__name__)
 
+PipelineFactory = Callable[[str], Pipeline]
+
 
 class JobFailure(Exception):
-    """A job could not produce results; the message is the reason shown to admins."""
+    """A job could not produce results; the message is the reason shown to admins and
+    ``kind`` says which radiologist sentence the failure objects carry."""
+
+    def __init__(self, reason: str, kind: FailureKind = FailureKind.PIPELINE_ERROR) -> None:
+        """A failure of ``kind`` with the admin ``reason``."""
+        super().__init__(reason)
+        self.kind = kind
 
 
 def check_pipelines(names: Sequence[str]) -> None:
@@ -36,21 +55,29 @@ def check_pipelines(names: Sequence[str]) -> None:
 
 
 def run_pipeline(
-    paths: Sequence[Path], pipeline_name: str, output_dir: Path, fallback: str | None = None
+    paths: Sequence[Path],
+    pipeline_name: str,
+    output_dir: Path,
+    fallback: str | None = None,
+    revision: int = 1,
+    pipelines: PipelineFactory = get_pipeline,
 ) -> list[Path]:
     """Load ``paths`` as one series, run ``pipeline_name`` and write its output files.
 
     When the pipeline is unavailable here (its model files are absent), ``fallback`` runs
-    instead, and the outputs name the algorithm that actually ran. Returns the written
-    files in the order SEG, SC, SR, saliency SCs.
+    instead, and the outputs name the algorithm that actually ran. ``revision`` is the
+    series' result revision (new UIDs from 2 on). ``pipelines`` builds a pipeline by name.
+    Returns the written files in the order SEG, SC, SR, saliency SCs. Every failure is a
+    ``JobFailure`` with its kind.
     """
+    phi.remember_files(paths)  # before loading can log one of their values
     try:
         series = load_series(paths)
     except VolumeLoadError as exc:
-        raise JobFailure(f"series cannot be loaded: {exc}") from exc
+        raise JobFailure(f"series cannot be loaded: {exc}", classify_failure(exc)) from exc
     try:
         try:
-            result = get_pipeline(pipeline_name).run(series)
+            result = pipelines(pipeline_name).run(series)
         except PipelineUnavailable as exc:
             if fallback is None or fallback == pipeline_name:
                 raise
@@ -59,12 +86,18 @@ def run_pipeline(
                 fallback=fallback, reason=str(exc),
             )  # fmt: skip
             pipeline_name = fallback
-            result = get_pipeline(fallback).run(series)
-    except PipelineError as exc:
-        raise JobFailure(f"pipeline {pipeline_name} failed: {exc}") from exc
+            result = pipelines(fallback).run(series)
+    except Exception as exc:  # every pipeline failure becomes a JobFailure with its kind
+        kind = classify_failure(exc)
+        if not isinstance(exc, PipelineError) and kind is FailureKind.PIPELINE_ERROR:
+            raise JobFailure(
+                f"pipeline {pipeline_name} failed: {type(exc).__name__}: {exc}", kind
+            ) from exc
+        raise JobFailure(f"pipeline {pipeline_name} failed: {exc}", kind) from exc
     output_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for dataset in build_outputs(series, result, pipeline_name=pipeline_name):
+    outputs = build_outputs(series, result, pipeline_name=pipeline_name, revision=revision)
+    for dataset in outputs:
         path = output_dir / f"{dataset.Modality}-{dataset.SOPInstanceUID}.dcm"
         dataset.save_as(path, enforce_file_format=True)
         written.append(path)
@@ -79,13 +112,108 @@ def run_pipeline(
     return written
 
 
-def processor(config: NodeConfig) -> Process:
+def processor(config: NodeConfig, pipelines: PipelineFactory = get_pipeline) -> Process:
     """The node's job callback: run each job's pipeline on its spooled instances, falling
     back to ``config.default_pipeline`` when the pipeline is unavailable."""
 
     def process_job(job: JobSpec) -> list[Path]:
         return run_pipeline(
-            job.instance_paths, job.pipeline, job.output_dir, config.default_pipeline
-        )
+            job.instance_paths, job.pipeline, job.output_dir, config.default_pipeline,
+            revision=job.revision, pipelines=pipelines,
+        )  # fmt: skip
 
     return process_job
+
+
+def readable_headers(paths: Sequence[Path], series_uid: str) -> list[Dataset]:
+    """Headers (no pixel data) of the files of ``series_uid`` that can be read, in order."""
+    headers: list[Dataset] = []
+    for path in paths:
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except (InvalidDicomError, OSError, ValueError, AttributeError) as exc:
+            log.warning("header unreadable", file=Path(path).name, error=type(exc).__name__)
+            continue
+        if str(ds.get("SeriesInstanceUID", "")) == series_uid and "StudyInstanceUID" in ds:
+            headers.append(ds)
+    return headers
+
+
+def write_failure_notices(spec: JobSpec, failure: BaseException) -> list[Path]:
+    """Write the "analysis not performed" SR and SC of a failed job into its output
+    folder; none when no instance of the series is readable (nothing to attribute)."""
+    kind = classify_failure(failure)
+    notice = FailureNotice(
+        pipeline_name=spec.pipeline,
+        sentence=radiologist_sentence(kind),
+        detail=str(failure) or type(failure).__name__,
+        revision=spec.revision,
+    )
+    headers = readable_headers(spec.instance_paths, spec.series_uid)
+    datasets = build_failure_outputs(headers, notice)
+    if not datasets:
+        log.warning(
+            "no readable instance: failure not reported to destinations",
+            job_id=spec.job_id, series_uid=spec.series_uid, kind=kind.value,
+        )  # fmt: skip
+    spec.output_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for dataset in datasets:
+        path = spec.output_dir / f"{dataset.Modality}-{dataset.SOPInstanceUID}.dcm"
+        dataset.save_as(path, enforce_file_format=True)
+        written.append(path)
+    log.info(
+        "failure notices written", job_id=spec.job_id, series_uid=spec.series_uid,
+        kind=kind.value, objects=len(written),
+    )  # fmt: skip
+    return written
+
+
+def patient_study_header(spec: JobSpec, retraction: Retraction) -> Dataset:
+    """Patient and study of a rejection note: the first superseded object still on disk,
+    else the first readable instance of the series in the same study."""
+    for record in retraction.records:
+        try:
+            return pydicom.dcmread(record.path, stop_before_pixels=True)
+        except (InvalidDicomError, OSError, ValueError):
+            continue
+    for header in readable_headers(spec.instance_paths, spec.series_uid):
+        if str(header.StudyInstanceUID) == retraction.study_instance_uid:
+            return header
+    raise JobFailure(
+        f"no file left to give the patient and study of the rejection note of job "
+        f"{spec.job_id} ({len(retraction.records)} superseded objects)"
+    )
+
+
+def write_rejection_note(spec: JobSpec, retraction: Retraction) -> Path:
+    """Write the IOCM rejection note retracting ``retraction.records`` into the job's
+    output folder (its UID is a function of the series, the job and the group)."""
+    jobs = sorted({record.job_id for record in retraction.records})
+    note = build_rejection_note(
+        patient_study_header(spec, retraction),
+        list(
+            dict.fromkeys(  # an object re-sent unchanged by several jobs is listed once
+                RejectedInstance(
+                    r.sop_class_uid,
+                    r.sop_instance_uid,
+                    r.series_instance_uid,
+                    r.study_instance_uid,
+                )
+                for r in retraction.records
+            )
+        ),
+        spec.series_uid,
+        f"job-{spec.job_id}|{retraction.key}",
+        f"Results of job(s) {', '.join(map(str, jobs))} superseded by revision {spec.revision} "
+        "of this series' analysis (the series changed after it was processed)",
+    )
+    spec.output_dir.mkdir(parents=True, exist_ok=True)
+    path = spec.output_dir / f"KO-{note.SOPInstanceUID}.dcm"
+    note.save_as(path, enforce_file_format=True)
+    return path
+
+
+def reporting() -> Reporting:
+    """The node's failure notices and rejection notes, written with ``pipelines.outputs``."""
+    return Reporting(failure=write_failure_notices, retraction=write_rejection_note)

@@ -6,10 +6,9 @@ pixels), writes the bytes exactly as sent to the spool, records them, then answe
 
 from __future__ import annotations
 
-import errno
+import hashlib
 import socket
 import sqlite3
-import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,13 +16,13 @@ from dataclasses import dataclass
 import structlog
 from pydicom import uid
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 from pynetdicom import AE, evt
 from pynetdicom.association import Association as PynetAssociation
 from pynetdicom.events import Event, EventHandlerType
 
-from dicomnode import spool
+from dicomnode import phi, spool, validation
 from dicomnode.config import NodeConfig
+from dicomnode.disk import is_disk_full_error
 from dicomnode.door import (
     ABORT_PRIMITIVES,
     CALLED_AE_NOT_RECOGNISED,
@@ -33,10 +32,12 @@ from dicomnode.door import (
     Rejection,
     start_guarded_server,
 )
-from dicomnode.records import Association, InstanceRecord
-from dicomnode.state import StateStore
+from dicomnode.records import Association, InstanceRecord, RecordOutcome
+from dicomnode.startup import listen_error
+from dicomnode.state import InstanceConflict, StateStore
 from dicomnode.status import Status
 from dicomnode.tls import server_context
+from dicomnode.validation import DECODE_ERRORS
 
 log = structlog.get_logger(__name__)
 
@@ -66,20 +67,6 @@ TRANSFER_SYNTAXES: tuple[str, ...] = (
     *uid.JPEG2000TransferSyntaxes,
     *uid.RLETransferSyntaxes,
 )
-
-# What decoding a malformed dataset from the network can raise (pydicom parses lazily).
-DECODE_ERRORS = (
-    InvalidDicomError,
-    ValueError,
-    TypeError,
-    KeyError,
-    AttributeError,
-    EOFError,
-    OverflowError,
-    NotImplementedError,
-    struct.error,
-)
-DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
 class StoreRefused(Exception):
@@ -127,7 +114,9 @@ def identify(ds: Dataset, context_sop_class: str) -> _Identity:
             image_type=tuple(str(v).strip() for v in (ds.get("ImageType") or ())),
         )
     except DECODE_ERRORS as exc:
-        raise StoreRefused(Status.CANNOT_UNDERSTAND_UNDECODABLE, f"cannot decode: {exc}") from exc
+        raise StoreRefused(
+            Status.CANNOT_UNDERSTAND_UNDECODABLE, f"cannot decode ({type(exc).__name__})"
+        ) from exc
     for name in ("study", "series", "sop"):
         if not spool.is_valid_uid(getattr(ident, name)):
             raise StoreRefused(
@@ -135,7 +124,7 @@ def identify(ds: Dataset, context_sop_class: str) -> _Identity:
             )
     if ident.sop_class != context_sop_class:
         raise StoreRefused(
-            Status.DATASET_DOES_NOT_MATCH_SOP_CLASS, "SOP Class UID differs from the context's"
+            Status.SOP_CLASS_DIFFERS_FROM_CONTEXT, "SOP Class UID differs from the context's"
         )
     return ident
 
@@ -184,7 +173,12 @@ class Receiver:
         address = (self.config.node.host, self.config.node.port)
         tls = self.config.node.tls
         context = None if tls is None else server_context(tls)
-        self._server = start_guarded_server(self.build_ae(), address, handlers, self.door, context)
+        try:
+            self._server = start_guarded_server(
+                self.build_ae(), address, handlers, self.door, context
+            )
+        except OSError as exc:
+            raise listen_error("DICOM", address[0], address[1], exc) from None
         log.info("receiver listening", host=address[0], port=address[1], tls=tls is not None)
 
     def stop(self) -> None:
@@ -251,8 +245,11 @@ class Receiver:
             peer_host=assoc.requestor.address, peer_port=assoc.requestor.port,
         )  # fmt: skip
 
-    def _on_store(self, event: Event) -> int:
-        """Spool and record one instance, answering a specific status on failure."""
+    def _on_store(self, event: Event) -> Dataset:
+        """Spool and record one instance, answering a specific status on failure.
+
+        A refusal's reason also goes back to the peer as the response's Error Comment.
+        """
         assoc = event.assoc
         who = Association(
             calling_aet=assoc.requestor.ae_title.strip(),
@@ -265,28 +262,44 @@ class Receiver:
                 "store refused", status=f"0x{exc.status:04X}", reason=str(exc),
                 calling_aet=who.calling_aet,
             )  # fmt: skip
-            return int(exc.status)
+            return _response(exc.status, str(exc))
         if self.on_stored is not None:
             self.on_stored()
-        return int(Status.SUCCESS)
+        return _response(Status.SUCCESS, "")
 
     def _store(self, event: Event, who: Association) -> None:
-        """Identify, spool and record; raise :class:`StoreRefused` on any failure."""
+        """Check, identify, spool and record; raise :class:`StoreRefused` on any failure.
+
+        Nothing is acknowledged before the bytes are fsynced and the record committed. A
+        SOP Instance UID stored in another series or study is refused and left where it
+        is; re-sent with identical bytes it is a no-op.
+        """
         context = event.context
+        syntax = uid.UID(context.transfer_syntax or "")
+        limits = self.config.limits
+        sent = event.encoded_dataset(include_meta=False)
+        if syntax.is_deflated:
+            _raise_for(validation.check_inflated_size(sent, limits.max_inflated_bytes))
         try:
             ds = event.dataset
         except DECODE_ERRORS as exc:
+            phi.remember_encoded(event.encoded_dataset(), context.transfer_syntax or "")
             raise StoreRefused(
-                Status.CANNOT_UNDERSTAND_UNDECODABLE, f"cannot decode: {exc}"
+                Status.CANNOT_UNDERSTAND_UNDECODABLE, f"cannot decode ({type(exc).__name__})"
             ) from exc
+        phi.remember_identifiers(ds)  # before anything can log one of its values
         ident = identify(ds, context.abstract_syntax or "")
+        _raise_for(validation.check_instance(ds, syntax, ident.sop_class, limits.max_decoded_bytes))
+        digest = hashlib.sha256(sent).hexdigest()
+        if self._is_unchanged(ident, digest):
+            return
         bound = log.bind(study_uid=ident.study, series_uid=ident.series)
         try:
             path = spool.store_instance(
                 self.config.spool_dir, ident.study, ident.series, ident.sop,
                 event.encoded_dataset(),
             )  # fmt: skip
-            self.store.record_instance(
+            outcome = self.store.record_instance(
                 InstanceRecord(
                     sop_instance_uid=ident.sop, series_instance_uid=ident.series,
                     study_instance_uid=ident.study, sop_class_uid=ident.sop_class,
@@ -294,16 +307,69 @@ class Receiver:
                     received_at=time.time(), association=who, modality=ident.modality,
                     body_part_examined=ident.body_part,
                     series_description=ident.description, protocol_name=ident.protocol,
-                    image_type=ident.image_type,
+                    image_type=ident.image_type, sha256=digest,
                 )
             )  # fmt: skip
+        except InstanceConflict as exc:
+            if exc.existing.path != path:
+                path.unlink(missing_ok=True)
+            raise _duplicate() from exc
         except OSError as exc:
-            full = exc.errno in DISK_FULL_ERRNOS
+            full = is_disk_full_error(exc)
             bound.error("cannot spool instance", error=exc.strerror, disk_full=full)
             status = Status.OUT_OF_RESOURCES if full else Status.PROCESSING_FAILURE
             raise StoreRefused(status, f"cannot spool: {exc.strerror}") from exc
         except sqlite3.Error as exc:
-            full = getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+            full = is_disk_full_error(exc)
             bound.error("cannot record instance", error=str(exc), disk_full=full)
             status = Status.OUT_OF_RESOURCES if full else Status.PROCESSING_FAILURE
             raise StoreRefused(status, f"cannot record: {exc}") from exc
+        if outcome is RecordOutcome.REPLACED:
+            bound.info("instance replaced by different content", sop_uid=ident.sop)
+
+    def _is_unchanged(self, ident: _Identity, digest: str) -> bool:
+        """Whether the UID is stored with these bytes already; refuse it if it is stored
+        in another series or study."""
+        existing = self.store.stored_instance(ident.sop)
+        if existing is None:
+            return False
+        if (existing.series_instance_uid, existing.study_instance_uid) != (
+            ident.series, ident.study,
+        ):  # fmt: skip
+            raise _duplicate()
+        stored = existing.sha256
+        if stored is None and existing.path.is_file():
+            stored = spool.dataset_sha256(existing.path)
+        if stored != digest:
+            return False
+        log.info(
+            "identical instance re-sent, nothing written", study_uid=ident.study,
+            series_uid=ident.series, sop_uid=ident.sop,
+        )  # fmt: skip
+        return True
+
+
+def _duplicate() -> StoreRefused:
+    """The refusal for a SOP Instance UID that belongs to another series or study."""
+    return StoreRefused(
+        Status.DUPLICATE_SOP_INSTANCE,
+        "SOP Instance UID already stored in another series or study; kept there",
+    )
+
+
+def _raise_for(refusal: validation.Refusal | None) -> None:
+    """Raise a check's refusal as :class:`StoreRefused`."""
+    if refusal is not None:
+        raise StoreRefused(refusal.status, refusal.reason)
+
+
+ERROR_COMMENT_MAX = 64  # LO
+
+
+def _response(status: Status, reason: str) -> Dataset:
+    """A C-STORE response status dataset, with the reason as Error Comment on failure."""
+    response = Dataset()
+    response.Status = int(status)
+    if reason:
+        response.ErrorComment = reason.replace("\\", "/")[:ERROR_COMMENT_MAX]
+    return response

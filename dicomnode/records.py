@@ -57,6 +57,25 @@ class InstanceRecord:
     series_description: str
     protocol_name: str
     image_type: tuple[str, ...]
+    sha256: str | None = None  # of the dataset bytes as sent, file meta excluded
+
+
+class RecordOutcome(StrEnum):
+    """What recording a received instance did."""
+
+    NEW = "new"  # a SOP Instance UID not stored before
+    REPLACED = "replaced"  # same UID, same series, different bytes: the series changed
+    UNCHANGED = "unchanged"  # same UID, same series, identical bytes: nothing written
+
+
+@dataclass(frozen=True)
+class StoredInstance:
+    """Where an already stored SOP Instance UID belongs, and its content hash."""
+
+    series_instance_uid: str
+    study_instance_uid: str
+    path: Path
+    sha256: str | None
 
 
 @dataclass(frozen=True)
@@ -79,6 +98,7 @@ class SeriesInfo:
     state: SeriesState
     reason: str | None
     instance_count: int
+    content_changes: int = 0  # times its content changed after an instance was acknowledged
 
 
 @dataclass(frozen=True)

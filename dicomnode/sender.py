@@ -13,6 +13,7 @@ from pydicom.filereader import read_file_meta_info
 from pynetdicom import AE
 from pynetdicom.presentation import PresentationContext, build_context
 
+from dicomnode import phi
 from dicomnode.config import Destination
 from dicomnode.tls import client_context
 
@@ -54,6 +55,7 @@ def send_files(
             results[path] = SendResult(None, f"cannot read file meta: {exc}")
     if not metas:
         return results
+    phi.remember_files(metas)  # after a restart this process may not have seen them yet
     contexts = _contexts(metas)
     if len(contexts) > MAX_CONTEXTS:
         raise ValueError(f"{len(contexts)} SOP classes exceed {MAX_CONTEXTS} contexts")

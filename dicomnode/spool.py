@@ -7,8 +7,10 @@ are flushed and fsynced, renamed with :func:`os.replace`, and the folder is fsyn
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
+import struct
 import tempfile
 from pathlib import Path
 
@@ -81,3 +83,20 @@ def store_instance(
     path = instance_path(spool_dir, study_uid, series_uid, sop_uid)
     write_atomic(path, data)
     return path
+
+
+PREAMBLE_BYTES = 128
+META_GROUP_LENGTH_END = 144  # preamble, "DICM", then (0002,0000) UL: tag, VR, length, value
+
+
+def dataset_sha256(path: Path) -> str:
+    """SHA-256 of a spooled file's dataset bytes (after preamble and file meta group).
+
+    For instances recorded before hashes were kept; compare with the hash of what a peer
+    sends (``event.encoded_dataset(include_meta=False)``).
+    """
+    data = path.read_bytes()
+    if data[PREAMBLE_BYTES : PREAMBLE_BYTES + 4] != b"DICM":
+        return hashlib.sha256(data).hexdigest()
+    (group_length,) = struct.unpack_from("<I", data, META_GROUP_LENGTH_END - 4)
+    return hashlib.sha256(data[META_GROUP_LENGTH_END + group_length :]).hexdigest()

@@ -12,14 +12,21 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from dicomnode.records import InstanceRecord, SeriesInfo, SeriesState
+from dicomnode.records import (
+    InstanceRecord,
+    RecordOutcome,
+    SeriesInfo,
+    SeriesState,
+    StoredInstance,
+)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS instances (
     sop_instance_uid TEXT PRIMARY KEY, series_instance_uid TEXT NOT NULL,
     study_instance_uid TEXT NOT NULL, path TEXT NOT NULL, sop_class_uid TEXT NOT NULL,
     transfer_syntax_uid TEXT NOT NULL, received_at REAL NOT NULL,
-    calling_aet TEXT NOT NULL, called_aet TEXT NOT NULL, is_localizer INTEGER NOT NULL);
+    calling_aet TEXT NOT NULL, called_aet TEXT NOT NULL, is_localizer INTEGER NOT NULL,
+    sha256 TEXT);
 CREATE INDEX IF NOT EXISTS instances_series ON instances (series_instance_uid);
 CREATE TABLE IF NOT EXISTS series (
     series_instance_uid TEXT PRIMARY KEY, study_instance_uid TEXT NOT NULL,
@@ -27,7 +34,8 @@ CREATE TABLE IF NOT EXISTS series (
     series_description TEXT NOT NULL, protocol_name TEXT NOT NULL,
     image_type TEXT NOT NULL, all_localizer INTEGER NOT NULL, sop_class_uid TEXT NOT NULL,
     calling_aet TEXT NOT NULL, called_aet TEXT NOT NULL, first_arrival REAL NOT NULL,
-    last_arrival REAL NOT NULL, state TEXT NOT NULL, reason TEXT);
+    last_arrival REAL NOT NULL, state TEXT NOT NULL, reason TEXT,
+    content_changes INTEGER NOT NULL DEFAULT 0);
 CREATE INDEX IF NOT EXISTS series_state ON series (state, last_arrival);
 CREATE TABLE IF NOT EXISTS jobs (
     id INTEGER PRIMARY KEY AUTOINCREMENT, series_instance_uid TEXT NOT NULL,
@@ -45,6 +53,18 @@ CREATE TABLE IF NOT EXISTS outbox_attempts (
     id INTEGER PRIMARY KEY AUTOINCREMENT, outbox_id INTEGER NOT NULL REFERENCES outbox (id),
     attempted_at REAL NOT NULL, status INTEGER, error TEXT);
 """
+
+# Columns added after the first release: (table, column, declaration) for databases
+# created before them.
+MIGRATIONS: tuple[tuple[str, str, str], ...] = (
+    ("instances", "sha256", "TEXT"),
+    ("series", "content_changes", "INTEGER NOT NULL DEFAULT 0"),
+)
+
+_INSTANCE_COLUMNS = (
+    "sop_instance_uid, series_instance_uid, study_instance_uid, path, sop_class_uid, "
+    "transfer_syntax_uid, received_at, calling_aet, called_aet, is_localizer, sha256"
+)
 
 _SERIES_COLUMNS = (
     "series_instance_uid, study_instance_uid, modality, body_part_examined, "
@@ -72,6 +92,28 @@ def _series(row: sqlite3.Row, count: int) -> SeriesInfo:
         state=SeriesState(row["state"]),
         reason=row["reason"],
         instance_count=count,
+        content_changes=row["content_changes"],
+    )
+
+
+class InstanceConflict(Exception):
+    """A SOP Instance UID that is already stored in another series or study."""
+
+    def __init__(self, existing: StoredInstance) -> None:
+        """Keep where the UID already belongs."""
+        super().__init__("SOP Instance UID already stored in another series or study")
+        self.existing = existing
+
+
+def _stored(row: sqlite3.Row | None) -> StoredInstance | None:
+    """A :class:`StoredInstance` from an ``instances`` row, or ``None``."""
+    if row is None:
+        return None
+    return StoredInstance(
+        series_instance_uid=row["series_instance_uid"],
+        study_instance_uid=row["study_instance_uid"],
+        path=Path(row["path"]),
+        sha256=row["sha256"],
     )
 
 
@@ -89,6 +131,15 @@ class StateStore:
         self._conn.execute("PRAGMA synchronous=FULL")
         self._conn.execute("PRAGMA foreign_keys=ON")
         self._conn.executescript(SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Add the columns of :data:`MIGRATIONS` missing from an older database."""
+        with self.transaction() as db:
+            for table, column, declaration in MIGRATIONS:
+                present = {row["name"] for row in db.execute(f"PRAGMA table_info({table})")}
+                if column not in present:
+                    db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
 
     def close(self) -> None:
         """Close the connection."""
@@ -107,21 +158,56 @@ class StateStore:
                 raise
             self._conn.execute("COMMIT")
 
-    def record_instance(self, rec: InstanceRecord) -> None:
+    def stored_instance(self, sop_uid: str) -> StoredInstance | None:
+        """Where a SOP Instance UID is stored and its content hash, or ``None``."""
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT series_instance_uid, study_instance_uid, path, sha256 FROM instances "
+                "WHERE sop_instance_uid = ?",
+                (sop_uid,),
+            ).fetchone()
+        return _stored(row)
+
+    def record_instance(self, rec: InstanceRecord) -> RecordOutcome:
         """Record a spooled instance and its series' latest arrival.
 
-        A series that was already routed or ignored goes back to ``receiving``, so a
-        re-sent series is assembled and processed again.
+        A SOP Instance UID already stored in another series or study raises
+        :class:`InstanceConflict` and changes nothing. The same UID with the same
+        ``sha256`` changes nothing (:attr:`RecordOutcome.UNCHANGED`). Otherwise the series
+        goes (back) to ``receiving`` so it is assembled and processed again; its
+        ``content_changes`` grows when an instance was replaced by different bytes or
+        joined the series after it was routed or ignored.
         """
         localizer = int("LOCALIZER" in (part.upper() for part in rec.image_type))
         assoc = rec.association
         with self.transaction() as db:
+            existing = _stored(
+                db.execute(
+                    "SELECT series_instance_uid, study_instance_uid, path, sha256 "
+                    "FROM instances WHERE sop_instance_uid = ?",
+                    (rec.sop_instance_uid,),
+                ).fetchone()
+            )
+            if existing is not None:
+                if (existing.series_instance_uid, existing.study_instance_uid) != (
+                    rec.series_instance_uid, rec.study_instance_uid,
+                ):  # fmt: skip
+                    raise InstanceConflict(existing)
+                if rec.sha256 is not None and existing.sha256 == rec.sha256:
+                    return RecordOutcome.UNCHANGED
+            prior = db.execute(
+                "SELECT state FROM series WHERE series_instance_uid = ?",
+                (rec.series_instance_uid,),
+            ).fetchone()
+            concluded = prior is not None and prior["state"] != SeriesState.RECEIVING.value
             db.execute(
-                "INSERT OR REPLACE INTO instances VALUES (?,?,?,?,?,?,?,?,?,?)",
+                f"INSERT OR REPLACE INTO instances ({_INSTANCE_COLUMNS}) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     rec.sop_instance_uid, rec.series_instance_uid, rec.study_instance_uid,
                     str(rec.path), rec.sop_class_uid, rec.transfer_syntax_uid,
                     rec.received_at, assoc.calling_aet, assoc.called_aet, localizer,
+                    rec.sha256,
                 ),
             )  # fmt: skip
             db.execute(
@@ -139,17 +225,24 @@ class StateStore:
                     SeriesState.RECEIVING.value,
                 ),
             )  # fmt: skip
+            if existing is not None or concluded:
+                db.execute(
+                    "UPDATE series SET content_changes = content_changes + 1 "
+                    "WHERE series_instance_uid = ?",
+                    (rec.series_instance_uid,),
+                )
             db.execute(
                 "UPDATE series SET all_localizer = (SELECT min(is_localizer) FROM instances "
                 "WHERE series_instance_uid = ?) WHERE series_instance_uid = ?",
                 (rec.series_instance_uid, rec.series_instance_uid),
             )
+        return RecordOutcome.REPLACED if existing is not None else RecordOutcome.NEW
 
     def _series_rows(self, where: str, args: tuple[object, ...]) -> list[SeriesInfo]:
         """Series matching a WHERE clause, with their instance counts."""
         with self._lock:
             rows = self._conn.execute(
-                f"SELECT {_SERIES_COLUMNS}, (SELECT count(*) FROM instances i "
+                f"SELECT {_SERIES_COLUMNS}, content_changes, (SELECT count(*) FROM instances i "
                 "WHERE i.series_instance_uid = s.series_instance_uid) AS n "
                 f"FROM series s WHERE {where} ORDER BY first_arrival",
                 args,

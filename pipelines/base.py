@@ -127,3 +127,11 @@ class PipelineError(Exception):
 class PipelineUnavailable(PipelineError):
     """A pipeline cannot run here (e.g. its model files are absent); the message says
     what is missing and where to put it. The node then falls back to its default."""
+
+
+class NotHeadCt(PipelineError):
+    """The series holds no intracranial soft tissue: it is not a head CT, or no skull."""
+
+
+class ModelRefused(PipelineError):
+    """A model artefact failed its integrity check (its hash differs from the manifest's)."""

@@ -23,7 +23,7 @@ from scipy import ndimage
 from model_store.registry import load_parameters
 from pipelines.base import (
     Algorithm,
-    PipelineError,
+    NotHeadCt,
     PipelineResult,
     SegmentClass,
 )
@@ -119,7 +119,7 @@ class HyperdenseThresholdPipeline:
         volume = series.volume
         brain = brain_mask(volume.hu, volume.spacing)
         if not brain.any():
-            raise PipelineError("no intracranial soft tissue found: not a head CT, or no skull")
+            raise NotHeadCt("no intracranial soft tissue found: not a head CT, or no skull")
         box = ndimage.find_objects(brain.astype(np.uint8))[0]
         size = (1, p.median_size_px, p.median_size_px)
         denoised = ndimage.median_filter(volume.hu[box], size=size)

@@ -31,10 +31,16 @@ from pipelines.geometry import (
 from pipelines.series import LoadedSeries, SourceFrame, Volume
 
 ORIENTATION_TOLERANCE = 1e-3  # max difference of direction cosines between frames
+NAMED_INSTANCES_MAX = 5  # instances named in a failure reason; the rest are counted
 
 
 class VolumeLoadError(Exception):
     """A series cannot be turned into a volume; the message says why."""
+
+
+class InconsistentSeries(VolumeLoadError):
+    """The instances of a series do not form one acquisition (several series, patients,
+    studies, frames of reference, orientations, matrix sizes or pixel spacings)."""
 
 
 @dataclass(frozen=True)
@@ -79,20 +85,27 @@ def load_datasets(
     ``slice_spacing_mm`` is the grid spacing along the slice normal; by default the
     smallest gap between frames (so no acquired plane is undersampled).
     """
-    images = [ds for ds in datasets if "PixelData" in ds and not is_localizer(ds)]
+    check_one_series(datasets)
+    images = [ds for ds in datasets if not is_localizer(ds)]
     if not images:
         raise VolumeLoadError("the series holds no image other than localizers")
-    series_uids = {str(ds.get("SeriesInstanceUID", "")) for ds in images}
-    if len(series_uids) > 1:
-        raise VolumeLoadError(f"the files belong to {len(series_uids)} different series")
-    frames = [frame for ds in images for frame in _frames_of(ds)]
+    check_same_value(images, "frames of reference", ("FrameOfReferenceUID",))
+    without_pixels = [ds for ds in images if "PixelData" not in ds]
+    if without_pixels:
+        raise VolumeLoadError(
+            f"{len(without_pixels)} of {len(images)} instances carry no pixel data: "
+            + _names(without_pixels)
+        )
+    frames = _all_frames(images)
     _check_consistent(frames)
     stack, order = plane_stack(
         np.stack([f.position for f in frames]), frames[0].orientation, frames[0].pixel_spacing
     )
     frames = [frames[i] for i in order]
     if len(frames) > 1 and np.min(np.diff(stack.offsets[:, 0])) < 1e-3:
-        raise VolumeLoadError("two frames lie on the same plane (duplicate or mixed acquisitions)")
+        raise InconsistentSeries(
+            "two frames lie on the same plane (duplicate or mixed acquisitions)"
+        )
     frame_hu = np.stack([f.hu for f in frames])
     spacing = slice_spacing_mm or default_slice_spacing(stack)
     grid = orthogonal_grid(stack, frame_hu.shape[1:], spacing)
@@ -111,6 +124,67 @@ def load_datasets(
         stack=stack,
         grid=grid,
     )
+
+
+def instance_name(ds: Dataset) -> str:
+    """How a failure reason names an instance: SOP Instance UID and InstanceNumber."""
+    sop = ds.get("SOPInstanceUID", "(no SOP Instance UID)")
+    return f"{sop} (InstanceNumber {ds.get('InstanceNumber', '?')})"
+
+
+def _names(datasets: Sequence[Dataset]) -> str:
+    """The first few instances' names, and how many more there are."""
+    named = ", ".join(instance_name(ds) for ds in datasets[:NAMED_INSTANCES_MAX])
+    rest = len(datasets) - NAMED_INSTANCES_MAX
+    return named + (f" and {rest} more" if rest > 0 else "")
+
+
+def _value_key(ds: Dataset, keywords: Sequence[str]) -> tuple[str, ...]:
+    """The stripped string values of ``keywords`` in ``ds`` (``""`` when absent)."""
+    return tuple(str(ds.get(keyword, "") or "").strip() for keyword in keywords)
+
+
+def check_same_value(datasets: Sequence[Dataset], what: str, keywords: Sequence[str]) -> None:
+    """Refuse a series whose instances differ in ``keywords``; the reason counts the
+    instances per distinct value and never shows the values themselves."""
+    counts: dict[tuple[str, ...], int] = {}
+    for ds in datasets:
+        key = _value_key(ds, keywords)
+        counts[key] = counts.get(key, 0) + 1
+    if len(counts) > 1:
+        sizes = " and ".join(str(n) for n in sorted(counts.values(), reverse=True))
+        raise InconsistentSeries(
+            f"the series mixes {len(counts)} {what} ({' / '.join(keywords)} differ: "
+            f"{sizes} instances)"
+        )
+
+
+def check_one_series(datasets: Sequence[Dataset]) -> None:
+    """One patient (PatientID with its issuer), one study and one series UID."""
+    check_same_value(datasets, "patients", ("PatientID", "IssuerOfPatientID"))
+    check_same_value(datasets, "studies", ("StudyInstanceUID",))
+    check_same_value(datasets, "series", ("SeriesInstanceUID",))
+
+
+def _all_frames(images: Sequence[Dataset]) -> list[_Frame]:
+    """Frames of every image; refuses the series naming each instance that fails."""
+    frames: list[_Frame] = []
+    failed: list[tuple[Dataset, str]] = []
+    for ds in images:
+        try:
+            frames.extend(_frames_of(ds))
+        except VolumeLoadError as exc:
+            failed.append((ds, str(exc)))
+    if failed:
+        details = "; ".join(
+            f"{instance_name(ds)}: {why}" for ds, why in failed[:NAMED_INSTANCES_MAX]
+        )
+        rest = len(failed) - NAMED_INSTANCES_MAX
+        raise VolumeLoadError(
+            f"{len(failed)} of {len(images)} instances cannot be used: {details}"
+            + (f" and {rest} more" if rest > 0 else "")
+        )
+    return frames
 
 
 def _frames_of(ds: Dataset) -> list[_Frame]:
@@ -179,10 +253,21 @@ def _decode(ds: Dataset) -> NDArray[np.generic]:
 def _rescale(
     pixels: NDArray[np.generic], slope: float | str, intercept: float | str
 ) -> NDArray[np.float32]:
-    """Stored values to Hounsfield units."""
-    return pixels.astype(np.float32) * np.float32(float(slope or 1)) + np.float32(
-        float(intercept or 0)
-    )
+    """Stored values to Hounsfield units; a slope or intercept that is not a finite
+    number, a slope that is not positive, or values that overflow are refused."""
+    try:
+        slope_value, intercept_value = float(slope), float(intercept)
+    except (TypeError, ValueError) as exc:
+        raise VolumeLoadError("RescaleSlope or RescaleIntercept is not one number") from exc
+    if not (np.isfinite(slope_value) and np.isfinite(intercept_value)) or slope_value <= 0:
+        raise VolumeLoadError(
+            f"RescaleSlope {slope_value:g} / RescaleIntercept {intercept_value:g} unusable"
+        )
+    with np.errstate(over="ignore", invalid="ignore"):
+        hu = pixels.astype(np.float32) * np.float32(slope_value) + np.float32(intercept_value)
+    if not np.all(np.isfinite(hu)):
+        raise VolumeLoadError(f"RescaleSlope {slope_value:g} overflows the HU values")
+    return hu
 
 
 def _check_consistent(frames: Sequence[_Frame]) -> None:
@@ -190,8 +275,8 @@ def _check_consistent(frames: Sequence[_Frame]) -> None:
     first = frames[0]
     for frame in frames[1:]:
         if np.max(np.abs(frame.orientation - first.orientation)) > ORIENTATION_TOLERANCE:
-            raise VolumeLoadError("frames have more than one orientation")
+            raise InconsistentSeries("frames have more than one orientation")
         if frame.hu.shape != first.hu.shape:
-            raise VolumeLoadError("frames have different matrix sizes")
+            raise InconsistentSeries("frames have different matrix sizes")
         if not np.allclose(frame.pixel_spacing, first.pixel_spacing, atol=1e-4):
-            raise VolumeLoadError("frames have different pixel spacings")
+            raise InconsistentSeries("frames have different pixel spacings")

@@ -128,7 +128,13 @@ def test_each_job_is_claimed_once(store: StateStore) -> None:
     for n in range(20):
         record = _instance(0)
         store.record_instance(
-            InstanceRecord(**{**record.__dict__, "series_instance_uid": f"1.9.{n}"})
+            InstanceRecord(
+                **{
+                    **record.__dict__,
+                    "series_instance_uid": f"1.9.{n}",
+                    "sop_instance_uid": f"1.9.{n}.1",
+                }
+            )
         )
         series = store.get_series(f"1.9.{n}")
         assert series is not None

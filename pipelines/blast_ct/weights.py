@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from pipelines.base import PipelineError, PipelineUnavailable
+from pipelines.base import ModelRefused, PipelineUnavailable
 from pipelines.blast_ct.network import DeepMedic
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -31,7 +31,7 @@ class BlastCtUnavailable(PipelineUnavailable):
     """The weight files are not where the node looks for them; the message says where."""
 
 
-class WeightsChanged(PipelineError):
+class WeightsChanged(ModelRefused):
     """A weight file differs from the one the manifest pins."""
 
 

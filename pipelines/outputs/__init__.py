@@ -1,8 +1,10 @@
 """Output writers: a pipeline result as DICOM SEG, Secondary Capture and Comprehensive 3D SR.
 
 Every object is a new series in the source's study, with UIDs derived from the source
-series, the pipeline name, the algorithm version and the object kind (``uids``), so a
-re-sent series gives the same objects again.
+series, the pipeline name, the algorithm version, the object kind and the result revision
+(``uids``): the first result of a series (revision 1) always has the same UIDs, and a
+series processed again after it changed (revision 2, 3, ...) gets new ones, so the
+superseded objects can be retracted by a rejection note (``rejection``).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from dataclasses import replace
 from pydicom.dataset import Dataset
 
 from pipelines.base import PipelineResult
-from pipelines.outputs.common import OutputIdentity, output_identity
+from pipelines.outputs.common import OutputIdentity, output_identity, revision_suffix
 from pipelines.outputs.saliency import build_saliency_sc
 from pipelines.outputs.sc import build_sc
 from pipelines.outputs.seg import build_seg
@@ -40,16 +42,19 @@ def build_outputs(
     pipeline_name: str,
     series_number_base: int = 900,
     content_datetime: datetime.datetime | None = None,
+    revision: int = 1,
 ) -> list[Dataset]:
     """[SEG, SC, SR, saliency SCs...] of ``result``, series ``series_number_base`` + 1..4.
 
     Each heat map of the result becomes one Secondary Capture of the fourth series.
 
     ``content_datetime`` (default now) becomes each object's ContentDate/ContentTime.
+    ``revision`` is the result revision of the series (see ``common.revision_seed``).
     """
     when = content_datetime or datetime.datetime.now()
     source_uid = str(series.reference.SeriesInstanceUID)
     short = result.algorithm.kind.split()[-1] if result.algorithm.kind else "algorithm"
+    suffix = revision_suffix(revision)
 
     def identity(kind: str, offset: int, title: str) -> OutputIdentity:
         """Identity of one output object."""
@@ -59,8 +64,9 @@ def build_outputs(
             result.algorithm,
             kind,
             series_number_base + offset,
-            f"{title} ({short})"[:64],
+            f"{title} ({short})"[: 64 - len(suffix)] + suffix,
             when,
+            revision,
         )
 
     seg = build_seg(series, result, identity("seg", 1, "HYPERDENSE SEG"))

@@ -32,6 +32,7 @@ TYPE2_PATIENT_STUDY = (
     "StudyID",
     "AccessionNumber",
 )
+EVIDENCE_PATIENT_STUDY = (*TYPE2_PATIENT_STUDY, "StudyInstanceUID", "SpecificCharacterSet")
 UNSTATED = "NOT STATED BY SOURCE"
 HU_MAX_METHOD = CodedConcept(
     "HUMAX3X3", PRIVATE_SCHEME, "Highest mean of a 3x3-pixel in-plane window"
@@ -70,14 +71,16 @@ def output_identity(
     series_number: int,
     series_description: str,
     content_datetime: datetime.datetime,
+    revision: int = 1,
 ) -> OutputIdentity:
     """Identity of output ``kind`` ("seg", "sc-1", "sr") derived from the source series.
 
     The series UID hashes ``"series-" + kind`` (first part before a dash), the instance UID
-    hashes ``kind`` itself, both with the source series UID, pipeline name and version.
+    hashes ``kind`` itself, both with the source series UID, pipeline name and version,
+    and (see :func:`revision_seed`) the result revision from 2 on.
     """
     series_kind = "series-" + kind.split("-")[0]
-    seed = (series_instance_uid, pipeline_name, algorithm.version)
+    seed = (series_instance_uid, pipeline_name, algorithm.version, *revision_seed(revision))
     return OutputIdentity(
         series_instance_uid=derive_uid(*seed, series_kind),
         sop_instance_uid=derive_uid(*seed, kind),
@@ -87,6 +90,23 @@ def output_identity(
         software_versions=algorithm.version,
         content_datetime=content_datetime,
     )
+
+
+def revision_seed(revision: int) -> tuple[str, ...]:
+    """The UID seed part of result revision ``revision`` (1 = the first result of a series).
+
+    Revision 1 adds nothing, so first results keep the UIDs they always had; each later
+    revision (the series changed after it was processed) gives new UIDs, so PACS keeps the
+    superseded objects apart until a rejection note retracts them.
+    """
+    if revision < 1:
+        raise ValueError(f"a result revision counts from 1, not {revision}")
+    return () if revision == 1 else (f"revision-{revision}",)
+
+
+def revision_suffix(revision: int) -> str:
+    """`` rev N`` for revisions from 2 on (shown in series descriptions), else empty."""
+    return "" if revision == 1 else f" rev {revision}"
 
 
 def algorithm_family(algorithm: Algorithm) -> CodedConcept:

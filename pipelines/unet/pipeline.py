@@ -25,7 +25,7 @@ from numpy.typing import NDArray
 from scipy import ndimage
 
 from model_store.registry import STORE_ROOT, ModelStoreError
-from pipelines.base import Algorithm, PipelineError, PipelineResult, SegmentResult
+from pipelines.base import Algorithm, NotHeadCt, PipelineResult, SegmentResult
 from pipelines.brain import brain_mask
 from pipelines.geometry import represented_thickness
 from pipelines.hyperdense import HYPERDENSE_SEGMENT
@@ -134,7 +134,7 @@ class UNetPipeline:
         gap = float(np.median(np.diff(depths))) if len(depths) > 1 else 5.0
         brain = brain_mask(hu, (gap, spacing[0], spacing[1]))
         if not brain.any():
-            raise PipelineError("no intracranial soft tissue found: not a head CT, or no skull")
+            raise NotHeadCt("no intracranial soft tissue found: not a head CT, or no skull")
         beside = np.pad(brain, ((1, 1), (0, 0), (0, 0)), mode="edge")
         brain &= beside[:-2] & beside[2:]  # a thick frame cuts the skull obliquely: its rim
         probabilities = predict_probabilities(self.unet.model, self.unet.config, hu, spacing)
