@@ -174,7 +174,8 @@ def test_idle_flood_does_not_block_a_sender(tmp_path: Path) -> None:
         (series,) = node.store.all_series()
         assert series.instance_count == SERIES_SLICES
         assert pending <= config.node.connections.max_pending_connections
-        assert threads < 4 * config.node.connections.max_pending_connections + 40
+        # one thread per waiting connection (pynetdicom alone: two or three per connection)
+        assert threads < 2 * config.node.connections.max_pending_connections + 20
         assert flood.closed_by_node >= FLOOD_SIZE - config.node.connections.max_pending_connections
     closed = _by_event(logs, CLOSED_EARLY)
     assert {entry["peer_host"] for entry in closed} == {FLOOD_HOST}
