@@ -309,10 +309,13 @@ class Door:
                 conn.close_reason = reason
             return late
 
-    def pending(self) -> list[Connection]:
-        """Connections that have not sent an A-ASSOCIATE-RQ yet."""
+    def close_all_pending(self, reason: str) -> list[Connection]:
+        """Mark every connection still waiting for its request as closing; return them."""
         with self._lock:
-            return [c for c in self._connections.values() if not c.requested]
+            waiting = [c for c in self._connections.values() if _waiting(c)]
+            for conn in waiting:
+                conn.close_reason = reason
+            return waiting
 
     def counts(self) -> tuple[int, int]:
         """``(pending connections not being closed, associations holding a slot)``."""
@@ -524,8 +527,7 @@ class GuardedAssociationServer(ThreadedAssociationServer):
         """Stop accepting, stop the reaper and close connections still waiting."""
         self._stopping.set()
         super().shutdown()
-        for conn in self.door.pending():
-            conn.close_reason = conn.close_reason or SHUTDOWN_REASON
+        for conn in self.door.close_all_pending(SHUTDOWN_REASON):
             close_pending(conn)
 
 

@@ -202,6 +202,24 @@ def test_half_sent_request_is_closed_after_the_timeout(tmp_path: Path) -> None:
     assert "request_timeout_s" in entry["reason"] and entry["peer_host"] == "127.0.0.1"
 
 
+def test_stopping_closes_waiting_connections(tmp_path: Path) -> None:
+    """Stopping the node closes connections still waiting for a request, at once."""
+    config = _config(tmp_path, request_timeout_s=30.0)
+    with structlog.testing.capture_logs() as logs:
+        with Node(config, copy_first):
+            sock = socket.create_connection(("127.0.0.1", config.node.port), timeout=5)
+            time.sleep(0.2)
+        started = time.monotonic()
+        assert sock.recv(1) == b""
+        assert time.monotonic() - started < 2.0
+        sock.close()
+        deadline = time.monotonic() + 5
+        while not _by_event(logs, CLOSED_EARLY) and time.monotonic() < deadline:
+            time.sleep(0.05)  # the connection's thread logs just after closing it
+    (entry,) = _by_event(logs, CLOSED_EARLY)
+    assert entry["reason"].endswith("the node is stopping")
+
+
 def test_caps_reject_with_local_limit_and_the_node_keeps_serving(tmp_path: Path) -> None:
     """Per-host then total caps answer a transient "local limit exceeded"; released
     associations free their slots."""
