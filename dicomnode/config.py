@@ -20,6 +20,9 @@ from pydantic import (
     model_validator,
 )
 
+from dicomnode.door import AssociationLimits
+from dicomnode.tls import ClientTls, ServerTls
+
 
 class ConfigError(Exception):
     """A configuration that cannot be used; ``problems`` lists ``path: reason`` lines."""
@@ -73,6 +76,8 @@ class NodeSettings(_Model):
     host: str = "0.0.0.0"
     port: Port = 11112
     max_pdu: int = Field(default=131072, ge=0)
+    connections: AssociationLimits = AssociationLimits()
+    tls: ServerTls | None = None
 
 
 class AllowedCaller(_Model):
@@ -88,6 +93,7 @@ class Destination(_Model):
     ae_title: AETitle
     host: str
     port: Port
+    tls: ClientTls | None = None
 
 
 class RouteMatch(_Model):
@@ -209,7 +215,7 @@ def load_config(path: Path) -> NodeConfig:
         if isinstance(raw.get(key), str):
             raw[key] = str(base / raw[key])
     try:
-        return NodeConfig.model_validate(raw)
+        return NodeConfig.model_validate(raw, context={"base_dir": base})
     except ValidationError as exc:
         raise ConfigError(str(path), _describe(exc)) from exc
     except ConfigError as exc:

@@ -19,15 +19,24 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
 from pynetdicom.association import Association as PynetAssociation
 from pynetdicom.events import Event, EventHandlerType
-from pynetdicom.transport import ThreadedAssociationServer
 
 from dicomnode import phi, spool, validation
 from dicomnode.config import NodeConfig
 from dicomnode.disk import is_disk_full_error
+from dicomnode.door import (
+    ABORT_PRIMITIVES,
+    CALLED_AE_NOT_RECOGNISED,
+    CALLING_AE_NOT_RECOGNISED,
+    Door,
+    GuardedAssociationServer,
+    Rejection,
+    start_guarded_server,
+)
 from dicomnode.records import Association, InstanceRecord, RecordOutcome
 from dicomnode.startup import listen_error
 from dicomnode.state import InstanceConflict, StateStore
 from dicomnode.status import Status
+from dicomnode.tls import server_context
 from dicomnode.validation import DECODE_ERRORS
 
 log = structlog.get_logger(__name__)
@@ -58,8 +67,6 @@ TRANSFER_SYNTAXES: tuple[str, ...] = (
     *uid.JPEG2000TransferSyntaxes,
     *uid.RLETransferSyntaxes,
 )
-
-REJECT_PERMANENT, REJECT_SOURCE_USER, REJECT_CALLING_AET_NOT_RECOGNISED = 0x01, 0x01, 0x03
 
 
 class StoreRefused(Exception):
@@ -141,7 +148,8 @@ class Receiver:
         self.config = config
         self.store = store
         self.on_stored = on_stored
-        self._server: ThreadedAssociationServer | None = None
+        self.door = Door(config.node.connections)
+        self._server: GuardedAssociationServer | None = None
 
     def build_ae(self) -> AE:
         """An AE supporting Verification and the storage classes with every syntax."""
@@ -157,14 +165,21 @@ class Receiver:
         handlers: list[EventHandlerType] = [
             (evt.EVT_CONN_OPEN, self._on_conn_open),
             (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_ACSE_RECV, self._on_acse_recv),
+            (evt.EVT_ABORTED, self._on_aborted),
             (evt.EVT_C_STORE, self._on_store),
         ]
         address = (self.config.node.host, self.config.node.port)
+        tls = self.config.node.tls
+        context = None if tls is None else server_context(tls)
         try:
-            self._server = self.build_ae().start_server(address, block=False, evt_handlers=handlers)
+            self._server = start_guarded_server(
+                self.build_ae(), address, handlers, self.door, context
+            )
         except OSError as exc:
             raise listen_error("DICOM", address[0], address[1], exc) from None
-        log.info("receiver listening", host=address[0], port=address[1])
+        log.info("receiver listening", host=address[0], port=address[1], tls=tls is not None)
 
     def stop(self) -> None:
         """Stop listening and close open associations."""
@@ -179,19 +194,56 @@ class Receiver:
         if sock is not None and sock.socket is not None:
             sock.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
-    def _on_requested(self, event: Event) -> None:
-        """Reject association requests from AE titles or hosts not allowed."""
-        assoc = event.assoc
-        calling = _requested_title(assoc, "calling")
-        host = assoc.requestor.address
+    def _title_rejection(self, calling: str, called: str, host: str) -> Rejection | None:
+        """Why the node refuses these AE titles from ``host``, or ``None`` if allowed."""
+        if called != self.config.node.ae_title:
+            return CALLED_AE_NOT_RECOGNISED
         for caller in self.config.allowed_callers:
             if caller.ae_title == calling and caller.host in (None, host):
-                return
-        log.warning("association rejected", calling_aet=calling, peer_host=host)
-        assoc.acse.send_reject(
-            REJECT_PERMANENT, REJECT_SOURCE_USER, REJECT_CALLING_AET_NOT_RECOGNISED
-        )
+                return None
+        return CALLING_AE_NOT_RECOGNISED
+
+    def _on_requested(self, event: Event) -> None:
+        """Reject requests to another AE title, from callers not allowed, or over a cap."""
+        assoc = event.assoc
+        calling = _requested_title(assoc, "calling")
+        called = _requested_title(assoc, "called")
+        host = assoc.requestor.address
+        rejection = self.door.request(assoc, self._title_rejection(calling, called, host))
+        if rejection is None:
+            return
+        log.warning(
+            "association rejected", reason=rejection.reason, calling_aet=calling,
+            called_aet=called, peer_host=host, peer_port=assoc.requestor.port,
+            result=rejection.result.name.lower(),
+        )  # fmt: skip
+        assoc.acse.send_reject(rejection.result, rejection.source, rejection.diagnostic)
         assoc.kill()  # as pynetdicom does: waits until the A-ASSOCIATE-RJ has gone out
+
+    @staticmethod
+    def _on_rejected(event: Event) -> None:
+        """Log a rejection pynetdicom decided itself (its own backstop limits)."""
+        assoc = event.assoc
+        log.warning(
+            "association rejected", reason="rejected by the DICOM stack (pynetdicom)",
+            calling_aet=_requested_title(assoc, "calling"),
+            peer_host=assoc.requestor.address, peer_port=assoc.requestor.port,
+        )  # fmt: skip
+
+    def _on_acse_recv(self, event: Event) -> None:
+        """Keep the reason of an incoming A-ABORT / A-P-ABORT for the abort's log line."""
+        primitive = getattr(event, "primitive", None)  # set by pynetdicom for this event
+        if isinstance(primitive, ABORT_PRIMITIVES):
+            self.door.note_abort(event.assoc, primitive)
+
+    def _on_aborted(self, event: Event) -> None:
+        """Log an association aborted by either side or by the network layer."""
+        assoc = event.assoc
+        log.warning(
+            "association aborted", reason=self.door.abort_reason(assoc),
+            calling_aet=_requested_title(assoc, "calling"),
+            peer_host=assoc.requestor.address, peer_port=assoc.requestor.port,
+        )  # fmt: skip
 
     def _on_store(self, event: Event) -> Dataset:
         """Spool and record one instance, answering a specific status on failure.

@@ -15,6 +15,7 @@ from pynetdicom.presentation import PresentationContext, build_context
 
 from dicomnode import phi
 from dicomnode.config import Destination
+from dicomnode.tls import client_context
 
 log = structlog.get_logger(__name__)
 
@@ -61,10 +62,19 @@ def send_files(
     ae = AE(ae_title=calling_aet)
     ae.requested_contexts = contexts
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
-    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    tls = destination.tls
+    tls_args = (
+        None if tls is None else (client_context(tls), tls.server_hostname or destination.host)
+    )
+    assoc = ae.associate(
+        destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args
+    )
     if not assoc.is_established:
         why = "rejected" if assoc.is_rejected else "not established (refused or aborted)"
-        error = f"association {why}: {destination.ae_title}@{destination.host}:{destination.port}"
+        over = " over TLS" if tls is not None else ""
+        error = (
+            f"association {why}{over}: {destination.ae_title}@{destination.host}:{destination.port}"
+        )
         results.update((path, SendResult(None, error)) for path in metas)
         return results
     try:

@@ -85,11 +85,13 @@ def test_echo_and_rejections(tmp_path: Path) -> None:
     config.allowed_callers.append(AllowedCaller(ae_title="PINNED", host="192.0.2.7"))
     with Node(config, copy_first):
         port = str(config.node.port)
-        ok = subprocess.run([echoscu, "127.0.0.1", port], capture_output=True, check=False)
+        ok = subprocess.run(
+            [echoscu, "-aec", "DICOMNODE", "127.0.0.1", port], capture_output=True, check=False
+        )
         assert ok.returncode == 0, ok.stderr
         for title in ("INTRUDER", "PINNED"):
             refused = subprocess.run(
-                [echoscu, "-aet", title, "127.0.0.1", port],
+                [echoscu, "-aet", title, "-aec", "DICOMNODE", "127.0.0.1", port],
                 capture_output=True, text=True, check=False,
             )  # fmt: skip
             assert refused.returncode != 0
