@@ -252,7 +252,7 @@ class Door:
             if conn is not None:
                 conn.association = association
                 if conn.close_reason is not None:  # closed before its thread got here
-                    association.dul.to_user_queue.put(None)  # type: ignore[arg-type]
+                    association.dul.to_user_queue.put(None)
 
     def request(self, association: Association, refusal: Rejection | None) -> Rejection | None:
         """An A-ASSOCIATE-RQ arrived: return the rejection to send, or ``None`` to go on.
@@ -333,7 +333,7 @@ def close_pending(conn: Connection) -> None:
     """
     hard_close(conn.sock)
     if conn.association is not None:
-        conn.association.dul.to_user_queue.put(None)  # type: ignore[arg-type]
+        conn.association.dul.to_user_queue.put(None)
 
 
 def _peer(address: Any) -> Peer:
