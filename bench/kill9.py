@@ -163,9 +163,9 @@ def _kill_during_ingest(
     killed = False
     for line in sender.stderr:
         lines.append(line.rstrip("\n"))
-        if "Association Accepted" in line and target == 0 or (
-            "Received Store Response" in line and (acks := acks + 1) == target
-        ):
+        acks += int("Received Store Response" in line)
+        reached = acks == target if target else "Association Accepted" in line
+        if reached:
             time.sleep(delay)
             node.kill9()
             killed = True
@@ -221,7 +221,9 @@ def _kill_point(
     restart = node.start()
     if phase == "ingest":
         _send_all(node, series)
-    return KillPoint(index, phase, variant, round(delay, 4), acknowledged, observed, round(restart, 2))
+    return KillPoint(
+        index, phase, variant, round(delay, 4), acknowledged, observed, round(restart, 2)
+    )
 
 
 def check_instances(series_list: Sequence[SentSeries], state_file: Path) -> dict[str, object]:
@@ -291,7 +293,9 @@ def check_results(
         job_states[str(row["state"])] += 1
         if row["state"] == "failed":
             failures.append(str(row["reason"]))
-        first_job[row["series"]] = min(first_job.get(row["series"], float("inf")), row["created_at"])
+        first_job[row["series"]] = min(
+            first_job.get(row["series"], float("inf")), row["created_at"]
+        )
     changed_after_job = {
         str(row["series"])
         for row in state_rows(
@@ -412,7 +416,9 @@ def run(settings: Settings) -> dict[str, object]:
 
 def table(summary: dict[str, object]) -> str:
     """A plain-text table of the kill points and the checks."""
-    lines = [f"{'#':>3}  {'phase':<10} {'variant':<20} {'delay s':>7} {'acked':>5}  state after kill"]
+    lines = [
+        f"{'#':>3}  {'phase':<10} {'variant':<20} {'delay s':>7} {'acked':>5}  state after kill"
+    ]
     for point in summary["kill_points"]:  # type: ignore[attr-defined]
         observed = ", ".join(f"{k}={v}" for k, v in sorted(point["observed"].items()))
         lines.append(

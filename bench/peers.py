@@ -124,7 +124,8 @@ def echo_ok(port: int, calling: str = "ECHOSCU", timeout_s: float = 5.0) -> bool
 
 @dataclass
 class NodeProcess:
-    """``python -m dicomnode.cli serve`` on a config, logging JSON to ``log_path``."""
+    """``python -m dicomnode.cli serve`` on a config; its stderr (the JSON log) goes to
+    ``log_path``, its stdout next to it (``.stdout``)."""
 
     config: Path
     port: int
@@ -136,17 +137,20 @@ class NodeProcess:
     def start(self, timeout_s: float = 60.0) -> float:
         """Start the node and wait until it answers C-ECHO; return the seconds it took."""
         began = time.monotonic()
-        with self.log_path.open("ab") as log:
+        stdout_path = self.log_path.with_suffix(".stdout")
+        with self.log_path.open("ab") as log, stdout_path.open("ab") as out:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "dicomnode.cli", "--log-level", "INFO",
                  "serve", "--config", str(self.config)],
-                cwd=REPO, stdout=log, stderr=log,
+                cwd=REPO, stdout=out, stderr=log,
                 env=dict(os.environ, PYTHONPATH=str(REPO), TCP_NODELAY="1"),
             )  # fmt: skip
         self.starts += 1
         while time.monotonic() - began < timeout_s:
             if self.process.poll() is not None:
-                raise RuntimeError(f"node exited with {self.process.returncode}; see {self.log_path}")
+                raise RuntimeError(
+                    f"node exited with {self.process.returncode}; see {self.log_path}"
+                )
             if echo_ok(self.port, timeout_s=2.0):
                 took = time.monotonic() - began
                 self.start_seconds.append(took)
@@ -216,7 +220,9 @@ def busy_work(state_file: Path) -> dict[str, int]:
         ("jobs", "state", JOB_TERMINAL),
         ("outbox", "state", OUTBOX_TERMINAL),
     ):
-        for row in state_rows(state_file, f"SELECT {column_states}, count(*) FROM {table} GROUP BY 1"):
+        for row in state_rows(
+            state_file, f"SELECT {column_states}, count(*) FROM {table} GROUP BY 1"
+        ):
             state, count = str(row[0]), int(row[1])
             pending = state in SERIES_BUSY if terminal is None else state not in terminal
             if pending:
@@ -367,4 +373,3 @@ class Orthanc:
                 }
             )
         return rows
-
