@@ -45,6 +45,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -59,7 +60,6 @@ from pynetdicom.dimse_primitives import C_ECHO
 from pynetdicom.events import Event
 from pynetdicom.pdu import P_DATA_TF
 
-from bench.kill9 import write_results
 from bench.peers import (
     NODE_AE,
     REPO,
@@ -71,9 +71,11 @@ from bench.peers import (
     missing_tools,
     node_config_toml,
     peak_rss_mb,
+    progress,
     state_rows,
     store_files,
     wait_idle,
+    write_results,
 )
 from pipelines.synthetic import synthetic_head_ct, write_series
 
@@ -620,7 +622,7 @@ def _seconds_until_echo(port: int, timeout_s: float) -> float | None:
     return None
 
 
-def _log_summary(log_path: Path) -> dict[str, object]:
+def _log_summary(log_path: Path) -> dict[str, Any]:
     """Counts of the node's log lines and the first few crash signs."""
     counts: Counter[str] = Counter()
     examples: list[str] = []
@@ -645,7 +647,7 @@ def _log_summary(log_path: Path) -> dict[str, object]:
     return {"counts": dict(counts), "examples": examples[:10]}
 
 
-def run(settings: Settings) -> dict[str, object]:
+def run(settings: Settings) -> dict[str, Any]:
     """Start a node, fuzz it, check it still serves, and return the summary."""
     missing = missing_tools([STORESCU])
     if missing:
@@ -676,6 +678,8 @@ def run(settings: Settings) -> dict[str, object]:
             statuses[status] += 1
             by_kind[case.kind][status] += 1
             sent += 1
+            if sent % 1000 == 0:
+                progress(f"{sent} datasets sent: {dict(statuses.most_common(4))}")
             if not node.alive():
                 node_died_at = f"dataset case {sent} ({case.kind})"
                 break
@@ -727,7 +731,7 @@ def run(settings: Settings) -> dict[str, object]:
     finally:
         exit_code = node.stop()
     stored_ok = stored is not None and len(stored.acknowledged()) == len(valid)
-    summary: dict[str, object] = {
+    summary: dict[str, Any] = {
         "harness": "fuzz",
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(settings).items()},
         "work": str(work),
@@ -757,7 +761,7 @@ def run(settings: Settings) -> dict[str, object]:
         "node_exit_code_on_sigterm": exit_code,
         "node_log": _log_summary(node.log_path),
     }
-    log_counts = summary["node_log"]["counts"]  # type: ignore[index]
+    log_counts = summary["node_log"]["counts"]
     summary["passed"] = bool(
         alive and recovered_s is not None and stored_ok and len(recorded) == len(valid)
         and not log_counts.get("tracebacks")

@@ -42,6 +42,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -56,10 +57,12 @@ from bench.peers import (
     missing_tools,
     node_config_toml,
     parse_storescu,
+    progress,
     state_rows,
     store_files,
     storescu_command,
     wait_idle,
+    write_results,
 )
 from pipelines.synthetic import synthetic_head_ct, write_series
 
@@ -76,7 +79,7 @@ class Settings:
     seed: int = 0
     rows: int = 128
     slices: int = 16
-    stable_age_s: float = 5.0
+    stable_age_s: float = 10.0
     phase_timeout_s: float = 60.0
     finish_timeout_s: float = 300.0
     work: Path | None = None
@@ -226,7 +229,7 @@ def _kill_point(
     )
 
 
-def check_instances(series_list: Sequence[SentSeries], state_file: Path) -> dict[str, object]:
+def check_instances(series_list: Sequence[SentSeries], state_file: Path) -> dict[str, Any]:
     """Every acknowledged instance is recorded and spooled unchanged."""
     recorded = {
         str(row["sop_instance_uid"]): Path(row["path"])
@@ -259,7 +262,7 @@ def check_instances(series_list: Sequence[SentSeries], state_file: Path) -> dict
 
 def check_results(
     series_list: Sequence[SentSeries], state_file: Path, pacs: Orthanc
-) -> dict[str, object]:
+) -> dict[str, Any]:
     """Orthanc holds each sent result once, nothing else, and per series one set of kinds."""
     in_pacs = pacs.instances()
     pacs_uids = Counter(row["SOPInstanceUID"] for row in in_pacs)
@@ -271,6 +274,7 @@ def check_results(
     by_series: dict[str, list[str]] = defaultdict(list)
     outbox_states: Counter[str] = Counter()
     result_of: dict[str, tuple[str, str]] = {}
+    sent_by_jobs: dict[str, set[int]] = defaultdict(set)
     for row in sent_rows:
         outbox_states[str(row["state"])] += 1
         path = Path(row["path"])
@@ -278,9 +282,12 @@ def check_results(
             continue
         ds = pydicom.dcmread(path, stop_before_pixels=True)
         sop = str(ds.SOPInstanceUID)
+        sent_by_jobs[sop].add(int(row["job"]))
         if sop not in result_of:
             result_of[sop] = (str(row["series"]), str(ds.Modality))
             by_series[str(row["series"])].append(sop)
+    # one UID delivered by two jobs: the destination keeps the first content, silently
+    reused = sorted(sop for sop, senders in sent_by_jobs.items() if len(senders) > 1)
     missing = sorted(set(result_of) - set(pacs_uids))
     orphans = sorted(set(pacs_uids) - set(result_of))
     jobs = state_rows(
@@ -288,9 +295,11 @@ def check_results(
     )
     first_job: dict[str, float] = {}
     job_states: Counter[str] = Counter()
+    jobs_per_series: Counter[str] = Counter()
     failures: list[str] = []
     for row in jobs:
         job_states[str(row["state"])] += 1
+        jobs_per_series[str(row["series"])] += 1
         if row["state"] == "failed":
             failures.append(str(row["reason"]))
         first_job[row["series"]] = min(
@@ -305,7 +314,7 @@ def check_results(
         )
         if row["last"] > first_job.get(str(row["series"]), float("inf"))
     }
-    duplicates: list[dict[str, object]] = []
+    duplicates: list[dict[str, Any]] = []
     reprocessed_changed = 0
     without_results: list[str] = []
     for series in series_list:
@@ -326,6 +335,10 @@ def check_results(
         "duplicate_series": len(duplicates),
         "duplicates": duplicates[:20],
         "reprocessed_because_changed": reprocessed_changed,
+        "series_processed_more_than_once": sum(1 for n in jobs_per_series.values() if n > 1),
+        "series_changed_after_first_job": len(changed_after_job),
+        "results_resent_under_same_uids": len(reused),
+        "series_with_results_resent_under_same_uids": len({result_of[s][0] for s in reused}),
         "series_without_results": len(without_results),
         "outbox_states": dict(outbox_states),
         "job_states": dict(job_states),
@@ -349,7 +362,7 @@ def _log_summary(log_path: Path) -> dict[str, int]:
     return dict(counts)
 
 
-def run(settings: Settings) -> dict[str, object]:
+def run(settings: Settings) -> dict[str, Any]:
     """Run every kill point, let the node finish, check, and return the summary."""
     missing = missing_tools([STORESCU, ORTHANC])
     if missing:
@@ -375,7 +388,10 @@ def run(settings: Settings) -> dict[str, object]:
         node.start()
         for index, series in enumerate(series_list):
             phase = PHASES[index % len(PHASES)]
-            points.append(_kill_point(index, phase, node, series, state_file, settings, rng))
+            point = _kill_point(index, phase, node, series, state_file, settings, rng)
+            points.append(point)
+            progress(f"kill point {index + 1}/{settings.kills}: {point.variant}, {point.observed}")
+        progress("waiting for the node to finish")
         still_busy = wait_idle(state_file, settings.finish_timeout_s, settle_s=1.0)
         exit_code = node.stop()
         instances = check_instances(series_list, state_file)
@@ -383,7 +399,7 @@ def run(settings: Settings) -> dict[str, object]:
     finally:
         node.stop()
         pacs.stop()
-    summary: dict[str, object] = {
+    summary: dict[str, Any] = {
         "harness": "kill9",
         "finished_utc": datetime.now(UTC).isoformat(timespec="seconds"),
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(settings).items()},
@@ -408,18 +424,19 @@ def run(settings: Settings) -> dict[str, object]:
         and results["missing_in_pacs"] == 0
         and results["orphans_in_pacs"] == 0
         and results["duplicate_series"] == 0
+        and results["results_resent_under_same_uids"] == 0
         and results["series_without_results"] == 0
         and not still_busy
     )
     return summary
 
 
-def table(summary: dict[str, object]) -> str:
+def table(summary: dict[str, Any]) -> str:
     """A plain-text table of the kill points and the checks."""
     lines = [
         f"{'#':>3}  {'phase':<10} {'variant':<20} {'delay s':>7} {'acked':>5}  state after kill"
     ]
-    for point in summary["kill_points"]:  # type: ignore[attr-defined]
+    for point in summary["kill_points"]:
         observed = ", ".join(f"{k}={v}" for k, v in sorted(point["observed"].items()))
         lines.append(
             f"{point['index']:>3}  {point['phase']:<10} {point['variant']:<20} "
@@ -428,26 +445,21 @@ def table(summary: dict[str, object]) -> str:
     instances, results = summary["instances"], summary["results"]
     lines += [
         "",
-        f"acknowledged instances: {instances['acknowledged']}  lost: {instances['lost']}  "  # type: ignore[index]
-        f"changed: {instances['changed']}",  # type: ignore[index]
-        f"results sent: {results['results_sent']}  in Orthanc: {results['pacs_instances']}  "  # type: ignore[index]
-        f"missing: {results['missing_in_pacs']}  orphans: {results['orphans_in_pacs']}  "  # type: ignore[index]
-        f"duplicate series: {results['duplicate_series']}  "  # type: ignore[index]
-        f"reprocessed (changed): {results['reprocessed_because_changed']}",  # type: ignore[index]
-        f"jobs: {results['job_states']}  outbox: {results['outbox_states']}",  # type: ignore[index]
+        f"acknowledged instances: {instances['acknowledged']}  lost: {instances['lost']}  "
+        f"changed: {instances['changed']}",
+        f"results sent: {results['results_sent']}  in Orthanc: {results['pacs_instances']}  "
+        f"missing: {results['missing_in_pacs']}  orphans: {results['orphans_in_pacs']}  "
+        f"duplicate series: {results['duplicate_series']}  "
+        f"reprocessed (changed): {results['reprocessed_because_changed']}",
+        f"series processed more than once: {results['series_processed_more_than_once']} "
+        f"(changed after their first job: {results['series_changed_after_first_job']}); "
+        f"results re-sent under the same UIDs by a later job: "
+        f"{results['results_resent_under_same_uids']}",
+        f"jobs: {results['job_states']}  outbox: {results['outbox_states']}",
         f"node starts: {summary['node_starts']}  still busy at end: {summary['still_busy_at_end']}"
         f"  seconds: {summary['seconds']}  passed: {summary['passed']}",
     ]
     return "\n".join(lines)
-
-
-def write_results(summary: dict[str, object], results_dir: Path, name: str) -> Path:
-    """Write the summary as JSON to ``results_dir/<name>-<UTC time>.json``."""
-    results_dir.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    path = results_dir / f"{name}-{stamp}.json"
-    path.write_text(json.dumps(summary, indent=2) + "\n")
-    return path
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -457,7 +469,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rows", type=int, default=128, help="image size of the series")
     parser.add_argument("--slices", type=int, default=16, help="instances per series")
-    parser.add_argument("--stable-age", type=float, default=5.0, help="node's stable_age_s")
+    parser.add_argument("--stable-age", type=float, default=10.0, help="node's stable_age_s")
     parser.add_argument("--work", type=Path, help="work folder (default: a new temporary one)")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)

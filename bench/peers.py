@@ -21,6 +21,7 @@ import urllib.request
 from collections.abc import Iterator, Sequence
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -373,3 +374,18 @@ class Orthanc:
                 }
             )
         return rows
+
+
+def progress(line: str) -> None:
+    """One progress line on stderr (the summary goes to stdout)."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
+def write_results(summary: dict[str, Any], results_dir: Path, name: str) -> Path:
+    """Write the summary as JSON to ``results_dir/<name>-<UTC time>.json``."""
+    results_dir.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    path = results_dir / f"{name}-{stamp}.json"
+    path.write_text(json.dumps(summary, indent=2) + "\n")
+    return path
