@@ -68,6 +68,7 @@ from bench.peers import (
     NodeProcess,
     echo_ok,
     free_port,
+    log_summary,
     missing_tools,
     node_config_toml,
     peak_rss_mb,
@@ -622,31 +623,6 @@ def _seconds_until_echo(port: int, timeout_s: float) -> float | None:
     return None
 
 
-def _log_summary(log_path: Path) -> dict[str, Any]:
-    """Counts of the node's log lines and the first few crash signs."""
-    counts: Counter[str] = Counter()
-    examples: list[str] = []
-    for line in log_path.read_text(errors="replace").splitlines():
-        counts["lines"] += 1
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            counts["not_json"] += 1
-            if line.startswith(("Traceback", "Exception in thread")):
-                counts["tracebacks"] += 1
-                examples.append(line[:200])
-            continue
-        if not isinstance(record, dict):
-            counts["not_json"] += 1
-            continue
-        level = str(record.get("level", ""))
-        counts[f"level.{level}"] += 1
-        if record.get("exception") or "background step failed" in str(record.get("event")):
-            counts["logged_exceptions"] += 1
-            examples.append(str(record.get("event"))[:200])
-    return {"counts": dict(counts), "examples": examples[:10]}
-
-
 def run(settings: Settings) -> dict[str, Any]:
     """Start a node, fuzz it, check it still serves, and return the summary."""
     missing = missing_tools([STORESCU])
@@ -759,12 +735,12 @@ def run(settings: Settings) -> dict[str, Any]:
         "still_busy_after": still_busy,
         "node_peak_rss_mb": None if peak is None else round(peak, 1),
         "node_exit_code_on_sigterm": exit_code,
-        "node_log": _log_summary(node.log_path),
+        "node_log": log_summary(node.log_path),
     }
-    log_counts = summary["node_log"]["counts"]
+    crashes = summary["node_log"]["counts"].get("thread_crashes", 0)
     summary["passed"] = bool(
         alive and recovered_s is not None and stored_ok and len(recorded) == len(valid)
-        and not log_counts.get("tracebacks")
+        and crashes == 0
     )  # fmt: skip
     return summary
 
@@ -780,6 +756,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, help="work folder (default: a new temporary one)")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
+    warnings.simplefilter("ignore")  # pydicom's complaints about the harness's own mutants
     settings = Settings(
         datasets=args.datasets, pdus=args.pdus, seed=args.seed, time_limit_s=args.time_limit,
         bomb_mb=args.bomb_mb, work=args.work, results_dir=args.results_dir,

@@ -21,7 +21,7 @@ At the end the node is left to finish, stopped, and its state is read (read only
   SR ...); a series whose results are there more than once counts as a duplicate unless
   it really changed (an instance arrived after its first job was queued).
 
-Run from the repository root (2 cores: about 3-5 minutes at the defaults)::
+Run from the repository root (2 shared cores: about 7 minutes at the defaults)::
 
     .venv/bin/python -m bench.kill9 --kills 24 --seed 0
 
@@ -32,7 +32,6 @@ no acknowledged instance was lost and Orthanc holds no duplicate, orphan or miss
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import tempfile
@@ -54,6 +53,7 @@ from bench.peers import (
     NodeProcess,
     Orthanc,
     free_port,
+    log_summary,
     missing_tools,
     node_config_toml,
     parse_storescu,
@@ -346,22 +346,6 @@ def check_results(
     }
 
 
-def _log_summary(log_path: Path) -> dict[str, int]:
-    """Counts of the node's log lines: all, not JSON, errors, tracebacks."""
-    counts: Counter[str] = Counter()
-    for line in log_path.read_text(errors="replace").splitlines():
-        counts["lines"] += 1
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            counts["not_json"] += 1
-            counts["traceback"] += int(line.startswith("Traceback"))
-            continue
-        if isinstance(record, dict) and record.get("level") in ("error", "critical", "exception"):
-            counts["errors"] += 1
-    return dict(counts)
-
-
 def run(settings: Settings) -> dict[str, Any]:
     """Run every kill point, let the node finish, check, and return the summary."""
     missing = missing_tools([STORESCU, ORTHANC])
@@ -415,7 +399,7 @@ def run(settings: Settings) -> dict[str, Any]:
         "node_exit_code_on_sigterm": exit_code,
         "instances": instances,
         "results": results,
-        "node_log": _log_summary(node.log_path),
+        "node_log": log_summary(node.log_path),
         "seconds": round(time.monotonic() - began, 1),
     }
     summary["passed"] = (

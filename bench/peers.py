@@ -18,6 +18,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
@@ -43,6 +44,7 @@ SERIES_BUSY = frozenset({"receiving"})
 
 _SENDING = re.compile(r"Sending file: (.+)$")
 _RESPONSE = re.compile(r"Received Store Response \((.+)\)")
+EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit)\b")
 
 
 def free_port() -> int:
@@ -389,3 +391,32 @@ def write_results(summary: dict[str, Any], results_dir: Path, name: str) -> Path
     path = results_dir / f"{name}-{stamp}.json"
     path.write_text(json.dumps(summary, indent=2) + "\n")
     return path
+
+
+def log_summary(log_path: Path) -> dict[str, Any]:
+    """What the node's log shows: line counts by level, lines that are not JSON (library
+    warnings printed raw, tracebacks), crashed threads and the exceptions they raised."""
+    counts: Counter[str] = Counter()
+    exceptions: Counter[str] = Counter()
+    logged: Counter[str] = Counter()
+    for line in log_path.read_text(errors="replace").splitlines():
+        counts["lines"] += 1
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if not isinstance(record, dict):
+            counts["not_json"] += 1
+            counts["thread_crashes"] += int(line.startswith("Exception in thread"))
+            counts["raw_warnings"] += int("Warning: " in line)
+            if EXCEPTION_LINE.match(line):
+                exceptions[line[:100]] += 1
+            continue
+        counts[f"level.{record.get('level', '')}"] += 1
+        if record.get("exception"):
+            logged[str(record.get("event"))[:100]] += 1
+    return {
+        "counts": dict(counts),
+        "thread_exceptions": dict(exceptions.most_common(10)),
+        "logged_exceptions_by_event": dict(logged.most_common(10)),
+    }
