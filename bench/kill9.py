@@ -210,7 +210,7 @@ def _kill_point(
         query, pause = (
             (job_of_series, rng.uniform(0.0, 0.4))
             if phase == "processing"
-            else (outbox_of_series, rng.uniform(0.0, 0.03))
+            else (outbox_of_series, rng.uniform(0.0, 0.12))
         )
         reached = _wait_for(
             state_file, query, [series.series_uid], settings.stable_age_s + settings.phase_timeout_s
