@@ -21,7 +21,7 @@ replies, node crashes (the process exiting, tracebacks or non-JSON lines in its 
 whether the node answers C-ECHO and stores a valid series afterwards (every instance
 Success and recorded in its state), and its peak resident memory.
 
-Run from the repository root (2 cores: about 3-6 minutes at the defaults)::
+Run from the repository root (2 shared cores: about 6-9 minutes at the defaults)::
 
     .venv/bin/python -m bench.fuzz --datasets 10000 --pdus 2000 --seed 0
 

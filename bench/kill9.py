@@ -193,8 +193,8 @@ def _send_all(node: NodeProcess, series: SentSeries) -> None:
 
 
 def _kill_point(
-    index: int, phase: str, node: NodeProcess, series: SentSeries, state_file: Path,
-    settings: Settings, rng: np.random.Generator,
+    index: int, phase: str, node: NodeProcess, pacs: Orthanc, series: SentSeries,
+    state_file: Path, settings: Settings, rng: np.random.Generator,
 ) -> KillPoint:  # fmt: skip
     """Run one kill point of ``phase`` on ``series``, restart the node, finish sending."""
     variant, delay = phase, 0.0
@@ -221,6 +221,9 @@ def _kill_point(
         node.kill9()
     acknowledged = len(series.acknowledged)
     observed = _observe(state_file, series.series_uid)
+    # results Orthanc already holds: more than the outbox marked sent means the kill
+    # landed between delivery and its record (they are sent again after the restart)
+    observed["orthanc_results"] = pacs.count_study_instances(series.study_uid)
     restart = node.start()
     if phase == "ingest":
         _send_all(node, series)
@@ -372,7 +375,7 @@ def run(settings: Settings) -> dict[str, Any]:
         node.start()
         for index, series in enumerate(series_list):
             phase = PHASES[index % len(PHASES)]
-            point = _kill_point(index, phase, node, series, state_file, settings, rng)
+            point = _kill_point(index, phase, node, pacs, series, state_file, settings, rng)
             points.append(point)
             progress(f"kill point {index + 1}/{settings.kills}: {point.variant}, {point.observed}")
         progress("waiting for the node to finish")

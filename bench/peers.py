@@ -359,6 +359,18 @@ class Orthanc:
         with urllib.request.urlopen(url, timeout=30) as response:
             return json.loads(response.read())
 
+    def count_study_instances(self, study_uid: str) -> int:
+        """How many instances Orthanc holds in one study."""
+        query = {"Level": "Instance", "Query": {"StudyInstanceUID": study_uid}}
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.http_port}/tools/find",
+            data=json.dumps(query).encode(),
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return len(json.loads(response.read()))
+
     def instances(self) -> list[dict[str, str]]:
         """Main tags of every stored instance (SOP, series, study UIDs and modality)."""
         found = self.get("/instances?expand")
