@@ -1,0 +1,92 @@
+"""The bench harnesses (``bench/kill9.py``, ``bench/fuzz.py``) in a tiny configuration,
+so that they cannot rot: each runs against the real node process, DCMTK and Orthanc."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bench import fuzz, kill9, peers
+from tests.support import require_tool
+
+
+def test_kill9_two_kill_points_lose_nothing(tmp_path: Path) -> None:
+    """Kill -9 once during ingest and once during processing: nothing acknowledged is
+    lost and Orthanc holds each result once."""
+    require_tool("storescu", "dcmtk")
+    require_tool("Orthanc", "orthanc")
+    settings = kill9.Settings(
+        kills=2, seed=3, rows=96, slices=8, stable_age_s=4.0,
+        work=tmp_path / "work", results_dir=tmp_path / "results",
+    )  # fmt: skip
+    summary = kill9.run(settings)
+    points = summary["kill_points"]
+    assert [p["phase"] for p in points] == ["ingest", "processing"]
+    instances = summary["instances"]
+    assert instances["acknowledged"] == 16, instances
+    assert instances["lost"] == 0 and instances["changed"] == 0, instances
+    results = summary["results"]
+    assert results["results_sent"] > 0, results
+    assert results["missing_in_pacs"] == 0, results
+    assert results["orphans_in_pacs"] == 0, results
+    assert results["duplicate_series"] == 0, results
+    assert summary["node_starts"] == 3
+    assert summary["still_busy_at_end"] == {}, kill9.table(summary)
+    written = kill9.write_results(summary, settings.results_dir, "kill9")
+    assert written.read_text().startswith("{")
+    assert "lost: 0" in kill9.table(summary)
+
+
+def test_fuzz_small_run_records_statuses_and_node_still_serves(tmp_path: Path) -> None:
+    """200 mutated datasets and 12 mutated PDUs: every case has an outcome, the node
+    process survives, and afterwards it answers C-ECHO and stores a valid series."""
+    require_tool("storescu", "dcmtk")
+    settings = fuzz.Settings(
+        datasets=200, pdus=12, seed=5, time_limit_s=120.0, pdu_wait_budget_s=0.0,
+        recovery_timeout_s=60.0, work=tmp_path / "work", results_dir=tmp_path / "results",
+    )  # fmt: skip
+    summary = fuzz.run(settings)
+    assert summary["datasets_sent"] == 200
+    assert sum(summary["status_histogram"].values()) == 200
+    assert "0x0000" in summary["status_histogram"]
+    assert len(summary["status_by_mutation"]) >= 8
+    assert summary["pdus_sent"] == 12
+    assert sum(summary["pdu_replies"].values()) == 12
+    assert summary["node_died_at"] is None
+    assert summary["node_alive_after"] is True
+    assert summary["seconds_until_echo_after"] is not None
+    assert summary["valid_series_stored_after"] is True
+    assert summary["valid_series_recorded"] == "8/8"
+    assert isinstance(summary["node_peak_rss_mb"], float)
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (b"\x08\x00\x60\x00CS\x02\x00CT", [(0, b"CS", 8, 2)]),
+        (b"\xe0\x7f\x10\x00OW\x00\x00\x04\x00\x00\x00\x01\x02\x03\x04", [(0, b"OW", 12, 4)]),
+        (b"\x08\x00\x60\x00CS\x02", []),
+    ],
+)
+def test_element_walk(data: bytes, expected: list[tuple[int, bytes, int, int]]) -> None:
+    """The fuzz harness finds top-level elements of short and long VRs, and stops at a cut."""
+    found = [(e.offset, e.vr, e.header, e.length) for e in fuzz.elements(data)]
+    assert found == expected
+
+
+def test_storescu_output_is_parsed_per_file(tmp_path: Path) -> None:
+    """Only files answered Success count as acknowledged; an unanswered one does not."""
+    lines = [
+        "I: Sending file: a.dcm",
+        "I: Received Store Response (Success)",
+        "I: Sending file: b.dcm",
+        "I: Received Store Response (Failure: Out of Resources)",
+        "I: Sending file: c.dcm",
+        "F: Store Failed, file: c.dcm:",
+    ]
+    parsed = peers.parse_storescu(lines, tmp_path)
+    assert parsed == {
+        (tmp_path / "a.dcm").resolve(): "Success",
+        (tmp_path / "b.dcm").resolve(): "Failure",
+    }
