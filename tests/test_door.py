@@ -161,6 +161,12 @@ def test_idle_flood_does_not_block_a_sender(tmp_path: Path) -> None:
     with structlog.testing.capture_logs() as logs, Node(config, copy_first) as node:
         port = config.node.port
         with idle_flood(port, FLOOD_HOST, FLOOD_SIZE) as flood:
+            deadline = time.monotonic() + 15  # the flood at full strength: evictions began
+            while time.monotonic() < deadline and not any(
+                "max_pending_connections" in entry["reason"]
+                for entry in _by_event(logs, CLOSED_EARLY)
+            ):
+                time.sleep(0.05)
             started = time.monotonic()
             done = _storescu(port, folder)
             elapsed = time.monotonic() - started
