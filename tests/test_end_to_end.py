@@ -250,10 +250,12 @@ def test_risk_pipeline_returns_risk_sr_and_gradcam_captures(
     datasets = [pydicom.dcmread(p) for p in sent]
     assert {str(ds.SOPInstanceUID) for ds in datasets} <= stored
     sr = next(ds for ds in datasets if ds.Modality == "SR")
-    probability = [
-        item.MeasuredValueSequence[0].NumericValue
-        for item in sr.ContentSequence[-1].ContentSequence
-        if item.ValueType == "NUM"
+    report = hd.sr.Comprehensive3DSR.from_dataset(sr).content
+    assert isinstance(report, hd.sr.MeasurementReport)
+    probability = [  # in the group of the scored region, as a coded measurement
+        m.value
+        for g in report.get_volumetric_roi_measurement_groups()
+        for m in g.get_measurements(name=codes.DCM.Probability)
     ]
     assert len(probability) == 1 and 0.0 <= float(probability[0]) <= 100.0
     texts = " ".join(
