@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -389,8 +390,6 @@ def test_region_labels_come_from_the_pipeline_or_from_the_connected_parts(
 
 
 def test_scored_region_defaults_to_the_largest_and_is_checked(result: PipelineResult) -> None:
-    from dataclasses import replace
-
     assert scored_region(result) == (0, 0)
     assert scored_region(replace(result, risk=replace(RISK, scored_region=(1, 0)))) == (1, 0)
     assert scored_region(replace(result, risk=None)) is None
@@ -398,18 +397,12 @@ def test_scored_region_defaults_to_the_largest_and_is_checked(result: PipelineRe
         scored_region(replace(result, risk=replace(RISK, scored_region=(0, 3))))
 
 
-def test_the_risk_follows_the_scored_region(
-    series: LoadedSeries, result: PipelineResult
-) -> None:
-    from dataclasses import replace
-
+def test_the_risk_follows_the_scored_region(series: LoadedSeries, result: PipelineResult) -> None:
     moved = replace(result, risk=replace(RISK, scored_region=(0, 1)), heatmaps=())
     sr = build_outputs(series, moved, pipeline_name="test", content_datetime=WHEN)[2]
     report = hd.sr.Comprehensive3DSR.from_dataset(sr).content
     assert isinstance(report, hd.sr.MeasurementReport)
-    groups = {
-        str(g.tracking_identifier): g for g in report.get_volumetric_roi_measurement_groups()
-    }
+    groups = {str(g.tracking_identifier): g for g in report.get_volumetric_roi_measurement_groups()}
     probability = CodedConcept.from_code(codes.DCM.Probability)
     assert not groups["Haemorrhage 1"].get_measurements(name=probability)
     (found,) = groups["Haemorrhage 2"].get_measurements(name=probability)
