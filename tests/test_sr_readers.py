@@ -37,7 +37,7 @@ from pipelines.base import (
     SegmentResult,
 )
 from pipelines.geometry import represented_thickness
-from pipelines.measure import measure_region
+from pipelines.measure import measure_region, measure_segment
 from pipelines.outputs import build_outputs
 from pipelines.outputs.common import plain
 from pipelines.outputs.regions import (
@@ -409,3 +409,19 @@ def test_the_risk_follows_the_scored_region(series: LoadedSeries, result: Pipeli
     assert found.value == pytest.approx(73.4)
     assert groups["Haemorrhage 2"].referenced_segment is not None
     assert groups["Haemorrhage 2"].referenced_segment.referenced_segment_numbers == [2]
+
+
+def test_measured_segments_carry_their_region_labels(series: LoadedSeries) -> None:
+    """``measure_segment`` labels the frames with its own regions, which the SEG uses."""
+    grid = np.zeros(series.volume.hu.shape, dtype=np.int32)
+    middle = int(series.volume.hu.shape[0]) // 2
+    grid[middle - 2 : middle + 2, 40:60, 30:50] = 1  # larger: region 1
+    grid[middle - 1 : middle + 1, 70:80, 80:90] = 2
+    measured = measure_segment(series, HAEMORRHAGE, grid, 2)
+    assert measured.region_labels is not None
+    assert len(measured.regions) == 2
+    labels = region_label_array(measured)
+    assert set(np.unique(labels)) == {0, 1, 2}
+    assert np.array_equal(labels > 0, measured.frame_mask)
+    for k, region in enumerate(measured.regions, start=1):
+        assert int(np.argmax((labels == k).sum(axis=(1, 2)))) == region.key_frame
