@@ -85,6 +85,7 @@ class RiskPrediction:
     # (segment index, region index) of the region the model scored, both from 0 into
     # PipelineResult.segments and its regions; None: the first segment's largest region.
     scored_region: tuple[int, int] | None = None
+    scored_reason: str = ""  # why that region, e.g. "the largest haemorrhage"
     # Coded outcome; None: a private 99DCMNODE code derived from ``outcome``.
     outcome_code: CodedConcept | None = None
 

@@ -69,6 +69,7 @@ RISK = RiskPrediction(
     model_version="2.1.0",
     notice=NOTICE,
     imputed=("NIHSS",),
+    scored_reason="the largest haemorrhage",
 )
 # (x, y, z offset from the head centre in mm (LPS: +x is the patient's left), radius mm)
 SPHERES = {
@@ -352,7 +353,8 @@ def test_every_text_is_ascii_and_the_notice_keeps_its_dash(written: dict[str, Pa
     assert "Model: ht_after_mt combined 2.1.0 - trained on synthetic data - not for " in (
         " ".join(texts)
     )
-    assert "Scored region: Haemorrhage 1" in " ".join(texts)
+    assert "Scored region: Haemorrhage 1 (" in " ".join(texts)
+    assert "mL): the largest haemorrhage" in " ".join(texts)
 
 
 def test_plain_transliterates_instead_of_question_marks() -> None:
@@ -425,3 +427,18 @@ def test_measured_segments_carry_their_region_labels(series: LoadedSeries) -> No
     assert np.array_equal(labels > 0, measured.frame_mask)
     for k, region in enumerate(measured.regions, start=1):
         assert int(np.argmax((labels == k).sum(axis=(1, 2)))) == region.key_frame
+
+
+def test_a_risk_without_any_region_is_stated_in_text_only(
+    series: LoadedSeries, result: PipelineResult
+) -> None:
+    empty = replace(result, segments=[segment_of(series, STAINING, [])], heatmaps=())
+    sr = build_outputs(series, empty, pipeline_name="test", content_datetime=WHEN)[2]
+    report = hd.sr.Comprehensive3DSR.from_dataset(sr).content
+    assert isinstance(report, hd.sr.MeasurementReport)
+    (group,) = report.get_volumetric_roi_measurement_groups()
+    assert [m.value for m in group.get_measurements()] == [0.0]
+    assert not group.get_qualitative_evaluations(name=codes.DCM.LesionRisk)
+    texts = " ".join(str(item.TextValue) for item in sr.ContentSequence[-1].ContentSequence)
+    assert "Risk of haemorrhagic transformation: 73%" in texts
+    assert "Scored region" not in texts

@@ -245,7 +245,8 @@ def risk_lines(result: PipelineResult) -> list[str]:
         segment = result.segments[class_index]
         volume = segment.regions[region_index].volume_ml
         label = region_label(segment.segment, region_index)
-        lines.append(f"Scored region: {label} ({volume:.1f} mL)")
+        reason = f": {risk.scored_reason}" if risk.scored_reason else ""
+        lines.append(f"Scored region: {label} ({volume:.1f} mL){reason}")
     if risk.imputed:
         lines.append("Imputed (missing) clinical variables: " + ", ".join(risk.imputed))
     return [plain(line) for line in lines]

@@ -17,7 +17,9 @@ that TID 1500 readers (dcmqi's ``tid1500reader``, hence 3D Slicer) return: Proba
 (DCM 122157, %) and Threshold Value (DCM 122411, the model's cut-off, %), each with the
 outcome as a concept modifier (DCM 121071 Finding) and the model as TID 4019 algorithm
 identification (name, version, notice), and the category at the cut-off as a
-qualitative evaluation (DCM 121153 Lesion Risk: SCT High risk / Low risk).
+qualitative evaluation (DCM 121153 Lesion Risk: SCT High risk / Low risk). The TEXT
+lines name the scored region and why it was chosen (``RiskPrediction.scored_reason``).
+A risk with no region to attach to (the result has none) is stated in TEXT only.
 
 The notice ("NOT FOR DIAGNOSTIC USE"), the algorithm's kind and provenance and the lines
 the Secondary Capture shows are TEXT items of a root "Qualitative Evaluations" container.
