@@ -66,6 +66,9 @@ class SegmentResult:
     frame_mask: NDArray[np.bool_]  # (n_frames, rows, columns), on LoadedSeries.frames
     regions: Sequence[RegionMeasurements]  # largest first
     total: RegionMeasurements | None  # None when the segment is empty
+    # (n_frames, rows, columns) on LoadedSeries.frames: 0 outside, k inside regions[k - 1].
+    # None: the writers label the connected parts of ``frame_mask`` themselves.
+    region_labels: NDArray[np.int32] | None = None
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,12 @@ class RiskPrediction:
     notice: str  # e.g. "trained on synthetic data - not for clinical use"
     imputed: Sequence[str] = ()  # clinical variables that were missing and imputed
     clinical_issues: Sequence[ClinicalIssue] = ()  # why each was imputed, and other notes
+    # (segment index, region index) of the region the model scored, both from 0 into
+    # PipelineResult.segments and its regions; None: the first segment's largest region.
+    scored_region: tuple[int, int] | None = None
+    scored_reason: str = ""  # why that region, e.g. "the largest haemorrhage"
+    # Coded outcome; None: a private 99DCMNODE code derived from ``outcome``.
+    outcome_code: CodedConcept | None = None
 
     @property
     def high_risk(self) -> bool:

@@ -128,6 +128,7 @@ def measure_segment(
         [np.linalg.norm(a[:3, 1]) * np.linalg.norm(a[:3, 2]) for a in series.frame_affines]
     )
     kept = np.zeros(labels.shape, dtype=bool)
+    region_labels = np.zeros(series.frame_hu.shape, dtype=np.int32)
     regions = []
     for i in range(1, count + 1):
         grid_mask = labels == i
@@ -135,6 +136,8 @@ def measure_segment(
         if frame_mask.any():
             kept |= grid_mask
             regions.append(measure_region(frame_mask, series.frame_hu, areas, thickness))
+            region_labels[frame_mask & (region_labels == 0)] = len(regions)
     frame_mask = grid_to_frames(series, kept)
     total = measure_region(frame_mask, series.frame_hu, areas, thickness) if regions else None
-    return SegmentResult(segment, frame_mask, regions, total)
+    region_labels[~frame_mask] = 0
+    return SegmentResult(segment, frame_mask, regions, total, region_labels)

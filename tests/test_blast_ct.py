@@ -39,6 +39,7 @@ from pipelines.blast_ct.weights import (
 )
 from pipelines.geometry import represented_thickness
 from pipelines.outputs import build_outputs
+from pipelines.outputs.regions import segment_plan
 from pipelines.registry import get_pipeline
 from pipelines.synthetic import insert_lesion, synthetic_head_ct, write_series
 from pipelines.volume import load_series
@@ -180,7 +181,9 @@ def test_haematoma_in_real_head_ct(folder: Path, ge_headct_dir: Path, tmp_path: 
     eah, ivh = result.segments[1].frame_mask, result.segments[3].frame_mask
     assert ml(eah | ivh) < MAX_EAH_IVH_ML
     outputs = build_outputs(series, result, pipeline_name="blast_ct")
-    assert len(outputs[0].SegmentSequence) == 4
+    planned = segment_plan(result)  # one SEG segment per region, an empty class as one
+    assert len(outputs[0].SegmentSequence) == len(planned)
+    assert {p.class_index for p in planned} == {0, 1, 2, 3}
     for number, ds in enumerate(outputs):
         path = tmp_path / f"out-{number}.dcm"
         ds.save_as(path, enforce_file_format=True)

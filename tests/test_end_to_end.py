@@ -139,7 +139,8 @@ def test_ge_head_ct_comes_back_as_seg_sc_sr(
     uids = [str(ds.SOPInstanceUID) for ds in sources]
     found = seg.get_pixels_by_source_instance(source_sop_instance_uids=uids, segment_numbers=[1])
     mask = found[..., 0].astype(bool)
-    assert seg.NumberOfFrames == len(sources)
+    # One segment per region (segment 1: the largest, the lesion), every frame kept for each.
+    assert seg.NumberOfFrames == len(sources) * len(seg.SegmentSequence)
     positions = {
         f.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID: np.asarray(
             f.PlanePositionSequence[0].ImagePositionPatient, dtype=float
@@ -255,10 +256,12 @@ def test_risk_pipeline_returns_risk_sr_and_gradcam_captures(
     datasets = [pydicom.dcmread(p) for p in sent]
     assert {str(ds.SOPInstanceUID) for ds in datasets} <= stored
     sr = next(ds for ds in datasets if ds.Modality == "SR")
-    probability = [
-        item.MeasuredValueSequence[0].NumericValue
-        for item in sr.ContentSequence[-1].ContentSequence
-        if item.ValueType == "NUM"
+    report = hd.sr.Comprehensive3DSR.from_dataset(sr).content
+    assert isinstance(report, hd.sr.MeasurementReport)
+    probability = [  # in the group of the scored region, as a coded measurement
+        m.value
+        for g in report.get_volumetric_roi_measurement_groups()
+        for m in g.get_measurements(name=codes.DCM.Probability)
     ]
     assert len(probability) == 1 and 0.0 <= float(probability[0]) <= 100.0
     texts = " ".join(

@@ -163,7 +163,8 @@ def test_seg_frames_lie_on_the_source_planes_and_mask_round_trips(
 ) -> None:
     seg = hd.seg.segread(written["seg"])
     assert seg.SegmentationType == "BINARY"
-    assert int(seg.NumberOfFrames) == len(series.datasets)
+    # One segment per region (two spheres), every source frame kept for each.
+    assert int(seg.NumberOfFrames) == 2 * len(series.datasets)
     by_uid = {ds.SOPInstanceUID: ds for ds in series.datasets}
     orientation = seg.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence[0]
     for item in seg.PerFrameFunctionalGroupsSequence:
@@ -178,9 +179,15 @@ def test_seg_frames_lie_on_the_source_planes_and_mask_round_trips(
             [float(v) for v in source.ImageOrientationPatient],
         )
     pixels = seg.get_pixels_by_source_instance(
-        [f.sop_instance_uid for f in series.frames], segment_numbers=[1]
-    )
-    np.testing.assert_array_equal(pixels[..., 0].astype(bool), result.segments[0].frame_mask)
+        [f.sop_instance_uid for f in series.frames], segment_numbers=[1, 2]
+    ).astype(bool)
+    np.testing.assert_array_equal(pixels[..., 0] | pixels[..., 1], result.segments[0].frame_mask)
+    assert not (pixels[..., 0] & pixels[..., 1]).any()
+    assert pixels[..., 0].sum() > pixels[..., 1].sum() > 0  # region 1 is the larger sphere
+    assert [seg.get_segment_description(n).segment_label for n in (1, 2)] == [
+        "Hyperdense region 1",
+        "Hyperdense region 2",
+    ]
     description = seg.get_segment_description(1)
     assert description.algorithm_type == hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC
     identification = description.algorithm_identification
@@ -197,19 +204,24 @@ def test_sr_holds_the_measurements_notice_and_references(
     assert isinstance(report, hd.sr.MeasurementReport)
     groups = report.get_volumetric_roi_measurement_groups()
     assert [str(g.tracking_identifier) for g in groups] == [
-        "Hyperdense region total",
         "Hyperdense region 1",
         "Hyperdense region 2",
     ]
+    (total_group,) = report.get_image_measurement_groups()
+    assert str(total_group.tracking_identifier) == "Hyperdense region total"
     total = result.segments[0].total
     assert total is not None
-    volume = groups[0].get_measurements(name=codes.SCT.Volume)[0]
+    volume = total_group.get_measurements(name=codes.SCT.Volume)[0]
     assert volume.value == pytest.approx(ds_value(total.volume_ml))
     assert volume.unit == CodedConcept("ml", "UCUM", "milliliter")
-    for group in groups:
+    for number, group in enumerate(groups, start=1):
         assert group.referenced_segment is not None
         assert group.referenced_segment.referenced_sop_instance_uid == seg.SOPInstanceUID
-        assert group.referenced_segment.referenced_segment_numbers == [1]
+        assert group.referenced_segment.referenced_segment_numbers == [number]
+        region_volume = group.get_measurements(name=codes.SCT.Volume)[0]
+        assert region_volume.value == pytest.approx(
+            ds_value(result.segments[0].regions[number - 1].volume_ml)
+        )
     text = text_values(sr)
     assert "NOT FOR DIAGNOSTIC USE" in text
     assert any("threshold baseline" in line for line in text)
@@ -287,9 +299,9 @@ def test_enhanced_multiframe_source(ge_headct_dir: Path, tmp_path: Path) -> None
     pixels = seg.get_pixels_by_source_frame(
         converted.SOPInstanceUID,
         [int(f.frame_number or 0) for f in enhanced.frames],
-        segment_numbers=[1],
-    )
-    np.testing.assert_array_equal(pixels[..., 0].astype(bool), result.segments[0].frame_mask)
+        segment_numbers=[1, 2],
+    ).astype(bool)
+    np.testing.assert_array_equal(pixels[..., 0] | pixels[..., 1], result.segments[0].frame_mask)
 
 
 def test_derive_uid_is_a_pure_function_of_its_parts() -> None:
@@ -325,14 +337,14 @@ def test_risk_goes_into_the_sr_and_heat_maps_into_saliency_captures(
         ds.save_as(paths[-1], enforce_file_format=True)
         assert dciodvfy_errors(paths[-1]) == [], number
     sr = hd.sr.srread(paths[2])
-    numbers = [item for item in sr.ContentSequence[-1].ContentSequence if item.ValueType == "NUM"]
-    assert numbers[0].MeasuredValueSequence[0].NumericValue == pytest.approx(73.4)
-    codes_found = [
-        item.ConceptCodeSequence[0].CodeMeaning
-        for item in sr.ContentSequence[-1].ContentSequence
-        if item.ValueType == "CODE"
-    ]
-    assert codes_found == ["High risk"]
+    assert isinstance(sr.content, hd.sr.MeasurementReport)
+    scored = sr.content.get_volumetric_roi_measurement_groups()[0]  # the largest region
+    (probability,) = scored.get_measurements(name=codes.DCM.Probability)
+    assert probability.value == pytest.approx(73.4)
+    (cutoff,) = scored.get_measurements(name=codes.DCM.ThresholdValue)
+    assert cutoff.value == pytest.approx(42.0)
+    (category,) = scored.get_qualitative_evaluations(name=codes.DCM.LesionRisk)
+    assert category.value == codes.SCT.HighRisk
     text = " ".join(text_values(sr))
     assert "Risk of haemorrhagic transformation: 73%" in text
     assert "trained on synthetic data - not for clinical use" in text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import unicodedata
 from dataclasses import dataclass
 
 import highdicom as hd
@@ -12,6 +13,7 @@ from pydicom.sr.codedict import codes
 from pydicom.valuerep import format_number_as_ds
 
 from pipelines.base import Algorithm, PipelineResult, RegionMeasurements, RiskPrediction
+from pipelines.outputs.regions import region_label, scored_region
 from pipelines.outputs.uids import derive_uid
 from pipelines.series import LoadedSeries
 
@@ -160,13 +162,13 @@ def ds_value(value: float) -> float:
 
 
 def algorithm_title(algorithm: Algorithm) -> str:
-    """One line naming the algorithm: name, version and kind."""
-    return f"{algorithm.name} {algorithm.version} ({algorithm.kind})"
+    """One line naming the algorithm: name, version and kind (ASCII)."""
+    return plain(f"{algorithm.name} {algorithm.version} ({algorithm.kind})")
 
 
 def provenance_line(algorithm: Algorithm) -> str:
-    """One line saying where the algorithm's parameters or training come from."""
-    return f"Provenance: {algorithm.provenance}"
+    """One line saying where the algorithm's parameters or training come from (ASCII)."""
+    return plain(f"Provenance: {algorithm.provenance}")
 
 
 def measurement_line(label: str, total: RegionMeasurements | None) -> str:
@@ -178,10 +180,44 @@ def measurement_line(label: str, total: RegionMeasurements | None) -> str:
     )
 
 
+ASCII_EQUIVALENTS = str.maketrans(
+    {
+        "\u2014": "-",  # em dash
+        "\u2013": "-",  # en dash
+        "\u2012": "-",  # figure dash
+        "\u2010": "-",  # hyphen
+        "\u2011": "-",  # non-breaking hyphen
+        "\u2212": "-",  # minus sign
+        "\u2018": "'",
+        "\u2019": "'",
+        "\u201c": '"',
+        "\u201d": '"',
+        "\u2026": "...",
+        "\u00a0": " ",  # no-break space
+        "\u00b1": "+/-",
+        "\u00d7": "x",
+        "\u00b5": "u",  # micro sign
+        "\u03bc": "u",  # Greek mu
+        "\u00b0": " deg",
+        "\u2264": "<=",
+        "\u2265": ">=",
+        "\u2248": "~",
+        "\u2192": "->",
+        "\u00b2": "2",
+        "\u00b3": "3",
+    }
+)
+
+
 def plain(text: str) -> str:
-    """``text`` in the DICOM default repertoire (ASCII): dashes and quotes replaced."""
-    table = str.maketrans({"\u2014": "-", "\u2013": "-", "\u2018": "'", "\u2019": "'"})
-    return text.translate(table).encode("ascii", "replace").decode("ascii")
+    """``text`` in the DICOM default repertoire (ASCII), so that it needs no Specific
+    Character Set and reads the same in every viewer: dashes, quotes and common symbols
+    get their ASCII equivalents, accented letters lose their accents (NFKD), and only a
+    character with no equivalent at all becomes "?".
+    """
+    decomposed = unicodedata.normalize("NFKD", text.translate(ASCII_EQUIVALENTS))
+    kept = "".join(c for c in decomposed if not unicodedata.combining(c))
+    return kept.encode("ascii", "replace").decode("ascii")
 
 
 def summary_lines(result: PipelineResult) -> list[str]:
@@ -203,6 +239,14 @@ def risk_lines(result: PipelineResult) -> list[str]:
         f"cut-off {100 * risk.cutoff:.0f}%)",
         f"Model: {risk.model_name} {risk.model_version} - {risk.notice}",
     ]
+    scored = scored_region(result)
+    if scored is not None:
+        class_index, region_index = scored
+        segment = result.segments[class_index]
+        volume = segment.regions[region_index].volume_ml
+        label = region_label(segment.segment, region_index)
+        reason = f": {risk.scored_reason}" if risk.scored_reason else ""
+        lines.append(f"Scored region: {label} ({volume:.1f} mL){reason}")
     lines += clinical_lines(risk)
     return [plain(line) for line in lines]
 

@@ -19,15 +19,16 @@ from pipelines.outputs.common import (
     OutputIdentity,
     contributing_equipment,
     patient_study_source,
+    plain,
     risk_lines,
     source_dataset,
     summary_lines,
 )
+from pipelines.outputs.regions import Rgb, class_colour
 from pipelines.series import LoadedSeries
 
 BRAIN_WINDOW = (40.0, 80.0)  # level, width in HU
 OVERLAY_ALPHA = 0.4
-SEGMENT_COLOURS = ((255, 40, 40), (255, 200, 0), (0, 200, 255), (60, 220, 60), (220, 80, 255))
 TEXT_COLOUR = (255, 255, 255)
 NOTICE_COLOUR = (255, 90, 90)
 RISK_COLOUR = (255, 210, 80)
@@ -41,11 +42,14 @@ def window_to_uint8(hu: NDArray[np.floating], level: float, width: float) -> NDA
     return np.rint(scaled).astype(np.uint8)
 
 
-def overlay_segments(gray: NDArray[np.uint8], masks: list[NDArray[np.bool_]]) -> NDArray[np.uint8]:
-    """RGB image of ``gray`` with each mask filled semi-transparently and outlined."""
+def overlay_segments(
+    gray: NDArray[np.uint8], masks: list[NDArray[np.bool_]], colours: list[Rgb]
+) -> NDArray[np.uint8]:
+    """RGB image of ``gray`` with each mask filled semi-transparently in its colour and
+    outlined."""
     rgb = np.repeat(gray[..., None], 3, axis=-1).astype(np.float64)
-    for index, mask in enumerate(masks):
-        colour = np.array(SEGMENT_COLOURS[index % len(SEGMENT_COLOURS)], dtype=np.float64)
+    for mask, rgb_colour in zip(masks, colours, strict=True):
+        colour = np.array(rgb_colour, dtype=np.float64)
         rgb[mask] = (1.0 - OVERLAY_ALPHA) * rgb[mask] + OVERLAY_ALPHA * colour
         rgb[mask & ~binary_erosion(mask)] = colour
     return np.rint(rgb).astype(np.uint8)
@@ -87,13 +91,14 @@ def patient_orientation(source: Dataset, frame_number: int | None) -> tuple[str,
 
 
 def sc_pixels(series: LoadedSeries, result: PipelineResult) -> NDArray[np.uint8]:
-    """The key frame windowed and overlaid, with the summary panel below it."""
+    """The key frame windowed and overlaid (each class in its SEG display colour), with
+    the summary panel below it."""
     key = result.key_frame
     gray = window_to_uint8(series.frame_hu[key], *BRAIN_WINDOW)
-    image = overlay_segments(gray, [s.frame_mask[key] for s in result.segments])
+    segment_colours = [class_colour(i, s.segment) for i, s in enumerate(result.segments)]
+    image = overlay_segments(gray, [s.frame_mask[key] for s in result.segments], segment_colours)
     lines = summary_lines(result)
-    colours = [TEXT_COLOUR]
-    colours += [SEGMENT_COLOURS[i % len(SEGMENT_COLOURS)] for i in range(len(result.segments))]
+    colours = [TEXT_COLOUR, *segment_colours]
     colours += [NOTICE_COLOUR, TEXT_COLOUR]
     extra = risk_lines(result)
     lines += extra
@@ -105,7 +110,7 @@ def build_sc(
     series: LoadedSeries, result: PipelineResult, identity: OutputIdentity
 ) -> hd.sc.SCImage:
     """RGB Secondary Capture of ``result.key_frame`` (window W80/L40) with a text panel."""
-    derivation = f"Key frame, window W80/L40, overlay: {result.algorithm.name}"
+    derivation = plain(f"Key frame, window W80/L40, overlay: {result.algorithm.name}")
     return secondary_capture(
         series, result.key_frame, sc_pixels(series, result), identity, derivation
     )

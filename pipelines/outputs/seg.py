@@ -1,4 +1,9 @@
-"""DICOM Segmentation (binary) of a pipeline's segments, on the source frames' planes."""
+"""DICOM Segmentation (binary) of a pipeline's regions, on the source frames' planes.
+
+One segment per region (``regions.segment_plan``), each with its class's coded property,
+its own Tracking ID and UID (those of its SR measurement group) and a recommended display
+colour (RecommendedDisplayCIELabValue, the colour the Secondary Capture draws it in).
+"""
 
 from __future__ import annotations
 
@@ -8,16 +13,17 @@ from numpy.typing import NDArray
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
-from pipelines.base import Algorithm, PipelineResult, SegmentResult
+from pipelines.base import Algorithm, PipelineResult
 from pipelines.outputs.common import (
     DEVICE_SERIAL_NUMBER,
     MANUFACTURER,
     OutputIdentity,
     algorithm_family,
     patient_study_source,
+    plain,
     shallow_copy,
 )
-from pipelines.outputs.uids import derive_uid
+from pipelines.outputs.regions import PlannedSegment, segment_plan
 from pipelines.series import LoadedSeries
 
 
@@ -37,16 +43,16 @@ def source_frame_keys(series: LoadedSeries) -> list[tuple[str, int | None]]:
     return keys
 
 
-def seg_pixel_array(series: LoadedSeries, result: PipelineResult) -> NDArray[np.uint8]:
+def seg_pixel_array(series: LoadedSeries, planned: list[PlannedSegment]) -> NDArray[np.uint8]:
     """Masks as (source frames, rows, columns, segments), in the source datasets' order.
 
-    ``SegmentResult.frame_mask`` follows ``series.frames``; a source frame that the loader
-    did not keep stays empty.
+    The planned masks follow ``series.frames``; a source frame that the loader did not
+    keep stays empty.
     """
-    if not result.segments:
+    if not planned:
         raise ValueError("a DICOM SEG needs at least one segment; the result has none")
     index = {(f.sop_instance_uid, f.frame_number): i for i, f in enumerate(series.frames)}
-    masks = np.stack([s.frame_mask for s in result.segments], axis=-1)
+    masks = np.stack([p.mask for p in planned], axis=-1)
     if masks.shape[:3] != series.frame_hu.shape:
         raise ValueError(
             f"segment masks {masks.shape[:3]} do not match the frames {series.frame_hu.shape}"
@@ -82,24 +88,26 @@ def with_shared_pixel_measures(source: Dataset) -> Dataset:
 
 
 def segment_description(
-    number: int, segment: SegmentResult, algorithm: Algorithm, seed: str
+    planned: PlannedSegment, algorithm: Algorithm, seg_sop_instance_uid: str
 ) -> hd.seg.SegmentDescription:
-    """Segment Sequence item: coded class, automatic algorithm, tracking ID and UID."""
+    """Segment Sequence item: coded class, automatic algorithm, tracking ID and UID (the
+    SR group's), recommended display colour."""
     identification = hd.AlgorithmIdentificationSequence(
-        name=algorithm.name,
+        name=plain(algorithm.name),
         family=algorithm_family(algorithm),
-        version=algorithm.version,
+        version=plain(algorithm.version),
         source=MANUFACTURER,
     )
     return hd.seg.SegmentDescription(
-        segment_number=number,
-        segment_label=segment.segment.label,
-        segmented_property_category=segment.segment.category,
-        segmented_property_type=segment.segment.property_type,
+        segment_number=planned.number,
+        segment_label=plain(planned.label),
+        segmented_property_category=planned.segment.category,
+        segmented_property_type=planned.segment.property_type,
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
         algorithm_identification=identification,
-        tracking_uid=derive_uid(seed, "segment", str(number)),
-        tracking_id=segment.segment.label,
+        tracking_uid=planned.tracking_uid(seg_sop_instance_uid),
+        tracking_id=plain(planned.label),
+        display_color=planned.display_colour(),
     )
 
 
@@ -109,20 +117,21 @@ def build_seg(
     identity: OutputIdentity,
     content_label: str = "HYPERDENSE",
 ) -> hd.seg.Segmentation:
-    """Binary SEG, one segment per ``result.segments`` item, every source frame kept.
+    """Binary SEG, one segment per region (``regions.segment_plan``), every source frame
+    kept.
 
     highdicom adds the source scanner and itself as Contributing Equipment.
     """
+    planned = segment_plan(result)
     descriptions = [
-        segment_description(i + 1, s, result.algorithm, identity.sop_instance_uid)
-        for i, s in enumerate(result.segments)
+        segment_description(p, result.algorithm, identity.sop_instance_uid) for p in planned
     ]
     return hd.seg.Segmentation(
         source_images=[
             with_shared_pixel_measures(patient_study_source(series.datasets[0])),
             *series.datasets[1:],
         ],
-        pixel_array=seg_pixel_array(series, result),
+        pixel_array=seg_pixel_array(series, planned),
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,
         series_instance_uid=identity.series_instance_uid,
@@ -133,7 +142,7 @@ def build_seg(
         manufacturer_model_name=identity.manufacturer_model_name,
         software_versions=identity.software_versions,
         device_serial_number=DEVICE_SERIAL_NUMBER,
-        content_description=result.algorithm.notice,
+        content_description=plain(result.algorithm.notice),
         content_label=content_label,
         transfer_syntax_uid=ExplicitVRLittleEndian,
         omit_empty_frames=False,

@@ -1,19 +1,34 @@
-"""Comprehensive 3D SR holding a TID 1500 Measurement Report of a pipeline's segments.
+"""Comprehensive 3D SR holding a TID 1500 Measurement Report of a pipeline's regions.
 
-Each segment's total and each of its regions is one TID 1411 volumetric ROI group that
-references the segment in the SEG. Measurements per group: Volume (mL), attenuation
-coefficient with derivation Mean (HU), attenuation coefficient with derivation Maximum
-and method ``HU_MAX_METHOD`` (highest mean HU of a 3x3-pixel in-plane window, a private
-99DCMNODE concept), and Area with derivation Maximum (mm2, largest cross-section on the
-source frames), which references the source image of that frame. The notice ("NOT FOR
-DIAGNOSTIC USE") and the algorithm's kind and provenance are TEXT items of a root
-"Qualitative Evaluations" container (TID 1500) and algorithm parameters of every group.
-A risk prediction, when the pipeline makes one, goes in the same container as a NUM
-(DCM 122157 Probability, in %), a CODE (private "Risk category at the model cut-off":
-SCT High risk / Low risk) and TEXT lines naming the outcome, the model and its notice.
+Each region is one TID 1411 volumetric ROI group with its own Tracking Identifier and UID
+(those of its SEG segment), referencing its own segment of the SEG (``regions``): Finding
+(the class's property type: haemorrhage SCT 50960005, calcification SCT 18115005, contrast
+staining DCM 111428 Extravasation, ...), Finding Site (intracranial structure, with
+laterality when the region lies off the midline) and the measurements: Volume (mL),
+attenuation coefficient with derivation Mean (HU), attenuation coefficient with
+derivation Maximum and method ``HU_MAX_METHOD`` (highest mean HU of a 3x3-pixel in-plane
+window, a private 99DCMNODE concept), and Area with derivation Maximum (mm2, largest
+cross-section on the source frames), which references the source image of that frame.
+A class with several regions adds a TID 1501 group with the class total; an empty class
+keeps one group, Volume 0 mL, referencing its empty segment.
+
+A risk prediction goes into the group of the region the model scored, as measurements
+that TID 1500 readers (dcmqi's ``tid1500reader``, hence 3D Slicer) return: Probability
+(DCM 122157, %) and Threshold Value (DCM 122411, the model's cut-off, %), each with the
+outcome as a concept modifier (DCM 121071 Finding) and the model as TID 4019 algorithm
+identification (name, version, notice), and the category at the cut-off as a
+qualitative evaluation (DCM 121153 Lesion Risk: SCT High risk / Low risk). The TEXT
+lines name the scored region and why it was chosen (``RiskPrediction.scored_reason``).
+A risk with no region to attach to (the result has none) is stated in TEXT only.
+
+The notice ("NOT FOR DIAGNOSTIC USE"), the algorithm's kind and provenance and the lines
+the Secondary Capture shows are TEXT items of a root "Qualitative Evaluations" container.
+Every text is ASCII (``common.plain``), so no Specific Character Set is needed.
 """
 
 from __future__ import annotations
+
+import re
 
 import highdicom as hd
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
@@ -21,7 +36,7 @@ from highdicom.sr import CodedConcept
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
-from pipelines.base import PipelineResult, RegionMeasurements, SegmentResult
+from pipelines.base import PipelineResult, RegionMeasurements, RiskPrediction, SegmentResult
 from pipelines.outputs.common import (
     HU_MAX_METHOD,
     MANUFACTURER,
@@ -33,28 +48,90 @@ from pipelines.outputs.common import (
     algorithm_family,
     ds_value,
     patient_study_source,
+    plain,
     provenance_line,
     risk_lines,
     source_dataset,
     summary_lines,
 )
+from pipelines.outputs.regions import PlannedSegment, finding_site, scored_region, segment_plan
 from pipelines.outputs.uids import derive_uid
 from pipelines.series import LoadedSeries
 
 QUALITATIVE_EVALUATIONS = CodedConcept("C0034375", "UMLS", "Qualitative Evaluations")
-RISK_CATEGORY = CodedConcept("RISKCAT", PRIVATE_SCHEME, "Risk category at the model cut-off")
 UNIT_PERCENT = CodedConcept("%", "UCUM", "percent")
+RISK_PROBABILITY = CodedConcept.from_code(codes.DCM.Probability)  # DCM 122157
+RISK_CUTOFF = CodedConcept.from_code(codes.DCM.ThresholdValue)  # DCM 122411
+RISK_CATEGORY = CodedConcept.from_code(codes.DCM.LesionRisk)  # DCM 121153
+RISK_OUTCOME = CodedConcept.from_code(codes.DCM.Finding)  # DCM 121071, concept modifier
+HIGH_RISK = CodedConcept.from_code(codes.SCT.HighRisk)
+LOW_RISK = CodedConcept.from_code(codes.SCT.LowRisk)
+SHORT_STRING = 16  # SH: the longest code value
+Group = (
+    hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
+    | hd.sr.MeasurementsAndQualitativeEvaluations
+)
 
 
 def algorithm_identification(result: PipelineResult) -> hd.sr.AlgorithmIdentification:
     """TID 4019 algorithm identification: name, version, kind, provenance and notice."""
     algorithm = result.algorithm
     return hd.sr.AlgorithmIdentification(
-        name=algorithm.name,
-        version=algorithm.version,
-        parameters=[algorithm.kind, provenance_line(algorithm), algorithm.notice],
+        name=plain(algorithm.name),
+        version=plain(algorithm.version),
+        parameters=[plain(algorithm.kind), provenance_line(algorithm), plain(algorithm.notice)],
         family=algorithm_family(algorithm),
         manufacturer=MANUFACTURER,
+    )
+
+
+def model_identification(risk: RiskPrediction) -> hd.sr.AlgorithmIdentification:
+    """TID 4019 identification of the risk model: name, version and its notice."""
+    return hd.sr.AlgorithmIdentification(
+        name=plain(risk.model_name),
+        version=plain(risk.model_version),
+        parameters=[plain(risk.notice)],
+        family=CodedConcept.from_code(codes.DCM.ArtificialIntelligence),
+        manufacturer=MANUFACTURER,
+    )
+
+
+def outcome_concept(risk: RiskPrediction) -> CodedConcept:
+    """The risk's coded outcome; without one, a private 99DCMNODE code of its text
+    (e.g. HAEMORRHAGICTRA "haemorrhagic transformation")."""
+    if risk.outcome_code is not None:
+        return risk.outcome_code
+    value = re.sub(r"[^A-Z0-9]", "", plain(risk.outcome).upper())[:SHORT_STRING] or "OUTCOME"
+    return CodedConcept(value, PRIVATE_SCHEME, plain(risk.outcome)[:64])
+
+
+def risk_measurements(risk: RiskPrediction) -> list[hd.sr.Measurement]:
+    """Probability and cut-off (%) of the outcome, each naming the outcome and model."""
+    model = model_identification(risk)
+    measurements = [
+        hd.sr.Measurement(
+            name=name,
+            value=ds_value(100.0 * value),
+            unit=UNIT_PERCENT,
+            algorithm_id=model,
+        )
+        for name, value in ((RISK_PROBABILITY, risk.probability), (RISK_CUTOFF, risk.cutoff))
+    ]
+    for measurement in measurements:
+        measurement[0].ContentSequence.append(
+            hd.sr.CodeContentItem(
+                name=RISK_OUTCOME,
+                value=outcome_concept(risk),
+                relationship_type=hd.sr.RelationshipTypeValues.HAS_CONCEPT_MOD,
+            )
+        )
+    return measurements
+
+
+def risk_category(risk: RiskPrediction) -> hd.sr.QualitativeEvaluation:
+    """The category at the model's cut-off, coded (Lesion Risk: High risk / Low risk)."""
+    return hd.sr.QualitativeEvaluation(
+        name=RISK_CATEGORY, value=HIGH_RISK if risk.high_risk else LOW_RISK
     )
 
 
@@ -105,49 +182,80 @@ def region_measurements(
     ]
 
 
-def segment_groups(
+def region_group(
     series: LoadedSeries,
     result: PipelineResult,
     seg: hd.seg.Segmentation,
-    number: int,
-    segment: SegmentResult,
-) -> list[hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations]:
-    """One ROI group for the segment's total and one per region.
-
-    An empty segment still gets its total group, with Volume 0 mL as its only
-    measurement, so the report states that nothing was found.
-    """
-    referenced = hd.sr.ReferencedSegment(
-        sop_class_uid=seg.SOPClassUID,
-        sop_instance_uid=seg.SOPInstanceUID,
-        segment_number=number,
-        source_series=hd.sr.SourceSeriesForSegmentation(str(series.reference.SeriesInstanceUID)),
-    )
+    planned: PlannedSegment,
+) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
+    """TID 1411 group of one planned segment: its own tracking identifier and UID, its
+    own segment, finding, finding site, measurements, and the risk if it was scored."""
     algorithm_id = algorithm_identification(result)
-    label = segment.segment.label
-    named: list[tuple[str, list[hd.sr.Measurement]]] = []
-    if segment.total is None:
-        named.append((f"{label} total", [zero_volume(algorithm_id)]))
+    if planned.measurements is None:
+        measurements = [zero_volume(algorithm_id)]
     else:
-        named.append((f"{label} total", region_measurements(series, segment.total, algorithm_id)))
-    named += [
-        (f"{label} {k}", region_measurements(series, r, algorithm_id))
-        for k, r in enumerate(segment.regions, start=1)
-    ]
-    return [
-        hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-            tracking_identifier=hd.sr.TrackingIdentifier(
-                uid=derive_uid(str(seg.SOPInstanceUID), "tracking", str(number), name),
-                identifier=name,
+        measurements = region_measurements(series, planned.measurements, algorithm_id)
+    evaluations: list[hd.sr.QualitativeEvaluation] = []
+    risk = result.risk
+    if risk is not None and scored_region(result) == (planned.class_index, planned.region_index):
+        measurements += risk_measurements(risk)
+        evaluations.append(risk_category(risk))
+    return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=planned.tracking_uid(str(seg.SOPInstanceUID)), identifier=plain(planned.label)
+        ),
+        referenced_segment=hd.sr.ReferencedSegment(
+            sop_class_uid=seg.SOPClassUID,
+            sop_instance_uid=seg.SOPInstanceUID,
+            segment_number=planned.number,
+            source_series=hd.sr.SourceSeriesForSegmentation(
+                str(series.reference.SeriesInstanceUID)
             ),
-            referenced_segment=referenced,
-            finding_type=segment.segment.property_type,
-            finding_category=segment.segment.category,
-            algorithm_id=algorithm_id,
-            measurements=measurements,
-        )
-        for name, measurements in named
-    ]
+        ),
+        finding_type=planned.finding,
+        finding_category=planned.segment.category,
+        finding_sites=[finding_site(series, planned)],
+        algorithm_id=algorithm_id,
+        measurements=measurements,
+        qualitative_evaluations=evaluations or None,
+    )
+
+
+def total_group(
+    series: LoadedSeries, result: PipelineResult, seg: hd.seg.Segmentation, segment: SegmentResult
+) -> hd.sr.MeasurementsAndQualitativeEvaluations | None:
+    """TID 1501 group of a class's total over its regions; None unless it has several
+    (the total of one region is that region's group)."""
+    if segment.total is None or len(segment.regions) < 2:
+        return None
+    algorithm_id = algorithm_identification(result)
+    label = plain(f"{segment.segment.label} total")
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=derive_uid(str(seg.SOPInstanceUID), "tracking", "total", label),
+            identifier=label,
+        ),
+        finding_type=segment.segment.property_type,
+        finding_category=segment.segment.category,
+        algorithm_id=algorithm_id,
+        measurements=region_measurements(series, segment.total, algorithm_id),
+    )
+
+
+def measurement_groups(
+    series: LoadedSeries, result: PipelineResult, seg: hd.seg.Segmentation
+) -> list[Group]:
+    """Per class: one TID 1411 group per region (or its empty segment), then its total."""
+    planned = segment_plan(result)
+    groups: list[Group] = []
+    for class_index, segment in enumerate(result.segments):
+        groups += [
+            region_group(series, result, seg, p) for p in planned if p.class_index == class_index
+        ]
+        total = total_group(series, result, seg, segment)
+        if total is not None:
+            groups.append(total)
+    return groups
 
 
 def zero_volume(algorithm_id: hd.sr.AlgorithmIdentification) -> hd.sr.Measurement:
@@ -164,9 +272,9 @@ def observation_context(
     algorithm = result.algorithm
     device = hd.sr.DeviceObserverIdentifyingAttributes(
         uid=derive_uid(identity.manufacturer_model_name, algorithm.name, algorithm.version),
-        name=algorithm.name,
+        name=plain(algorithm.name),
         manufacturer_name=MANUFACTURER,
-        model_name=identity.manufacturer_model_name,
+        model_name=plain(identity.manufacturer_model_name),
     )
     return hd.sr.ObservationContext(
         observer_device_context=hd.sr.ObserverContext(
@@ -175,45 +283,27 @@ def observation_context(
     )
 
 
-def risk_items(result: PipelineResult) -> list[hd.sr.ContentItem]:
-    """The risk as NUM (probability, %) and CODE (category at the model's cut-off)."""
-    risk = result.risk
-    if risk is None:
-        return []
-    contains = hd.sr.RelationshipTypeValues.CONTAINS
-    category = codes.SCT.HighRisk if risk.high_risk else codes.SCT.LowRisk
-    return [
-        hd.sr.NumContentItem(
-            name=codes.DCM.Probability,
-            value=ds_value(100.0 * risk.probability),
-            unit=UNIT_PERCENT,
-            relationship_type=contains,
-        ),
-        hd.sr.CodeContentItem(name=RISK_CATEGORY, value=category, relationship_type=contains),
-    ]
-
-
 def notice_container(result: PipelineResult) -> hd.sr.ContainerContentItem:
-    """Root "Qualitative Evaluations" container: the risk items (if any), then the
-    summary and risk lines as TEXT items."""
+    """Root "Qualitative Evaluations" container: the summary and risk lines as TEXT."""
     container = hd.sr.ContainerContentItem(
         name=QUALITATIVE_EVALUATIONS,
         relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
     )
-    texts = [
-        hd.sr.TextContentItem(
-            name=codes.DCM.Comment,
-            value=line,
-            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
-        )
-        for line in [*summary_lines(result), *risk_lines(result)]
-    ]
-    container.ContentSequence = hd.sr.ContentSequence([*risk_items(result), *texts])
+    container.ContentSequence = hd.sr.ContentSequence(
+        [
+            hd.sr.TextContentItem(
+                name=codes.DCM.Comment,
+                value=line,
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+            )
+            for line in [*summary_lines(result), *risk_lines(result)]
+        ]
+    )
     return container
 
 
 def private_coding_scheme() -> CodingSchemeIdentificationItem:
-    """Declaration of the private 99DCMNODE coding scheme used for ``HU_MAX_METHOD``."""
+    """Declaration of the private 99DCMNODE coding scheme (``HU_MAX_METHOD``, outcomes)."""
     return CodingSchemeIdentificationItem(
         designator=PRIVATE_SCHEME,
         name="dicomnode private concepts",
@@ -243,16 +333,13 @@ def build_sr(
 ) -> hd.sr.Comprehensive3DSR:
     """Comprehensive 3D SR (TID 1500) of ``result``, referencing ``seg`` and key frames.
 
-    ``result.segments`` must be the SEG's segments, in order (segment number = index + 1).
+    ``seg`` must be the SEG that ``build_seg`` wrote for ``result`` (one segment per
+    region, numbered as ``regions.segment_plan`` numbers them).
 
     Completion COMPLETE, verification UNVERIFIED, preliminary flag PRELIMINARY: nobody has
     reviewed an automatic result.
     """
-    groups = [
-        group
-        for number, segment in enumerate(result.segments, start=1)
-        for group in segment_groups(series, result, seg, number, segment)
-    ]
+    groups = measurement_groups(series, result, seg)
     report = hd.sr.MeasurementReport(
         observation_context=observation_context(result, identity),
         procedure_reported=codes.LN.HeadCT,
