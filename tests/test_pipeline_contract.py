@@ -47,8 +47,8 @@ from pipelines.synthetic import synthetic_head_ct, write_series
 from pipelines.volume import load_datasets, load_series
 from tests.support import REPO_ROOT, free_port
 
-COHORT_CASES = 30
-"""Small enough for a test (generation, features and one CNN epoch ~1 min on one core)."""
+COHORT_CASES = 24
+"""Small enough for a test (24 cases of 16 frames: generation and training ~45 s on one core)."""
 
 BASE_CONFIG = """spool_dir = "spool"
 state_dir = "state"
@@ -310,7 +310,7 @@ def test_a_model_trained_into_a_store_is_served_from_it(tmp_path: Path) -> None:
     ``$DICOMNODE_MODEL_STORE``: pointed at DIR, the threshold baseline, the default
     pipeline and ht_after_mt's own segmenter found no parameters there, so nothing could
     run; a store now belongs to one pipeline's settings.)"""
-    cohort = generate_cohort(tmp_path / "cohort", COHORT_CASES, 3, rows=96)
+    cohort = generate_cohort(tmp_path / "cohort", COHORT_CASES, 3, rows=96, n_slices=16)
     store = tmp_path / "store"
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
