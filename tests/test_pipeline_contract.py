@@ -21,6 +21,11 @@ import numpy as np
 import pydicom
 import pytest
 import torch
+from pydicom.uid import (
+    Comprehensive3DSRStorage,
+    SecondaryCaptureImageStorage,
+    SegmentationStorage,
+)
 
 from dicomnode.cli import main
 from dicomnode.config import ConfigError, Destination, load_config
@@ -38,6 +43,7 @@ from pipelines.outputs import build_outputs
 from pipelines.registry import (
     get_pipeline,
     get_segmenter,
+    pipeline_factory,
     pipeline_names,
     segmenter_names,
     settings_verifier,
@@ -267,13 +273,48 @@ def test_output_titles_and_writers_follow_the_profile(
     full = build_outputs(
         series, result, pipeline_name="hyperdense_regions", profile=HYPERDENSE_PROFILE
     )
-    assert [ds.Modality for ds in full] == ["SEG", "OT", "SR"] or [ds.Modality for ds in full][
-        0::2
-    ] == ["SEG", "SR"]
+    assert [ds.SOPClassUID for ds in full] == [
+        SegmentationStorage,
+        SecondaryCaptureImageStorage,
+        Comprehensive3DSRStorage,
+    ]  # no saliency writer in the profile
     with pytest.raises(ValueError, match="the SR references the SEG"):
         OutputProfile("A", "B", "C", "D", (), frozenset({Writer.SR}))
     with pytest.raises(ValueError, match="1-64 ASCII"):
         OutputProfile("A \u2014 B", "B", "C", "D", ())
+
+
+def _texts(item: pydicom.Dataset) -> list[str]:
+    """TEXT values of an SR content tree, depth first."""
+    found = [str(item.TextValue)] if "TextValue" in item else []
+    for child in item.get("ContentSequence", []):
+        found += _texts(child)
+    return found
+
+
+def test_the_risk_model_scores_the_configured_segmenters_lesion(
+    lesion_series: list[Path], tmp_path: Path
+) -> None:
+    settings = PipelinesSettings(ht_after_mt=HtAfterMtSettings(segmenter="hyperdense_unet"))
+    pipeline = pipeline_factory(settings)("ht_after_mt")
+    series = load_series(lesion_series)
+    result = pipeline.run(series)
+    assert result.risk is not None
+    assert any(
+        n.startswith("scored lesion: the largest region of segmenter hyperdense_unet, ")
+        for n in result.notes
+    ), result.notes
+    outputs = build_outputs(series, result, pipeline_name="ht_after_mt", profile=pipeline.profile)
+    by_modality = {ds.Modality: ds for ds in outputs}
+    seg, sr = by_modality["SEG"], by_modality["SR"]
+    assert seg.SeriesDescription.startswith("HT RISK LESION SEG")
+    assert sr.SeriesDescription.startswith("HT RISK REPORT")
+    assert seg.SegmentSequence[0].SegmentLabel == "Hyperdense region by hyperdense_unet"
+    saliency = [ds for ds in outputs if ds.SeriesDescription.startswith("SALIENCY GRAD-CAM")]
+    assert saliency and len(saliency) == len(outputs) - 3
+    texts = _texts(sr)  # the SR names the segmenter in the provenance and region label
+    assert any("lesion segmenter hyperdense_unet (dicomnode hyperdense U-Net 1" in t for t in texts)
+    assert any(t.startswith("Hyperdense region by hyperdense_unet: ") for t in texts), texts
 
 
 # --- train into another store, then serve from it --------------------------------------------

@@ -150,7 +150,7 @@ def test_a_changed_manifest_makes_the_pipeline_unavailable_not_a_crash(tmp_path:
 
 
 def test_an_unavailable_pipeline_falls_back_and_is_logged(
-    tmp_path: Path, store: Path, monkeypatch: pytest.MonkeyPatch, fresh_pipelines: None
+    tmp_path: Path, store: Path, fresh_pipelines: None
 ) -> None:
     def build(name: str) -> Any:
         return HtAfterMtPipeline(root=store) if name == "ht_after_mt" else get_pipeline(name)
@@ -198,7 +198,6 @@ def test_an_unavailable_pipeline_falls_back_and_is_logged(
 def test_run_falls_back_to_the_default_pipeline(
     tmp_path: Path,
     store: Path,
-    monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
     fresh_pipelines: None,
 ) -> None:
