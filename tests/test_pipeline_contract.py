@@ -29,6 +29,7 @@ from pydicom.uid import (
 
 from dicomnode.cli import main
 from dicomnode.config import ConfigError, Destination, load_config
+from dicomnode.demo import demo_config
 from dicomnode.processing import run_pipeline
 from dicomnode.sender import send_files
 from model_store.registry import STORE_ROOT
@@ -402,3 +403,20 @@ def test_a_model_trained_into_a_store_is_served_from_it(tmp_path: Path) -> None:
     titles = {ds.Modality: str(ds.SeriesDescription) for ds in outputs}
     assert titles["SEG"].startswith("HT RISK LESION SEG")
     assert titles["SR"].startswith("HT RISK REPORT")
+
+
+def test_demo_takes_the_config_files_pipeline_settings(tmp_path: Path) -> None:
+    (tmp_path / "store").mkdir()
+    path = tmp_path / "node.toml"
+    path.write_text(
+        'default_pipeline = "hyperdense_unet"\n'
+        + BASE_CONFIG.format(port=11112)
+        + "[pipelines.ht_after_mt]\nmodel_store_dir = 'store'\nsegmenter = 'blast_ct'\n",
+        encoding="utf-8",
+    )
+    settings = load_config(path)
+    config = demo_config(tmp_path / "demo", free_port(), free_port(), settings)
+    assert config.pipelines == settings.pipelines
+    assert config.pipelines.ht_after_mt.model_store_dir == tmp_path / "store"
+    assert config.default_pipeline == "hyperdense_unet"
+    assert demo_config(tmp_path / "demo", 11112, 11113).pipelines == PipelinesSettings()
