@@ -1,6 +1,8 @@
 """The node's one typed configuration, read from a TOML file and validated by pydantic.
 
-Relative ``spool_dir`` and ``state_dir`` in a file are taken relative to that file.
+Relative ``spool_dir`` and ``state_dir`` in a file are taken relative to that file, and so
+are the folders and files of the pipelines' settings (``[pipelines.<name>]``,
+``pipelines.settings``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pydantic import (
 
 from dicomnode.door import AssociationLimits
 from dicomnode.tls import ClientTls, ServerTls
+from pipelines.settings import PipelinesSettings
 
 
 class ConfigError(Exception):
@@ -171,6 +174,7 @@ class NodeConfig(_Model):
     http: HttpSettings | None = None
     limits: LimitsSettings = LimitsSettings()
     default_pipeline: str = "hyperdense_regions"  # used when a rule's pipeline is unavailable
+    pipelines: PipelinesSettings = PipelinesSettings()  # [pipelines.<name>] settings
 
     @model_validator(mode="after")
     def _check_references(self) -> NodeConfig:

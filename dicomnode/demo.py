@@ -106,9 +106,16 @@ class DemoPacs:
             server.shutdown()
 
 
-def demo_config(base: Path, node_port: int, pacs_port: int) -> NodeConfig:
-    """The embedded defaults, with the demo scanner allowed and the demo PACS as target."""
+def demo_config(
+    base: Path, node_port: int, pacs_port: int, settings: NodeConfig | None = None
+) -> NodeConfig:
+    """The embedded defaults, with the demo scanner allowed and the demo PACS as target;
+    with ``settings`` (a loaded config file), its pipelines' settings and default pipeline."""
     config = default_config(base, node_port)
+    if settings is not None:
+        config = config.model_copy(
+            update={"pipelines": settings.pipelines, "default_pipeline": settings.default_pipeline}
+        )
     data = config.model_dump()
     data["allowed_callers"].append({"ae_title": DEMO_SCANNER_AET, "host": "127.0.0.1"})
     data["destinations"] = {
@@ -129,13 +136,16 @@ class DemoReport:
     idle: bool
 
 
-def run_demo(base: Path, shared: Path, timeout_s: float = 300.0) -> DemoReport:
-    """Start a node and a demo PACS, send the case, wait for the results."""
+def run_demo(
+    base: Path, shared: Path, timeout_s: float = 300.0, settings: NodeConfig | None = None
+) -> DemoReport:
+    """Start a node and a demo PACS, send the case, wait for the results; pipelines are
+    built from ``settings``' ``[pipelines]`` when given (a config file), else defaults."""
     if base.exists():
         shutil.rmtree(base)
     case = prepare_case(base / "input", shared)
     node_port, pacs_port = free_port(), free_port()
-    config = demo_config(base / "node", node_port, pacs_port)
+    config = demo_config(base / "node", node_port, pacs_port, settings)
     pacs = DemoPacs(base / "pacs", pacs_port)
     with pacs.running(), Node(config, processor(config), reporting()) as node:
         scanner = Destination(ae_title=config.node.ae_title, host="127.0.0.1", port=node_port)

@@ -16,6 +16,7 @@ from dicomnode.pipelines_check import PipelinePlan
 from dicomnode.processing import JobFailure, run_pipeline
 from dicomnode.records import SeriesInfo, SeriesState
 from dicomnode.routing import Ignored, route
+from pipelines.registry import pipeline_factory
 from pipelines.volume import is_localizer
 
 OFFLINE_AET = "OFFLINE"
@@ -81,8 +82,9 @@ def run_folder(
     Outputs are written to ``out_dir/<SeriesInstanceUID>/``. Non-DICOM files are skipped.
     A pipeline the start-up check (``plan``) found unavailable is replaced by its fallback,
     and one that turns out unavailable while running by ``config.default_pipeline``, as
-    the node does.
+    the node does. Pipelines are built from ``config.pipelines``.
     """
+    build = pipeline_factory(config.pipelines)
     by_series, _ = _scan(folder)
     outcomes = []
     for series_uid, members in sorted(by_series.items()):
@@ -93,7 +95,10 @@ def run_folder(
         pipeline = plan.resolve(decision.pipeline) if plan is not None else decision.pipeline
         paths = [p for p, _ in members]
         try:
-            written = run_pipeline(paths, pipeline, out_dir / series_uid, config.default_pipeline)
+            written = run_pipeline(
+                paths, pipeline, out_dir / series_uid, config.default_pipeline,
+                pipelines=build,
+            )  # fmt: skip
         except JobFailure as exc:
             outcomes.append(SeriesOutcome(series_uid, len(members), "failed", str(exc), ()))
             continue

@@ -18,7 +18,7 @@ import structlog
 
 from dicomnode.config import NodeConfig
 from pipelines.base import Pipeline, PipelineUnavailable
-from pipelines.registry import verified_pipeline
+from pipelines.registry import settings_verifier, verified_pipeline
 
 log = structlog.get_logger(__name__)
 
@@ -103,12 +103,14 @@ def plan_pipelines(
 
 
 def check_pipelines_at_start(
-    config: NodeConfig, verify: Callable[[str], Pipeline] = verified_pipeline
+    config: NodeConfig, verify: Callable[[str], Pipeline] | None = None
 ) -> PipelinePlan:
-    """Check the pipelines ``config`` routes to and its default; log each unavailable one
+    """Check the pipelines ``config`` routes to and its default, each built from
+    ``config.pipelines`` (unless ``verify`` is given); log each unavailable one
     once: a warning naming its fallback, an error when a routed pipeline has none (its
     jobs will fail), a warning when only the default is unavailable. Returns the plan."""
-    plan = plan_pipelines(routed_pipelines(config), config.default_pipeline, verify)
+    check = settings_verifier(config.pipelines) if verify is None else verify
+    plan = plan_pipelines(routed_pipelines(config), config.default_pipeline, check)
     routed = {rule.pipeline for rule in config.routes}
     for status in plan.unavailable():
         if status.fallback is not None:

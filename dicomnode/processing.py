@@ -28,7 +28,7 @@ from pipelines.base import Pipeline, PipelineError, PipelineUnavailable
 from pipelines.outputs import build_outputs
 from pipelines.outputs.failure import FailureNotice, build_failure_outputs
 from pipelines.outputs.rejection import RejectedInstance, build_rejection_note
-from pipelines.registry import get_pipeline, pipeline_names
+from pipelines.registry import get_pipeline, pipeline_factory, pipeline_names
 from pipelines.volume import VolumeLoadError, load_series
 
 log = structlog.get_logger(__name__)
@@ -67,7 +67,9 @@ def run_pipeline(
 
     When the pipeline is unavailable here (its model files are absent), ``fallback`` runs
     instead, and the outputs name the algorithm that actually ran. ``revision`` is the
-    series' result revision (new UIDs from 2 on). ``pipelines`` builds a pipeline by name.
+    series' result revision (new UIDs from 2 on). ``pipelines`` builds a pipeline by name
+    (``pipelines.registry.pipeline_factory`` of the config's ``[pipelines]`` settings; the
+    default: every pipeline's default settings); the outputs follow its profile.
     Returns the written files in the order SEG, SC, SR, saliency SCs. Every failure is a
     ``JobFailure`` with its kind.
     """
@@ -78,7 +80,8 @@ def run_pipeline(
         raise JobFailure(f"series cannot be loaded: {exc}", classify_failure(exc)) from exc
     try:
         try:
-            result = pipelines(pipeline_name).run(series)
+            pipeline = pipelines(pipeline_name)
+            result = pipeline.run(series)
         except PipelineUnavailable as exc:
             if fallback is None or fallback == pipeline_name:
                 raise
@@ -87,7 +90,8 @@ def run_pipeline(
                 fallback=fallback, reason=str(exc),
             )  # fmt: skip
             pipeline_name = fallback
-            result = pipelines(fallback).run(series)
+            pipeline = pipelines(fallback)
+            result = pipeline.run(series)
     except Exception as exc:  # every pipeline failure becomes a JobFailure with its kind
         kind = classify_failure(exc)
         if not isinstance(exc, PipelineError) and kind is FailureKind.PIPELINE_ERROR:
@@ -97,7 +101,9 @@ def run_pipeline(
         raise JobFailure(f"pipeline {pipeline_name} failed: {exc}", kind) from exc
     output_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    outputs = build_outputs(series, result, pipeline_name=pipeline_name, revision=revision)
+    outputs = build_outputs(
+        series, result, pipeline_name=pipeline_name, profile=pipeline.profile, revision=revision
+    )
     for dataset in outputs:
         path = output_dir / f"{dataset.Modality}-{dataset.SOPInstanceUID}.dcm"
         dataset.save_as(path, enforce_file_format=True)
@@ -115,12 +121,14 @@ def run_pipeline(
 
 def processor(
     config: NodeConfig,
-    pipelines: PipelineFactory = get_pipeline,
+    pipelines: PipelineFactory | None = None,
     plan: PipelinePlan | None = None,
 ) -> Process:
     """The node's job callback: run each job's pipeline on its spooled instances, falling
     back to ``config.default_pipeline`` when the pipeline is unavailable: at once when
-    ``plan`` (the start-up check) found it so, else when it raises ``PipelineUnavailable``."""
+    ``plan`` (the start-up check) found it so, else when it raises ``PipelineUnavailable``.
+    Pipelines are built by ``pipelines``, by default from ``config.pipelines``."""
+    build = pipeline_factory(config.pipelines) if pipelines is None else pipelines
 
     def process_job(job: JobSpec) -> list[Path]:
         pipeline = plan.resolve(job.pipeline) if plan is not None else job.pipeline
@@ -131,7 +139,7 @@ def processor(
             )  # fmt: skip
         return run_pipeline(
             job.instance_paths, pipeline, job.output_dir, config.default_pipeline,
-            revision=job.revision, pipelines=pipelines,
+            revision=job.revision, pipelines=build,
         )  # fmt: skip
 
     return process_job

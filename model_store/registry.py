@@ -20,16 +20,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-STORE_ENV = "DICOMNODE_MODEL_STORE"
-STORE_ROOT = Path(os.environ.get(STORE_ENV) or Path(__file__).resolve().parent)
-"""The model store: ``$DICOMNODE_MODEL_STORE`` when set (read once, at import), else this
-package's folder (the bundled models)."""
+STORE_ROOT = Path(__file__).resolve().parent
+"""The bundled model store (this package's folder); another store is named per pipeline
+by its settings (``[pipelines.<name>] model_store_dir``, ``pipelines.settings``)."""
 MANIFEST = "manifest.json"
 PARAMETERS = "parameters.json"
 PROMOTED = "promoted.json"

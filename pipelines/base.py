@@ -9,13 +9,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 from highdicom.sr import CodedConcept
 from numpy.typing import NDArray
 
 from pipelines.series import LoadedSeries
+
+if TYPE_CHECKING:
+    from pipelines.contract import OutputProfile
 
 NOT_FOR_DIAGNOSTIC_USE = "NOT FOR DIAGNOSTIC USE"
 
@@ -133,11 +136,20 @@ class PipelineResult:
 
 
 class Pipeline(Protocol):
-    """A clinical pipeline: a pure function of a loaded series."""
+    """A clinical pipeline: a pure function of a loaded series, with its registry
+    ``name``, its ``algorithm`` identity and its output ``profile``
+    (``pipelines.contract``); built from its settings (``pipelines.settings``)."""
+
+    name: str
 
     @property
     def algorithm(self) -> Algorithm:
         """The identity written into every output."""
+        ...
+
+    @property
+    def profile(self) -> OutputProfile:
+        """Titles, segment classes and writers of the pipeline's outputs."""
         ...
 
     def run(self, series: LoadedSeries) -> PipelineResult:

@@ -20,7 +20,7 @@ from numpy.typing import NDArray
 from pydicom.sr.codedict import codes
 from scipy import ndimage
 
-from model_store.registry import ModelStoreError, load_parameters
+from model_store.registry import STORE_ROOT, ModelStoreError, load_parameters, select_version
 from pipelines.base import (
     Algorithm,
     NotHeadCt,
@@ -29,8 +29,10 @@ from pipelines.base import (
     SegmentClass,
 )
 from pipelines.brain import brain_mask
+from pipelines.contract import OutputProfile, Writer
 from pipelines.measure import connected_regions, measure_segment
 from pipelines.series import LoadedSeries
+from pipelines.settings import PipelinesSettings
 
 MODEL_NAME = "hyperdense_threshold"
 MODEL_VERSION = "1.0.0"
@@ -40,6 +42,16 @@ HYPERDENSE_SEGMENT = SegmentClass(
     category=CodedConcept.from_code(codes.SCT.MorphologicallyAbnormalStructure),
     property_type=CodedConcept.from_code(codes.SCT.Lesion),
 )
+
+HYPERDENSE_PROFILE = OutputProfile(
+    seg_title="HYPERDENSE SEG",
+    sc_title="HYPERDENSE SUMMARY",
+    sr_title="HYPERDENSE REPORT",
+    saliency_title="SALIENCY",
+    segments=(HYPERDENSE_SEGMENT,),
+    writers=frozenset({Writer.SEG, Writer.SC, Writer.SR}),
+)
+"""Outputs of the hyperdense-region segmenters (threshold baseline and U-Net)."""
 
 
 @dataclass(frozen=True)
@@ -96,12 +108,17 @@ class HyperdenseThresholdPipeline:
     name = "hyperdense_regions"
 
     def __init__(
-        self, parameters: HyperdenseParameters | None = None, version: str = MODEL_VERSION
+        self,
+        parameters: HyperdenseParameters | None = None,
+        version: str = MODEL_VERSION,
+        root: Path = STORE_ROOT,
     ) -> None:
-        """Use ``parameters``, or those of ``version`` in the model store (hash-checked)."""
+        """Use ``parameters``, or those of ``version`` in the model store ``root``
+        (hash-checked)."""
         self._stored = parameters is None
+        self.root = root
         self.parameters = parameters or HyperdenseParameters.from_mapping(
-            load_parameters(MODEL_NAME, version)
+            load_parameters(MODEL_NAME, version, root)
         )
         self._algorithm = Algorithm(
             name="dicomnode hyperdense threshold baseline",
@@ -110,10 +127,27 @@ class HyperdenseThresholdPipeline:
             provenance="fixed thresholds, not trained",
         )
 
+    @classmethod
+    def from_settings(cls, settings: PipelinesSettings) -> HyperdenseThresholdPipeline:
+        """The baseline of ``[pipelines.hyperdense_regions]`` (store folder, version)."""
+        own = settings.hyperdense_regions
+        root = own.store_root
+        return cls(version=own.version or select_version(MODEL_NAME, root), root=root)
+
     @property
     def algorithm(self) -> Algorithm:
         """The identity written into every output."""
         return self._algorithm
+
+    @property
+    def profile(self) -> OutputProfile:
+        """Hyperdense-region SEG, summary SC and report SR; no saliency."""
+        return HYPERDENSE_PROFILE
+
+    @property
+    def segment_class(self) -> SegmentClass:
+        """The coded class of the regions, as a segmenter of a risk model."""
+        return HYPERDENSE_SEGMENT
 
     def check(self) -> None:
         """Re-verify the stored parameters (manifest and sha256) and that they are the ones
@@ -122,7 +156,9 @@ class HyperdenseThresholdPipeline:
             return
         version = self.algorithm.version
         try:
-            stored = HyperdenseParameters.from_mapping(load_parameters(MODEL_NAME, version))
+            stored = HyperdenseParameters.from_mapping(
+                load_parameters(MODEL_NAME, version, self.root)
+            )
         except (ModelStoreError, ValueError, TypeError) as exc:
             raise PipelineUnavailable(f"{MODEL_NAME} {version} parameters refused: {exc}") from exc
         if stored != self.parameters:

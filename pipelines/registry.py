@@ -1,15 +1,22 @@
 """Pipelines by name, as routing rules name them; each is imported and built on first use
 (the learned ones import torch, MONAI and pyradiomics, which a node need not pay for at
-start-up)."""
+start-up), from its settings (``pipelines.settings``), which the caller passes.
+
+Every registered class builds itself with ``from_settings(settings)``, where
+``settings`` holds all pipelines' settings (a risk model builds its segmenter from them).
+"""
 
 from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from functools import cache
+from functools import cache, partial
+from typing import cast, get_args
 
 from model_store.registry import ModelStoreError
 from pipelines.base import Pipeline, PipelineError, PipelineUnavailable
+from pipelines.contract import Segmenter
+from pipelines.settings import PipelinesSettings, SegmenterName
 
 _FACTORIES: dict[str, str] = {
     "hyperdense_regions": "pipelines.hyperdense:HyperdenseThresholdPipeline",
@@ -18,27 +25,50 @@ _FACTORIES: dict[str, str] = {
     "ht_after_mt": "pipelines.ht_after_mt:HtAfterMtPipeline",
 }
 
+DEFAULT_SETTINGS = PipelinesSettings()
+"""Every pipeline's defaults (bundled model store, default weights folder)."""
+
+PipelineFactory = Callable[[str], Pipeline]
+
 
 def pipeline_names() -> list[str]:
     """Names a routing rule may give as its pipeline."""
     return sorted(_FACTORIES)
 
 
+def segmenter_names() -> list[str]:
+    """Names a risk model's ``segmenter`` setting may give."""
+    return sorted(get_args(SegmenterName))
+
+
 @cache
-def get_pipeline(name: str) -> Pipeline:
-    """The pipeline registered as ``name``, built once per process."""
+def get_pipeline(name: str, settings: PipelinesSettings = DEFAULT_SETTINGS) -> Pipeline:
+    """The pipeline registered as ``name``, built from ``settings`` once per process (and
+    per distinct settings)."""
     try:
         module_name, class_name = _FACTORIES[name].split(":")
     except KeyError:
         raise KeyError(f"unknown pipeline {name!r}; known: {', '.join(pipeline_names())}") from None
     factory = getattr(importlib.import_module(module_name), class_name)
-    pipeline: Pipeline = factory()
+    pipeline: Pipeline = factory.from_settings(settings)
     return pipeline
 
 
-def verified_pipeline(name: str, build: Callable[[str], Pipeline] = get_pipeline) -> Pipeline:
+def get_segmenter(name: str, settings: PipelinesSettings = DEFAULT_SETTINGS) -> Segmenter:
+    """The pipeline ``name`` in its role of lesion segmenter (``pipelines.contract``)."""
+    if name not in segmenter_names():
+        raise KeyError(f"unknown segmenter {name!r}; known: {', '.join(segmenter_names())}")
+    return cast(Segmenter, get_pipeline(name, settings))
+
+
+def pipeline_factory(settings: PipelinesSettings) -> PipelineFactory:
+    """``get_pipeline`` bound to ``settings``: what the node and ``run`` build with."""
+    return partial(get_pipeline, settings=settings)
+
+
+def verified_pipeline(name: str, build: PipelineFactory = get_pipeline) -> Pipeline:
     """The pipeline ``name``, built (by ``build``, default: the registry's shared
-    instance) and its artefacts checked (``Pipeline.check``).
+    instance with default settings) and its artefacts checked (``Pipeline.check``).
 
     Raises ``PipelineUnavailable`` with a readable reason when it is not registered, cannot
     be built (a changed manifest, missing parameters) or its artefacts fail their checks.
@@ -59,3 +89,8 @@ def verified_pipeline(name: str, build: Callable[[str], Pipeline] = get_pipeline
     ) as exc:
         raise PipelineUnavailable(f"pipeline {name} failed its start-up check: {exc}") from exc
     return pipeline
+
+
+def settings_verifier(settings: PipelinesSettings) -> Callable[[str], Pipeline]:
+    """``verified_pipeline`` building with ``settings``: the start-up check of a config."""
+    return partial(verified_pipeline, build=pipeline_factory(settings))

@@ -40,7 +40,8 @@ from pipelines.blast_ct.weights import (
 from pipelines.geometry import represented_thickness
 from pipelines.outputs import build_outputs
 from pipelines.outputs.regions import segment_plan
-from pipelines.registry import get_pipeline
+from pipelines.registry import pipeline_factory
+from pipelines.settings import BlastCtSettings, PipelinesSettings
 from pipelines.synthetic import insert_lesion, synthetic_head_ct, write_series
 from pipelines.volume import load_series
 from tests.dciodvfy import dciodvfy_errors
@@ -81,9 +82,9 @@ def test_every_member_loads_strictly(folder: Path) -> None:
 
 
 def test_missing_weights_say_where_to_put_them(tmp_path: Path) -> None:
-    with pytest.raises(BlastCtUnavailable, match="DICOMNODE_BLAST_CT_DIR"):
+    with pytest.raises(BlastCtUnavailable, match=r"\[pipelines\.blast_ct\] weights_dir"):
         load_ensemble([1], CPU, tmp_path)
-    assert weights_dir({"DICOMNODE_BLAST_CT_DIR": str(tmp_path)}) == tmp_path
+    assert weights_dir(tmp_path) == tmp_path
 
 
 @pytest.mark.shared
@@ -180,27 +181,27 @@ def test_haematoma_in_real_head_ct(folder: Path, ge_headct_dir: Path, tmp_path: 
     assert ml(iph & ~inserted) < MAX_IPH_FALSE_POSITIVE_ML
     eah, ivh = result.segments[1].frame_mask, result.segments[3].frame_mask
     assert ml(eah | ivh) < MAX_EAH_IVH_ML
-    outputs = build_outputs(series, result, pipeline_name="blast_ct")
+    outputs = build_outputs(series, result, pipeline_name="blast_ct", profile=pipeline.profile)
     planned = segment_plan(result)  # one SEG segment per region, an empty class as one
     assert len(outputs[0].SegmentSequence) == len(planned)
     assert {p.class_index for p in planned} == {0, 1, 2, 3}
+    assert all("HYPERDENSE" not in ds.SeriesDescription for ds in outputs)
     for number, ds in enumerate(outputs):
         path = tmp_path / f"out-{number}.dcm"
         ds.save_as(path, enforce_file_format=True)
         assert dciodvfy_errors(path) == [], number
 
 
-def test_node_falls_back_to_its_default_without_the_weights(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_node_falls_back_to_its_default_without_the_weights(tmp_path: Path) -> None:
     """Where the weights are absent, a job routed to blast_ct runs the default pipeline."""
-    monkeypatch.setenv("DICOMNODE_BLAST_CT_DIR", str(tmp_path / "no-weights"))
-    get_pipeline.cache_clear()
+    (tmp_path / "no-weights").mkdir()
+    settings = PipelinesSettings(blast_ct=BlastCtSettings(weights_dir=tmp_path / "no-weights"))
+    build = pipeline_factory(settings)
     files = write_series(synthetic_head_ct(seed=4, n_slices=12, rows=96), tmp_path / "in")
-    written = run_pipeline(files, "blast_ct", tmp_path / "out", fallback="hyperdense_regions")
-    get_pipeline.cache_clear()
+    written = run_pipeline(
+        files, "blast_ct", tmp_path / "out", fallback="hyperdense_regions", pipelines=build
+    )
     sr = pydicom.dcmread(written[-1])
     assert sr.ManufacturerModelName == "hyperdense_regions"
-    with pytest.raises(JobFailure, match="DICOMNODE_BLAST_CT_DIR"):
-        run_pipeline(files, "blast_ct", tmp_path / "out2")
-    get_pipeline.cache_clear()
+    with pytest.raises(JobFailure, match=r"\[pipelines\.blast_ct\] weights_dir"):
+        run_pipeline(files, "blast_ct", tmp_path / "out2", pipelines=build)

@@ -26,11 +26,11 @@ from dicomnode.config import Destination, default_config, load_config
 from dicomnode.offline import run_folder
 from dicomnode.pipelines_check import check_pipelines_at_start, plan_pipelines
 from dicomnode.sender import send_files
-from model_store.registry import STORE_ENV, STORE_ROOT, ModelStoreError
+from model_store.registry import STORE_ROOT, ModelStoreError
 from pipelines.base import PipelineUnavailable
-from pipelines.blast_ct.weights import ENV_VAR as BLAST_CT_ENV
 from pipelines.ht_after_mt import HtAfterMtPipeline
-from pipelines.registry import get_pipeline, verified_pipeline
+from pipelines.registry import get_pipeline, settings_verifier, verified_pipeline
+from pipelines.settings import BlastCtSettings, PipelinesSettings
 from pipelines.synthetic import synthetic_head_ct, write_series
 from tests.support import REPO_ROOT, free_port
 
@@ -62,9 +62,14 @@ def fresh_pipelines() -> Iterator[None]:
 
 
 def write_config(
-    folder: Path, port: int, http_port: int | None = None, pipeline: str = "ht_after_mt"
+    folder: Path,
+    port: int,
+    http_port: int | None = None,
+    pipeline: str = "ht_after_mt",
+    pipelines: str = "",
 ) -> Path:
-    """A node config routing head CT to ``pipeline`` (default: ``hyperdense_regions``)."""
+    """A node config routing head CT to ``pipeline`` (default pipeline:
+    ``hyperdense_regions``); ``pipelines``: TOML of ``[pipelines.<name>]`` sections."""
     http = f'[http]\nhost = "127.0.0.1"\nport = {http_port}\n' if http_port else ""
     path = folder / "node.toml"
     path.write_text(
@@ -91,17 +96,24 @@ pipeline = "{pipeline}"
 modality = ["CT"]
 body_part_examined = ["HEAD"]
 
-{http}""",
+{http}
+{pipelines}""",
         encoding="utf-8",
     )
     return path
 
 
-def cli_env(store: Path) -> dict[str, str]:
-    """The environment of a CLI subprocess using the model store ``store``."""
+def cli_env() -> dict[str, str]:
+    """The environment of a CLI subprocess (this tree's packages, one thread)."""
     env = dict(os.environ)
-    env.update({STORE_ENV: str(store), "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"})
+    env.update({"PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"})
     return env
+
+
+def no_weights(folder: Path) -> Path:
+    """An empty folder given as BLAST-CT's weights folder: the weights are absent."""
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 def json_lines(text: str) -> list[dict[str, Any]]:
@@ -138,7 +150,7 @@ def test_a_changed_manifest_makes_the_pipeline_unavailable_not_a_crash(tmp_path:
 
 
 def test_an_unavailable_pipeline_falls_back_and_is_logged(
-    tmp_path: Path, store: Path, monkeypatch: pytest.MonkeyPatch, fresh_pipelines: None
+    tmp_path: Path, store: Path, fresh_pipelines: None
 ) -> None:
     def build(name: str) -> Any:
         return HtAfterMtPipeline(root=store) if name == "ht_after_mt" else get_pipeline(name)
@@ -160,15 +172,16 @@ def test_an_unavailable_pipeline_falls_back_and_is_logged(
     assert "cnn.safetensors" in warning["reason"]
 
     # A default that is unavailable itself cannot stand in: said as an error.
-    monkeypatch.setenv(BLAST_CT_ENV, str(tmp_path / "no-weights"))
-    plan = plan_pipelines(["blast_ct", "ht_after_mt"], "blast_ct")
+    absent = PipelinesSettings(blast_ct=BlastCtSettings(weights_dir=no_weights(tmp_path / "nw")))
+    verify = settings_verifier(absent)
+    plan = plan_pipelines(["blast_ct", "ht_after_mt"], "blast_ct", verify)
     assert plan.statuses["blast_ct"].available is False
     assert "weights not found" in str(plan.statuses["blast_ct"].reason)
     assert plan.statuses["ht_after_mt"].available and plan.resolve("blast_ct") == "blast_ct"
-    plan = plan_pipelines(["blast_ct"], "hyperdense_regions")
+    plan = plan_pipelines(["blast_ct"], "hyperdense_regions", verify)
     assert plan.resolve("blast_ct") == "hyperdense_regions"
     with capture_logs() as logs:
-        config = config.model_copy(update={"default_pipeline": "blast_ct"})
+        config = config.model_copy(update={"default_pipeline": "blast_ct", "pipelines": absent})
         check_pipelines_at_start(config)
     assert [(e["log_level"], e["pipeline"]) for e in logs] == [("warning", "blast_ct")]
     config = config.model_copy(
@@ -185,15 +198,17 @@ def test_an_unavailable_pipeline_falls_back_and_is_logged(
 def test_run_falls_back_to_the_default_pipeline(
     tmp_path: Path,
     store: Path,
-    monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
     fresh_pipelines: None,
 ) -> None:
     folder = tmp_path / "in"
     write_series(synthetic_head_ct(seed=4, n_slices=8, rows=64), folder)
     # The command itself, with BLAST-CT's weights absent (its folder is read at check time).
-    monkeypatch.setenv(BLAST_CT_ENV, str(tmp_path / "no-weights"))
-    config = write_config(tmp_path, free_port(), pipeline="blast_ct")
+    no_weights(tmp_path / "no-weights")
+    config = write_config(
+        tmp_path, free_port(), pipeline="blast_ct",
+        pipelines='[pipelines.blast_ct]\nweights_dir = "no-weights"\n',
+    )  # fmt: skip
     status = main(["run", str(folder), "--out", str(tmp_path / "out"), "--config", str(config)])
     said = capsys.readouterr()
     assert status == 0, said
@@ -234,10 +249,15 @@ def test_serve_reports_the_fallback_in_health_and_processes_with_it(
     tmp_path: Path, store: Path
 ) -> None:
     port, http_port = free_port(), free_port()
-    config = write_config(tmp_path, port, http_port)
+    config = write_config(
+        tmp_path,
+        port,
+        http_port,
+        pipelines=f'[pipelines.ht_after_mt]\nmodel_store_dir = "{store}"\n',
+    )
     node = subprocess.Popen(
         [sys.executable, "-m", "dicomnode.cli", "serve", "--config", str(config)],
-        cwd=REPO_ROOT, env=cli_env(store), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        cwd=REPO_ROOT, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True,
     )  # fmt: skip
     try:

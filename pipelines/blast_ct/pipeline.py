@@ -30,9 +30,11 @@ from pipelines.blast_ct.preprocess import (
     resample_to_1mm,
     window,
 )
-from pipelines.blast_ct.segments import CLASS_SEGMENTS
+from pipelines.blast_ct.segments import CLASS_SEGMENTS, HAEMORRHAGE_CLASSES, HAEMORRHAGE_SEGMENT
+from pipelines.contract import OutputProfile, Writer
 from pipelines.measure import connected_regions, measure_segment
 from pipelines.series import LoadedSeries
+from pipelines.settings import PipelinesSettings
 
 if TYPE_CHECKING:
     from pipelines.blast_ct.network import DeepMedic
@@ -42,6 +44,16 @@ SOURCE = "biomedia-mira/blast-ct commit 361e8c7 (v1 weights)"
 CPU_MEMBERS = (1, 2)
 CPU_BOX = (64, 128, 128)
 CUDA_BOX = (192, 384, 384)
+
+BLAST_CT_PROFILE = OutputProfile(
+    seg_title="HAEMORRHAGE SEG BLAST-CT",
+    sc_title="HAEMORRHAGE SUMMARY BLAST-CT",
+    sr_title="HAEMORRHAGE REPORT BLAST-CT",
+    saliency_title="SALIENCY BLAST-CT",
+    segments=CLASS_SEGMENTS,
+    writers=frozenset({Writer.SEG, Writer.SC, Writer.SR}),
+)
+"""BLAST-CT's outputs: its four lesion classes, titled as haemorrhage, not hyperdensity."""
 
 
 @dataclass(frozen=True)
@@ -81,11 +93,18 @@ class BlastCtPipeline:
     name = "blast_ct"
 
     def __init__(self, parameters: BlastCtParameters | None = None) -> None:
-        """Resolve device and members now; load and hash-check the weights on first run."""
+        """Resolve device and members now; load and hash-check the weights on first run.
+
+        ``PipelineUnavailable`` when CUDA is asked for and torch sees no GPU."""
         import torch
 
         self.parameters = p = parameters or BlastCtParameters()
         cuda = torch.cuda.is_available()
+        if p.device == "cuda" and not cuda:
+            raise PipelineUnavailable(
+                "BLAST-CT: [pipelines.blast_ct] device is cuda, but torch sees no CUDA GPU "
+                'here; set device = "auto" or "cpu"'
+            )
         self.device = torch.device(p.device or ("cuda" if cuda else "cpu"))
         on_cuda = self.device.type == "cuda"
         self.members = p.members or (tuple(range(1, 13)) if on_cuda else CPU_MEMBERS)
@@ -104,10 +123,42 @@ class BlastCtPipeline:
             ),
         )
 
+    @classmethod
+    def from_settings(cls, settings: PipelinesSettings) -> BlastCtPipeline:
+        """The ensemble of ``[pipelines.blast_ct]`` (weights folder, device, members)."""
+        own = settings.blast_ct
+        return cls(
+            BlastCtParameters(
+                members=own.members,
+                device=None if own.device == "auto" else own.device,
+                min_volume_ml=own.min_volume_ml,
+                weights_dir=own.weights_dir,
+            )
+        )
+
     @property
     def algorithm(self) -> Algorithm:
         """The identity written into every output."""
         return self._algorithm
+
+    @property
+    def profile(self) -> OutputProfile:
+        """SEG of the four classes, summary SC and report SR, titled as haemorrhage."""
+        return BLAST_CT_PROFILE
+
+    @property
+    def segment_class(self) -> SegmentClass:
+        """The coded class of the regions as a segmenter: any haemorrhage class."""
+        return HAEMORRHAGE_SEGMENT
+
+    def segment(self, series: LoadedSeries) -> tuple[NDArray[np.int32], int]:
+        """As a segmenter of a risk model: the haemorrhage classes (IPH, EAH, IVH; not
+        oedema) together, labelled by connected region, largest first."""
+        p = self.parameters
+        haemorrhage = np.isin(self.labels(series), HAEMORRHAGE_CLASSES)
+        return connected_regions(
+            haemorrhage, series.volume.voxel_volume_ml, p.min_volume_ml, p.connectivity
+        )
 
     def models(self) -> list[DeepMedic]:
         """The ensemble members, hash-checked and loaded on first use."""

@@ -32,3 +32,13 @@ IVH_SEGMENT = SegmentClass(
 
 CLASS_SEGMENTS: tuple[SegmentClass, ...] = (IPH_SEGMENT, EAH_SEGMENT, OEDEMA_SEGMENT, IVH_SEGMENT)
 """Segments of network classes 1..4 (class 0 is background)."""
+
+HAEMORRHAGE_CLASSES: tuple[int, ...] = (1, 2, 4)
+"""Network classes that are haemorrhage (IPH, EAH, IVH); class 3 is oedema."""
+
+HAEMORRHAGE_SEGMENT = SegmentClass(
+    "Haemorrhage (BLAST-CT IPH, EAH or IVH)",
+    _CATEGORY,
+    CodedConcept.from_code(codes.SCT.IntracranialHemorrhage),
+)
+"""The haemorrhage classes together, as the lesion a risk model scores."""

@@ -1,8 +1,8 @@
 """Where the BLAST-CT v1 weights are, whether they are the published ones, and loading them.
 
-The weights are third-party files that the project never commits: the folder is
-``$DICOMNODE_BLAST_CT_DIR``, by default ``../shared/models/blast_ct_v1`` next to the
-repository. ``model_store/blast_ct_v1/manifest.json`` pins each file's sha256; a file
+The weights are third-party files that the project never commits: the folder is the
+setting ``[pipelines.blast_ct] weights_dir``, by default ``../shared/models/blast_ct_v1``
+next to the repository. ``model_store/blast_ct_v1/manifest.json`` pins each file's sha256; a file
 that is missing makes the segmenter unavailable, one that differs is refused.
 """
 
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from pipelines.blast_ct.network import DeepMedic
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MANIFEST_PATH = REPO_ROOT / "model_store" / "blast_ct_v1" / "manifest.json"
-ENV_VAR = "DICOMNODE_BLAST_CT_DIR"
+SETTING = "[pipelines.blast_ct] weights_dir"
 DEFAULT_DIR = REPO_ROOT.parent / "shared" / "models" / "blast_ct_v1"
 ENSEMBLE_SIZE = 12
 
@@ -35,10 +34,9 @@ class WeightsChanged(ModelRefused):
     """A weight file differs from the one the manifest pins."""
 
 
-def weights_dir(environ: Mapping[str, str] | None = None) -> Path:
-    """``$DICOMNODE_BLAST_CT_DIR`` if set, else ``../shared/models/blast_ct_v1``."""
-    value = (os.environ if environ is None else environ).get(ENV_VAR)
-    return Path(value) if value else DEFAULT_DIR
+def weights_dir(configured: Path | None = None) -> Path:
+    """The configured weights folder, else ``../shared/models/blast_ct_v1``."""
+    return DEFAULT_DIR if configured is None else configured
 
 
 def load_manifest(path: Path = MANIFEST_PATH) -> dict[str, Any]:
@@ -65,7 +63,7 @@ def verified_path(folder: Path, name: str, manifest: Mapping[str, Any]) -> Path:
             f"BLAST-CT v1 weights not found: {path} is missing. Put the 12 files "
             f"saved_models/model_1.pt .. model_12.pt of biomedia-mira/blast-ct "
             f"(commit {manifest.get('source', {}).get('commit', '?')}) under {folder}, "
-            f"or set {ENV_VAR} to the folder that holds them"
+            f"or set {SETTING} to the folder that holds them"
         )
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     if digest != expected:
@@ -102,6 +100,6 @@ def load_ensemble(
     members: Sequence[int], device: torch.device, folder: Path | None = None
 ) -> list[DeepMedic]:
     """Members (1-based indices, in the given order), each hash-checked, then loaded."""
-    folder = weights_dir() if folder is None else folder
+    folder = weights_dir(folder)
     manifest = load_manifest()
     return [load_member(verified_path(folder, member_file(i), manifest), device) for i in members]

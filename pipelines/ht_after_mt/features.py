@@ -4,8 +4,8 @@ clinical variables, and the clinical table they come from.
 The same functions run at training and at inference, so a case is described the same
 way by both:
 
-- lesion: the threshold baseline's (``HyperdenseThresholdPipeline.segment``) largest
-  connected hyperdense region that crosses an acquired frame, the hyperattenuated
+- lesion: the segmenter's (``pipelines.contract.Segmenter``, by default the threshold
+  baseline) largest connected hyperdense region that crosses an acquired frame, the hyperattenuated
   imaging marker (HIM) of the study; a series without one raises ``PipelineError``;
 - radiomics: ``pipelines.radiomics.extract_series`` on that region (the study's
   parameter file, ~1781 features);
@@ -38,6 +38,7 @@ from numpy.typing import NDArray
 from pipelines.base import ClinicalIssue, PipelineError
 from pipelines.cnn import CaseInput, InputConfig, prepare_case
 from pipelines.cnn.networks import LITE0_MEAN, LITE0_STD
+from pipelines.contract import Segmenter
 from pipelines.geometry import grid_to_frames
 from pipelines.ht_after_mt.clinical import (
     CLINICAL_VARIABLES,
@@ -59,7 +60,6 @@ from pipelines.ht_after_mt.clinical import (
     header_sex_male,
     screen_clinical,
 )
-from pipelines.hyperdense import HyperdenseThresholdPipeline
 from pipelines.radiomics import RadiomicsError, extract_series
 from pipelines.series import LoadedSeries
 
@@ -174,7 +174,7 @@ class Lesion:
 
 def find_lesion(
     series: LoadedSeries,
-    segmenter: HyperdenseThresholdPipeline,
+    segmenter: Segmenter,
     labels: tuple[NDArray[np.int32], int] | None = None,
 ) -> Lesion:
     """The largest hyperdense region that an acquired frame crosses.
@@ -190,9 +190,8 @@ def find_lesion(
             volume = float(grid_mask.sum()) * series.volume.voxel_volume_ml
             return Lesion(grid_mask, frame_mask, volume, count)
     raise PipelineError(
-        "no hyperdense lesion found on the acquired frames (threshold baseline, "
-        f"{segmenter.parameters.low_hu:g}-{segmenter.parameters.high_hu:g} HU): the "
-        "HT-after-thrombectomy model needs a hyperattenuated area to score"
+        f"no hyperdense lesion found on the acquired frames (segmenter {segmenter.name}): "
+        "the HT-after-thrombectomy model needs a hyperattenuated area to score"
     )
 
 
@@ -229,7 +228,7 @@ class CaseFeatures:
 def case_features(
     series: LoadedSeries,
     row: RowLookup | Mapping[str, Any] | None,
-    segmenter: HyperdenseThresholdPipeline,
+    segmenter: Segmenter,
     radiomics_params: str | Path,
     cnn_config: InputConfig = CNN_INPUT,
     labels: tuple[NDArray[np.int32], int] | None = None,

@@ -15,6 +15,7 @@ from dataclasses import replace
 from pydicom.dataset import Dataset
 
 from pipelines.base import PipelineResult
+from pipelines.contract import GENERIC_PROFILE, OutputProfile, Writer
 from pipelines.outputs.common import OutputIdentity, output_identity, revision_suffix
 from pipelines.outputs.saliency import build_saliency_sc
 from pipelines.outputs.sc import build_sc
@@ -40,13 +41,18 @@ def build_outputs(
     result: PipelineResult,
     *,
     pipeline_name: str,
+    profile: OutputProfile = GENERIC_PROFILE,
     series_number_base: int = 900,
     content_datetime: datetime.datetime | None = None,
     revision: int = 1,
 ) -> list[Dataset]:
     """[SEG, SC, SR, saliency SCs...] of ``result``, series ``series_number_base`` + 1..4.
 
-    Each heat map of the result becomes one Secondary Capture of the fourth series.
+    ``profile`` (the pipeline's, ``pipelines.contract``; default: generic titles, every
+    writer) gives each series' title and
+    which objects are written; those it leaves out are skipped (their series numbers and
+    UIDs stay those of the full set). Each heat map of the result becomes one Secondary
+    Capture of the fourth series.
 
     ``content_datetime`` (default now) becomes each object's ContentDate/ContentTime.
     ``revision`` is the result revision of the series (see ``common.revision_seed``).
@@ -69,16 +75,25 @@ def build_outputs(
             revision,
         )
 
-    seg = build_seg(series, result, identity("seg", 1, "HYPERDENSE SEG"))
-    sc = build_sc(series, result, identity("sc-1", 2, "HYPERDENSE SUMMARY"))
-    sr = build_sr(series, result, seg, identity("sr", 3, "HYPERDENSE REPORT"))
-    saliency = [
-        build_saliency_sc(
-            series,
-            result,
-            heatmap,
-            replace(identity(f"gradcam-{number}", 4, "SALIENCY"), instance_number=number),
-        )
-        for number, heatmap in enumerate(result.heatmaps, start=1)
-    ]
-    return [seg, sc, sr, *saliency]
+    outputs: list[Dataset] = []
+    if profile.writes(Writer.SEG):
+        seg = build_seg(series, result, identity("seg", 1, profile.seg_title))
+        outputs.append(seg)
+    if profile.writes(Writer.SC):
+        outputs.append(build_sc(series, result, identity("sc-1", 2, profile.sc_title)))
+    if profile.writes(Writer.SR):  # the profile guarantees the SEG it references
+        outputs.append(build_sr(series, result, seg, identity("sr", 3, profile.sr_title)))
+    if profile.writes(Writer.SALIENCY):
+        outputs += [
+            build_saliency_sc(
+                series,
+                result,
+                heatmap,
+                replace(
+                    identity(f"gradcam-{number}", 4, profile.saliency_title),
+                    instance_number=number,
+                ),
+            )
+            for number, heatmap in enumerate(result.heatmaps, start=1)
+        ]
+    return outputs

@@ -24,19 +24,22 @@ from monai.networks.nets import UNet
 from numpy.typing import NDArray
 from scipy import ndimage
 
-from model_store.registry import STORE_ROOT, ModelStoreError, verified_files
+from model_store.registry import STORE_ROOT, ModelStoreError, select_version, verified_files
 from pipelines.base import (
     Algorithm,
     NotHeadCt,
     PipelineResult,
     PipelineUnavailable,
+    SegmentClass,
     SegmentResult,
 )
 from pipelines.brain import brain_mask
-from pipelines.geometry import represented_thickness
-from pipelines.hyperdense import HYPERDENSE_SEGMENT
-from pipelines.measure import measure_region, structure
+from pipelines.contract import OutputProfile
+from pipelines.geometry import represented_thickness, resample_to_grid
+from pipelines.hyperdense import HYPERDENSE_PROFILE, HYPERDENSE_SEGMENT
+from pipelines.measure import connected_regions, measure_region, structure
 from pipelines.series import LoadedSeries
+from pipelines.settings import PipelinesSettings
 from pipelines.unet.bundle import Bundle, load_bundle
 from pipelines.unet.network import UNetConfig, build_unet, predict_probabilities
 
@@ -128,10 +131,38 @@ class UNetPipeline:
             provenance=f"2-D MONAI U-Net, {_ascii(self.unet.bundle.notice)}",
         )
 
+    @classmethod
+    def from_settings(cls, settings: PipelinesSettings) -> UNetPipeline:
+        """The U-Net of ``[pipelines.hyperdense_unet]`` (store folder, version)."""
+        own = settings.hyperdense_unet
+        root = own.store_root
+        return cls(version=own.version or select_version(MODEL_NAME, root), root=root)
+
     @property
     def algorithm(self) -> Algorithm:
         """The identity written into every output."""
         return self._algorithm
+
+    @property
+    def profile(self) -> OutputProfile:
+        """Hyperdense-region SEG, summary SC and report SR, as the threshold baseline."""
+        return HYPERDENSE_PROFILE
+
+    @property
+    def segment_class(self) -> SegmentClass:
+        """The coded class of the regions, as a segmenter of a risk model."""
+        return HYPERDENSE_SEGMENT
+
+    def segment(self, series: LoadedSeries) -> tuple[NDArray[np.int32], int]:
+        """The U-Net's regions as a segmenter: its frame mask carried onto
+        ``series.volume``'s grid (linear between frames, kept from one half up), then
+        labelled, largest first, regions below ``min_volume_ml`` dropped."""
+        settings = self.unet.inference
+        found = self.segment_frames(series).astype(np.float32)
+        on_grid = resample_to_grid(found, series.stack, series.grid) >= 0.5
+        return connected_regions(
+            on_grid, series.volume.voxel_volume_ml, settings.min_volume_ml, settings.connectivity
+        )
 
     def check(self) -> None:
         """Re-verify the bundle's manifest and weights (sha256); ``PipelineUnavailable``

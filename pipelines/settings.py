@@ -1,0 +1,145 @@
+"""Every pipeline's settings, validated with the node configuration.
+
+The TOML section ``[pipelines.<name>]`` of the node config holds the settings of pipeline
+``<name>`` (``dicomnode.config.NodeConfig.pipelines``); unknown pipelines and unknown keys
+are errors, reported with their field path (``pipelines.blast_ct.members: ...``). The
+settings are built once, with the config, and passed explicitly to the pipeline
+factories (``pipelines.registry.get_pipeline``); no pipeline reads the environment.
+
+Relative paths are taken relative to the config file (the validation context's
+``base_dir``). A folder that is named but does not exist is a configuration error; files
+missing from an existing folder (weights, a model version) make the pipeline unavailable
+at start, and the node then runs its default pipeline in its place.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo
+
+from model_store.registry import STORE_ROOT
+
+Device = Literal["cpu", "cuda", "auto"]
+"""Where a network runs: ``auto`` takes CUDA when torch sees a GPU, else the CPU."""
+
+SegmenterName = Literal["hyperdense_regions", "hyperdense_unet", "blast_ct"]
+"""The pipelines that can act as the lesion segmenter of a risk model."""
+
+BLAST_CT_ENSEMBLE_SIZE = 12
+_VERSION = re.compile(r"^\d+(\.\d+)*$")
+
+
+def _resolved(value: Path | None, info: ValidationInfo) -> Path | None:
+    """``value`` made absolute against the config file's folder, when one is known."""
+    if value is None:
+        return None
+    path = value.expanduser()
+    base = (info.context or {}).get("base_dir") if isinstance(info.context, dict) else None
+    if not path.is_absolute() and base is not None:
+        path = Path(base) / path
+    return path
+
+
+def _existing_folder(value: Path | None, info: ValidationInfo) -> Path | None:
+    """A folder that exists (relative: to the config file)."""
+    path = _resolved(value, info)
+    if path is not None and not path.is_dir():
+        raise ValueError(f"folder does not exist: {path}")
+    return path
+
+
+def _version(value: str | None) -> str | None:
+    """A model version of dot-separated integers, like 1.0.0."""
+    if value is not None and not _VERSION.match(value):
+        raise ValueError(f"version {value!r} is not dot-separated integers like 1.0.0")
+    return value
+
+
+def _members(value: tuple[int, ...] | None) -> tuple[int, ...] | None:
+    """A non-empty selection of distinct BLAST-CT members 1..12."""
+    if value is None:
+        return None
+    if not value:
+        raise ValueError("give at least one member, or leave members out for the default")
+    wrong = [m for m in value if not 1 <= m <= BLAST_CT_ENSEMBLE_SIZE]
+    if wrong:
+        raise ValueError(f"members are 1..{BLAST_CT_ENSEMBLE_SIZE}, not {wrong}")
+    if len(set(value)) != len(value):
+        raise ValueError(f"members repeat: {list(value)}")
+    return value
+
+
+ExistingFolder = Annotated[Path | None, AfterValidator(_existing_folder)]
+ResolvedPath = Annotated[Path | None, AfterValidator(_resolved)]
+Version = Annotated[str | None, AfterValidator(_version)]
+Members = Annotated[tuple[int, ...] | None, AfterValidator(_members)]
+
+
+class _Settings(BaseModel):
+    """Base of every pipeline's settings: unknown keys are errors; immutable, hashable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class StoredModelSettings(_Settings):
+    """A pipeline whose model lives in a model store.
+
+    ``model_store_dir``: the store folder (default: the bundled ``model_store/``), e.g.
+    the ``--root`` of ``dicomnode train``. ``version``: the model version (default: the
+    promoted one, else the latest).
+    """
+
+    model_store_dir: ExistingFolder = None
+    version: Version = None
+
+    @property
+    def store_root(self) -> Path:
+        """The model store folder to read."""
+        return self.model_store_dir or STORE_ROOT
+
+
+class HyperdenseSettings(StoredModelSettings):
+    """``[pipelines.hyperdense_regions]``: the threshold baseline's stored parameters."""
+
+
+class UNetSettings(StoredModelSettings):
+    """``[pipelines.hyperdense_unet]``: the bundled 2-D U-Net (runs on the CPU)."""
+
+
+class BlastCtSettings(_Settings):
+    """``[pipelines.blast_ct]``: where the BLAST-CT v1 weights are and how to run them.
+
+    ``weights_dir``: the folder holding ``saved_models/model_1.pt`` .. ``model_12.pt``
+    (default ``../shared/models/blast_ct_v1`` beside the repository). ``members``: which
+    of the 12 members run (default: all 12 on CUDA, 1 and 2 on the CPU). Regions smaller
+    than ``min_volume_ml`` are dropped.
+    """
+
+    weights_dir: ExistingFolder = None
+    device: Device = "auto"
+    members: Members = None
+    min_volume_ml: float = Field(default=0.1, ge=0)
+
+
+class HtAfterMtSettings(StoredModelSettings):
+    """``[pipelines.ht_after_mt]``: the risk model, its clinical table and its segmenter.
+
+    ``clinical_table``: CSV or JSON of clinical variables (absent: every table variable
+    is imputed; a table that cannot be read fails open, see the README). ``segmenter``:
+    the pipeline whose regions give the lesion that is scored.
+    """
+
+    clinical_table: ResolvedPath = None
+    segmenter: SegmenterName = "hyperdense_regions"
+
+
+class PipelinesSettings(_Settings):
+    """``[pipelines]``: one section per pipeline, each optional."""
+
+    hyperdense_regions: HyperdenseSettings = HyperdenseSettings()
+    hyperdense_unet: UNetSettings = UNetSettings()
+    blast_ct: BlastCtSettings = BlastCtSettings()
+    ht_after_mt: HtAfterMtSettings = HtAfterMtSettings()
