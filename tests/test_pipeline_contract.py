@@ -310,12 +310,14 @@ def test_the_risk_model_scores_the_configured_segmenters_lesion(
     seg, sr = by_modality["SEG"], by_modality["SR"]
     assert seg.SeriesDescription.startswith("HT RISK LESION SEG")
     assert sr.SeriesDescription.startswith("HT RISK REPORT")
-    assert seg.SegmentSequence[0].SegmentLabel == "Hyperdense region by hyperdense_unet"
+    assert seg.SegmentSequence[0].SegmentLabel == "Hyperdense region by hyperdense_unet 1"
     saliency = [ds for ds in outputs if ds.SeriesDescription.startswith("SALIENCY GRAD-CAM")]
     assert saliency and len(saliency) == len(outputs) - 3
     texts = _texts(sr)  # the SR names the segmenter in the provenance and region label
     assert any("lesion segmenter hyperdense_unet (dicomnode hyperdense U-Net 1" in t for t in texts)
-    assert any(t.startswith("Hyperdense region by hyperdense_unet: ") for t in texts), texts
+    assert any(
+        t.startswith("Scored region: Hyperdense region by hyperdense_unet 1") for t in texts
+    ), texts
 
 
 # --- train into another store, then serve from it --------------------------------------------
