@@ -27,9 +27,10 @@ from pipelines.base import (
     PipelineResult,
     PipelineUnavailable,
     SegmentClass,
+    SegmentResult,
 )
-from pipelines.brain import brain_mask
-from pipelines.measure import connected_regions, measure_segment
+from pipelines.brain import RIM_PATH_HU, Intracranial, intracranial_mask
+from pipelines.measure import measure_segment, structure
 from pipelines.series import LoadedSeries
 
 MODEL_NAME = "hyperdense_threshold"
@@ -41,6 +42,14 @@ HYPERDENSE_SEGMENT = SegmentClass(
     property_type=CodedConcept.from_code(codes.SCT.Lesion),
 )
 
+CALCIFICATION_SEGMENT = SegmentClass(
+    label="Calcification",
+    category=CodedConcept.from_code(codes.SCT.MorphologicallyAbnormalStructure),
+    property_type=CodedConcept.from_code(codes.SCT.PathologicCalcification),
+)
+"""Dense foci told apart from blood (SNOMED CT 18115005, calcified structure): choroid
+plexus, pineal, basal ganglia, falx and vessel-wall calcification. Reported, never scored."""
+
 
 @dataclass(frozen=True)
 class HyperdenseParameters:
@@ -51,7 +60,15 @@ class HyperdenseParameters:
     ``median_size_px`` is the side of the in-plane median filter. Regions are 3-D
     connected with ``connectivity`` 6, 18 or 26 (26: diagonal neighbours join, so a
     lesion cut obliquely by thick slices stays one region) and kept from
-    ``min_volume_ml`` up (0.1 mL drops noise specks and the smallest calcifications).
+    ``min_volume_ml`` up (0.1 mL drops noise specks).
+
+    A region must begin in the brain's core (``RIM_EROSION_MM`` from the skull's rim) and
+    grows back from there through hyperdense voxels for ``regrow_mm``, so a haematoma
+    touching bone keeps the part beside the bone while the skull's partial-volume band,
+    which never reaches the core, is not taken. Dense foci whose 3-D connected core of
+    at least ``calcification_hu`` is at most ``calcification_core_max_ml`` are
+    calcification, with their partial-volume halo of ``calcification_halo_mm``; a larger
+    dense core (contrast staining, 90-160 HU over mL) stays hyperdense.
     """
 
     low_hu: float = 55.0
@@ -59,6 +76,10 @@ class HyperdenseParameters:
     median_size_px: int = 3
     min_volume_ml: float = 0.1
     connectivity: int = 26
+    regrow_mm: float = 4.0
+    calcification_hu: float = 120.0
+    calcification_core_max_ml: float = 1.0
+    calcification_halo_mm: float = 2.0
 
     def __post_init__(self) -> None:
         """Refuse parameters the pipeline cannot use."""
@@ -70,6 +91,13 @@ class HyperdenseParameters:
             raise ValueError(f"min_volume_ml must not be negative: {self.min_volume_ml}")
         if self.connectivity not in (6, 18, 26):
             raise ValueError(f"connectivity must be 6, 18 or 26: {self.connectivity}")
+        if not self.low_hu < self.calcification_hu:
+            raise ValueError(
+                f"calcification_hu {self.calcification_hu} must be above low_hu {self.low_hu}"
+            )
+        for name in ("regrow_mm", "calcification_core_max_ml", "calcification_halo_mm"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative: {getattr(self, name)}")
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> HyperdenseParameters:
@@ -90,6 +118,105 @@ class HyperdenseParameters:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class SegmentedClasses:
+    """Labelled regions on the grid: hyperdense (haemorrhage class) and calcification,
+    each 0 for background and 1..count largest first."""
+
+    hyperdense: NDArray[np.int32]
+    hyperdense_count: int
+    calcification: NDArray[np.int32]
+    calcification_count: int
+
+
+def _steps(distance_mm: float, pixel_mm: float) -> int:
+    """Whole pixel steps covering ``distance_mm``."""
+    return int(np.ceil(distance_mm / pixel_mm - 1e-6))
+
+
+def _grow(
+    seeds: NDArray[np.bool_], within: NDArray[np.bool_], steps: int
+) -> NDArray[np.bool_]:
+    """``seeds`` grown ``steps`` face-neighbour steps through ``within`` (3-D)."""
+    if steps < 1 or not seeds.any():
+        return seeds.copy()
+    grown = ndimage.binary_dilation(
+        seeds, structure=ndimage.generate_binary_structure(3, 1), iterations=steps, mask=within
+    )
+    return np.asarray(grown | seeds)
+
+
+def classify_hyperdense(
+    hu: NDArray[np.floating],
+    masks: Intracranial,
+    spacing: tuple[float, float, float],
+    p: HyperdenseParameters,
+) -> tuple[NDArray[np.bool_], NDArray[np.bool_]]:
+    """Haemorrhage-class hyperdense voxels and calcification voxels of a frame stack.
+
+    Hyperdense: intracranial voxels whose in-plane median lies in ``low_hu``-``high_hu``,
+    in regions that begin in the brain's core and regrow ``regrow_mm`` from it. Dense
+    cores (``calcification_hu``, raw HU, so that a calcification of one or two pixels
+    counts) of at most ``calcification_core_max_ml`` that touch the core are calcified,
+    with a ``calcification_halo_mm`` halo through hyperdense voxels; the two never overlap.
+    """
+    brain = masks.brain
+    empty = np.zeros(hu.shape, dtype=bool)
+    if not brain.any():
+        return empty, empty
+    box = ndimage.find_objects((brain | masks.cavity).astype(np.uint8))[0]
+    sub_brain, sub_core, sub_cavity = brain[box], masks.core[box], masks.cavity[box]
+    size = (1, p.median_size_px, p.median_size_px)
+    denoised = ndimage.median_filter(hu[box], size=size)
+    in_range = (denoised >= p.low_hu) & (denoised <= p.high_hu)
+    window = sub_brain & in_range
+    pixel = min(spacing[1], spacing[2])
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    seed_labels, seed_count = ndimage.label(window & sub_core, structure=structure(26))
+    seed_sizes = np.bincount(seed_labels.ravel(), minlength=seed_count + 1) * voxel_ml
+    seed_sizes[0] = 0.0
+    seeds = (seed_sizes >= p.min_volume_ml)[seed_labels]
+    reclaimable = (sub_cavity | (masks.skull[box] & (hu[box] < RIM_PATH_HU))) & in_range
+    candidates = _grow(seeds, reclaimable, _steps(p.regrow_mm, pixel)) | (
+        window & sub_core
+    )
+    dense = sub_brain & (hu[box] >= p.calcification_hu)
+    labels, count = ndimage.label(dense, structure=structure(26))
+    calcified = np.zeros(dense.shape, dtype=bool)
+    if count:
+        sizes = np.bincount(labels.ravel(), minlength=count + 1) * voxel_ml
+        accepted = sizes <= p.calcification_core_max_ml
+        accepted[0] = False
+        cores = accepted[labels]
+        calcified = _grow(cores, cores | window, _steps(p.calcification_halo_mm, pixel))
+    out_hyper, out_calc = empty.copy(), empty.copy()
+    out_hyper[box] = candidates & ~calcified
+    out_calc[box] = calcified
+    return out_hyper, out_calc
+
+
+def label_regions(
+    mask: NDArray[np.bool_],
+    frame_voxel_ml: NDArray[np.float64],
+    min_volume_ml: float,
+    connectivity: int,
+) -> tuple[NDArray[np.int32], int]:
+    """3-D connected regions of a frame-stack mask of at least ``min_volume_ml``, each
+    voxel counting its frame's volume; labels 1..n largest first (0 background)."""
+    out = np.zeros(mask.shape, dtype=np.int32)
+    if not mask.any():
+        return out, 0
+    labels, count = ndimage.label(mask, structure=structure(connectivity))
+    weights = np.broadcast_to(frame_voxel_ml[:, None, None], mask.shape)
+    sizes = np.bincount(labels.ravel(), weights=weights.ravel(), minlength=count + 1)[1:]
+    kept = np.nonzero(sizes >= min_volume_ml)[0]
+    kept = kept[np.argsort(-sizes[kept], kind="stable")]
+    lookup = np.zeros(count + 1, dtype=np.int32)
+    lookup[kept + 1] = np.arange(1, len(kept) + 1, dtype=np.int32)
+    out[...] = lookup[labels]
+    return out, len(kept)
+
+
 class HyperdenseThresholdPipeline:
     """Pipeline ``hyperdense_regions``: thresholded hyperdense brain regions, measured."""
 
@@ -100,6 +227,7 @@ class HyperdenseThresholdPipeline:
     ) -> None:
         """Use ``parameters``, or those of ``version`` in the model store (hash-checked)."""
         self._stored = parameters is None
+        self._cache: tuple[LoadedSeries, SegmentedClasses] | None = None
         self.parameters = parameters or HyperdenseParameters.from_mapping(
             load_parameters(MODEL_NAME, version)
         )
@@ -131,20 +259,32 @@ class HyperdenseThresholdPipeline:
             )
 
     def segment(self, series: LoadedSeries) -> tuple[NDArray[np.int32], int]:
-        """Labelled hyperdense regions on ``series.volume``'s grid, largest first."""
-        p = self.parameters
+        """Labelled haemorrhage-class hyperdense regions on ``series.volume``'s grid,
+        largest first; calcifications are not among them (:meth:`segment_classes`)."""
+        classes = self.segment_classes(series)
+        return classes.hyperdense, classes.hyperdense_count
+
+    def segment_classes(self, series: LoadedSeries) -> SegmentedClasses:
+        """Hyperdense and calcification regions on the grid (the last series is cached,
+        so ``segment`` then ``run`` on one series segments it once)."""
+        cached = self._cache
+        if cached is not None and cached[0] is series:
+            return cached[1]
         volume = series.volume
-        brain = brain_mask(volume.hu, volume.spacing)
-        if not brain.any():
+        masks = intracranial_mask(volume.hu, volume.spacing)
+        if not masks.brain.any():
             raise NotHeadCt("no intracranial soft tissue found: not a head CT, or no skull")
-        box = ndimage.find_objects(brain.astype(np.uint8))[0]
-        size = (1, p.median_size_px, p.median_size_px)
-        denoised = ndimage.median_filter(volume.hu[box], size=size)
-        hyperdense = np.zeros(brain.shape, dtype=bool)
-        hyperdense[box] = brain[box] & (denoised >= p.low_hu) & (denoised <= p.high_hu)
-        return connected_regions(
-            hyperdense, volume.voxel_volume_ml, p.min_volume_ml, p.connectivity
+        hyperdense, calcified = classify_hyperdense(
+            volume.hu, masks, volume.spacing, self.parameters
         )
+        voxel_ml = np.full(volume.hu.shape[0], volume.voxel_volume_ml)
+        labels, count = label_regions(
+            hyperdense, voxel_ml, self.parameters.min_volume_ml, self.parameters.connectivity
+        )
+        calc_labels, calc_count = label_regions(calcified, voxel_ml, 0.0, 26)
+        classes = SegmentedClasses(labels, count, calc_labels, calc_count)
+        self._cache = (series, classes)
+        return classes
 
     def run(
         self, series: LoadedSeries, segmented: tuple[NDArray[np.int32], int] | None = None
@@ -157,6 +297,10 @@ class HyperdenseThresholdPipeline:
         """
         labels, count = segmented if segmented is not None else self.segment(series)
         segment = measure_segment(series, HYPERDENSE_SEGMENT, labels, count)
+        classes = self.segment_classes(series)
+        calcification = measure_segment(
+            series, CALCIFICATION_SEGMENT, classes.calcification, classes.calcification_count
+        )
         regions, total = segment.regions, segment.total
         notes = [
             f"{len(regions)} hyperdense region(s) of at least "
@@ -166,7 +310,21 @@ class HyperdenseThresholdPipeline:
                 if count > len(regions)
                 else ""
             ),
+            calcification_note(calcification),
             "parameters: " + ", ".join(f"{k}={v}" for k, v in self.parameters.to_dict().items()),
         ]
         key_frame = total.key_frame if total else len(series.frames) // 2
-        return PipelineResult(self.algorithm, [segment], key_frame, notes)
+        segments = [segment, calcification] if calcification.regions else [segment]
+        return PipelineResult(self.algorithm, segments, key_frame, notes)
+
+
+def calcification_note(calcification: SegmentResult) -> str:
+    """What the outputs say about calcified foci: found apart from blood, never scored."""
+    n = len(calcification.regions)
+    if n == 0 or calcification.total is None:
+        return "no calcification found"
+    return (
+        f"{n} calcified focus/foci ({calcification.total.volume_ml:.2f} mL, dense core "
+        "above the calcification threshold: choroid plexus, pineal, basal ganglia, falx or "
+        "vessel wall type) reported as calcification, not as haemorrhage, and never scored"
+    )
