@@ -1,8 +1,18 @@
 """Skull stripping of head CT: the intracranial soft tissue (brain and CSF) as a mask.
 
-A classical recipe that needs no training: threshold the skull together with its
-partial-volume rim, fill the region it encloses slice by slice, keep soft-tissue HU inside
-it, erode a few mm away from the rim and keep the largest 3-D connected component.
+Two classical recipes that need no training:
+
+- ``brain_mask`` (the original one, still used to place painted lesions and by the U-Net
+  pipeline): threshold the skull together with every >= ``RIM_HU`` voxel connected to it,
+  fill the region it encloses slice by slice, keep soft-tissue HU inside it, erode a few
+  mm away from the rim and keep the largest 3-D connected component. It loses blood that
+  touches bone: an 85 HU haematoma on the skull base joins the "rim" and is erased.
+- ``intracranial_mask`` (the threshold baseline's since issue 8): the skull is bone in
+  bodies of at least ``SKULL_MIN_ML`` (a calcification is not skull) plus its
+  partial-volume band traced through voxels above blood (``RIM_PATH_HU``) and a faint rim
+  bounded to ``RIM_MAX_MM``, never stepping up from the cranial floor; the cavity it
+  encloses is kept whole (``Intracranial.cavity``) beside the eroded core where a
+  hyperdense region must begin, so a region regrows to the bone it touches.
 """
 
 from __future__ import annotations
@@ -161,9 +171,7 @@ def skull_bone(hu: NDArray[np.floating], spacing: tuple[float, float, float]) ->
     return np.asarray((sizes >= SKULL_MIN_ML)[labels])
 
 
-def bounded_rim(
-    band: NDArray[np.bool_], hu: NDArray[np.floating], steps: int
-) -> NDArray[np.bool_]:
+def bounded_rim(band: NDArray[np.bool_], hu: NDArray[np.floating], steps: int) -> NDArray[np.bool_]:
     """``band`` plus the ``RIM_HU`` voxels reached from it in ``steps`` steps, each one
     in-plane or down from the frame above (axis 0 ascends along the slice normal, toward
     the vertex on an axial series).
@@ -199,9 +207,7 @@ def intracranial_mask(
     """
     step = max(1, int(WORKING_PIXEL_MM / min(spacing[1], spacing[2]) + 1e-6))
     coarse_spacing = (spacing[0], spacing[1] * step, spacing[2] * step)
-    brain, core, skull_mask, cavity = _coarse_intracranial(
-        hu[:, ::step, ::step], coarse_spacing
-    )
+    brain, core, skull_mask, cavity = _coarse_intracranial(hu[:, ::step, ::step], coarse_spacing)
 
     def full(mask: NDArray[np.bool_]) -> NDArray[np.bool_]:
         up = np.repeat(np.repeat(mask, step, axis=1), step, axis=2)

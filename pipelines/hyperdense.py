@@ -1,9 +1,13 @@
 """Hyperdense regions of head CT by fixed HU thresholds: the baseline pipeline.
 
 Acute blood (50-90 HU) and iodinated contrast staining (up to a few hundred HU) are
-brighter than brain (grey matter ~40 HU, white matter ~30 HU). The pipeline strips the
-skull, denoises in-plane, keeps brain voxels within an HU window, drops small connected
-regions and measures the rest. Nothing is trained: every parameter is a fixed threshold.
+brighter than brain (grey matter ~40 HU, white matter ~30 HU). The pipeline finds the
+cranial cavity (``pipelines.brain.intracranial_mask``), denoises in-plane, keeps voxels
+within an HU window in regions that begin in the brain's core and regrow to the bone they
+touch, tells calcification (small cores above ``calcification_hu``) apart as its own
+segment, drops small connected regions and measures the rest. ``segment`` returns the
+haemorrhage-class regions only, so a risk model that takes its lesion from it never
+scores a calcification. Nothing is trained: every parameter is a fixed threshold.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from pipelines.measure import measure_segment, structure
 from pipelines.series import LoadedSeries
 
 MODEL_NAME = "hyperdense_threshold"
-MODEL_VERSION = "1.0.0"
+MODEL_VERSION = "1.1.0"
 
 HYPERDENSE_SEGMENT = SegmentClass(
     label="Hyperdense region",
@@ -68,7 +72,9 @@ class HyperdenseParameters:
     which never reaches the core, is not taken. Dense foci whose 3-D connected core of
     at least ``calcification_hu`` is at most ``calcification_core_max_ml`` are
     calcification, with their partial-volume halo of ``calcification_halo_mm``; a larger
-    dense core (contrast staining, 90-160 HU over mL) stays hyperdense.
+    dense core (contrast staining, 90-160 HU over mL) stays hyperdense. A region with
+    less than ``band_core_fraction`` of its volume in the brain's core that never reaches
+    ``band_depth_mm`` from the skull is the skull's partial-volume band, not blood.
     """
 
     low_hu: float = 55.0
@@ -80,6 +86,8 @@ class HyperdenseParameters:
     calcification_hu: float = 120.0
     calcification_core_max_ml: float = 1.0
     calcification_halo_mm: float = 2.0
+    band_core_fraction: float = 0.25
+    band_depth_mm: float = 7.0
 
     def __post_init__(self) -> None:
         """Refuse parameters the pipeline cannot use."""
@@ -95,7 +103,13 @@ class HyperdenseParameters:
             raise ValueError(
                 f"calcification_hu {self.calcification_hu} must be above low_hu {self.low_hu}"
             )
-        for name in ("regrow_mm", "calcification_core_max_ml", "calcification_halo_mm"):
+        for name in (
+            "regrow_mm",
+            "calcification_core_max_ml",
+            "calcification_halo_mm",
+            "band_core_fraction",
+            "band_depth_mm",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative: {getattr(self, name)}")
 
@@ -134,9 +148,7 @@ def _steps(distance_mm: float, pixel_mm: float) -> int:
     return int(np.ceil(distance_mm / pixel_mm - 1e-6))
 
 
-def _grow(
-    seeds: NDArray[np.bool_], within: NDArray[np.bool_], steps: int
-) -> NDArray[np.bool_]:
+def _grow(seeds: NDArray[np.bool_], within: NDArray[np.bool_], steps: int) -> NDArray[np.bool_]:
     """``seeds`` grown ``steps`` face-neighbour steps through ``within`` (3-D)."""
     if steps < 1 or not seeds.any():
         return seeds.copy()
@@ -152,13 +164,16 @@ def classify_hyperdense(
     spacing: tuple[float, float, float],
     p: HyperdenseParameters,
 ) -> tuple[NDArray[np.bool_], NDArray[np.bool_]]:
-    """Haemorrhage-class hyperdense voxels and calcification voxels of a frame stack.
+    """Haemorrhage-class hyperdense voxels and calcification voxels of an HU volume
+    (axis 0 along the slice normal, ``spacing`` in mm).
 
-    Hyperdense: intracranial voxels whose in-plane median lies in ``low_hu``-``high_hu``,
-    in regions that begin in the brain's core and regrow ``regrow_mm`` from it. Dense
-    cores (``calcification_hu``, raw HU, so that a calcification of one or two pixels
-    counts) of at most ``calcification_core_max_ml`` that touch the core are calcified,
-    with a ``calcification_halo_mm`` halo through hyperdense voxels; the two never overlap.
+    Hyperdense: voxels whose in-plane median lies in ``low_hu``-``high_hu``, in regions
+    whose part in the brain's core is at least ``min_volume_ml`` and that regrow
+    ``regrow_mm`` from it through the cavity and the skull's faint rim (below
+    ``RIM_PATH_HU``), so blood touching bone is kept whole. Dense brain cores
+    (``calcification_hu``, raw HU, so that a calcification of one or two pixels counts) of
+    at most ``calcification_core_max_ml`` are calcified, with a ``calcification_halo_mm``
+    halo through hyperdense voxels; the two classes never overlap.
     """
     brain = masks.brain
     empty = np.zeros(hu.shape, dtype=bool)
@@ -177,9 +192,7 @@ def classify_hyperdense(
     seed_sizes[0] = 0.0
     seeds = (seed_sizes >= p.min_volume_ml)[seed_labels]
     reclaimable = (sub_cavity | (masks.skull[box] & (hu[box] < RIM_PATH_HU))) & in_range
-    candidates = _grow(seeds, reclaimable, _steps(p.regrow_mm, pixel)) | (
-        window & sub_core
-    )
+    candidates = _grow(seeds, reclaimable, _steps(p.regrow_mm, pixel)) | (window & sub_core)
     dense = sub_brain & (hu[box] >= p.calcification_hu)
     labels, count = ndimage.label(dense, structure=structure(26))
     calcified = np.zeros(dense.shape, dtype=bool)
@@ -195,19 +208,51 @@ def classify_hyperdense(
     return out_hyper, out_calc
 
 
+def drop_skull_band(
+    labels: NDArray[np.int32],
+    count: int,
+    masks: Intracranial,
+    spacing: tuple[float, float, float],
+    p: HyperdenseParameters,
+) -> tuple[NDArray[np.int32], int]:
+    """Labels without the regions that are the skull's partial-volume band (see
+    :class:`HyperdenseParameters`), renumbered 1..n in their order."""
+    margin = [int(np.ceil(p.band_depth_mm / step)) + 1 for step in spacing]
+    kept = []
+    for index, box in enumerate(ndimage.find_objects(labels, max_label=count), start=1):
+        if box is None:
+            continue
+        wide = tuple(
+            slice(max(b.start - m, 0), min(b.stop + m, n))
+            for b, m, n in zip(box, margin, labels.shape, strict=True)
+        )
+        region = labels[wide] == index
+        core_fraction = np.count_nonzero(region & masks.core[wide]) / np.count_nonzero(region)
+        if core_fraction >= p.band_core_fraction:
+            kept.append(index)
+            continue
+        depth = ndimage.distance_transform_edt(~masks.skull[wide], sampling=spacing)
+        if float(depth[region].max()) >= p.band_depth_mm:
+            kept.append(index)
+    lookup = np.zeros(count + 1, dtype=np.int32)
+    lookup[np.asarray(kept, dtype=np.intp)] = np.arange(1, len(kept) + 1, dtype=np.int32)
+    return lookup[labels], len(kept)
+
+
 def label_regions(
     mask: NDArray[np.bool_],
-    frame_voxel_ml: NDArray[np.float64],
+    slice_voxel_ml: NDArray[np.float64],
     min_volume_ml: float,
     connectivity: int,
 ) -> tuple[NDArray[np.int32], int]:
-    """3-D connected regions of a frame-stack mask of at least ``min_volume_ml``, each
-    voxel counting its frame's volume; labels 1..n largest first (0 background)."""
+    """3-D connected regions of a mask of at least ``min_volume_ml``, each voxel counting
+    its slice's voxel volume (``slice_voxel_ml`` along axis 0); labels 1..n largest first
+    (0 background)."""
     out = np.zeros(mask.shape, dtype=np.int32)
     if not mask.any():
         return out, 0
     labels, count = ndimage.label(mask, structure=structure(connectivity))
-    weights = np.broadcast_to(frame_voxel_ml[:, None, None], mask.shape)
+    weights = np.broadcast_to(slice_voxel_ml[:, None, None], mask.shape)
     sizes = np.bincount(labels.ravel(), weights=weights.ravel(), minlength=count + 1)[1:]
     kept = np.nonzero(sizes >= min_volume_ml)[0]
     kept = kept[np.argsort(-sizes[kept], kind="stable")]
@@ -281,6 +326,7 @@ class HyperdenseThresholdPipeline:
         labels, count = label_regions(
             hyperdense, voxel_ml, self.parameters.min_volume_ml, self.parameters.connectivity
         )
+        labels, count = drop_skull_band(labels, count, masks, volume.spacing, self.parameters)
         calc_labels, calc_count = label_regions(calcified, voxel_ml, 0.0, 26)
         classes = SegmentedClasses(labels, count, calc_labels, calc_count)
         self._cache = (series, classes)

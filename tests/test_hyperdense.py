@@ -60,7 +60,7 @@ def pipeline() -> HyperdenseThresholdPipeline:
 
 
 def test_defaults_are_the_stored_parameters(pipeline: HyperdenseThresholdPipeline) -> None:
-    stored = load_parameters("hyperdense_threshold", "1.0.0")
+    stored = load_parameters("hyperdense_threshold", "1.1.0")
     assert HyperdenseParameters.from_mapping(stored) == HyperdenseParameters()
     assert pipeline.parameters == HyperdenseParameters()
     checked: Pipeline = pipeline

@@ -128,9 +128,7 @@ def test_haematoma_beside_calcified_choroid_plexus_is_the_scored_region(
         irregular=False,
     )  # fmt: skip
     beside = (plexus[0] + 16.0, plexus[1], plexus[2])  # lateral to the atrium, touching it
-    haematoma = insert_lesion(
-        datasets, center_mm=site_mm(beside), radius_mm=12.0, hu=70.0, seed=5
-    )
+    haematoma = insert_lesion(datasets, center_mm=site_mm(beside), radius_mm=12.0, hu=70.0, seed=5)
     series = load_datasets(datasets)
     lesion = find_lesion(series, pipeline)
     scored = lesion.frame_mask
@@ -140,7 +138,9 @@ def test_haematoma_beside_calcified_choroid_plexus_is_the_scored_region(
     assert not (scored & calc_truth).any()
     result = pipeline.run(series)
     calcified = segment_of(result, CALCIFICATION_SEGMENT.label)
-    assert calcified is not None and np.count_nonzero(calcified & calc_truth) >= 0.8 * calc_truth.sum()
+    assert (
+        calcified is not None and np.count_nonzero(calcified & calc_truth) >= 0.8 * calc_truth.sum()
+    )
 
 
 def test_segment_and_run_agree(pipeline: HyperdenseThresholdPipeline) -> None:
@@ -150,7 +150,9 @@ def test_segment_and_run_agree(pipeline: HyperdenseThresholdPipeline) -> None:
     labels, count = pipeline.segment(series)
     assert count == 1
     result = pipeline.run(series, (labels, count))
-    np.testing.assert_array_equal(result.segments[0].frame_mask, grid_to_frames(series, labels == 1))
+    np.testing.assert_array_equal(
+        result.segments[0].frame_mask, grid_to_frames(series, labels == 1)
+    )
 
 
 def test_new_parameters_are_checked() -> None:
