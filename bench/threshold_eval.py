@@ -233,6 +233,26 @@ def evaluate_calcifications() -> list[dict[str, object]]:
     return rows
 
 
+def evaluate_contrast() -> list[dict[str, object]]:
+    """Contrast staining (130-160 HU, 0.7-3 mL) must stay hyperdense, not calcification."""
+    rows = []
+    for k, (hu, volume) in enumerate(((130.0, 0.7), (145.0, 1.5), (160.0, 3.0), (160.0, 0.7))):
+        datasets = synthetic_head_ct(SEED_BASE + 70 + k, rows=ROWS)
+        stain = insert_lesion(datasets, center_mm=None, radius_mm=radius_for_volume(volume),
+                              hu=hu, seed=SEED_BASE + 70 + k)  # fmt: skip
+        series = load_datasets(datasets)
+        truth = frame_truth(series, datasets, stain.masks)
+        hyper, calc, _ = timed(after, series)
+        row: dict[str, object] = {
+            "hu": hu, "volume_ml": round(stain.volume_ml, 2),
+            "dice_hyperdense": round(lesion_dice(hyper, truth), 3),
+            "labelled_calcification": round(float((calc & truth).sum() / truth.sum()), 3),
+        }  # fmt: skip
+        emit(row)
+        rows.append(row)
+    return rows
+
+
 def summary(cases: Sequence[LesionCase]) -> dict[str, object]:
     """Pooled Dice and misses per method, overall and per head."""
     out: dict[str, object] = {}
@@ -262,11 +282,13 @@ def main() -> None:
     args = parser.parse_args()
     normals = evaluate_normals(args.quick)
     calcifications = evaluate_calcifications()
+    contrast = evaluate_contrast()
     cases = evaluate_lesions(args.quick)
     report = {
         "summary": summary(cases),
         "normals": normals,
         "calcifications": calcifications,
+        "contrast": contrast,
         "lesions": [asdict(c) for c in cases],
     }
     args.out.write_text(json.dumps(report, indent=2), encoding="utf-8")

@@ -72,7 +72,10 @@ class HyperdenseParameters:
     which never reaches the core, is not taken. Dense foci whose 3-D connected core of
     at least ``calcification_hu`` is at most ``calcification_core_max_ml`` are
     calcification, with their partial-volume halo of ``calcification_halo_mm``; a larger
-    dense core (contrast staining, 90-160 HU over mL) stays hyperdense. A region with
+    dense core stays hyperdense. The core is taken on the 3x3-pixel in-plane mean (the
+    HUmax window), and 180 HU is above contrast staining (90-160 HU, whose 3x3 mean stays
+    under ~170 HU with scanner noise) and blood, while a calcified choroid plexus or pineal
+    (200-1000 HU) clears it even at 5 mm partial volume. A region with
     less than ``band_core_fraction`` of its volume in the brain's core that never reaches
     ``band_depth_mm`` from the skull is the skull's partial-volume band, not blood.
     """
@@ -83,7 +86,7 @@ class HyperdenseParameters:
     min_volume_ml: float = 0.1
     connectivity: int = 26
     regrow_mm: float = 4.0
-    calcification_hu: float = 120.0
+    calcification_hu: float = 180.0
     calcification_core_max_ml: float = 1.0
     calcification_halo_mm: float = 2.0
     band_core_fraction: float = 0.25
@@ -170,10 +173,10 @@ def classify_hyperdense(
     Hyperdense: voxels whose in-plane median lies in ``low_hu``-``high_hu``, in regions
     whose part in the brain's core is at least ``min_volume_ml`` and that regrow
     ``regrow_mm`` from it through the cavity and the skull's faint rim (below
-    ``RIM_PATH_HU``), so blood touching bone is kept whole. Dense brain cores
-    (``calcification_hu``, raw HU, so that a calcification of one or two pixels counts) of
-    at most ``calcification_core_max_ml`` are calcified, with a ``calcification_halo_mm``
-    halo through hyperdense voxels; the two classes never overlap.
+    ``RIM_PATH_HU``), so blood touching bone is kept whole. Dense brain cores (3x3
+    in-plane mean of at least ``calcification_hu``) of at most
+    ``calcification_core_max_ml`` are calcified, with a ``calcification_halo_mm`` halo
+    through hyperdense voxels; the two classes never overlap.
     """
     brain = masks.brain
     empty = np.zeros(hu.shape, dtype=bool)
@@ -193,7 +196,8 @@ def classify_hyperdense(
     seeds = (seed_sizes >= p.min_volume_ml)[seed_labels]
     reclaimable = (sub_cavity | (masks.skull[box] & (hu[box] < RIM_PATH_HU))) & in_range
     candidates = _grow(seeds, reclaimable, _steps(p.regrow_mm, pixel)) | (window & sub_core)
-    dense = sub_brain & (hu[box] >= p.calcification_hu)
+    local_mean = ndimage.uniform_filter(hu[box].astype(np.float32), size=(1, 3, 3))
+    dense = sub_brain & (local_mean >= p.calcification_hu)
     labels, count = ndimage.label(dense, structure=structure(26))
     calcified = np.zeros(dense.shape, dtype=bool)
     if count:

@@ -139,7 +139,11 @@ def test_ge_head_ct_comes_back_as_seg_sc_sr(
     uids = [str(ds.SOPInstanceUID) for ds in sources]
     found = seg.get_pixels_by_source_instance(source_sop_instance_uids=uids, segment_numbers=[1])
     mask = found[..., 0].astype(bool)
-    assert seg.NumberOfFrames == len(sources)
+    # one frame per source and segment: the lesion class, and the calcified choroid plexus
+    # of this head labelled apart (issue 8)
+    labels = [str(item.SegmentLabel) for item in seg.SegmentSequence]
+    assert labels == ["Hyperdense region", "Calcification"]
+    assert seg.NumberOfFrames == len(sources) * len(labels)
     positions = {
         f.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID: np.asarray(
             f.PlanePositionSequence[0].ImagePositionPatient, dtype=float

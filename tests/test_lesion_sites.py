@@ -189,3 +189,17 @@ def test_real_head_calcifications_are_not_haemorrhage(
     assert max(r.hu_max for r in calcified[0].regions) > 200.0  # the dense plexus foci
     hyperdense = result.segments[0]
     assert all(r.hu_max < 200.0 for r in hyperdense.regions)
+
+
+@pytest.mark.parametrize(("hu", "volume"), [(130.0, 0.7), (160.0, 1.5)])
+def test_contrast_stain_stays_hyperdense(
+    pipeline: HyperdenseThresholdPipeline, hu: float, volume: float
+) -> None:
+    datasets = small_head(10)
+    radius = (3.0 * volume * 1000.0 / (4.0 * np.pi)) ** (1.0 / 3.0)
+    stain = insert_lesion(datasets, center_mm=None, radius_mm=radius, hu=hu, seed=12)
+    series = load_datasets(datasets)
+    result = pipeline.run(series)
+    truth = frame_truth(series, datasets, stain.masks)
+    assert dice(result.segments[0].frame_mask, truth) >= 0.8
+    assert segment_of(result, CALCIFICATION_SEGMENT.label) is None
