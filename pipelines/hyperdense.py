@@ -55,6 +55,15 @@ CALCIFICATION_SEGMENT = SegmentClass(
 plexus, pineal, basal ganglia, falx and vessel-wall calcification. Reported, never scored."""
 
 
+CALCIFICATION_WINDOW_MM = 1.5
+"""Side of the in-plane window whose mean HU defines a calcified core: 3x3 pixels of a
+0.5 mm image (the HUmax window), one pixel of a coarse one, so that scanner noise on a
+contrast stain does not reach ``calcification_hu`` while a 2 mm calcification does."""
+
+CALCIFICATION_MIN_VOXELS = 2
+"""A calcified core has at least this many voxels: a single voxel is noise."""
+
+
 @dataclass(frozen=True)
 class HyperdenseParameters:
     """The pipeline's fixed thresholds.
@@ -72,11 +81,11 @@ class HyperdenseParameters:
     which never reaches the core, is not taken. Dense foci whose 3-D connected core of
     at least ``calcification_hu`` is at most ``calcification_core_max_ml`` are
     calcification, with their partial-volume halo of ``calcification_halo_mm``; a larger
-    dense core stays hyperdense. The core is taken on the 3x3-pixel in-plane mean (the
-    HUmax window), and 180 HU is above contrast staining (90-160 HU, whose 3x3 mean stays
-    under ~170 HU with scanner noise) and blood, while a calcified choroid plexus or pineal
-    (200-1000 HU) clears it even at 5 mm partial volume. A region with
-    less than ``band_core_fraction`` of its volume in the brain's core that never reaches
+    dense core stays hyperdense. The core is taken on the in-plane mean over
+    ``CALCIFICATION_WINDOW_MM`` (3x3 pixels at 0.5 mm, the HUmax window); 180 HU is above
+    contrast staining (90-160 HU, whose windowed mean stays under ~170 HU with scanner
+    noise) and blood, while a calcified choroid plexus or pineal (200-1000 HU) clears it
+    even at 5 mm partial volume. A region with less than ``band_core_fraction`` of its volume in the brain's core that never reaches
     ``band_depth_mm`` from the skull is the skull's partial-volume band, not blood.
     """
 
@@ -173,8 +182,8 @@ def classify_hyperdense(
     Hyperdense: voxels whose in-plane median lies in ``low_hu``-``high_hu``, in regions
     whose part in the brain's core is at least ``min_volume_ml`` and that regrow
     ``regrow_mm`` from it through the cavity and the skull's faint rim (below
-    ``RIM_PATH_HU``), so blood touching bone is kept whole. Dense brain cores (3x3
-    in-plane mean of at least ``calcification_hu``) of at most
+    ``RIM_PATH_HU``), so blood touching bone is kept whole. Dense brain cores (in-plane
+    mean over ``CALCIFICATION_WINDOW_MM`` of at least ``calcification_hu``) of at most
     ``calcification_core_max_ml`` are calcified, with a ``calcification_halo_mm`` halo
     through hyperdense voxels; the two classes never overlap.
     """
@@ -196,13 +205,16 @@ def classify_hyperdense(
     seeds = (seed_sizes >= p.min_volume_ml)[seed_labels]
     reclaimable = (sub_cavity | (masks.skull[box] & (hu[box] < RIM_PATH_HU))) & in_range
     candidates = _grow(seeds, reclaimable, _steps(p.regrow_mm, pixel)) | (window & sub_core)
-    local_mean = ndimage.uniform_filter(hu[box].astype(np.float32), size=(1, 3, 3))
+    side = max(1, 2 * round((CALCIFICATION_WINDOW_MM / pixel - 1) / 2) + 1)
+    local_mean = ndimage.uniform_filter(hu[box].astype(np.float32), size=(1, side, side))
     dense = sub_brain & (local_mean >= p.calcification_hu)
     labels, count = ndimage.label(dense, structure=structure(26))
     calcified = np.zeros(dense.shape, dtype=bool)
     if count:
-        sizes = np.bincount(labels.ravel(), minlength=count + 1) * voxel_ml
-        accepted = sizes <= p.calcification_core_max_ml
+        voxels = np.bincount(labels.ravel(), minlength=count + 1)
+        accepted = (voxels * voxel_ml <= p.calcification_core_max_ml) & (
+            voxels >= CALCIFICATION_MIN_VOXELS
+        )
         accepted[0] = False
         cores = accepted[labels]
         calcified = _grow(cores, cores | window, _steps(p.calcification_halo_mm, pixel))
