@@ -85,8 +85,9 @@ class HyperdenseParameters:
     ``CALCIFICATION_WINDOW_MM`` (3x3 pixels at 0.5 mm, the HUmax window); 180 HU is above
     contrast staining (90-160 HU, whose windowed mean stays under ~170 HU with scanner
     noise) and blood, while a calcified choroid plexus or pineal (200-1000 HU) clears it
-    even at 5 mm partial volume. A region with less than ``band_core_fraction`` of its volume in the brain's core that never reaches
-    ``band_depth_mm`` from the skull is the skull's partial-volume band, not blood.
+    even at 5 mm partial volume. A region with less than ``band_core_fraction`` of its
+    volume in the brain's core that never reaches ``band_depth_mm`` from the skull is the
+    skull's partial-volume band, not blood.
     """
 
     low_hu: float = 55.0
