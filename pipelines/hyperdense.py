@@ -1,9 +1,13 @@
 """Hyperdense regions of head CT by fixed HU thresholds: the baseline pipeline.
 
 Acute blood (50-90 HU) and iodinated contrast staining (up to a few hundred HU) are
-brighter than brain (grey matter ~40 HU, white matter ~30 HU). The pipeline strips the
-skull, denoises in-plane, keeps brain voxels within an HU window, drops small connected
-regions and measures the rest. Nothing is trained: every parameter is a fixed threshold.
+brighter than brain (grey matter ~40 HU, white matter ~30 HU). The pipeline finds the
+cranial cavity (``pipelines.brain.intracranial_mask``), denoises in-plane, keeps voxels
+within an HU window in regions that begin in the brain's core and regrow to the bone they
+touch, tells calcification (small cores above ``calcification_hu``) apart as its own
+segment, drops small connected regions and measures the rest. ``segment`` returns the
+haemorrhage-class regions only, so a risk model that takes its lesion from it never
+scores a calcification. Nothing is trained: every parameter is a fixed threshold.
 """
 
 from __future__ import annotations
@@ -27,15 +31,16 @@ from pipelines.base import (
     PipelineResult,
     PipelineUnavailable,
     SegmentClass,
+    SegmentResult,
 )
-from pipelines.brain import brain_mask
+from pipelines.brain import RIM_PATH_HU, Intracranial, intracranial_mask
 from pipelines.contract import OutputProfile, Writer
-from pipelines.measure import connected_regions, measure_segment
+from pipelines.measure import measure_segment, structure
 from pipelines.series import LoadedSeries
 from pipelines.settings import PipelinesSettings
 
 MODEL_NAME = "hyperdense_threshold"
-MODEL_VERSION = "1.0.0"
+MODEL_VERSION = "1.1.0"
 
 HYPERDENSE_SEGMENT = SegmentClass(
     label="Hyperdense region",
@@ -52,6 +57,22 @@ HYPERDENSE_PROFILE = OutputProfile(
     writers=frozenset({Writer.SEG, Writer.SC, Writer.SR}),
 )
 """Outputs of the hyperdense-region segmenters (threshold baseline and U-Net)."""
+CALCIFICATION_SEGMENT = SegmentClass(
+    label="Calcification",
+    category=CodedConcept.from_code(codes.SCT.MorphologicallyAbnormalStructure),
+    property_type=CodedConcept.from_code(codes.SCT.PathologicCalcification),
+)
+"""Dense foci told apart from blood (SNOMED CT 18115005, calcified structure): choroid
+plexus, pineal, basal ganglia, falx and vessel-wall calcification. Reported, never scored."""
+
+
+CALCIFICATION_WINDOW_MM = 1.5
+"""Side of the in-plane window whose mean HU defines a calcified core: 3x3 pixels of a
+0.5 mm image (the HUmax window), one pixel of a coarse one, so that scanner noise on a
+contrast stain does not reach ``calcification_hu`` while a 2 mm calcification does."""
+
+CALCIFICATION_MIN_VOXELS = 2
+"""A calcified core has at least this many voxels: a single voxel is noise."""
 
 
 @dataclass(frozen=True)
@@ -63,7 +84,21 @@ class HyperdenseParameters:
     ``median_size_px`` is the side of the in-plane median filter. Regions are 3-D
     connected with ``connectivity`` 6, 18 or 26 (26: diagonal neighbours join, so a
     lesion cut obliquely by thick slices stays one region) and kept from
-    ``min_volume_ml`` up (0.1 mL drops noise specks and the smallest calcifications).
+    ``min_volume_ml`` up (0.1 mL drops noise specks).
+
+    A region must begin in the brain's core (``RIM_EROSION_MM`` from the skull's rim) and
+    grows back from there through hyperdense voxels for ``regrow_mm``, so a haematoma
+    touching bone keeps the part beside the bone while the skull's partial-volume band,
+    which never reaches the core, is not taken. Dense foci whose 3-D connected core of
+    at least ``calcification_hu`` is at most ``calcification_core_max_ml`` are
+    calcification, with their partial-volume halo of ``calcification_halo_mm``; a larger
+    dense core stays hyperdense. The core is taken on the in-plane mean over
+    ``CALCIFICATION_WINDOW_MM`` (3x3 pixels at 0.5 mm, the HUmax window); 180 HU is above
+    contrast staining (90-160 HU, whose windowed mean stays under ~170 HU with scanner
+    noise) and blood, while a calcified choroid plexus or pineal (200-1000 HU) clears it
+    even at 5 mm partial volume. A region with less than ``band_core_fraction`` of its
+    volume in the brain's core that never reaches ``band_depth_mm`` from the skull is the
+    skull's partial-volume band, not blood.
     """
 
     low_hu: float = 55.0
@@ -71,6 +106,12 @@ class HyperdenseParameters:
     median_size_px: int = 3
     min_volume_ml: float = 0.1
     connectivity: int = 26
+    regrow_mm: float = 4.0
+    calcification_hu: float = 180.0
+    calcification_core_max_ml: float = 1.0
+    calcification_halo_mm: float = 2.0
+    band_core_fraction: float = 0.25
+    band_depth_mm: float = 7.0
 
     def __post_init__(self) -> None:
         """Refuse parameters the pipeline cannot use."""
@@ -82,6 +123,19 @@ class HyperdenseParameters:
             raise ValueError(f"min_volume_ml must not be negative: {self.min_volume_ml}")
         if self.connectivity not in (6, 18, 26):
             raise ValueError(f"connectivity must be 6, 18 or 26: {self.connectivity}")
+        if not self.low_hu < self.calcification_hu:
+            raise ValueError(
+                f"calcification_hu {self.calcification_hu} must be above low_hu {self.low_hu}"
+            )
+        for name in (
+            "regrow_mm",
+            "calcification_core_max_ml",
+            "calcification_halo_mm",
+            "band_core_fraction",
+            "band_depth_mm",
+        ):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative: {getattr(self, name)}")
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> HyperdenseParameters:
@@ -102,6 +156,140 @@ class HyperdenseParameters:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class SegmentedClasses:
+    """Labelled regions on the grid: hyperdense (haemorrhage class) and calcification,
+    each 0 for background and 1..count largest first."""
+
+    hyperdense: NDArray[np.int32]
+    hyperdense_count: int
+    calcification: NDArray[np.int32]
+    calcification_count: int
+
+
+def _steps(distance_mm: float, pixel_mm: float) -> int:
+    """Whole pixel steps covering ``distance_mm``."""
+    return int(np.ceil(distance_mm / pixel_mm - 1e-6))
+
+
+def _grow(seeds: NDArray[np.bool_], within: NDArray[np.bool_], steps: int) -> NDArray[np.bool_]:
+    """``seeds`` grown ``steps`` face-neighbour steps through ``within`` (3-D)."""
+    if steps < 1 or not seeds.any():
+        return seeds.copy()
+    grown = ndimage.binary_dilation(
+        seeds, structure=ndimage.generate_binary_structure(3, 1), iterations=steps, mask=within
+    )
+    return np.asarray(grown | seeds)
+
+
+def classify_hyperdense(
+    hu: NDArray[np.floating],
+    masks: Intracranial,
+    spacing: tuple[float, float, float],
+    p: HyperdenseParameters,
+) -> tuple[NDArray[np.bool_], NDArray[np.bool_]]:
+    """Haemorrhage-class hyperdense voxels and calcification voxels of an HU volume
+    (axis 0 along the slice normal, ``spacing`` in mm).
+
+    Hyperdense: voxels whose in-plane median lies in ``low_hu``-``high_hu``, in regions
+    whose part in the brain's core is at least ``min_volume_ml`` and that regrow
+    ``regrow_mm`` from it through the cavity and the skull's faint rim (below
+    ``RIM_PATH_HU``), so blood touching bone is kept whole. Dense brain cores (in-plane
+    mean over ``CALCIFICATION_WINDOW_MM`` of at least ``calcification_hu``) of at most
+    ``calcification_core_max_ml`` are calcified, with a ``calcification_halo_mm`` halo
+    through hyperdense voxels; the two classes never overlap.
+    """
+    brain = masks.brain
+    empty = np.zeros(hu.shape, dtype=bool)
+    if not brain.any():
+        return empty, empty
+    box = ndimage.find_objects((brain | masks.cavity).astype(np.uint8))[0]
+    sub_brain, sub_core, sub_cavity = brain[box], masks.core[box], masks.cavity[box]
+    size = (1, p.median_size_px, p.median_size_px)
+    denoised = ndimage.median_filter(hu[box], size=size)
+    in_range = (denoised >= p.low_hu) & (denoised <= p.high_hu)
+    window = sub_brain & in_range
+    pixel = min(spacing[1], spacing[2])
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    seed_labels, seed_count = ndimage.label(window & sub_core, structure=structure(26))
+    seed_sizes = np.bincount(seed_labels.ravel(), minlength=seed_count + 1) * voxel_ml
+    seed_sizes[0] = 0.0
+    seeds = (seed_sizes >= p.min_volume_ml)[seed_labels]
+    reclaimable = (sub_cavity | (masks.skull[box] & (hu[box] < RIM_PATH_HU))) & in_range
+    candidates = _grow(seeds, reclaimable, _steps(p.regrow_mm, pixel)) | (window & sub_core)
+    side = max(1, 2 * round((CALCIFICATION_WINDOW_MM / pixel - 1) / 2) + 1)
+    local_mean = ndimage.uniform_filter(hu[box].astype(np.float32), size=(1, side, side))
+    dense = sub_brain & (local_mean >= p.calcification_hu)
+    labels, count = ndimage.label(dense, structure=structure(26))
+    calcified = np.zeros(dense.shape, dtype=bool)
+    if count:
+        voxels = np.bincount(labels.ravel(), minlength=count + 1)
+        accepted = (voxels * voxel_ml <= p.calcification_core_max_ml) & (
+            voxels >= CALCIFICATION_MIN_VOXELS
+        )
+        accepted[0] = False
+        cores = accepted[labels]
+        calcified = _grow(cores, cores | window, _steps(p.calcification_halo_mm, pixel))
+    out_hyper, out_calc = empty.copy(), empty.copy()
+    out_hyper[box] = candidates & ~calcified
+    out_calc[box] = calcified
+    return out_hyper, out_calc
+
+
+def drop_skull_band(
+    labels: NDArray[np.int32],
+    count: int,
+    masks: Intracranial,
+    spacing: tuple[float, float, float],
+    p: HyperdenseParameters,
+) -> tuple[NDArray[np.int32], int]:
+    """Labels without the regions that are the skull's partial-volume band (see
+    :class:`HyperdenseParameters`), renumbered 1..n in their order."""
+    margin = [int(np.ceil(p.band_depth_mm / step)) + 1 for step in spacing]
+    kept = []
+    for index, box in enumerate(ndimage.find_objects(labels, max_label=count), start=1):
+        if box is None:
+            continue
+        wide = tuple(
+            slice(max(b.start - m, 0), min(b.stop + m, n))
+            for b, m, n in zip(box, margin, labels.shape, strict=True)
+        )
+        region = labels[wide] == index
+        core_fraction = np.count_nonzero(region & masks.core[wide]) / np.count_nonzero(region)
+        if core_fraction >= p.band_core_fraction:
+            kept.append(index)
+            continue
+        depth = ndimage.distance_transform_edt(~masks.skull[wide], sampling=spacing)
+        if float(depth[region].max()) >= p.band_depth_mm:
+            kept.append(index)
+    lookup = np.zeros(count + 1, dtype=np.int32)
+    lookup[np.asarray(kept, dtype=np.intp)] = np.arange(1, len(kept) + 1, dtype=np.int32)
+    return lookup[labels], len(kept)
+
+
+def label_regions(
+    mask: NDArray[np.bool_],
+    slice_voxel_ml: NDArray[np.float64],
+    min_volume_ml: float,
+    connectivity: int,
+) -> tuple[NDArray[np.int32], int]:
+    """3-D connected regions of a mask of at least ``min_volume_ml``, each voxel counting
+    its slice's voxel volume (``slice_voxel_ml`` along axis 0); labels 1..n largest first
+    (0 background)."""
+    out = np.zeros(mask.shape, dtype=np.int32)
+    if not mask.any():
+        return out, 0
+    labels, count = ndimage.label(mask, structure=structure(connectivity))
+    weights = np.broadcast_to(slice_voxel_ml[:, None, None], mask.shape)
+    sizes = np.bincount(labels.ravel(), weights=weights.ravel(), minlength=count + 1)[1:]
+    kept = np.nonzero(sizes >= min_volume_ml)[0]
+    kept = kept[np.argsort(-sizes[kept], kind="stable")]
+    lookup = np.zeros(count + 1, dtype=np.int32)
+    lookup[kept + 1] = np.arange(1, len(kept) + 1, dtype=np.int32)
+    out[...] = lookup[labels]
+    return out, len(kept)
+
+
 class HyperdenseThresholdPipeline:
     """Pipeline ``hyperdense_regions``: thresholded hyperdense brain regions, measured."""
 
@@ -117,6 +305,7 @@ class HyperdenseThresholdPipeline:
         (hash-checked)."""
         self._stored = parameters is None
         self.root = root
+        self._cache: tuple[LoadedSeries, SegmentedClasses] | None = None
         self.parameters = parameters or HyperdenseParameters.from_mapping(
             load_parameters(MODEL_NAME, version, root)
         )
@@ -167,20 +356,33 @@ class HyperdenseThresholdPipeline:
             )
 
     def segment(self, series: LoadedSeries) -> tuple[NDArray[np.int32], int]:
-        """Labelled hyperdense regions on ``series.volume``'s grid, largest first."""
-        p = self.parameters
+        """Labelled haemorrhage-class hyperdense regions on ``series.volume``'s grid,
+        largest first; calcifications are not among them (:meth:`segment_classes`)."""
+        classes = self.segment_classes(series)
+        return classes.hyperdense, classes.hyperdense_count
+
+    def segment_classes(self, series: LoadedSeries) -> SegmentedClasses:
+        """Hyperdense and calcification regions on the grid (the last series is cached,
+        so ``segment`` then ``run`` on one series segments it once)."""
+        cached = self._cache
+        if cached is not None and cached[0] is series:
+            return cached[1]
         volume = series.volume
-        brain = brain_mask(volume.hu, volume.spacing)
-        if not brain.any():
+        masks = intracranial_mask(volume.hu, volume.spacing)
+        if not masks.brain.any():
             raise NotHeadCt("no intracranial soft tissue found: not a head CT, or no skull")
-        box = ndimage.find_objects(brain.astype(np.uint8))[0]
-        size = (1, p.median_size_px, p.median_size_px)
-        denoised = ndimage.median_filter(volume.hu[box], size=size)
-        hyperdense = np.zeros(brain.shape, dtype=bool)
-        hyperdense[box] = brain[box] & (denoised >= p.low_hu) & (denoised <= p.high_hu)
-        return connected_regions(
-            hyperdense, volume.voxel_volume_ml, p.min_volume_ml, p.connectivity
+        hyperdense, calcified = classify_hyperdense(
+            volume.hu, masks, volume.spacing, self.parameters
         )
+        voxel_ml = np.full(volume.hu.shape[0], volume.voxel_volume_ml)
+        labels, count = label_regions(
+            hyperdense, voxel_ml, self.parameters.min_volume_ml, self.parameters.connectivity
+        )
+        labels, count = drop_skull_band(labels, count, masks, volume.spacing, self.parameters)
+        calc_labels, calc_count = label_regions(calcified, voxel_ml, 0.0, 26)
+        classes = SegmentedClasses(labels, count, calc_labels, calc_count)
+        self._cache = (series, classes)
+        return classes
 
     def run(
         self, series: LoadedSeries, segmented: tuple[NDArray[np.int32], int] | None = None
@@ -193,6 +395,10 @@ class HyperdenseThresholdPipeline:
         """
         labels, count = segmented if segmented is not None else self.segment(series)
         segment = measure_segment(series, HYPERDENSE_SEGMENT, labels, count)
+        classes = self.segment_classes(series)
+        calcification = measure_segment(
+            series, CALCIFICATION_SEGMENT, classes.calcification, classes.calcification_count
+        )
         regions, total = segment.regions, segment.total
         notes = [
             f"{len(regions)} hyperdense region(s) of at least "
@@ -202,7 +408,21 @@ class HyperdenseThresholdPipeline:
                 if count > len(regions)
                 else ""
             ),
+            calcification_note(calcification),
             "parameters: " + ", ".join(f"{k}={v}" for k, v in self.parameters.to_dict().items()),
         ]
         key_frame = total.key_frame if total else len(series.frames) // 2
-        return PipelineResult(self.algorithm, [segment], key_frame, notes)
+        segments = [segment, calcification] if calcification.regions else [segment]
+        return PipelineResult(self.algorithm, segments, key_frame, notes)
+
+
+def calcification_note(calcification: SegmentResult) -> str:
+    """What the outputs say about calcified foci: found apart from blood, never scored."""
+    n = len(calcification.regions)
+    if n == 0 or calcification.total is None:
+        return "no calcification found"
+    return (
+        f"{n} calcified focus/foci ({calcification.total.volume_ml:.2f} mL, dense core "
+        "above the calcification threshold: choroid plexus, pineal, basal ganglia, falx or "
+        "vessel wall type) reported as calcification, not as haemorrhage, and never scored"
+    )

@@ -31,7 +31,7 @@ from numpy.typing import NDArray
 from pydicom.dataset import Dataset
 from scipy import ndimage
 
-from pipelines.brain import brain_mask
+from pipelines.brain import brain_mask, intracranial_mask
 from pipelines.geometry import represented_thickness
 
 BRAIN_LIKE_HU = (-5.0, 90.0)  # voxels a lesion may replace
@@ -553,3 +553,37 @@ def _painted(
         (float(centre[0]), float(centre[1]), float(centre[2])),
         {**values, **where, "radius_mm": radius},
     )
+
+
+SKULL_BASE_FRACTION = 0.4
+"""Skull-base sites: the lowest fraction of the frames that hold cranial cavity."""
+
+
+def skull_base_centre(
+    datasets: Sequence[Dataset], radius_mm: float, rng: np.random.Generator
+) -> tuple[float, float, float]:
+    """A lesion centre (LPS) at the skull base that a lesion of ``radius_mm`` makes touch
+    bone: a cavity voxel 0.5-0.8 radii from the skull, among the lowest
+    ``SKULL_BASE_FRACTION`` of the cavity's frames, drawn by ``rng``."""
+    planes = [_plane(ds) for ds in datasets]
+    normal = planes[0].normal
+    depths = np.array([float(np.dot(p.origin, normal)) for p in planes])
+    order = np.argsort(depths)
+    gap = float(np.median(np.diff(depths[order]))) if len(planes) > 1 else 1.0
+    spacing = (gap, planes[0].spacing[0], planes[0].spacing[1])
+    hu = np.stack([planes[i].hu for i in order])
+    masks = intracranial_mask(hu, spacing)
+    distance = ndimage.distance_transform_edt(~masks.skull, sampling=spacing)
+    frames = np.nonzero(masks.cavity.any(axis=(1, 2)))[0]
+    if len(frames) == 0:
+        raise ValueError("no cranial cavity found")
+    top = frames[0] + max(1, int(SKULL_BASE_FRACTION * (frames[-1] - frames[0] + 1)))
+    near = masks.core & (distance >= 0.5 * radius_mm) & (distance <= 0.8 * radius_mm)
+    near[top:] = False
+    candidates = np.argwhere(near)
+    if len(candidates) == 0:
+        raise ValueError(f"no skull-base voxel lies {radius_mm:.1f} mm from the skull")
+    k, r, c = candidates[rng.integers(len(candidates))]
+    p = planes[order[k]]
+    centre = p.origin + r * p.spacing[0] * p.col_dir + c * p.spacing[1] * p.row_dir
+    return float(centre[0]), float(centre[1]), float(centre[2])

@@ -216,3 +216,28 @@ def write_series(datasets: Sequence[Dataset], folder: Path) -> list[Path]:
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
+
+
+CALCIFICATION_SITES_MM: dict[str, tuple[float, float, float]] = {
+    "choroid plexus": (9.0, 18.0, 16.0),  # glomus, in the atrium of the lateral ventricle
+    "pineal": (0.0, 19.0, 4.0),  # behind the third ventricle
+    "basal ganglia": (18.0, 2.0, 2.0),  # globus pallidus
+    "falx": (0.0, -40.0, 45.0),  # midline, high frontal
+    "vessel wall": (-26.0, -12.0, -12.0),  # middle cerebral artery, near the skull base
+}
+"""Typical sites of intracranial calcification in the synthetic head, head-centred mm
+(x left, y posterior, z up from ``HEAD_CENTRE_MM``)."""
+
+
+def site_mm(head_centred: tuple[float, float, float]) -> tuple[float, float, float]:
+    """Patient (LPS) position of a head-centred point of the synthetic head."""
+    x, y, z = HEAD_CENTRE_MM + np.asarray(head_centred, dtype=np.float64)
+    return float(x), float(y), float(z)
+
+
+def skull_base_centre_mm(radius_mm: float, lateral_mm: float = 20.0) -> tuple[float, float, float]:
+    """LPS centre of a lesion of ``radius_mm`` in the synthetic head that touches the floor
+    of the cranial cavity (the inner table under the temporal lobe): its lower edge reaches
+    past the CSF layer into the bone, where nothing brain-like is painted."""
+    floor = BRAIN_SEMI_AXES_MM[2] + 1.0  # CSF layer's outer edge, below the brain
+    return site_mm((lateral_mm, 0.0, -(floor - 0.6 * radius_mm)))

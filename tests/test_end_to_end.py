@@ -139,8 +139,12 @@ def test_ge_head_ct_comes_back_as_seg_sc_sr(
     uids = [str(ds.SOPInstanceUID) for ds in sources]
     found = seg.get_pixels_by_source_instance(source_sop_instance_uids=uids, segment_numbers=[1])
     mask = found[..., 0].astype(bool)
-    # One segment per region (segment 1: the largest, the lesion), every frame kept for each.
-    assert seg.NumberOfFrames == len(sources) * len(seg.SegmentSequence)
+    # One segment per region, every frame kept for each: the lesion first, and the
+    # calcified choroid plexus of this head labelled apart (issue 8).
+    labels = [str(item.SegmentLabel) for item in seg.SegmentSequence]
+    assert labels[0] == "Hyperdense region 1"
+    assert any(label.startswith("Calcification") for label in labels)
+    assert seg.NumberOfFrames == len(sources) * len(labels)
     positions = {
         f.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID: np.asarray(
             f.PlanePositionSequence[0].ImagePositionPatient, dtype=float

@@ -60,7 +60,7 @@ def pipeline() -> HyperdenseThresholdPipeline:
 
 
 def test_defaults_are_the_stored_parameters(pipeline: HyperdenseThresholdPipeline) -> None:
-    stored = load_parameters("hyperdense_threshold", "1.0.0")
+    stored = load_parameters("hyperdense_threshold", "1.1.0")
     assert HyperdenseParameters.from_mapping(stored) == HyperdenseParameters()
     assert pipeline.parameters == HyperdenseParameters()
     checked: Pipeline = pipeline
@@ -134,7 +134,9 @@ def test_real_head_ct_without_lesion_has_few_false_positives(
     result = pipeline.run(load_series(sorted(ge_headct_dir.glob("*.dcm"))))
     total = result.segments[0].total
     false_positive_ml = total.volume_ml if total else 0.0
-    assert false_positive_ml < FALSE_POSITIVE_LIMIT_ML  # measured: 1.37 mL in 4 regions
+    # measured: 0.85 mL in 3 regions (before issue 8: 1.09 mL in 4, two of them the
+    # calcified choroid plexus, now a segment of its own)
+    assert false_positive_ml < FALSE_POSITIVE_LIMIT_ML
     for region in result.segments[0].regions:  # each one is on the acquired frames
         assert math.isfinite(region.hu_max) and region.key_area_mm2 > 0
 

@@ -177,9 +177,11 @@ def find_lesion(
     segmenter: Segmenter,
     labels: tuple[NDArray[np.int32], int] | None = None,
 ) -> Lesion:
-    """The largest hyperdense region that an acquired frame crosses.
+    """The largest haemorrhage-class hyperdense region that an acquired frame crosses.
 
-    ``labels`` is ``segmenter.segment(series)`` when the caller has it already. Raises
+    ``labels`` is ``segmenter.segment(series)`` when the caller has it already: the
+    haemorrhage-class regions only, so a calcification (choroid plexus, pineal, ...),
+    which the baseline labels apart, is never the scored lesion. Raises
     ``PipelineError`` when the baseline finds no such region (no HIM: nothing to score).
     """
     grid_labels, count = labels if labels is not None else segmenter.segment(series)
@@ -190,8 +192,9 @@ def find_lesion(
             volume = float(grid_mask.sum()) * series.volume.voxel_volume_ml
             return Lesion(grid_mask, frame_mask, volume, count)
     raise PipelineError(
-        f"no hyperdense lesion found on the acquired frames (segmenter {segmenter.name}): "
-        "the HT-after-thrombectomy model needs a hyperattenuated area to score"
+        "no lesion: no risk computed (no hyperdense lesion found on the acquired frames by "
+        f"segmenter {segmenter.name}; calcifications are not scored): the "
+        "HT-after-thrombectomy model needs a hyperattenuated area to score"
     )
 
 
