@@ -54,6 +54,7 @@ BYTES_REDACTED = "[bytes removed]"
 MIN_VALUE_LENGTH = 3
 WORD_BOUNDARY_BELOW = 6
 MAX_VALUES = 1024
+TRIE_VALUE_LENGTH = 64  # the longest value of a DICOM PN component group, LO or SH
 SALVAGE_LIMIT_BYTES = 1 << 20  # how much of an undecodable deflated dataset to inflate
 
 PERSON_NAME_KEYWORDS: tuple[str, ...] = (
@@ -348,11 +349,28 @@ def _trie_pattern(values: Iterable[str]) -> str:
     return render(root)
 
 
+def _flat_pattern(values: Iterable[str]) -> str:
+    """A regular expression matching any of ``values`` as one flat alternation (no
+    nesting, whatever their length), longest first."""
+    return "|".join(re.escape(v) for v in sorted(values, key=len, reverse=True))
+
+
 def _compile(values: Sequence[str]) -> re.Pattern[str] | None:
-    """One case-insensitive pattern: long values anywhere, short ones as whole words."""
-    long = [v for v in values if len(v) >= WORD_BOUNDARY_BELOW]
+    """One case-insensitive pattern: long values anywhere, short ones as whole words.
+
+    The trie nests one group per branching character, and both its rendering and
+    Python's regular-expression parser recurse once per nested group: a value of a few
+    hundred characters (a corrupted length field makes a PatientName swallow the rest of
+    its dataset) would raise ``RecursionError`` in every later log call. So only values
+    of at most :data:`TRIE_VALUE_LENGTH` characters (every well-formed identifying value)
+    go into the trie; longer ones are matched as a flat alternation.
+    """
+    long = [v for v in values if WORD_BOUNDARY_BELOW <= len(v) <= TRIE_VALUE_LENGTH]
+    oversized = [v for v in values if len(v) > TRIE_VALUE_LENGTH]
     short = [v for v in values if len(v) < WORD_BOUNDARY_BELOW]
     parts = []
+    if oversized:
+        parts.append(_flat_pattern(oversized))
     if long:
         parts.append(_trie_pattern(long))
     if short:
