@@ -19,6 +19,7 @@ import datetime
 import io
 import json
 import logging
+import re
 import sys
 import threading
 import types
@@ -46,6 +47,7 @@ _IDENTIFYING = frozenset(
 _UNSCRUBBED_FIELDS = frozenset({"level", "timestamp", "logger"})
 WARNING_EVENT = "library warning"
 STDERR_EVENT = "stderr output"
+UNFORMATTABLE_EVENT = "log line dropped: it could not be formatted and scrubbed"
 OWN_LOGGERS = ("dicomnode", "pipelines", "model_store", "__main__")
 UNCAUGHT_EVENT = "uncaught exception"
 
@@ -182,14 +184,36 @@ class JsonLineHandler(logging.Handler):
         self._stream = stream
 
     def emit(self, record: logging.LogRecord) -> None:
-        """Format and write one record; formatting errors go to ``handleError``."""
+        """Format and write one record.
+
+        A record that cannot be formatted (so cannot be scrubbed) is replaced by a fixed
+        line naming its logger and the error: it is never written raw, and the failure
+        never reaches the caller (a C-STORE handler, an association's thread). Errors
+        writing to the stream go to ``handleError``.
+        """
         try:
             line = self.format(record)
+        except (ValueError, TypeError, RecursionError, re.error) as exc:
+            line = unformattable_line(record, exc)
+        try:
             stream = _real_stream(self._stream)
             stream.write(line + "\n")
             stream.flush()
-        except (OSError, ValueError, TypeError, RecursionError):
+        except (OSError, ValueError):
             self.handleError(record)
+
+
+def unformattable_line(record: logging.LogRecord, exc: BaseException) -> str:
+    """The JSON line written instead of a record that could not be formatted."""
+    return json.dumps(
+        {
+            "event": UNFORMATTABLE_EVENT,
+            "error": type(exc).__name__,
+            "level": "error",
+            "logger": record.name,
+            "timestamp": datetime.datetime.now(datetime.UTC).isoformat().replace("+00:00", "Z"),
+        }
+    )
 
 
 class LibraryLevelFilter(logging.Filter):

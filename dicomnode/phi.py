@@ -54,6 +54,8 @@ BYTES_REDACTED = "[bytes removed]"
 MIN_VALUE_LENGTH = 3
 WORD_BOUNDARY_BELOW = 6
 MAX_VALUES = 1024
+TRIE_VALUE_LENGTH = 64  # the longest value of a DICOM PN component group, LO or SH
+PENDING_VALUES = 64  # new values matched one by one before the trie is rebuilt
 SALVAGE_LIMIT_BYTES = 1 << 20  # how much of an undecodable deflated dataset to inflate
 
 PERSON_NAME_KEYWORDS: tuple[str, ...] = (
@@ -273,7 +275,14 @@ def _inflate_prefix(data: bytes) -> bytes:
 
 
 class IdentifierRegistry:
-    """A bounded, thread-safe set of identifying strings and the pattern that finds them."""
+    """A bounded, thread-safe set of identifying strings and the patterns that find them.
+
+    Most values are matched by one trie-shaped pattern; compiling it takes a noticeable
+    time with many values (about 0.1 s for :data:`MAX_VALUES`), so it is not rebuilt for
+    every new value: a value added since the last build, and every value longer than
+    :data:`TRIE_VALUE_LENGTH`, has its own small pattern, applied (longest first) before
+    the trie. The trie is rebuilt once :data:`PENDING_VALUES` values wait for it.
+    """
 
     def __init__(self, max_values: int = MAX_VALUES) -> None:
         """Remember at most ``max_values`` strings, dropping the least recently seen."""
@@ -281,6 +290,8 @@ class IdentifierRegistry:
         self._values: OrderedDict[str, None] = OrderedDict()
         self._lock = threading.Lock()
         self._pattern: re.Pattern[str] | None = None
+        self._singles: dict[str, re.Pattern[str]] = {}  # value -> its own pattern
+        self._pending = 0  # values of trie length among the singles
         self._dirty = False
 
     def add(self, values: Iterable[str]) -> None:
@@ -294,9 +305,16 @@ class IdentifierRegistry:
                     self._values.move_to_end(key)
                     continue
                 self._values[key] = None
-                self._dirty = True
+                self._singles[key] = _single_pattern(key)
+                if len(key) <= TRIE_VALUE_LENGTH:
+                    self._pending += 1
+                    self._dirty = self._dirty or self._pending >= PENDING_VALUES
                 if len(self._values) > self._max_values:
-                    self._values.popitem(last=False)
+                    evicted, _ = self._values.popitem(last=False)
+                    if self._singles.pop(evicted, None) is not None and (
+                        len(evicted) <= TRIE_VALUE_LENGTH
+                    ):
+                        self._pending -= 1
 
     def __len__(self) -> int:
         """How many strings are remembered."""
@@ -307,22 +325,43 @@ class IdentifierRegistry:
         """Forget every value."""
         with self._lock:
             self._values.clear()
+            self._singles.clear()
             self._pattern = None
+            self._pending = 0
             self._dirty = False
 
     def pattern(self) -> re.Pattern[str] | None:
-        """The compiled pattern of every remembered value, longest first; ``None`` if none."""
+        """The trie pattern of the remembered values of at most
+        :data:`TRIE_VALUE_LENGTH` characters, rebuilt when enough are pending."""
         with self._lock:
-            if self._dirty:
-                self._pattern = _compile(list(self._values))
-                self._dirty = False
-            return self._pattern
+            return self._trie_locked()
+
+    def _trie_locked(self) -> re.Pattern[str] | None:
+        """:meth:`pattern`, the lock held."""
+        if self._dirty:
+            self._pattern = _compile([v for v in self._values if len(v) <= TRIE_VALUE_LENGTH])
+            self._singles = {k: p for k, p in self._singles.items() if len(k) > TRIE_VALUE_LENGTH}
+            self._pending = 0
+            self._dirty = False
+        return self._pattern
 
     def scrub(self, text: str) -> str:
         """``text`` with remembered values and raw bytes replaced."""
         text = _BYTES_PATTERN.sub(BYTES_REDACTED, text)
-        pattern = self.pattern()
-        return text if pattern is None else pattern.sub(REDACTED, text)
+        with self._lock:
+            trie = self._trie_locked()
+            singles = [self._singles[k] for k in sorted(self._singles, key=len, reverse=True)]
+        for single in singles:
+            text = single.sub(REDACTED, text)
+        return text if trie is None else trie.sub(REDACTED, text)
+
+
+def _single_pattern(value: str) -> re.Pattern[str]:
+    """The case-insensitive pattern of one value (a whole word when it is short)."""
+    literal = re.escape(value)
+    if len(value) < WORD_BOUNDARY_BELOW:
+        literal = "(?<![0-9A-Za-z])" + literal + "(?![0-9A-Za-z])"
+    return re.compile(literal, re.IGNORECASE)
 
 
 def _trie_pattern(values: Iterable[str]) -> str:
@@ -349,7 +388,17 @@ def _trie_pattern(values: Iterable[str]) -> str:
 
 
 def _compile(values: Sequence[str]) -> re.Pattern[str] | None:
-    """One case-insensitive pattern: long values anywhere, short ones as whole words."""
+    """One case-insensitive pattern: long values anywhere, short ones as whole words.
+
+    The trie nests one group per branching character, and both its rendering and
+    Python's regular-expression parser recurse once per nested group: a value of a few
+    hundred characters (a corrupted length field makes a PatientName swallow the rest of
+    its dataset) would raise ``RecursionError`` in every later log call. So ``values``
+    must be at most :data:`TRIE_VALUE_LENGTH` characters long (every well-formed
+    identifying value is); :class:`IdentifierRegistry` matches longer ones one by one.
+    """
+    if any(len(v) > TRIE_VALUE_LENGTH for v in values):
+        raise ValueError(f"a value is longer than {TRIE_VALUE_LENGTH} characters")
     long = [v for v in values if len(v) >= WORD_BOUNDARY_BELOW]
     short = [v for v in values if len(v) < WORD_BOUNDARY_BELOW]
     parts = []
