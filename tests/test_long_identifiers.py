@@ -1,7 +1,8 @@
 """Regression: datasets with very long identifying values must not silence the node.
 
-The fuzz run found it: a mutated length field makes a PatientName (or PatientID) swallow
-hundreds of bytes; that value is remembered for scrubbing, and building the scrubbing
+The fuzz run found it: its "value" mutation sets a 5000-character PatientName, and a
+mutated length field makes a PatientName swallow the bytes that follow it; such a value is
+remembered for scrubbing (``dicomnode.phi``), and building the scrubbing
 pattern then raised ``RecursionError`` in every later log call. Raised inside the
 C-STORE handler and again in the thread's exception hook, it ended the association's
 thread silently, leaving its DUL thread up: the sender got no response until its DIMSE
