@@ -404,7 +404,6 @@ class DatasetSender:
 
     def __init__(self, port: int, per_association: int) -> None:
         """Request one context per (SOP class, transfer syntax) so each is accepted."""
-        _config.STORE_SEND_CHUNKED_DATASET = True  # send the file's bytes, never decode them
         self.port = port
         self.per_association = per_association
         self.ae = AE(ae_title=FUZZ_AE)
@@ -433,10 +432,14 @@ class DatasetSender:
                 self.assoc = None
                 return "association not established"
         self.used += 1
+        chunked = _config.STORE_SEND_CHUNKED_DATASET
+        _config.STORE_SEND_CHUNKED_DATASET = True  # send the file's bytes, never decode them
         try:
             response = self.assoc.send_c_store(path)
         except (ValueError, AttributeError) as exc:
             return f"not sendable: {type(exc).__name__}"
+        finally:  # pynetdicom's setting is process-wide: other senders must not inherit it
+            _config.STORE_SEND_CHUNKED_DATASET = chunked
         status = response.get("Status") if response else None
         if status is None:
             return "no response (aborted or timed out)"

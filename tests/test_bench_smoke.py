@@ -6,9 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pynetdicom import _config
 
 from bench import fuzz, kill9, peers
-from tests.support import require_tool
+from pipelines.synthetic import synthetic_head_ct, write_series
+from tests.scp import storage_scp
+from tests.support import free_port, require_tool
 
 
 def test_kill9_two_kill_points_lose_nothing(tmp_path: Path) -> None:
@@ -90,3 +93,16 @@ def test_storescu_output_is_parsed_per_file(tmp_path: Path) -> None:
         (tmp_path / "a.dcm").resolve(): "Success",
         (tmp_path / "b.dcm").resolve(): "Failure",
     }
+
+
+def test_fuzz_sender_leaves_pynetdicom_settings_as_it_found_them(tmp_path: Path) -> None:
+    """The fuzz sender switches pynetdicom's process-wide chunked sending on only while it
+    sends: other senders in the same process (a node's outbox) must not inherit it."""
+    (path,) = write_series(synthetic_head_ct(seed=2, n_slices=1, rows=32), tmp_path / "one")
+    port = free_port()
+    with storage_scp(port) as pacs:
+        sender = fuzz.DatasetSender(port, per_association=1)
+        assert sender.send(path) == "0x0000"
+        sender.close()
+    assert len(pacs.received) == 1
+    assert _config.STORE_SEND_CHUNKED_DATASET is False
