@@ -20,6 +20,7 @@ from dicomnode.phi import scrub
 from dicomnode.pipelines_check import check_pipelines_at_start
 from dicomnode.processing import JobFailure, check_pipelines, processor, reporting
 from dicomnode.startup import StartupError
+from pipelines.registry import pipeline_names
 
 # Run as a command (not called from Python with arguments), these keep stderr all JSON.
 UNATTENDED_COMMANDS = frozenset({"serve", "run"})
@@ -78,9 +79,10 @@ def cmd_echo(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     """Send a head CT with a lesion to a node and show where each result went."""
     settings = _config(args.config) if args.config else None
-    report = run_demo(args.out.resolve(), shared_dir(), settings=settings)
+    report = run_demo(args.out.resolve(), shared_dir(), settings=settings, pipeline=args.pipeline)
     _say(f"case: {report.case.description}")
-    _say(f"inserted lesion volume: {report.case.lesion_volume_ml:.1f} mL")
+    if report.case.lesion_volume_ml is not None:
+        _say(f"inserted lesion volume: {report.case.lesion_volume_ml:.1f} mL")
     _say(f"node listened on 127.0.0.1:{report.node_port}; results sent to the demo PACS:")
     for path in report.results:
         _say(f"  {describe(path)}")
@@ -164,6 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", type=Path, default=Path("demo-output"))
     demo.add_argument(
         "--config", type=Path, help="TOML configuration whose [pipelines] settings to use"
+    )
+    demo.add_argument(
+        "--pipeline",
+        choices=pipeline_names(),
+        help="route the demo case to this pipeline (default: the config's head-CT rule)",
     )
     demo.set_defaults(handler=cmd_demo)
     train = sub.add_parser("train", help="train a risk model on a cohort folder")

@@ -88,3 +88,30 @@ def test_demo_returns_seg_sc_sr(tmp_path: Path, capsys: pytest.CaptureFixture[st
     results = sorted((tmp_path / "demo" / "pacs").glob("*.dcm"))
     assert {pydicom.dcmread(p).SOPClassUID for p in results} == OUTPUT_CLASSES
     assert all(str(p) in said for p in results)
+
+
+def test_demo_pipeline_option_routes_there_and_keeps_other_files(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--pipeline`` sends the case to that pipeline; a re-run replaces only the demo's own
+    folders under ``--out``."""
+    out = tmp_path / "demo"
+    out.mkdir()
+    keep = out / "notes.txt"
+    keep.write_text("mine")
+    stale = out / "pacs" / "stale.dcm"
+    stale.parent.mkdir()
+    stale.write_bytes(b"old")
+    assert main(["demo", "--out", str(out), "--pipeline", "hyperdense_regions"]) == 0
+    assert keep.read_text() == "mine"
+    assert not stale.exists()
+    results = [pydicom.dcmread(p) for p in sorted((out / "pacs").glob("*.dcm"))]
+    descriptions = {str(ds.SeriesDescription) for ds in results}
+    assert any("HYPERDENSE" in d.upper() for d in descriptions), descriptions
+    assert "risk" not in capsys.readouterr().out.lower()
+
+
+def test_demo_refuses_an_unknown_pipeline(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["demo", "--pipeline", "no_such_pipeline"])
+    assert "no_such_pipeline" in capsys.readouterr().err
