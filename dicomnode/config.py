@@ -18,6 +18,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    SecretStr,
     ValidationError,
     model_validator,
 )
@@ -139,11 +140,30 @@ class WorkerSettings(_Model):
     disk_full_retry_s: float = Field(default=3600.0, ge=0)
 
 
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
+
+
 class HttpSettings(_Model):
-    """The health and metrics endpoint (``/health``, ``/metrics``); loopback by default."""
+    """The HTTP endpoint: ``/health``, ``/metrics`` and the status page (``/``); loopback
+    by default. Bound to any other address, the status page and its actions need
+    ``token`` (sent as ``Authorization: Bearer <token>`` or ``?token=``)."""
 
     host: str = "127.0.0.1"
     port: Port = 8080
+    token: SecretStr | None = Field(default=None, min_length=16)
+    # Turnaround (last instance received to last result delivered) whose 90th percentile
+    # turns the status page's alarm on.
+    turnaround_alarm_s: float = Field(default=300.0, gt=0)
+
+    @model_validator(mode="after")
+    def _token_off_loopback(self) -> HttpSettings:
+        """Refuse a status page reachable from other hosts without a token."""
+        if self.host not in LOOPBACK_HOSTS and self.token is None:
+            raise ValueError(
+                f"http.host {self.host!r} is not loopback: set http.token "
+                "(at least 16 characters) to protect the status page"
+            )
+        return self
 
 
 class LimitsSettings(_Model):

@@ -20,11 +20,12 @@ from types import TracebackType
 import structlog
 
 from dicomnode.assembler import Assembler
-from dicomnode.config import NodeConfig
+from dicomnode.config import HttpSettings, NodeConfig
 from dicomnode.disk import caused_by_full_disk
-from dicomnode.health import HealthServer, PipelineStatuses
+from dicomnode.health import HealthServer, PipelineStatuses, StatusPage
 from dicomnode.jobs import JobQueue, OutboxStore
 from dicomnode.outbox import OutboxProcessor
+from dicomnode.overview import read_overview, requeue_delivery
 from dicomnode.receiver import Receiver
 from dicomnode.records import Job, JobState
 from dicomnode.revisions import (
@@ -190,8 +191,24 @@ class Node:
                 self.store.counts_by_state,
                 lambda: self._receiver is not None,
                 self.pipelines,
+                self._status_page(self.config.http, self.store),
             )
             self.health.start()
+
+    def _status_page(self, http: HttpSettings, store: StateStore) -> StatusPage:
+        """The status page over ``store``; its re-send button wakes the outbox."""
+
+        def retry(outbox_id: int) -> bool:
+            queued = requeue_delivery(store, outbox_id, time.time())
+            if queued:
+                log.info(
+                    "dead letter queued for re-sending from the status page", outbox_id=outbox_id
+                )
+                self._wake_outbox.set()
+            return queued
+
+        token = http.token.get_secret_value() if http.token is not None else None
+        return StatusPage(lambda: read_overview(store), retry, http.turnaround_alarm_s, token)
 
     def stop(self) -> None:
         """Stop listening, let the loops finish their current step, close state."""

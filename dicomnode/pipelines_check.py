@@ -35,12 +35,16 @@ class PipelineStatus:
     available: bool
     reason: str | None = None
     fallback: str | None = None
+    algorithm: str | None = None  # the method's name and version, when it was built
+    version: str | None = None
 
     def to_json(self) -> dict[str, str | None]:
-        """JSON-ready, for ``/health``."""
+        """JSON-ready, for ``/health`` and the status page."""
         return {
             "name": self.name,
             "status": AVAILABLE if self.available else UNAVAILABLE,
+            "algorithm": self.algorithm,
+            "version": self.version,
             "reason": self.reason,
             "fallback": self.fallback,
         }
@@ -82,13 +86,15 @@ def plan_pipelines(
     """Check each pipeline of ``names`` with ``verify`` and plan the fallbacks (pure but
     for ``verify``, which builds the pipeline and reads its artefacts)."""
     reasons: dict[str, str | None] = {}
+    identities: dict[str, tuple[str, str]] = {}
     for name in dict.fromkeys([default, *names]):
         try:
-            verify(name)
+            pipeline = verify(name)
         except PipelineUnavailable as exc:
             reasons[name] = str(exc) or type(exc).__name__
         else:
             reasons[name] = None
+            identities[name] = (pipeline.algorithm.name, pipeline.algorithm.version)
     default_ok = reasons[default] is None
     statuses = {
         name: PipelineStatus(
@@ -96,6 +102,8 @@ def plan_pipelines(
             available=reason is None,
             reason=reason,
             fallback=None if reason is None or not default_ok or name == default else default,
+            algorithm=identities.get(name, (None, None))[0],
+            version=identities.get(name, (None, None))[1],
         )
         for name, reason in reasons.items()
     }

@@ -161,9 +161,12 @@ def test_an_unavailable_pipeline_falls_back_and_is_logged(
     assert plan.resolve("ht_after_mt") == "hyperdense_regions"
     assert plan.resolve("hyperdense_regions") == "hyperdense_regions"
     statuses = {s["name"]: s for s in plan.to_json()}
+    threshold = get_pipeline("hyperdense_regions").algorithm
     assert statuses["hyperdense_regions"] == {
         "name": "hyperdense_regions", "status": "available", "reason": None, "fallback": None,
+        "algorithm": threshold.name, "version": threshold.version,
     }  # fmt: skip
+    assert statuses["ht_after_mt"]["version"] is None  # never built: no version in service
     assert statuses["ht_after_mt"]["status"] == "unavailable"
     assert statuses["ht_after_mt"]["fallback"] == "hyperdense_regions"
     assert "cnn.safetensors" in str(statuses["ht_after_mt"]["reason"])
