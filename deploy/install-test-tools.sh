@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Installs the real DICOM peers the tests use, from Debian packages: DCMTK (storescu,
-# echoscu, dcmcjpeg...), Orthanc (a PACS) and dicom3tools (dciodvfy). Needs root.
+# echoscu, dcmcjpeg...), Orthanc (a PACS), dicom3tools (dciodvfy) and Chromium with its
+# WebDriver (the status page test drives it headless with Selenium). Needs root.
 set -euo pipefail
 missing=()
 command -v /usr/bin/storescu >/dev/null 2>&1 || missing+=(dcmtk)
 command -v /usr/sbin/Orthanc >/dev/null 2>&1 || missing+=(orthanc)
 command -v /usr/bin/dciodvfy >/dev/null 2>&1 || missing+=(dicom3tools)
+command -v /usr/bin/chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v /usr/bin/chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "missing Debian packages: ${missing[*]} (run as root or: sudo apt-get install ${missing[*]})" >&2

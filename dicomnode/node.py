@@ -201,9 +201,7 @@ class Node:
         def retry(outbox_id: int) -> bool:
             queued = requeue_delivery(store, outbox_id, time.time())
             if queued:
-                log.info(
-                    "dead letter queued for re-sending from the status page", outbox_id=outbox_id
-                )
+                log.info("dead letter queued for re-sending", outbox_id=outbox_id, by="status page")
                 self._wake_outbox.set()
             return queued
 
