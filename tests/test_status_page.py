@@ -8,6 +8,7 @@ from __future__ import annotations
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -80,6 +81,11 @@ def _notice(browser: webdriver.Chrome) -> str:
         return ""
 
 
+def _notice_is(browser: webdriver.Chrome, wanted: str) -> bool:
+    """Whether the page shows the notice ``wanted``."""
+    return _notice(browser) == wanted
+
+
 def test_status_page_shows_turnaround_and_resends_dead_letters(
     tmp_path: Path, browser: webdriver.Chrome
 ) -> None:
@@ -124,7 +130,7 @@ def test_status_page_shows_turnaround_and_resends_dead_letters(
             for outbox_id in dead:
                 browser.find_element(By.ID, f"retry-{outbox_id}").click()
                 wanted = f"delivery {outbox_id} queued for re-sending"
-                wait_for(lambda w=wanted: _notice(browser) == w, 10, "the re-send notice")
+                wait_for(partial(_notice_is, browser, wanted), 10, "the re-send notice")
             wait_for(lambda: len(archive.instances()) == len(dead), 60, "re-sent results")
 
             browser.get(f"{page}?token={TOKEN}")
