@@ -1,5 +1,9 @@
 """Health and metrics over HTTP: ``/health`` (JSON) and ``/metrics`` (Prometheus text).
 
+``/health`` answers 503 "receiver down" when the DICOM receiver does not listen, else 200
+with status "ok" or "degraded" and the ``reasons`` (dead letters, failed jobs, refused
+pipelines, low disk: :mod:`dicomnode.degraded`).
+
 Metrics are read from the durable state at scrape time, so they survive restarts and
 agree with what the node will do next: series, jobs and outbox items by state, stored
 instances and delivery attempts.
@@ -9,7 +13,7 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -20,6 +24,7 @@ from dicomnode.startup import listen_error
 
 Counts = Callable[[], dict[str, dict[str, int]]]
 PipelineStatuses = Callable[[], list[dict[str, str | None]]]
+Problems = Callable[[], list[str]]  # why the node is degraded (empty: it is not)
 
 
 class StateCollector(Collector):
@@ -52,12 +57,18 @@ class HealthServer:
         counts: Counts,
         is_alive: Callable[[], bool],
         pipelines: PipelineStatuses | None = None,
+        problems: Problems | None = None,
+        collectors: Sequence[Collector] = (),
     ) -> None:
         """Serve on ``host:port``; ``is_alive`` says whether the DICOM receiver listens;
-        ``pipelines`` (optional) lists the pipelines in service with their status."""
+        ``pipelines`` (optional) lists the pipelines in service with their status;
+        ``problems`` (optional) says why the node is degraded; ``collectors`` add
+        metrics (e.g. retention's deletion counters)."""
         registry = CollectorRegistry()
         registry.register(StateCollector(counts))
-        handler = _handler(registry, counts, is_alive, pipelines)
+        for collector in collectors:
+            registry.register(collector)
+        handler = _handler(registry, counts, is_alive, pipelines, problems)
         try:
             self.server = ThreadingHTTPServer((host, port), handler)
         except OSError as exc:
@@ -87,6 +98,7 @@ def _handler(
     counts: Counts,
     is_alive: Callable[[], bool],
     pipelines: PipelineStatuses | None = None,
+    problems: Problems | None = None,
 ) -> type[BaseHTTPRequestHandler]:
     """A request handler class bound to this node's registry and probes."""
 
@@ -97,8 +109,11 @@ def _handler(
                 self._reply(200, "text/plain; version=0.0.4", generate_latest(registry))
             elif self.path == "/health":
                 alive = is_alive()
+                reasons = problems() if problems is not None else []
+                status = "degraded" if reasons else "ok"
                 body: dict[str, object] = {
-                    "status": "ok" if alive else "receiver down",
+                    "status": status if alive else "receiver down",
+                    "reasons": reasons,
                     "state": counts(),
                 }
                 if pipelines is not None:

@@ -21,12 +21,14 @@ import structlog
 
 from dicomnode.assembler import Assembler
 from dicomnode.config import NodeConfig
+from dicomnode.degraded import HealthProblems
 from dicomnode.disk import caused_by_full_disk
 from dicomnode.health import HealthServer, PipelineStatuses
 from dicomnode.jobs import JobQueue, OutboxStore
 from dicomnode.outbox import OutboxProcessor
 from dicomnode.receiver import Receiver
 from dicomnode.records import Job, JobState
+from dicomnode.retention import Retention, RetentionCollector, RetentionScheduler
 from dicomnode.revisions import (
     Delivery,
     OutputRecord,
@@ -130,6 +132,7 @@ class Node:
         self._threads: list[threading.Thread] = []
         self._receiver: Receiver | None = None
         self.health: HealthServer | None = None
+        self.retention: RetentionScheduler | None = None
 
     @property
     def database_path(self) -> Path:
@@ -183,6 +186,10 @@ class Node:
             )
             thread.start()
             self._threads.append(thread)
+        retention = Retention(self.config, self.store)
+        if self.config.retention.enabled:
+            self.retention = RetentionScheduler(retention)
+            self.retention.start()
         if self.config.http is not None:
             self.health = HealthServer(
                 self.config.http.host,
@@ -190,6 +197,8 @@ class Node:
                 self.store.counts_by_state,
                 lambda: self._receiver is not None,
                 self.pipelines,
+                problems=HealthProblems(self.config, self.store, self.pipelines),
+                collectors=[RetentionCollector(retention)],
             )
             self.health.start()
 
@@ -201,6 +210,9 @@ class Node:
         if self._receiver is not None:
             self._receiver.stop()
             self._receiver = None
+        if self.retention is not None:
+            self.retention.stop()
+            self.retention = None
         self._stop.set()
         self._wake_outbox.set()
         for thread in self._threads:
