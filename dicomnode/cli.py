@@ -1,4 +1,4 @@
-"""The ``dicomnode`` command: serve, run, echo, demo, train."""
+"""The ``dicomnode`` command: serve, run, echo, demo, train, deliveries, jobs."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
+from dicomnode import admin
 from dicomnode.config import ConfigError, NodeConfig, default_config, load_config
 from dicomnode.demo import describe, run_demo, shared_dir
 from dicomnode.echo import echo
@@ -177,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--epochs", type=int, default=3, help="CNN fine-tuning epochs")
     train.add_argument("--promote", action="store_true", help="put the new version in service")
     train.set_defaults(handler=cmd_train)
+    admin.register(sub, _say)
     return parser
 
 
@@ -191,6 +193,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.handler(args))
     except (ConfigError, JobFailure, StartupError) as exc:
         sys.stderr.write(f"dicomnode: {exc}\n")
+        return 2
+    except (FileNotFoundError, ValueError) as exc:  # deliveries/jobs: no database, bad age
+        if args.command not in admin.COMMANDS:
+            raise
+        sys.stderr.write(f"dicomnode {args.command}: {exc}\n")
         return 2
 
 
