@@ -56,8 +56,8 @@ def job_line(job: JobSummary, now: float) -> str:
     took = ""
     if job.started_at is not None and job.finished_at is not None:
         took = f"{job.finished_at - job.started_at:.1f}s"
-    note = f"retried as job {job.retried_by}" if job.retried_by is not None else ""
-    reason = (job.reason or note).replace("\n", " ")[:ERROR_WIDTH]
+    note = f" (retried as job {job.retried_by})" if job.retried_by is not None else ""
+    reason = (job.reason or "").replace("\n", " ")[:ERROR_WIDTH] + note
     return (
         f"{job.id:>6} {job.state.value:<8} {job.pipeline:<22} {job.rule:<14} "
         f"{','.join(job.destinations):<16} {format_age(now - job.created_at):>6} {took:>7}  "

@@ -14,9 +14,7 @@ from pathlib import Path
 
 from dicomnode.door import RejectDiagnostic, Rejection, RejectResult, RejectSource
 
-LOW_SPACE_REASON = (
-    "local limit exceeded: {free} bytes free, below limits.min_free_bytes ({minimum})"
-)
+LOW_SPACE_REASON = "free space below limits.min_free_bytes ({minimum}): {free} bytes free"
 
 
 def free_bytes(path: Path) -> int:
@@ -50,5 +48,5 @@ def space_rejection(free: int, minimum: int) -> Rejection | None:
         RejectResult.TRANSIENT,
         RejectSource.SERVICE_PROVIDER_PRESENTATION,
         RejectDiagnostic.LOCAL_LIMIT_EXCEEDED,
-        reason,
+        f"local limit exceeded: {reason}",
     )
