@@ -79,7 +79,7 @@ def cmd_echo(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     """Send a head CT with a lesion to a node and show where each result went."""
     settings = _config(args.config) if args.config else None
-    report = run_demo(args.out.resolve(), shared_dir(), settings=settings)
+    report = run_demo(args.out.resolve(), args.shared or shared_dir(), settings=settings)
     _say(f"case: {report.case.description}")
     _say(f"inserted lesion volume: {report.case.lesion_volume_ml:.1f} mL")
     _say(f"node listened on 127.0.0.1:{report.node_port}; results sent to the demo PACS:")
@@ -165,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", type=Path, default=Path("demo-output"))
     demo.add_argument(
         "--config", type=Path, help="TOML configuration whose [pipelines] settings to use"
+    )
+    demo.add_argument(
+        "--shared", type=Path, help="folder with the real head CT data (default: ../shared)"
     )
     demo.set_defaults(handler=cmd_demo)
     train = sub.add_parser("train", help="train a risk model on a cohort folder")
