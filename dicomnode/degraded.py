@@ -12,11 +12,10 @@ from collections.abc import Callable, Mapping, Sequence
 
 from dicomnode.config import HOUR_S, NodeConfig
 from dicomnode.deliveries import DeliveryAdmin
+from dicomnode.health import PipelineStatuses
+from dicomnode.pipelines_check import UNAVAILABLE
 from dicomnode.state import StateStore
 from dicomnode.watermark import lowest_free_bytes
-
-PipelineStatuses = Callable[[], list[dict[str, str | None]]]
-UNAVAILABLE = "unavailable"  # dicomnode.pipelines_check.UNAVAILABLE
 
 
 def degraded_reasons(

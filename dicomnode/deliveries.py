@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import re
 import sqlite3
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 from dicomnode.jobs import _item
@@ -202,11 +201,3 @@ class DeliveryAdmin:
                 (JobState.FAILED.value, now - failed_job_window_s),
             ).fetchone()[0]
         return {"dead_letters": int(dead), "failed_jobs": int(failed)}
-
-
-def describe_states(values: Sequence[str], allowed: Sequence[str]) -> tuple[str, ...]:
-    """Validate state names given on the command line."""
-    unknown = [v for v in values if v not in allowed]
-    if unknown:
-        raise ValueError(f"unknown state {unknown[0]!r}; one of: {', '.join(allowed)}")
-    return tuple(values)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sqlite3
 import subprocess
 import sys
 import time
@@ -17,11 +18,12 @@ import pydicom
 from pydicom.uid import generate_uid
 
 from dicomnode.config import NodeConfig, OutboxSettings, default_config, load_config
+from dicomnode.deliveries import DeliveryAdmin, Selection
 from dicomnode.jobs import JobQueue, OutboxStore
 from dicomnode.node import JobSpec, Node
 from dicomnode.outbox import OutboxProcessor, next_retry
 from dicomnode.records import Association, InstanceRecord, OutboxItem, OutboxState
-from dicomnode.state import StateStore
+from dicomnode.state import SCHEMA, StateStore
 from dicomnode.status import Status
 from pipelines.synthetic import synthetic_head_ct, write_series
 from tests.orthanc import Orthanc
@@ -237,3 +239,31 @@ def test_last_retry_falls_on_the_window_end() -> None:
     assert next_retry(item, 6, 36.0, settings) is None
     capped = settings.model_copy(update={"max_attempts": 3})
     assert next_retry(item, 3, 5.0, capped) is None
+
+
+def test_an_older_database_is_migrated(tmp_path: Path) -> None:
+    """Items an older version gave up on ("failed") become dead letters that can be
+    retried; the new columns are added."""
+    path = tmp_path / "old.sqlite3"
+    with sqlite3.connect(path) as db:
+        db.executescript(SCHEMA)
+        db.execute(
+            "INSERT INTO jobs (series_instance_uid, study_instance_uid, rule, pipeline, "
+            "destinations, state, created_at) VALUES ('1.2', '1.2.3', 'r', 'p', '[\"PACS\"]', "
+            "'done', 0)"
+        )
+        db.execute(
+            "INSERT INTO outbox (job_id, path, destination, state, attempts, "
+            "next_attempt_at, last_error, created_at) VALUES "
+            "(1, 'x.dcm', 'PACS', 'failed', 10, 0, 'gave up after 10 attempts', 0)"
+        )
+    store = StateStore(path)
+    item = OutboxStore(store).items()[0]
+    assert item.state is OutboxState.DEAD_LETTER and item.delivered_at is None
+    admin = DeliveryAdmin(store)
+    assert admin.retry_deliveries(Selection(states=("dead_letter",)), 50.0) == [item.id]
+    again = OutboxStore(store).items()[0]
+    assert (again.state, again.window_start, again.next_attempt_at) == (
+        OutboxState.PENDING, 50.0, 50.0,
+    )  # fmt: skip
+    store.close()
