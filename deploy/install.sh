@@ -10,9 +10,12 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 # torch first and pinned: 2.13.0 is the CPU wheel on this machine kind's local disk; any
-# other torch requirement would pull a multi-GB CUDA build. Sites with GPUs may install a
-# CUDA build of the same version instead.
-.venv/bin/python -m pip install --quiet "torch==2.13.0"
+# other torch requirement would pull a multi-GB CUDA build. TORCH_INDEX_URL picks the
+# build (README "torch on a CPU-only or a GPU site"): a CPU-only site
+#   TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu bash deploy/install.sh
+# a GPU site the default PyPI wheel (unset) or its CUDA version's index.
+.venv/bin/python -m pip install --quiet "torch==2.13.0" \
+  ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
 .venv/bin/python -m pip install --quiet -e ".[dev]"
 # pyradiomics 3.0.1 has no wheel for Python 3.11 and its build needs numpy at build time.
 if ! .venv/bin/python -c "import radiomics" >/dev/null 2>&1; then

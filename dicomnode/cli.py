@@ -1,4 +1,4 @@
-"""The ``dicomnode`` command: serve, run, echo, demo, train."""
+"""The ``dicomnode`` command: serve, run, echo, demo, train, deliveries, jobs."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
+from dicomnode import admin
 from dicomnode.config import ConfigError, NodeConfig, default_config, load_config
 from dicomnode.demo import describe, run_demo, shared_dir
 from dicomnode.echo import echo
@@ -79,7 +80,9 @@ def cmd_echo(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     """Send a head CT with a lesion to a node and show where each result went."""
     settings = _config(args.config) if args.config else None
-    report = run_demo(args.out.resolve(), shared_dir(), settings=settings, pipeline=args.pipeline)
+    report = run_demo(
+        args.out.resolve(), args.shared or shared_dir(), settings=settings, pipeline=args.pipeline
+    )
     _say(f"case: {report.case.description}")
     if report.case.lesion_volume_ml is not None:
         _say(f"inserted lesion volume: {report.case.lesion_volume_ml:.1f} mL")
@@ -172,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
         choices=pipeline_names(),
         help="route the demo case to this pipeline (default: the config's head-CT rule)",
     )
+    demo.add_argument(
+        "--shared", type=Path, help="folder with the real head CT data (default: ../shared)"
+    )
     demo.set_defaults(handler=cmd_demo)
     train = sub.add_parser("train", help="train a risk model on a cohort folder")
     train.add_argument("cohort", type=Path, help="cohort folder: cases/<id>/ and clinical.csv")
@@ -184,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--epochs", type=int, default=3, help="CNN fine-tuning epochs")
     train.add_argument("--promote", action="store_true", help="put the new version in service")
     train.set_defaults(handler=cmd_train)
+    admin.register(sub, _say)
     return parser
 
 
@@ -198,6 +205,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.handler(args))
     except (ConfigError, JobFailure, StartupError) as exc:
         sys.stderr.write(f"dicomnode: {exc}\n")
+        return 2
+    except (FileNotFoundError, ValueError) as exc:  # deliveries/jobs: no database, bad age
+        if args.command not in admin.COMMANDS:
+            raise
+        sys.stderr.write(f"dicomnode {args.command}: {exc}\n")
         return 2
 
 

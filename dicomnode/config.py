@@ -121,14 +121,29 @@ class RouteRule(_Model):
     destinations: list[str] = []
 
 
+HOUR_S = 3600.0
+GIB = 1 << 30
+
+
 class OutboxSettings(_Model):
-    """Retry policy for sending results: exponential back-off, capped, then give up."""
+    """Retry policy for sending results: exponential back-off, capped, for a time window
+    (``retry_window_h`` since the item was queued or last sent again by hand), then a dead
+    letter (``dicomnode deliveries retry|discard``). ``max_attempts`` optionally ends the
+    window early. A destination in back-off is probed with C-ECHO every
+    ``probe_interval_s``; when it answers, its items are tried at once."""
 
     initial_delay_s: float = Field(default=5.0, gt=0)
     max_delay_s: float = Field(default=600.0, gt=0)
-    max_attempts: int = Field(default=10, ge=1)
+    retry_window_h: float = Field(default=72.0, gt=0)  # a weekend PACS outage
+    max_attempts: int | None = Field(default=None, ge=1)
+    probe_interval_s: float = Field(default=30.0, gt=0)
     calling_ae_title: AETitle | None = None
     timeout_s: float = Field(default=30.0, gt=0)
+
+    @property
+    def retry_window_s(self) -> float:
+        """The retry window in seconds."""
+        return self.retry_window_h * HOUR_S
 
 
 class WorkerSettings(_Model):
@@ -176,6 +191,33 @@ class LimitsSettings(_Model):
 
     max_inflated_bytes: int = Field(default=1 << 29, ge=1 << 16)
     max_decoded_bytes: int = Field(default=1 << 30, ge=1 << 16)
+    # Free-space watermark of the spool and state file systems: below min_free_bytes new
+    # associations are rejected (A-ASSOCIATE-RJ transient) and C-STORE answers 0xA700;
+    # below warn_free_bytes /health says "degraded".
+    min_free_bytes: int = Field(default=GIB, ge=0)
+    warn_free_bytes: int = Field(default=2 * GIB, ge=0)
+
+
+class RetentionSettings(_Model):
+    """What the serving process deletes, every ``interval_s``, once it is delivered.
+
+    Ages are hours since a series' last instance (spool), since a job finished
+    (results folder) and since both (state rows); ``None`` keeps that data forever.
+    Nothing whose results wait to be sent (pending or dead letter) is ever removed.
+    """
+
+    enabled: bool = True
+    interval_s: float = Field(default=3600.0, gt=0)
+    spool_age_h: float | None = Field(default=168.0, ge=0)
+    results_age_h: float | None = Field(default=168.0, ge=0)
+    state_age_h: float | None = Field(default=2160.0, ge=0)
+
+
+class HealthSettings(_Model):
+    """When ``/health`` says "degraded": failed jobs count for ``failed_job_window_h``
+    after they failed (until retried); dead letters, refused models and low disk always."""
+
+    failed_job_window_h: float = Field(default=24.0, gt=0)
 
 
 class NodeConfig(_Model):
@@ -193,6 +235,8 @@ class NodeConfig(_Model):
     worker: WorkerSettings = WorkerSettings()
     http: HttpSettings | None = None
     limits: LimitsSettings = LimitsSettings()
+    retention: RetentionSettings = RetentionSettings()
+    health: HealthSettings = HealthSettings()
     default_pipeline: str = "hyperdense_regions"  # used when a rule's pipeline is unavailable
     pipelines: PipelinesSettings = PipelinesSettings()  # [pipelines.<name>] settings
 

@@ -2,6 +2,10 @@
 (Prometheus text), ``/`` (the status page, ``dicomnode.status_page``) and
 ``POST /deliveries/<id>/retry`` (the page's re-send button).
 
+``/health`` answers 503 "receiver down" when the DICOM receiver does not listen, else 200
+with status "ok" or "degraded" and the ``reasons`` (dead letters, failed jobs, refused
+pipelines, low disk: :mod:`dicomnode.degraded`).
+
 Metrics are read from the durable state at scrape time, so they survive restarts and
 agree with what the node will do next: series, jobs and outbox items by state, stored
 instances, delivery attempts and the turnaround histogram. When a token is configured,
@@ -14,7 +18,7 @@ import hmac
 import json
 import re
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, quote, urlsplit
@@ -31,6 +35,7 @@ Counts = Callable[[], dict[str, dict[str, int]]]
 PipelineStatuses = Callable[[], list[dict[str, str | None]]]
 _RETRY = re.compile(r"/deliveries/(\d{1,18})/retry")
 _MAX_FORM_BYTES = 4096
+Problems = Callable[[], list[str]]  # why the node is degraded (empty: it is not)
 
 
 class StateCollector(Collector):
@@ -98,17 +103,23 @@ class HealthServer:
         counts: Counts,
         is_alive: Callable[[], bool],
         pipelines: PipelineStatuses | None = None,
+        problems: Problems | None = None,
+        collectors: Sequence[Collector] = (),
         status_page: StatusPage | None = None,
     ) -> None:
         """Serve on ``host:port``; ``is_alive`` says whether the DICOM receiver listens;
         ``pipelines`` (optional) lists the pipelines in service with their status;
-        ``status_page`` (optional) serves ``/`` and the turnaround histogram."""
+        ``problems`` (optional) says why the node is degraded; ``collectors`` add
+        metrics (e.g. retention's deletion counters); ``status_page`` (optional) serves
+        ``/`` and the turnaround histogram."""
         registry = CollectorRegistry()
         registry.register(StateCollector(counts))
+        for collector in collectors:
+            registry.register(collector)
         if status_page is not None:
             overview = status_page.overview
             registry.register(TurnaroundCollector(lambda: overview().turnarounds_s))
-        handler = _handler(registry, counts, is_alive, pipelines, status_page)
+        handler = _handler(registry, counts, is_alive, pipelines, problems, status_page)
         try:
             self.server = ThreadingHTTPServer((host, port), handler)
         except OSError as exc:
@@ -138,6 +149,7 @@ def _handler(
     counts: Counts,
     is_alive: Callable[[], bool],
     pipelines: PipelineStatuses | None = None,
+    problems: Problems | None = None,
     page: StatusPage | None = None,
 ) -> type[BaseHTTPRequestHandler]:
     """A request handler class bound to this node's registry and probes."""
@@ -152,8 +164,11 @@ def _handler(
                 self._reply(200, "text/plain; version=0.0.4", generate_latest(registry))
             elif self.path == "/health":
                 alive = is_alive()
+                reasons = problems() if problems is not None else []
+                status = "degraded" if reasons else "ok"
                 body: dict[str, object] = {
-                    "status": "ok" if alive else "receiver down",
+                    "status": status if alive else "receiver down",
+                    "reasons": reasons,
                     "state": counts(),
                 }
                 if pipelines is not None:

@@ -38,6 +38,9 @@ def _item(row: sqlite3.Row) -> OutboxItem:
         attempts=row["attempts"],
         next_attempt_at=row["next_attempt_at"],
         last_error=row["last_error"],
+        created_at=row["created_at"],
+        window_started_at=row["window_started_at"],
+        delivered_at=row["delivered_at"],
     )
 
 
@@ -180,9 +183,12 @@ class OutboxStore:
             )
             db.execute(
                 "UPDATE outbox SET state = ?, attempts = attempts + 1, next_attempt_at = ?, "
-                "last_error = ? WHERE id = ?",
-                (outcome.value, next_attempt_at, error, item.id),
-            )
+                "last_error = ?, delivered_at = ? WHERE id = ?",
+                (
+                    outcome.value, next_attempt_at, error,
+                    now if outcome is OutboxState.SENT else None, item.id,
+                ),
+            )  # fmt: skip
 
     def items(self) -> list[OutboxItem]:
         """Every outbox item, oldest first."""

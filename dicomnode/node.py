@@ -21,13 +21,16 @@ import structlog
 
 from dicomnode.assembler import Assembler
 from dicomnode.config import HttpSettings, NodeConfig
+from dicomnode.degraded import HealthProblems
+from dicomnode.deliveries import DeliveryAdmin, Selection
 from dicomnode.disk import caused_by_full_disk
 from dicomnode.health import HealthServer, PipelineStatuses, StatusPage
 from dicomnode.jobs import JobQueue, OutboxStore
 from dicomnode.outbox import OutboxProcessor
-from dicomnode.overview import read_overview, requeue_delivery
+from dicomnode.overview import read_overview
 from dicomnode.receiver import Receiver
 from dicomnode.records import Job, JobState
+from dicomnode.retention import Retention, RetentionCollector, RetentionScheduler
 from dicomnode.revisions import (
     Delivery,
     OutputRecord,
@@ -131,6 +134,7 @@ class Node:
         self._threads: list[threading.Thread] = []
         self._receiver: Receiver | None = None
         self.health: HealthServer | None = None
+        self.retention: RetentionScheduler | None = None
 
     @property
     def database_path(self) -> Path:
@@ -184,6 +188,10 @@ class Node:
             )
             thread.start()
             self._threads.append(thread)
+        retention = Retention(self.config, self.store)
+        if self.config.retention.enabled:
+            self.retention = RetentionScheduler(retention)
+            self.retention.start()
         if self.config.http is not None:
             self.health = HealthServer(
                 self.config.http.host,
@@ -191,7 +199,9 @@ class Node:
                 self.store.counts_by_state,
                 lambda: self._receiver is not None,
                 self.pipelines,
-                self._status_page(self.config.http, self.store),
+                problems=HealthProblems(self.config, self.store, self.pipelines),
+                collectors=[RetentionCollector(retention)],
+                status_page=self._status_page(self.config.http, self.store),
             )
             self.health.start()
 
@@ -199,7 +209,9 @@ class Node:
         """The status page over ``store``; its re-send button wakes the outbox."""
 
         def retry(outbox_id: int) -> bool:
-            queued = requeue_delivery(store, outbox_id, time.time())
+            queued = bool(
+                DeliveryAdmin(store).retry_deliveries(Selection(ids=(outbox_id,)), time.time())
+            )
             if queued:
                 log.info("dead letter queued for re-sending", outbox_id=outbox_id, by="status page")
                 self._wake_outbox.set()
@@ -216,6 +228,9 @@ class Node:
         if self._receiver is not None:
             self._receiver.stop()
             self._receiver = None
+        if self.retention is not None:
+            self.retention.stop()
+            self.retention = None
         self._stop.set()
         self._wake_outbox.set()
         for thread in self._threads:

@@ -42,7 +42,8 @@ class JobLine:
 
 @dataclass(frozen=True)
 class DeliveryLine:
-    """One outbox item that is not delivered (pending, or given up: a dead letter)."""
+    """One outbox item not delivered yet (pending, or a dead letter: its retry window
+    ran out)."""
 
     outbox_id: int
     job_id: int
@@ -55,7 +56,7 @@ class DeliveryLine:
     @property
     def dead(self) -> bool:
         """Whether the node stopped trying: only an operator's re-send moves it again."""
-        return self.state not in (OutboxState.PENDING.value, OutboxState.SENT.value)
+        return self.state == OutboxState.DEAD_LETTER.value
 
 
 @dataclass(frozen=True)
@@ -108,7 +109,7 @@ FROM jobs j ORDER BY j.id DESC LIMIT :limit
 
 _DELIVERIES_SQL = """
 SELECT id, job_id, destination, state, attempts, next_attempt_at, last_error
-FROM outbox WHERE state != :sent ORDER BY id
+FROM outbox WHERE state IN (:pending, :dead) ORDER BY id
 """
 
 
@@ -141,7 +142,10 @@ def read_overview(store: StateStore, recent: int = RECENT_JOBS) -> Overview:
                 next_attempt_at=float(row["next_attempt_at"]),
                 last_error=row["last_error"],
             )
-            for row in db.execute(_DELIVERIES_SQL, {"sent": OutboxState.SENT.value})
+            for row in db.execute(
+                _DELIVERIES_SQL,
+                {"pending": OutboxState.PENDING.value, "dead": OutboxState.DEAD_LETTER.value},
+            )
         )
     return Overview(counts, jobs, deliveries, tuple(turnaround.values()))
 
@@ -168,17 +172,3 @@ def histogram_buckets(values: Sequence[float]) -> list[tuple[str, int]]:
 def _le(bound: float) -> str:
     """A bucket bound as Prometheus writes it."""
     return repr(float(bound))
-
-
-def requeue_delivery(store: StateStore, outbox_id: int, now: float) -> bool:
-    """Put a given-up delivery back in the queue, due now; ``False`` when no such dead
-    letter exists (unknown, already pending or already delivered)."""
-    with store.transaction() as db:
-        cursor = db.execute(
-            "UPDATE outbox SET state = ?, next_attempt_at = ? WHERE id = ? AND state NOT IN (?, ?)",
-            (
-                OutboxState.PENDING.value, now, outbox_id,
-                OutboxState.PENDING.value, OutboxState.SENT.value,
-            ),
-        )  # fmt: skip
-    return cursor.rowcount == 1

@@ -38,6 +38,7 @@ from dicomnode.state import InstanceConflict, StateStore
 from dicomnode.status import Status
 from dicomnode.tls import server_context
 from dicomnode.validation import DECODE_ERRORS
+from dicomnode.watermark import low_space_reason, lowest_free_bytes, space_rejection
 
 log = structlog.get_logger(__name__)
 
@@ -203,13 +204,23 @@ class Receiver:
                 return None
         return CALLING_AE_NOT_RECOGNISED
 
+    def _free_bytes(self) -> int:
+        """Least free space on the spool and state file systems."""
+        return lowest_free_bytes((self.config.spool_dir, self.config.state_dir))
+
+    def _space_rejection(self) -> Rejection | None:
+        """The rejection of a new association while free space is below the watermark."""
+        return space_rejection(self._free_bytes(), self.config.limits.min_free_bytes)
+
     def _on_requested(self, event: Event) -> None:
         """Reject requests to another AE title, from callers not allowed, or over a cap."""
         assoc = event.assoc
         calling = _requested_title(assoc, "calling")
         called = _requested_title(assoc, "called")
         host = assoc.requestor.address
-        rejection = self.door.request(assoc, self._title_rejection(calling, called, host))
+        rejection = self.door.request(
+            assoc, self._title_rejection(calling, called, host) or self._space_rejection()
+        )
         if rejection is None:
             return
         log.warning(
@@ -294,6 +305,9 @@ class Receiver:
         if self._is_unchanged(ident, digest):
             return
         bound = log.bind(study_uid=ident.study, series_uid=ident.series)
+        low = low_space_reason(self._free_bytes(), limits.min_free_bytes)
+        if low is not None:
+            raise StoreRefused(Status.OUT_OF_RESOURCES, low)
         try:
             path = spool.store_instance(
                 self.config.spool_dir, ident.study, ident.series, ident.sop,

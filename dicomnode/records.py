@@ -25,11 +25,16 @@ class JobState(StrEnum):
 
 
 class OutboxState(StrEnum):
-    """Where one outgoing file stands."""
+    """Where one outgoing file stands.
+
+    ``dead_letter``: its retry window (``outbox.retry_window_h``) ran out undelivered; it
+    waits for ``dicomnode deliveries retry`` (sent again) or ``discard`` (never sent).
+    """
 
     PENDING = "pending"
     SENT = "sent"
-    FAILED = "failed"
+    DEAD_LETTER = "dead_letter"
+    DISCARDED = "discarded"
 
 
 @dataclass(frozen=True)
@@ -128,3 +133,11 @@ class OutboxItem:
     attempts: int
     next_attempt_at: float
     last_error: str | None
+    created_at: float = 0.0
+    window_started_at: float | None = None  # set by a retry: its retry window starts anew
+    delivered_at: float | None = None
+
+    @property
+    def window_start(self) -> float:
+        """When the current retry window began: queued, or last sent again by hand."""
+        return self.created_at if self.window_started_at is None else self.window_started_at

@@ -59,6 +59,15 @@ CREATE TABLE IF NOT EXISTS outbox_attempts (
 MIGRATIONS: tuple[tuple[str, str, str], ...] = (
     ("instances", "sha256", "TEXT"),
     ("series", "content_changes", "INTEGER NOT NULL DEFAULT 0"),
+    ("outbox", "window_started_at", "REAL"),
+    ("outbox", "delivered_at", "REAL"),
+    ("jobs", "retried_by", "INTEGER"),
+)
+
+# Data rewritten for databases created before a state was renamed: outbox items given up
+# as "failed" are dead letters, which `dicomnode deliveries retry` can send again.
+DATA_MIGRATIONS: tuple[str, ...] = (
+    "UPDATE outbox SET state = 'dead_letter' WHERE state = 'failed'",
 )
 
 _INSTANCE_COLUMNS = (
@@ -140,6 +149,8 @@ class StateStore:
                 present = {row["name"] for row in db.execute(f"PRAGMA table_info({table})")}
                 if column not in present:
                     db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+            for statement in DATA_MIGRATIONS:
+                db.execute(statement)
 
     def close(self) -> None:
         """Close the connection."""

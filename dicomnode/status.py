@@ -48,7 +48,10 @@ STATUS_MEANINGS: dict[Status, str] = {
         "The SOP Instance UID is already stored in another series or study; the stored "
         "instance is kept where it is"
     ),
-    Status.OUT_OF_RESOURCES: "The disk (spool or database) is full",
+    Status.OUT_OF_RESOURCES: (
+        "The disk (spool or database) is full, or its free space is below "
+        "`limits.min_free_bytes` (new associations are then rejected, transient)"
+    ),
     Status.OUT_OF_RESOURCES_DECODED_SIZE: (
         "Rows x Columns x Samples x Frames x bytes per sample exceeds `limits.max_decoded_bytes`"
     ),

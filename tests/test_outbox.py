@@ -80,7 +80,7 @@ def test_retries_while_down_then_delivers(tmp_path: Path, ge_headct_dir: Path) -
 
 
 def test_failure_status_is_retried_then_given_up(tmp_path: Path, ge_headct_dir: Path) -> None:
-    """A PACS answering a failure status is retried, and the item fails at max attempts."""
+    """A PACS answering a failure status is retried; at max attempts it is a dead letter."""
     config = _config(tmp_path, max_attempts=2)
     outbox = _queued_result(tmp_path, ge_headct_dir / "01.dcm", config)
     sender = OutboxProcessor(config, outbox)
@@ -88,8 +88,10 @@ def test_failure_status_is_retried_then_given_up(tmp_path: Path, ge_headct_dir: 
         sender.process_due(100.0)
         sender.process_due(101.0)
     item = outbox.items()[0]
-    assert item.state is OutboxState.FAILED
-    assert item.last_error == "gave up after 2 attempts: status 0xA700"
+    assert item.state is OutboxState.DEAD_LETTER
+    assert item.last_error is not None
+    assert item.last_error.startswith("dead letter after 2 attempts in ")
+    assert item.last_error.endswith(": status 0xA700")
     assert [a.status for a in outbox.attempts(item.id)] == [Status.OUT_OF_RESOURCES] * 2
     assert sender.process_due(1000.0) == 0
 
@@ -101,4 +103,5 @@ def test_unreadable_result_is_recorded(tmp_path: Path, ge_headct_dir: Path) -> N
     (tmp_path / "result.dcm").unlink()
     OutboxProcessor(config, outbox).process_due(100.0)
     item = outbox.items()[0]
-    assert item.state is OutboxState.FAILED and "cannot read file meta" in (item.last_error or "")
+    assert item.state is OutboxState.DEAD_LETTER
+    assert "cannot read file meta" in (item.last_error or "")

@@ -275,7 +275,9 @@ def test_serve_reports_the_fallback_in_health_and_processes_with_it(
                 continue
             health = json.loads(body)
             break
-        assert status == 200 and health["status"] == "ok", health
+        # A refused model keeps the node serving (200) but degraded, saying why.
+        assert status == 200 and health["status"] == "degraded", health
+        assert any("pipeline ht_after_mt refused" in r for r in health["reasons"]), health
         pipelines = {p["name"]: p for p in health["pipelines"]}
         assert pipelines["ht_after_mt"]["status"] == "unavailable"
         assert pipelines["ht_after_mt"]["fallback"] == "hyperdense_regions"
