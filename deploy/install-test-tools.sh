@@ -7,6 +7,7 @@ missing=()
 command -v /usr/bin/storescu >/dev/null 2>&1 || missing+=(dcmtk)
 command -v /usr/sbin/Orthanc >/dev/null 2>&1 || missing+=(orthanc)
 command -v /usr/bin/dciodvfy >/dev/null 2>&1 || missing+=(dicom3tools)
+command -v /usr/bin/redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v /usr/bin/chromium >/dev/null 2>&1 || missing+=(chromium)
 command -v /usr/bin/chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
 if [ ${#missing[@]} -gt 0 ]; then

@@ -24,7 +24,7 @@ from dicomnode.startup import StartupError
 from pipelines.registry import pipeline_names
 
 # Run as a command (not called from Python with arguments), these keep stderr all JSON.
-UNATTENDED_COMMANDS = frozenset({"serve", "run"})
+UNATTENDED_COMMANDS = frozenset({"serve", "run", "worker"})
 
 
 def _say(line: str = "") -> None:
@@ -47,10 +47,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
+    if config.celery is not None:  # the workers build and check the pipelines
+        from dicomnode.distributed import celery_processor
+
+        with Node(config, celery_processor(config), reporting()):
+            _say(f"{config.node.ae_title} listening on {config.node.host}:{config.node.port}")
+            _say(f"jobs go to the Celery workers of queue {config.celery.queue!r}")
+            stop.wait()
+        return 0
     plan = check_pipelines_at_start(config)
     with Node(config, processor(config, plan=plan), reporting(), pipelines=plan.to_json):
         _say(f"{config.node.ae_title} listening on {config.node.host}:{config.node.port}")
         stop.wait()
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """Run a Celery worker that takes the node's jobs (scale-out, ``[celery]``)."""
+    from dicomnode.distributed import run_worker
+
+    config = _config(args.config)
+    if config.celery is None:
+        raise StartupError(f"{args.config}: dicomnode worker needs a [celery] section")
+    check_pipelines_at_start(config)
+    run_worker(config, args.hostname)
     return 0
 
 
@@ -154,6 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the DICOM node")
     serve.add_argument("--config", type=Path, required=True, help="TOML configuration file")
     serve.set_defaults(handler=cmd_serve)
+    worker = sub.add_parser("worker", help="run pipeline jobs for a node (Celery worker)")
+    worker.add_argument("--config", type=Path, required=True, help="TOML with a [celery] section")
+    worker.add_argument("--hostname", help="Celery node name (default: celery@<host>)")
+    worker.set_defaults(handler=cmd_worker)
     run = sub.add_parser("run", help="process a folder of DICOM files offline")
     run.add_argument("folder", type=Path)
     run.add_argument("--out", type=Path, required=True, help="folder for the output objects")

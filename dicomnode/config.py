@@ -181,6 +181,21 @@ class HttpSettings(_Model):
         return self
 
 
+class CelerySettings(_Model):
+    """Scale-out: with ``[celery]``, the node hands every job to Celery workers
+    (``dicomnode worker`` on any host that reaches the broker) instead of running it in its
+    own threads. The series travels in the task message and the results come back in the
+    task result: workers need no shared disk. A job whose worker dies is delivered again
+    to another worker (late acknowledgement) once ``visibility_timeout_s`` has passed."""
+
+    broker_url: str = Field(min_length=1)  # e.g. redis://gpu-queue.example.org:6379/0
+    result_backend: str | None = None  # default: the broker
+    queue: str = Field(default="dicomnode", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    visibility_timeout_s: float = Field(default=3600.0, gt=0)
+    job_timeout_s: float = Field(default=3600.0, gt=0)  # the node gives up waiting after it
+    worker_concurrency: int = Field(default=1, ge=1, le=64)  # jobs at once per worker process
+
+
 class LimitsSettings(_Model):
     """Caps on what one received instance may cost in memory, checked before Success.
 
@@ -239,6 +254,7 @@ class NodeConfig(_Model):
     health: HealthSettings = HealthSettings()
     default_pipeline: str = "hyperdense_regions"  # used when a rule's pipeline is unavailable
     pipelines: PipelinesSettings = PipelinesSettings()  # [pipelines.<name>] settings
+    celery: CelerySettings | None = None  # jobs run by Celery workers instead of in-process
 
     @model_validator(mode="after")
     def _check_references(self) -> NodeConfig:

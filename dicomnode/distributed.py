@@ -1,0 +1,242 @@
+"""Scale-out on Celery: pipeline jobs run by worker processes on other hosts.
+
+The node keeps its durable SQLite queue, its receiver and its outbox; with ``[celery]`` in
+the config, each job is handed to Celery instead of being run in the node's own threads:
+
+- the node's worker thread packs the job (its spooled instances, the pipeline, the
+  fallback and the result revision) into the task message and waits for the task's result;
+- a ``dicomnode worker`` process on any host that reaches the broker (a GPU box) unpacks
+  the instances into a private temporary folder, runs the pipeline exactly as the node
+  would (``processing.run_pipeline``, with its own ``[pipelines]`` settings: weights
+  folder, device), and returns the output objects in the task result; a job failure
+  comes back as its reason and kind, so the node reports it to PACS as usual;
+- the node writes the returned objects into the job's output folder and queues them in its
+  outbox, once: the task is one step of the node's job, so a result is consumed by exactly
+  one waiting job.
+
+Tasks are acknowledged late and rejected when their worker is lost, with one task per
+worker slot at a time: a worker killed mid-job leaves its message unacknowledged, and the
+broker gives it to another worker after ``visibility_timeout_s``. Files travel
+zlib-compressed and base64-encoded in JSON (no pickle crosses the broker); each file's
+SHA-256 is checked on arrival.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import tempfile
+import uuid
+import zlib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import structlog
+from celery import Celery
+from celery.signals import setup_logging, worker_ready
+
+from dicomnode.config import CelerySettings, NodeConfig
+from dicomnode.failures import FailureKind
+from dicomnode.node import JobSpec, Process
+from dicomnode.processing import JobFailure, PipelineFactory, run_pipeline
+from pipelines.registry import pipeline_factory
+
+log = structlog.get_logger(__name__)
+
+TASK_NAME = "dicomnode.run_job"
+PAYLOAD_FORMAT = "dicomnode-job/1"
+
+Payload = dict[str, Any]
+
+
+class PayloadError(ValueError):
+    """A task message or result that is not what this version of dicomnode sends."""
+
+
+def pack_files(paths: Sequence[Path]) -> list[dict[str, str]]:
+    """Each file as ``{name, sha256, data}`` (zlib, base64), in order; names are
+    positions (``0000.dcm``), never the spool's paths."""
+    packed = []
+    for index, path in enumerate(paths):
+        data = path.read_bytes()
+        packed.append(
+            {
+                "name": f"{index:04d}.dcm",
+                "sha256": hashlib.sha256(data).hexdigest(),
+                "data": base64.b64encode(zlib.compress(data, 1)).decode("ascii"),
+            }
+        )
+    return packed
+
+
+def unpack_files(packed: Sequence[Mapping[str, str]], folder: Path) -> list[Path]:
+    """Write the files of :func:`pack_files` into ``folder``; ``PayloadError`` when one is
+    damaged (its hash differs) or named outside the folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for item in packed:
+        name = str(item["name"])
+        if Path(name).name != name or not name.endswith(".dcm"):
+            raise PayloadError(f"file name {name!r} is not a plain .dcm name")
+        data = zlib.decompress(base64.b64decode(item["data"]))
+        if hashlib.sha256(data).hexdigest() != item["sha256"]:
+            raise PayloadError(f"file {name} does not match its SHA-256")
+        path = folder / name
+        path.write_bytes(data)
+        paths.append(path)
+    return paths
+
+
+def job_payload(job: JobSpec, fallback: str | None) -> Payload:
+    """The task message of ``job``: what a worker needs and nothing that names a patient."""
+    return {
+        "format": PAYLOAD_FORMAT,
+        "job_id": job.job_id,
+        "pipeline": job.pipeline,
+        "fallback": fallback,
+        "revision": job.revision,
+        "files": pack_files(job.instance_paths),
+    }
+
+
+def run_payload(payload: Mapping[str, Any], pipelines: PipelineFactory) -> Payload:
+    """Run one task message in a private temporary folder (the worker's side): the output
+    files, or the job failure's reason and kind."""
+    if payload.get("format") != PAYLOAD_FORMAT:
+        raise PayloadError(f"task format {payload.get('format')!r} is not {PAYLOAD_FORMAT}")
+    job_id = int(payload["job_id"])
+    bound = log.bind(job_id=job_id, pipeline=payload["pipeline"])
+    with tempfile.TemporaryDirectory(prefix=f"dicomnode-job-{job_id}-") as tmp:
+        paths = unpack_files(payload["files"], Path(tmp) / "in")
+        bound.info("remote job started", instances=len(paths))
+        try:
+            outputs = run_pipeline(
+                paths, str(payload["pipeline"]), Path(tmp) / "out", payload.get("fallback"),
+                revision=int(payload["revision"]), pipelines=pipelines,
+            )  # fmt: skip
+        except JobFailure as exc:
+            bound.warning("remote job failed", reason=str(exc), kind=exc.kind.value)
+            return {"format": PAYLOAD_FORMAT, "ok": False, "reason": str(exc), "kind": exc.kind}
+        bound.info("remote job done", outputs=len(outputs))
+        return {"format": PAYLOAD_FORMAT, "ok": True, "outputs": pack_files(outputs)}
+
+
+def outputs_of(result: Mapping[str, Any], output_dir: Path) -> list[Path]:
+    """The output files of a task result written into ``output_dir`` (the node's side);
+    a failed job raises its ``JobFailure``."""
+    if result.get("format") != PAYLOAD_FORMAT:
+        raise PayloadError(f"task result format {result.get('format')!r} is not {PAYLOAD_FORMAT}")
+    if not result["ok"]:
+        raise JobFailure(str(result["reason"]), FailureKind(result["kind"]))
+    arrived = output_dir / ".arrived"
+    # The worker names its outputs by position; here they get the node's own names.
+    written = [path.rename(output_dir / _output_name(path))
+               for path in unpack_files(result["outputs"], arrived)]  # fmt: skip
+    arrived.rmdir()
+    return written
+
+
+def _output_name(path: Path) -> str:
+    """``<Modality>-<SOPInstanceUID>.dcm``, as the node names the outputs it writes."""
+    ds = pydicom.dcmread(
+        path, stop_before_pixels=True, specific_tags=["Modality", "SOPInstanceUID"]
+    )
+    name = f"{ds.Modality}-{ds.SOPInstanceUID}.dcm"
+    if Path(name).name != name:
+        raise PayloadError(f"output {path.name} has an unusable SOP Instance UID")
+    return name
+
+
+def celery_app(settings: CelerySettings) -> Celery:
+    """The Celery application of node and workers: JSON only, late acknowledgement, one
+    task per worker slot, redelivery after ``visibility_timeout_s``."""
+    app = Celery("dicomnode", broker=settings.broker_url,
+                 backend=settings.result_backend or settings.broker_url)  # fmt: skip
+    transport = {"visibility_timeout": settings.visibility_timeout_s}
+    app.conf.update(
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_default_queue=settings.queue,
+        broker_transport_options=transport,
+        result_backend_transport_options=transport,
+        result_expires=int(settings.job_timeout_s) + 3600,
+        worker_hijack_root_logger=False,
+        worker_redirect_stdouts=False,
+        broker_connection_retry_on_startup=True,
+        task_track_started=True,
+    )
+    return app
+
+
+def celery_processor(config: NodeConfig, app: Celery | None = None) -> Process:
+    """The node's job callback in scale-out mode: send the job to the workers, wait for
+    its result (at most ``job_timeout_s``) and write the returned objects."""
+    settings = config.celery
+    if settings is None:
+        raise ValueError("celery_processor needs a [celery] section in the config")
+    celery = celery_app(settings) if app is None else app
+
+    def process_job(job: JobSpec) -> list[Path]:
+        payload = job_payload(job, config.default_pipeline)
+        task_id = f"dicomnode-job-{job.job_id}-{uuid.uuid4().hex}"
+        log.info("job sent to the Celery workers", job_id=job.job_id, task_id=task_id)
+        pending = celery.send_task(TASK_NAME, args=[payload], task_id=task_id,
+                                   queue=settings.queue)  # fmt: skip
+        try:
+            result = pending.get(timeout=settings.job_timeout_s, propagate=True)
+        except JobFailure:
+            raise
+        except Exception as exc:  # the worker's unexpected error or the wait's timeout
+            raise JobFailure(f"remote job failed: {type(exc).__name__}: {exc}") from exc
+        finally:
+            pending.forget()
+        job.output_dir.mkdir(parents=True, exist_ok=True)
+        return outputs_of(result, job.output_dir)
+
+    return process_job
+
+
+def register_worker_task(app: Celery, config: NodeConfig) -> None:
+    """Define the task the workers run, on pipelines built from ``config.pipelines``."""
+    pipelines = pipeline_factory(config.pipelines)
+
+    @app.task(name=TASK_NAME, acks_late=True, reject_on_worker_lost=True)
+    def run_job(payload: dict[str, Any]) -> Payload:
+        return run_payload(payload, pipelines)
+
+
+def _keep_node_logging(**_: object) -> None:
+    """Celery's ``setup_logging`` receiver: its presence stops Celery configuring logging."""
+
+
+def _log_ready(sender: object = None, **_: object) -> None:
+    """Say, in the node's log, that the worker takes jobs."""
+    log.info("celery worker ready", worker=str(getattr(sender, "hostname", sender)))
+
+
+def run_worker(config: NodeConfig, hostname: str | None = None) -> None:
+    """Run a Celery worker for ``config`` until it is stopped (``dicomnode worker``)."""
+    settings = config.celery
+    if settings is None:
+        raise ValueError("dicomnode worker needs a [celery] section in the config")
+    app = celery_app(settings)
+    register_worker_task(app, config)
+    # The node's JSON logging (configured by the CLI) stays: Celery adds no handler.
+    setup_logging.connect(_keep_node_logging, weak=False)
+    worker_ready.connect(_log_ready, weak=False)
+    pool = "solo" if settings.worker_concurrency == 1 else "prefork"
+    argv = [
+        "--quiet",  # no banner on stdout: every line the worker writes is the node's JSON
+        "worker", "--queues", settings.queue, "--pool", pool,
+        "--concurrency", str(settings.worker_concurrency),
+        "--loglevel", "INFO", "--without-gossip", "--without-mingle",
+    ]  # fmt: skip
+    if hostname:
+        argv += ["--hostname", hostname]
+    app.worker_main(argv)

@@ -1,0 +1,184 @@
+"""Scale-out on Celery with a real Redis broker (Debian's ``redis-server``) and real
+``dicomnode worker`` processes: a worker killed mid-job leaves its job to another worker,
+which completes it exactly once; jobs spread over two workers; a job that fails on a
+worker reaches PACS as a failure notice, as it does in-process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from pydicom.dataset import Dataset
+
+from dicomnode.config import NodeConfig
+from dicomnode.distributed import PayloadError, celery_processor, pack_files, unpack_files
+from dicomnode.node import Node
+from dicomnode.processing import reporting
+from dicomnode.records import JobState
+from pipelines.synthetic import synthetic_head_ct, write_series
+from tests.orthanc import Orthanc
+from tests.pacs_reports import node_config, storescu, wait_for
+from tests.support import free_port, require_tool
+
+REPO = Path(__file__).resolve().parents[1]
+VISIBILITY_TIMEOUT_S = 3.0
+
+
+@pytest.fixture()
+def redis_url(tmp_path: Path) -> Iterator[str]:
+    """A throw-away Redis on a free loopback port, persisting nothing."""
+    executable = require_tool("redis-server", "redis-server")
+    port = free_port()
+    process = subprocess.Popen(
+        [executable, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no", "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    client = redis.Redis(host="127.0.0.1", port=port)
+    wait_for(lambda: _pings(client), 20, "redis-server to answer")
+    try:
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def _pings(client: redis.Redis) -> bool:
+    """Whether Redis answers PING."""
+    try:
+        return bool(client.ping())
+    except redis.ConnectionError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
+    pacs = Orthanc(tmp_path_factory.mktemp("orthanc-celery"))
+    pacs.start()
+    yield pacs
+    pacs.stop()
+
+
+def _config(base: Path, pacs: Orthanc, broker: str) -> tuple[NodeConfig, Path]:
+    """The node's config in Celery mode, and the same config as a TOML file for workers."""
+    data = node_config(base, pacs).model_dump(mode="json")
+    data["worker"] = {"threads": 4}  # jobs in flight at once, each waiting on a worker
+    data["celery"] = {
+        "broker_url": broker, "visibility_timeout_s": VISIBILITY_TIMEOUT_S, "job_timeout_s": 120,
+    }  # fmt: skip
+    config = NodeConfig.model_validate(data)
+    toml = base / "worker.toml"
+    base.mkdir(parents=True, exist_ok=True)
+    toml.write_text(
+        f'spool_dir = "{base / "worker-spool"}"\nstate_dir = "{base / "worker-state"}"\n'
+        '[[allowed_callers]]\nae_title = "STORESCU"\nhost = "127.0.0.1"\n'
+        f'[celery]\nbroker_url = "{broker}"\nvisibility_timeout_s = {VISIBILITY_TIMEOUT_S}\n'
+    )
+    return config, toml
+
+
+class Worker:
+    """One ``dicomnode worker`` process (own process group), logging into a file."""
+
+    def __init__(self, toml: Path, name: str, folder: Path) -> None:
+        """Start the worker ``name`` on the config ``toml``."""
+        self.log = folder / f"{name}.log"
+        with self.log.open("wb") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "dicomnode.cli", "worker", "--config", str(toml),
+                 "--hostname", f"{name}@dicomnode-test"],
+                cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                env={**os.environ, "PYTHONPATH": str(REPO)},
+            )  # fmt: skip
+
+    def said(self, text: str) -> bool:
+        """Whether the worker's log holds ``text``."""
+        return text in self.log.read_text(errors="replace")
+
+    def kill(self) -> None:
+        """SIGKILL the worker and everything it started, as a host that dies."""
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(timeout=10)
+
+
+def _series(seed: int) -> list[Dataset]:
+    """A small synthetic head CT of its own patient and study."""
+    return synthetic_head_ct(seed=seed, n_slices=8, rows=64)
+
+
+def test_a_killed_workers_job_completes_on_another_exactly_once(
+    tmp_path: Path, orthanc: Orthanc, redis_url: str
+) -> None:
+    config, toml = _config(tmp_path / "node", orthanc, redis_url)
+    sources = _series(71)
+    first = Worker(toml, "first", tmp_path)
+    second: Worker | None = None
+    try:
+        with Node(config, celery_processor(config), reporting()) as node:
+            storescu(node, write_series(sources, tmp_path / "in"))
+            wait_for(lambda: first.said("remote job started"), 90, "the first worker's start")
+            first.kill()
+            assert not first.said("remote job done")
+            time.sleep(VISIBILITY_TIMEOUT_S + 0.5)  # the message becomes visible again
+            second = Worker(toml, "second", tmp_path)
+            wait_for(lambda: node.is_idle() and bool(node.outbox.items()), 120, "the job")
+            [job] = node.jobs.all()
+            assert job.state == JobState.DONE
+            assert second.said("remote job done")
+            items = node.outbox.items()
+            assert len(items) == 3  # SEG, SC, SR: the result was consumed once
+            study = str(sources[0].StudyInstanceUID)
+            stored = [t for t in orthanc.instances() if t.get("StudyInstanceUID") == study]
+            assert len(stored) == 3
+    finally:
+        first.kill()
+        if second is not None:
+            second.kill()
+
+
+def test_jobs_spread_over_two_workers_and_failures_reach_pacs(
+    tmp_path: Path, orthanc: Orthanc, redis_url: str
+) -> None:
+    config, toml = _config(tmp_path / "node", orthanc, redis_url)
+    good = [_series(80 + i) for i in range(4)]
+    unloadable = _series(90)
+    for ds in unloadable:
+        del ds.ImagePositionPatient
+    workers = [Worker(toml, name, tmp_path) for name in ("left", "right")]
+    try:
+        for worker in workers:
+            wait_for(lambda w=worker: w.said("celery worker ready"), 90, "the workers to be ready")
+        with Node(config, celery_processor(config), reporting()) as node:
+            for index, datasets in enumerate([*good, unloadable]):
+                storescu(node, write_series(datasets, tmp_path / f"in{index}"))
+            wait_for(lambda: len(node.jobs.all()) == 5 and node.is_idle(), 180, "all five jobs")
+            states = sorted(job.state for job in node.jobs.all())
+            assert states == [JobState.DONE] * 4 + [JobState.FAILED]
+            [failed] = [job for job in node.jobs.all() if job.state == JobState.FAILED]
+            assert "series cannot be loaded" in str(failed.reason)
+            assert all(w.said("remote job done") for w in workers)
+            study = str(unloadable[0].StudyInstanceUID)
+            notices = [t for t in orthanc.instances() if t.get("StudyInstanceUID") == study]
+            assert len(notices) == 2  # the "analysis not performed" SR and SC
+    finally:
+        for worker in workers:
+            worker.kill()
+
+
+def test_a_damaged_file_in_a_message_is_refused(tmp_path: Path) -> None:
+    source = tmp_path / "a.dcm"
+    source.write_bytes(b"DICM" * 100)
+    [packed] = pack_files([source])
+    assert unpack_files([packed], tmp_path / "ok")[0].read_bytes() == source.read_bytes()
+    with pytest.raises(PayloadError, match="SHA-256"):
+        unpack_files([{**packed, "sha256": "0" * 64}], tmp_path / "bad")
+    with pytest.raises(PayloadError, match="plain"):
+        unpack_files([{**packed, "name": "../escape.dcm"}], tmp_path / "bad")
