@@ -37,6 +37,11 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 from pipelines.base import PipelineResult, RegionMeasurements, RiskPrediction, SegmentResult
+from pipelines.outputs.classification import (
+    check_classifications,
+    classification_items,
+    classification_lines,
+)
 from pipelines.outputs.common import (
     HU_MAX_METHOD,
     MANUFACTURER,
@@ -200,6 +205,9 @@ def region_group(
     if risk is not None and scored_region(result) == (planned.class_index, planned.region_index):
         measurements += risk_measurements(risk)
         evaluations.append(risk_category(risk))
+    classified, classes = classification_items(result, planned)
+    measurements += classified
+    evaluations += classes
     return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=planned.tracking_uid(str(seg.SOPInstanceUID)), identifier=plain(planned.label)
@@ -296,7 +304,11 @@ def notice_container(result: PipelineResult) -> hd.sr.ContainerContentItem:
                 value=line,
                 relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
             )
-            for line in [*summary_lines(result), *risk_lines(result)]
+            for line in [
+                *summary_lines(result),
+                *risk_lines(result),
+                *(line for line, _ in classification_lines(result)),
+            ]
         ]
     )
     return container
@@ -339,6 +351,7 @@ def build_sr(
     Completion COMPLETE, verification UNVERIFIED, preliminary flag PRELIMINARY: nobody has
     reviewed an automatic result.
     """
+    check_classifications(result)
     groups = measurement_groups(series, result, seg)
     report = hd.sr.MeasurementReport(
         observation_context=observation_context(result, identity),
