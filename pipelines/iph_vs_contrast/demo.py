@@ -8,6 +8,7 @@ from pathlib import Path
 from pipelines.iph_vs_contrast.cohort import AreaVariables, write_iph_case
 
 DEMO_COHORT_SEED = 9000  # apart from the training cohort's seed
+DEMO_ROWS = 256  # 0.9 mm pixels: the Secondary Capture's text panel is legible
 DEMO_AREAS = (
     # texture, shape, oracle probability, label, pattern, lesion-parameter noise
     AreaVariables(1.4, 0.8, 0.93, 1, "haemorrhage", (0.5, 0.0, 0.0, -1.0, 0.0, 0.5, 0.0, 0.0)),
@@ -17,7 +18,7 @@ DEMO_AREAS = (
 
 
 def demo_case(folder: Path, seed: int = 1) -> list[Path]:
-    """Write one generated case (a CT series of ``DEFAULT_SLICES`` frames with
+    """Write one generated case (a CT series of 16 frames of :data:`DEMO_ROWS` px with
     :data:`DEMO_AREAS`) into ``folder``; returns the files written, in slice order."""
-    case = write_iph_case(folder, DEMO_COHORT_SEED + seed, 0, areas=DEMO_AREAS)
+    case = write_iph_case(folder, DEMO_COHORT_SEED + seed, 0, rows=DEMO_ROWS, areas=DEMO_AREAS)
     return sorted(case.folder.glob("*.dcm"))

@@ -97,6 +97,7 @@ class TrainingReport:
     n_train: int
     n_test: int
     unmatched_regions: int
+    folds_out: tuple[int, int]  # (held out, of) stratified patient folds
     table: str  # the held-out Markdown table
     aucs: Mapping[str, float]  # held-out AUC per model
     split_aucs: Sequence[Mapping[str, float]]  # held-out AUCs over the extra splits
@@ -156,10 +157,14 @@ def case_areas(
 
 
 def patient_split(
-    case_ids: Sequence[str], labels: NDArray[np.int_], seed: int
+    case_ids: Sequence[str],
+    labels: NDArray[np.int_],
+    seed: int,
+    folds_out: tuple[int, int] = TEST_FRACTION_FOLDS,
 ) -> tuple[NDArray[np.bool_], NDArray[np.bool_]]:
-    """Training and held-out masks of the areas: 3 of 10 stratified patient folds out."""
-    held, folds = TEST_FRACTION_FOLDS
+    """Training and held-out masks of the areas: ``folds_out`` = (held, of) stratified
+    patient folds held out (default 3 of 10, the study's 7:3)."""
+    held, folds = folds_out
     splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
     test = np.zeros(len(case_ids), dtype=bool)
     for k, (_, test_index) in enumerate(splitter.split(np.zeros(len(labels)), labels, case_ids)):
@@ -242,14 +247,15 @@ def collect_areas(
     segmenter: Segmenter,
     params: str | Path,
     progress: ProgressFn | None = None,
+    reliability_areas: int = RELIABILITY_AREAS,
 ) -> tuple[list[AreaRow], int, int]:
     """Every labelled area of the cohort (readers on the first cases' areas until
-    :data:`RELIABILITY_AREAS` have them), the unmatched regions and the case count."""
+    ``reliability_areas`` have them), the regions left out and the case count."""
     folders = sorted(p for p in (cohort_dir / "cases").iterdir() if p.is_dir())
     rows: list[AreaRow] = []
     unmatched = 0
     for k, folder in enumerate(folders):
-        with_readers = sum(r.readers is not None for r in rows) < RELIABILITY_AREAS
+        with_readers = sum(r.readers is not None for r in rows) < reliability_areas
         found, missed = case_areas(
             folder,
             cohort_dir / "ground_truth" / f"{folder.name}.npz",
@@ -274,6 +280,8 @@ def train_iph_model(
     segmenter: Segmenter | None = None,
     cv: int = 10,
     extra_splits: int = EXTRA_SPLITS,
+    reliability_areas: int = RELIABILITY_AREAS,
+    folds_out: tuple[int, int] = TEST_FRACTION_FOLDS,
     progress: ProgressFn | None = None,
     extra: Mapping[str, Any] | None = None,
 ) -> TrainingReport:
@@ -281,7 +289,9 @@ def train_iph_model(
     ``root`` with its report ``root/<name>/<version>.report.md``; returns the report."""
     started = time.monotonic()
     segmenter = segmenter or HyperdenseThresholdPipeline()
-    rows, unmatched, n_cases = collect_areas(cohort_dir, segmenter, params, progress)
+    rows, unmatched, n_cases = collect_areas(
+        cohort_dir, segmenter, params, progress, reliability_areas
+    )
     extracted = time.monotonic()
     names = sorted(set.intersection(*(set(r.radiomics) for r in rows)))
     X = np.array([[r.radiomics[n] for n in names] for r in rows], dtype=np.float64)
@@ -296,7 +306,7 @@ def train_iph_model(
         "Volume alone": np.array([r.volume_ml for r in rows]),
     }
     icc_values = np.nan_to_num(reliability_icc(rows, names), nan=-1.0)
-    train, test = patient_split(case_ids, y, seed)
+    train, test = patient_split(case_ids, y, seed, folds_out)
     fitted = fit_split(X, y, baselines, oracle, train, icc_values, seed, cv)
     rows_table = evaluation_table(
         {name: (fitted.y_test, score) for name, score in fitted.scores.items()},
@@ -312,7 +322,7 @@ def train_iph_model(
     calibration = hosmer_lemeshow(fitted.y_test, _sigmoid(radscore), groups=8)
     split_aucs = []
     for k in range(1, extra_splits + 1):
-        other_train, _ = patient_split(case_ids, y, seed + k)
+        other_train, _ = patient_split(case_ids, y, seed + k, folds_out)
         other = fit_split(X, y, baselines, oracle, other_train, icc_values, seed, cv)
         split_aucs.append(
             {
@@ -350,7 +360,8 @@ def train_iph_model(
             "selection": "ICC > 0.80 (min of intra and inter) -> z-score -> mRMR top 10 -> "
             f"LASSO logistic ({cv}-fold CV)",
             "seed": seed,
-            "split": "patient-level, 3 of 10 stratified group folds held out",
+            "split": f"patient-level, {folds_out[0]} of {folds_out[1]} stratified group folds "
+            "held out",
             "segmenter": segmenter.name,
         },
         feature_names=tuple(names),
@@ -383,6 +394,7 @@ def train_iph_model(
         n_train=int(train.sum()),
         n_test=int(test.sum()),
         unmatched_regions=unmatched,
+        folds_out=folds_out,
         table=table,
         aucs=aucs,
         split_aucs=split_aucs,
@@ -479,7 +491,8 @@ def report_markdown(
         "generous reader grown one voxel in-plane into >= 45 HU), kept when min(intra, "
         f"inter) > {ICC_THRESHOLD}: {int(np.sum(icc_values > ICC_THRESHOLD))} features; "
         "z-score -> mRMR top 10 -> LASSO logistic regression (stratified CV). "
-        "Patient-level split: 3 of 10 stratified group folds held out "
+        f"Patient-level split: {report.folds_out[0]} of {report.folds_out[1]} stratified "
+        "group folds held out "
         f"({report.n_train} training, {report.n_test} held-out areas).",
         "",
         "Rad-score = "
