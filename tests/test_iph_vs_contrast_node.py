@@ -145,7 +145,7 @@ def _wait_for_results(node: Node, pacs: Orthanc, timeout_s: float = 120.0) -> No
     while time.monotonic() < deadline:
         failed = [j.reason for j in node.jobs.all() if j.state is JobState.FAILED]
         assert not failed, f"job failed: {failed}"
-        if node.is_idle() and len(pacs.get("/instances")) >= 16 + 3:
+        if node.is_idle() and len(pacs.get("/instances")) >= len(OUTPUT_CLASSES):
             return
         time.sleep(0.25)
     raise AssertionError("timed out waiting for the results in the PACS")
@@ -162,6 +162,9 @@ state_dir = "state"
 [node]
 ae_title = "DICOMNODE"
 port = {free_port()}
+
+[[allowed_callers]]
+ae_title = "STORESCU"
 
 [destinations.PACS]
 ae_title = "PACS"

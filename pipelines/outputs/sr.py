@@ -21,6 +21,11 @@ qualitative evaluation (DCM 121153 Lesion Risk: SCT High risk / Low risk). The T
 lines name the scored region and why it was chosen (``RiskPrediction.scored_reason``).
 A risk with no region to attach to (the result has none) is stated in TEXT only.
 
+Per-region classifier verdicts (``PipelineResult.classifications``, e.g. haemorrhage vs
+contrast staining per area) go into the group of each classified region: the score, its
+cut-off, the probability of the positive class and the class as a qualitative
+evaluation (``pipelines.outputs.classification``).
+
 The notice ("NOT FOR DIAGNOSTIC USE"), the algorithm's kind and provenance and the lines
 the Secondary Capture shows are TEXT items of a root "Qualitative Evaluations" container.
 Every text is ASCII (``common.plain``), so no Specific Character Set is needed.
