@@ -3,9 +3,13 @@ bundled model and the SEG / SC / SR it writes (no network: see test_iph_vs_contr
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import highdicom as hd
 import numpy as np
@@ -168,6 +172,28 @@ def test_pipeline_classifies_each_area_and_writes_valid_seg_sc_sr(
         assert classified.value.value == expected
     cutoff = groups["Haemorrhage 1"].get_measurements(name=codes.DCM.ThresholdValue)[0].value
     assert float(cutoff) == pytest.approx(pipeline.model.score_cutoff, abs=1e-3)
+    read = _tid1500(paths[2], tmp_path / "sr.json")  # what 3D Slicer reads
+    by_region = {
+        g["TrackingIdentifier"]: {m["quantity"]["CodeMeaning"] for m in g["measurementItems"]}
+        for g in read["Measurements"]
+    }
+    assert all({"Rad-score", "Threshold Value", "Probability"} <= v for v in by_region.values())
+
+
+def _tid1500(sr: Path, out: Path) -> dict[str, Any]:
+    """dcmqi's ``tid1500reader`` JSON of an SR (skips where dcmqi is not installed)."""
+    beside = Path(sys.executable).parent / "tid1500reader"
+    tool = str(beside) if beside.exists() else shutil.which("tid1500reader")
+    if tool is None:
+        pytest.skip("tid1500reader not found: pip install dcmqi (the dev extra)")
+    subprocess.run(
+        [tool, "--inputDICOM", str(sr), "--outputMetadata", str(out)],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    loaded: dict[str, Any] = json.loads(out.read_text())
+    return loaded
 
 
 def test_a_series_without_hyperdense_areas_gives_empty_classes(
