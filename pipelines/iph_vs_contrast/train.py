@@ -46,10 +46,14 @@ from model_store.registry import STORE_ROOT
 from pipelines.base import PipelineError
 from pipelines.contract import Segmenter
 from pipelines.evaluation import (
+    DelongTest,
+    EvaluationRow,
+    HosmerLemeshow,
     delong_test,
     evaluation_table,
     hosmer_lemeshow,
     to_markdown,
+    youden_cutoff,
 )
 from pipelines.hyperdense import HyperdenseThresholdPipeline
 from pipelines.iph_vs_contrast.features import area_radiomics, find_areas, reader_masks
@@ -194,8 +198,6 @@ def _single_feature(x_train: NDArray[np.float64], y_train: NDArray[np.int_]) -> 
 
 def youden(y: NDArray[np.int_], score: NDArray[np.float64]) -> float:
     """The Youden cut-off of ``score`` on the areas ``y``."""
-    from pipelines.evaluation import youden_cutoff
-
     return float(youden_cutoff(y, score))
 
 
@@ -417,7 +419,7 @@ def _selected_names(recipe: Pipeline, names: Sequence[str]) -> list[str]:
     return [str(n) for n in current]
 
 
-def _row_dict(row: Any) -> dict[str, float]:
+def _row_dict(row: EvaluationRow) -> dict[str, float]:
     """JSON-ready figures of one evaluation row."""
     m = row.metrics
     return {
@@ -444,8 +446,8 @@ def report_markdown(
     report: TrainingReport,
     formula: Mapping[str, Any],
     cutoff: float,
-    tests: Mapping[str, Any],
-    calibration: Any,
+    tests: Mapping[str, DelongTest],
+    calibration: HosmerLemeshow,
     names: Sequence[str],
     icc_values: NDArray[np.float64],
     rows: Sequence[AreaRow],
