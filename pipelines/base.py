@@ -115,6 +115,32 @@ class RiskPrediction:
 
 
 @dataclass(frozen=True)
+class RegionClassification:
+    """A per-region classifier's verdict on one region (e.g. haemorrhage vs contrast
+    staining), as the SR and SC report it beside the region's measurements.
+
+    The class the region was given is its segment's class (``PipelineResult.segments``
+    holds one segment per class); this record carries the score behind it.
+    """
+
+    region: tuple[int, int]  # (segment index, region index), both from 0
+    score_name: str  # e.g. "Rad-score"
+    score: float
+    score_cutoff: float  # the model's operating point on the score's scale
+    probability: float  # 0..1, of ``positive``
+    positive: str  # the class the probability is of, e.g. "intraparenchymal haemorrhage"
+    model_name: str
+    model_version: str
+    notice: str  # e.g. "trained on synthetic data - not for clinical use"
+    positive_code: CodedConcept | None = None  # coded ``positive``
+
+    @property
+    def is_positive(self) -> bool:
+        """The class at the cut-off: ``score >= score_cutoff``."""
+        return self.score >= self.score_cutoff
+
+
+@dataclass(frozen=True)
 class HeatMap:
     """A saliency map (e.g. Grad-CAM) on one source frame, values in [0, 1]."""
 
@@ -133,6 +159,8 @@ class PipelineResult:
     notes: Sequence[str] = field(default_factory=tuple)
     risk: RiskPrediction | None = None
     heatmaps: Sequence[HeatMap] = field(default_factory=tuple)
+    # Per-region classifier verdicts (e.g. pipeline iph_vs_contrast), one per region.
+    classifications: Sequence[RegionClassification] = field(default_factory=tuple)
 
 
 class Pipeline(Protocol):

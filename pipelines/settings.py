@@ -136,6 +136,14 @@ class HtAfterMtSettings(StoredModelSettings):
     segmenter: SegmenterName = "hyperdense_regions"
 
 
+class IphVsContrastSettings(StoredModelSettings):
+    """``[pipelines.iph_vs_contrast]``: the Rad-score model and the segmenter whose
+    regions are the hyperdense areas it classifies (no network of its own: a learned
+    segmenter runs where that segmenter's settings say)."""
+
+    segmenter: SegmenterName = "hyperdense_regions"
+
+
 class PipelinesSettings(_Settings):
     """``[pipelines]``: one section per pipeline, each optional."""
 
@@ -143,3 +151,4 @@ class PipelinesSettings(_Settings):
     hyperdense_unet: UNetSettings = UNetSettings()
     blast_ct: BlastCtSettings = BlastCtSettings()
     ht_after_mt: HtAfterMtSettings = HtAfterMtSettings()
+    iph_vs_contrast: IphVsContrastSettings = IphVsContrastSettings()

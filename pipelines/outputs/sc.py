@@ -14,6 +14,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from scipy.ndimage import binary_erosion
 
 from pipelines.base import PipelineResult
+from pipelines.outputs.classification import classification_lines
 from pipelines.outputs.common import (
     MANUFACTURER,
     OutputIdentity,
@@ -103,6 +104,9 @@ def sc_pixels(series: LoadedSeries, result: PipelineResult) -> NDArray[np.uint8]
     extra = risk_lines(result)
     lines += extra
     colours += [RISK_COLOUR] * len(extra)
+    for line, colour in classification_lines(result):
+        lines.append(line)
+        colours.append(colour)
     return np.concatenate([image, text_panel(image.shape[1], lines, colours)], axis=0)
 
 

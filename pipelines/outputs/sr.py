@@ -21,6 +21,11 @@ qualitative evaluation (DCM 121153 Lesion Risk: SCT High risk / Low risk). The T
 lines name the scored region and why it was chosen (``RiskPrediction.scored_reason``).
 A risk with no region to attach to (the result has none) is stated in TEXT only.
 
+Per-region classifier verdicts (``PipelineResult.classifications``, e.g. haemorrhage vs
+contrast staining per area) go into the group of each classified region: the score, its
+cut-off, the probability of the positive class and the class as a qualitative
+evaluation (``pipelines.outputs.classification``).
+
 The notice ("NOT FOR DIAGNOSTIC USE"), the algorithm's kind and provenance and the lines
 the Secondary Capture shows are TEXT items of a root "Qualitative Evaluations" container.
 Every text is ASCII (``common.plain``), so no Specific Character Set is needed.
@@ -37,6 +42,11 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 from pipelines.base import PipelineResult, RegionMeasurements, RiskPrediction, SegmentResult
+from pipelines.outputs.classification import (
+    check_classifications,
+    classification_items,
+    classification_lines,
+)
 from pipelines.outputs.common import (
     HU_MAX_METHOD,
     MANUFACTURER,
@@ -200,6 +210,9 @@ def region_group(
     if risk is not None and scored_region(result) == (planned.class_index, planned.region_index):
         measurements += risk_measurements(risk)
         evaluations.append(risk_category(risk))
+    classified, classes = classification_items(result, planned)
+    measurements += classified
+    evaluations += classes
     return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=planned.tracking_uid(str(seg.SOPInstanceUID)), identifier=plain(planned.label)
@@ -296,7 +309,11 @@ def notice_container(result: PipelineResult) -> hd.sr.ContainerContentItem:
                 value=line,
                 relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
             )
-            for line in [*summary_lines(result), *risk_lines(result)]
+            for line in [
+                *summary_lines(result),
+                *risk_lines(result),
+                *(line for line, _ in classification_lines(result)),
+            ]
         ]
     )
     return container
@@ -339,6 +356,7 @@ def build_sr(
     Completion COMPLETE, verification UNVERIFIED, preliminary flag PRELIMINARY: nobody has
     reviewed an automatic result.
     """
+    check_classifications(result)
     groups = measurement_groups(series, result, seg)
     report = hd.sr.MeasurementReport(
         observation_context=observation_context(result, identity),
