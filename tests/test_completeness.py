@@ -52,9 +52,7 @@ def _facts(datasets: list[Dataset]) -> tuple[InstanceFacts, ...]:
     return tuple(instance_facts(ds, ds.SOPInstanceUID, ds.SOPClassUID) for ds in datasets)
 
 
-def _series(
-    instances: tuple[InstanceFacts, ...], released_at: float | None = None
-) -> SeriesFacts:
+def _series(instances: tuple[InstanceFacts, ...], released_at: float | None = None) -> SeriesFacts:
     return SeriesFacts(len(instances), LAST, released_at, instances)
 
 
