@@ -12,9 +12,11 @@ Evidence, strongest first, and what each one trusts:
   (Enhanced / Legacy Converted Enhanced CT or MR) holding all of its NumberOfFrames
   frames; a concatenation is complete when InConcatenationTotalNumber instances of it
   arrived. Trusts that the scanner puts one volume in one object.
-- ``images_in_acquisition``: for every AcquisitionNumber seen, as many instances arrived as
-  ImagesInAcquisition (0020,1002) declares (all instances of the acquisition declaring
-  the same number). Trusts that the scanner sends the whole acquisition in this series.
+- ``images_in_acquisition``: as many instances arrived as ImagesInAcquisition (0020,1002)
+  declares, all instances declaring the same number. Trusts that the scanner sends the
+  whole acquisition in this series. Per-acquisition counts of a series of several
+  acquisitions (step-and-shoot CT numbers each rotation) are not evidence: they cannot
+  show that no further acquisition follows.
 - ``number_of_slices``: the series holds NumberOfSlices (0054,0081) instances.
 - ``association_release``: the sender released the association after its last instance
   of the series, and no other open association had sent instances of it. Trusts that
@@ -243,25 +245,30 @@ def _enhanced(instances: Sequence[InstanceFacts]) -> Verdict | None:
 
 
 def _images_in_acquisition(instances: Sequence[InstanceFacts]) -> tuple[Verdict | None, str]:
-    """Complete when each acquisition has the instances it declares; else why not."""
-    acquisitions: dict[str | None, list[InstanceFacts]] = {}
-    for facts in instances:
-        acquisitions.setdefault(facts.acquisition_number, []).append(facts)
-    parts = []
-    for number, members in acquisitions.items():
-        declared = {f.images_in_acquisition for f in members}
-        if declared == {None}:
-            return None, "no ImagesInAcquisition"
-        if len(declared) != 1:
-            return None, f"acquisition {number}: instances declare different ImagesInAcquisition"
-        (expected,) = declared
-        assert expected is not None
-        if len(members) < expected:
-            return None, f"acquisition {number}: {len(members)} of {expected} images"
-        parts.append(f"acquisition {number}: {len(members)} of {expected} images")
-    if not parts:
-        return None, "no instance facts"
-    return Verdict(True, Evidence.IMAGES_IN_ACQUISITION, "; ".join(parts)), ""
+    """Complete when the series' one acquisition has the images it declares; else why not.
+
+    A series of several acquisitions (a step-and-shoot head CT numbers each rotation) is
+    complete only when every instance declares the same number and the whole series
+    reaches it (scanners that write the series' total): each acquisition reaching its
+    own count cannot show that no further acquisition follows.
+    """
+    declared = {f.images_in_acquisition for f in instances}
+    if not instances or declared == {None}:
+        return None, "no ImagesInAcquisition"
+    if len(declared) != 1:
+        acquisitions = {f.acquisition_number for f in instances}
+        if len(acquisitions) > 1:
+            return None, f"{len(acquisitions)} acquisitions: how many follow is unknown"
+        return None, "instances declare different ImagesInAcquisition"
+    (expected,) = declared
+    assert expected is not None
+    acquisitions = {f.acquisition_number for f in instances}
+    detail = f"{len(instances)} of {expected} images"
+    if len(acquisitions) > 1:
+        detail += f" in {len(acquisitions)} acquisitions"
+    if len(instances) < expected:
+        return None, detail
+    return Verdict(True, Evidence.IMAGES_IN_ACQUISITION, detail), ""
 
 
 def _number_of_slices(instances: Sequence[InstanceFacts]) -> tuple[Verdict | None, str]:

@@ -73,13 +73,20 @@ def test_a_missing_instance_waits_for_the_stable_age() -> None:
     assert late.complete and late.evidence is Evidence.STABLE_AGE
 
 
-def test_each_acquisition_must_reach_its_own_count() -> None:
-    both = _slices(6, declared=4)
-    for ds in both[4:]:
-        ds.AcquisitionNumber, ds.ImagesInAcquisition = 2, 2
-    partial = is_complete(_series(_facts(both[:5])), POLICY, LAST + 1)
-    assert not partial.complete and "acquisition 2: 1 of 2 images" in partial.detail
-    verdict = is_complete(_series(_facts(both)), POLICY, LAST + 1)
+def test_several_acquisitions_complete_only_on_the_series_total() -> None:
+    """Each step-and-shoot rotation reaching its own count says nothing of the next."""
+    per_rotation = _slices(6, declared=2)
+    for index, ds in enumerate(per_rotation):
+        ds.AcquisitionNumber = 1 + index // 2
+    per_rotation[-1].ImagesInAcquisition = 1
+    verdict = is_complete(_series(_facts(per_rotation)), POLICY, LAST + 1)
+    assert not verdict.complete and "3 acquisitions" in verdict.detail
+    totals = _slices(6, declared=6)
+    for index, ds in enumerate(totals):
+        ds.AcquisitionNumber = 1 + index // 2
+    partial = is_complete(_series(_facts(totals[:5])), POLICY, LAST + 1)
+    assert not partial.complete and "5 of 6 images in 3 acquisitions;" in partial.detail
+    verdict = is_complete(_series(_facts(totals)), POLICY, LAST + 1)
     assert verdict.complete and verdict.evidence is Evidence.IMAGES_IN_ACQUISITION
 
 
