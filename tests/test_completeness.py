@@ -11,6 +11,7 @@ from pydantic import ValidationError
 from pydicom import uid
 from pydicom.dataset import Dataset
 
+from dicomnode.assembler import Assembler
 from dicomnode.completeness import (
     CompletenessPolicy,
     CompletenessSettings,
@@ -22,6 +23,9 @@ from dicomnode.completeness import (
     is_complete,
 )
 from dicomnode.config import NodeConfig
+from dicomnode.jobs import JobQueue
+from dicomnode.records import Association, InstanceRecord
+from dicomnode.routing import Routed
 from dicomnode.series_facts import ReleaseTracker, SeriesFactsStore
 from dicomnode.state import StateStore
 from pipelines.synthetic import synthetic_head_ct
@@ -218,4 +222,60 @@ def test_completions_are_kept_per_decision(tmp_path: Path) -> None:
     (kept,) = facts.completions("1.2.9")
     assert kept.evidence is Evidence.IMAGES_IN_ACQUISITION and kept.instance_count == 4
     assert facts.series_facts("1.2.9", 0, LAST).released_at == LAST + 2
+    store.close()
+
+
+def _record(ds: Dataset, at: float, spool: Path) -> InstanceRecord:
+    """The receiver's record of one synthetic slice, with its facts."""
+    return InstanceRecord(
+        sop_instance_uid=ds.SOPInstanceUID, series_instance_uid=ds.SeriesInstanceUID,
+        study_instance_uid=ds.StudyInstanceUID, sop_class_uid=ds.SOPClassUID,
+        transfer_syntax_uid=uid.ExplicitVRLittleEndian, path=spool / f"{ds.SOPInstanceUID}.dcm",
+        received_at=at, association=Association("STORESCU", "DICOMNODE"), modality="CT",
+        body_part_examined="HEAD", series_description="", protocol_name="",
+        image_type=("ORIGINAL", "PRIMARY", "AXIAL"),
+        facts=instance_facts(ds, ds.SOPInstanceUID, ds.SOPClassUID),
+    )  # fmt: skip
+
+
+def test_the_assembler_applies_the_rules_trust_and_keeps_the_evidence(tmp_path: Path) -> None:
+    """The node trusts nothing but the head-CT rule trusts ImagesInAcquisition: the head
+    series starts one grace after its last instance, the other waits for the stable age."""
+    config = NodeConfig.model_validate(
+        {
+            "allowed_callers": [{"ae_title": "STORESCU"}],
+            "spool_dir": str(tmp_path / "spool"),
+            "state_dir": str(tmp_path / "state"),
+            "stable_age_s": STABLE_AGE_S,
+            "completeness": {"trust": []},
+            "routes": [
+                {
+                    "name": "head-ct",
+                    "match": {"body_part_examined": "HEAD", "series_description": "^head"},
+                    "pipeline": "hyperdense_regions",
+                    "completeness": {"trust": ["images_in_acquisition"]},
+                },
+                {"name": "other-ct", "pipeline": "hyperdense_regions"},
+            ],
+        }
+    )
+    store = StateStore(tmp_path / "state.sqlite3")
+    assembler = Assembler(config, store, JobQueue(store))
+    head, other = _slices(4, declared=4), synthetic_head_ct(seed=8, n_slices=4, rows=16)
+    for ds in other:
+        ds.ImagesInAcquisition = 4
+    for ds in head + other:
+        record = _record(ds, LAST, tmp_path)
+        description = "head" if ds in head else "other"
+        store.record_instance(replace(record, series_description=description))
+    assert assembler.assemble(LAST + 0.4) == []  # within the grace
+    (decision,) = assembler.assemble(LAST + 0.6)
+    assert decision.series.series_instance_uid == head[0].SeriesInstanceUID
+    assert isinstance(decision.outcome, Routed) and decision.outcome.rule == "head-ct"
+    (kept,) = assembler.facts.completions(str(head[0].SeriesInstanceUID))
+    assert kept.evidence is Evidence.IMAGES_IN_ACQUISITION and kept.detail == "4 of 4 images"
+    (late,) = assembler.assemble(LAST + STABLE_AGE_S)
+    assert late.series.series_instance_uid == other[0].SeriesInstanceUID
+    (fallback,) = assembler.facts.completions(str(other[0].SeriesInstanceUID))
+    assert fallback.evidence is Evidence.STABLE_AGE
     store.close()
