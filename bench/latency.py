@@ -34,6 +34,7 @@ printed as a table and written to ``bench/results/latency-<UTC time>.json``.
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import tempfile
@@ -165,8 +166,7 @@ def fresh_copy(
     folder.mkdir(parents=True)
     paths = []
     for index, source in enumerate(datasets):
-        ds = source.copy()
-        ds.file_meta = source.file_meta.copy()
+        ds = copy.deepcopy(source)  # Dataset.copy() shares its elements with the source
         ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
         if declare_count:  # one acquisition that declares its size, as a helical scan's
@@ -311,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     work = Path(tempfile.mkdtemp(prefix="dicomnode-latency-"))
     prepared = prepare_case(work / "case", shared_dir())
-    case = [pydicom.dcmread(path) for path in prepared.files]
+    case: list[Dataset] = [pydicom.dcmread(path) for path in prepared.files]
     pacs = TimingPacs(free_port())
     pacs.start()
     cells = []

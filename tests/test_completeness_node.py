@@ -148,6 +148,7 @@ def test_association_release_completes_a_contiguous_series(
         (job,) = node.jobs.all()
         assert job.series_instance_uid == str(whole[0].SeriesInstanceUID)
         (completion,) = _completions(node, job.series_instance_uid)
+        assert node.store is not None
         gapped_series = node.store.get_series(str(gapped[0].SeriesInstanceUID))
         assert gapped_series is not None and gapped_series.state is SeriesState.RECEIVING
     assert completion.evidence is Evidence.ASSOCIATION_RELEASE
