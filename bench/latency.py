@@ -1,58 +1,111 @@
-"""Latency and memory of the node on the GE head CT, beside DCMTK storescp as reference.
+"""End-to-end result latency per pipeline, with and without completeness by content.
 
-Measures, over ``--runs`` sendings of the GE head CT (with an inserted lesion):
-- result latency: from the last instance acknowledged by the node to the last result
-  (SEG, SC, SR) acknowledged by the destination; reported with and without the
-  configured stable age, which the node waits by design;
-- ingest time of the 28 instances by DCMTK storescu to the node and, in the same run, to
-  DCMTK storescp (the reference), as a ratio;
-- the node process's peak resident memory (VmHWM).
+For each pipeline (``--pipelines``) and each completeness mode the node is started as a
+process (``python -m dicomnode.cli serve``) in front of a timing PACS (a pynetdicom SCP
+that time-stamps every instance it acknowledges). The head CT (the real GE case from
+``../shared`` with an inserted lesion, else a synthetic head CT) is sent by DCMTK
+storescu with fresh UIDs for every run, and the time from the last instance acknowledged
+to the last result acknowledged by the PACS is split, from the node's state, into:
 
-Run: ``.venv/bin/python bench/latency.py`` (needs dcmtk; uses ../shared where present).
+- ``completeness_s``: last instance recorded -> series judged complete;
+- ``queue_s``: job queued -> job started by a worker;
+- ``pipeline_s``: job started -> job finished (load, segmentation, features, model,
+  writers);
+- ``sending_s``: job finished -> last result acknowledged by the PACS.
+
+Modes (``--modes``):
+
+- ``timer``: ``[completeness] trust = []``: the stable age only (``--stable-age``, 30 s
+  as in the example config);
+- ``images_in_acquisition``: the case is made one acquisition that declares its
+  ImagesInAcquisition (as a helical scan's does; the GE case is step-and-shoot, with an
+  AcquisitionNumber per rotation, and declares nothing), default trust;
+- ``association_release``: the case says nothing; the sender's release completes the
+  series (``release_needs_contiguous_positions = false``: the GE case's spacing is
+  uneven, 4.0 / 1.08 / 7.0 mm, so contiguity would refuse it).
+
+The first series after each start is a warm-up (lazy imports, model loading) and is
+reported apart. The node process's peak resident memory (VmHWM) is reported per start.
+
+Run from the repository root: ``python -m bench.latency`` (needs dcmtk). The summary is
+printed as a table and written to ``bench/results/latency-<UTC time>.json``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
+import copy
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.events import Event
 
-from dicomnode.config import Destination
-from dicomnode.demo import free_port, prepare_case, shared_dir
-from dicomnode.echo import echo
-from dicomnode.sender import send_files
+from bench.peers import (
+    JOB_TERMINAL,
+    NODE_AE,
+    OUTBOX_TERMINAL,
+    SENDER_AE,
+    STORESCU,
+    NodeProcess,
+    free_port,
+    missing_tools,
+    peak_rss_mb,
+    progress,
+    state_rows,
+    store_files,
+    write_results,
+)
+from dicomnode.demo import prepare_case, shared_dir
 
 REPO = Path(__file__).resolve().parents[1]
-STORESCU = "/usr/bin/storescu"
-STORESCP = "/usr/bin/storescp"
+PACS_AE = "BENCHPACS"
+MODES = ("timer", "images_in_acquisition", "association_release")
+MODE_SETTINGS = {
+    "timer": ["trust = []"],
+    "images_in_acquisition": ['trust = ["enhanced_frames", "images_in_acquisition"]'],
+    "association_release": [
+        'trust = ["association_release"]',
+        "release_needs_contiguous_positions = false",
+    ],
+}
+RESULT_TIMEOUT_S = 900.0
+STAGES = ("completeness_s", "queue_s", "pipeline_s", "sending_s", "total_s")
 
 
 class TimingPacs:
-    """A storage SCP that records when it acknowledged each instance."""
+    """A storage SCP that time-stamps (``time.time()``) each instance it acknowledges,
+    per study."""
 
     def __init__(self, port: int) -> None:
         """Prepare a destination on loopback ``port``."""
         self.port = port
-        self.arrivals: list[float] = []
+        self.arrivals: dict[str, list[float]] = {}
         self.lock = threading.Lock()
-        self.ae = AE(ae_title="BENCHPACS")
+        self.ae = AE(ae_title=PACS_AE)
         self.ae.supported_contexts = AllStoragePresentationContexts
 
     def on_store(self, event: Event) -> int:
         """Acknowledge and time-stamp."""
+        study = str(event.dataset.StudyInstanceUID)
         with self.lock:
-            self.arrivals.append(time.perf_counter())
+            self.arrivals.setdefault(study, []).append(time.time())
         return 0x0000
+
+    def last(self, study: str) -> float | None:
+        """When the last instance of ``study`` was acknowledged."""
+        with self.lock:
+            times = self.arrivals.get(study)
+            return max(times) if times else None
 
     def start(self) -> None:
         """Listen in the background."""
@@ -64,123 +117,220 @@ class TimingPacs:
         self.server = server
 
 
-def _config_toml(base: Path, port: int, pacs_port: int, stable_age_s: float) -> Path:
-    path = base / "bench.toml"
-    path.write_text(
-        f"""stable_age_s = {stable_age_s}
-poll_interval_s = 0.05
-spool_dir = "spool"
-state_dir = "state"
-
-[node]
-ae_title = "DICOMNODE"
-host = "127.0.0.1"
-port = {port}
-
-[[allowed_callers]]
-ae_title = "BENCHSCU"
-[[allowed_callers]]
-ae_title = "STORESCU"
-
-[destinations.PACS]
-ae_title = "BENCHPACS"
-host = "127.0.0.1"
-port = {pacs_port}
-
-[[routes]]
-name = "head-ct"
-pipeline = "hyperdense_regions"
-destinations = ["PACS"]
-[routes.match]
-modality = "CT"
-"""
-    )
+def config_toml(
+    base: Path, port: int, pacs_port: int, pipeline: str, mode: str, stable_age_s: float
+) -> Path:
+    """A node config routing every CT series to ``pipeline`` with ``mode``'s trust."""
+    lines = [
+        f"stable_age_s = {stable_age_s}",
+        "poll_interval_s = 0.05",
+        'spool_dir = "spool"',
+        'state_dir = "state"',
+        "",
+        "[node]",
+        f'ae_title = "{NODE_AE}"',
+        'host = "127.0.0.1"',
+        f"port = {port}",
+        "",
+        "[[allowed_callers]]",
+        f'ae_title = "{SENDER_AE}"',
+        "[[allowed_callers]]",
+        'ae_title = "ECHOSCU"',
+        "",
+        "[completeness]",
+        *MODE_SETTINGS[mode],
+        "",
+        "[destinations.PACS]",
+        f'ae_title = "{PACS_AE}"',
+        'host = "127.0.0.1"',
+        f"port = {pacs_port}",
+        "",
+        "[[routes]]",
+        'name = "head-ct"',
+        f'pipeline = "{pipeline}"',
+        'destinations = ["PACS"]',
+        "[routes.match]",
+        'modality = "CT"',
+    ]
+    path = base / "node.toml"
+    path.write_text("\n".join(lines) + "\n")
     return path
 
 
-def _peak_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024.0
-    return float("nan")
+def fresh_copy(
+    datasets: list[Dataset], folder: Path, declare_count: bool
+) -> tuple[str, str, list[Path]]:
+    """Write the case with new study, series and instance UIDs (a re-sent identical
+    instance is a no-op for the node); ``declare_count`` sets ImagesInAcquisition."""
+    study, series = generate_uid(), generate_uid()
+    folder.mkdir(parents=True)
+    paths = []
+    for index, source in enumerate(datasets):
+        ds = copy.deepcopy(source)  # Dataset.copy() shares its elements with the source
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        if declare_count:  # one acquisition that declares its size, as a helical scan's
+            ds.AcquisitionNumber, ds.ImagesInAcquisition = 1, len(datasets)
+        elif "ImagesInAcquisition" in ds:
+            del ds.ImagesInAcquisition
+        path = folder / f"{index:04d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return study, series, paths
 
 
-def _storescu_seconds(port: int, aet: str, files: list[Path]) -> float:
-    start = time.perf_counter()
-    subprocess.run(
-        [STORESCU, "-aec", aet, "127.0.0.1", str(port), *map(str, files)],
-        check=True, capture_output=True,
-    )  # fmt: skip
-    return time.perf_counter() - start
+def job_done(state: Path, series: str) -> bool:
+    """Whether the series' job finished and all its results left the outbox."""
+    jobs = state_rows(state, "SELECT id, state FROM jobs WHERE series_instance_uid = ?", [series])
+    if not jobs or any(row["state"] not in JOB_TERMINAL for row in jobs):
+        return False
+    outbox = state_rows(
+        state,
+        "SELECT o.state FROM outbox o JOIN jobs j ON j.id = o.job_id "
+        "WHERE j.series_instance_uid = ?",
+        [series],
+    )
+    return all(row["state"] in OUTBOX_TERMINAL for row in outbox)
 
 
-def main() -> int:
-    """Run the benchmark and print a JSON summary."""
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--stable-age", type=float, default=2.0)
-    args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="dicomnode-bench-"))
-    case = prepare_case(work / "case", shared_dir())
-    node_port, pacs_port, ref_port = free_port(), free_port(), free_port()
-    pacs = TimingPacs(pacs_port)
-    pacs.start()
-    config = _config_toml(work, node_port, pacs_port, args.stable_age)
-    env = dict(os.environ, TCP_NODELAY="1")
-    node = subprocess.Popen(
-        [str(REPO / ".venv/bin/dicomnode"), "--log-level", "WARNING",
-         "serve", "--config", str(config)],
-        stdout=subprocess.DEVNULL, stderr=(work / "node.log").open("w"), env=env,
-    )  # fmt: skip
-    (work / "storescp").mkdir()
-    reference = subprocess.Popen(
-        [STORESCP, "-od", str(work / "storescp"), "-aet", "STORESCP", str(ref_port)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+@dataclass(frozen=True)
+class Timing:
+    """One series' latency split."""
+
+    evidence: str
+    stages: dict[str, float]
+    job_state: str
+
+
+def split(state: Path, series: str, acknowledged: float, last_result: float) -> Timing:
+    """The stages of one series from the node's state and the PACS' time-stamps."""
+    (row,) = state_rows(
+        state,
+        "SELECT s.last_arrival, c.decided_at, c.evidence, j.created_at, j.started_at, "
+        "j.finished_at, j.state FROM jobs j JOIN series s USING (series_instance_uid) "
+        "JOIN series_completions c USING (series_instance_uid) "
+        "WHERE j.series_instance_uid = ? ORDER BY j.id LIMIT 1",
+        [series],
+    )
+    stages = {
+        "completeness_s": row["decided_at"] - row["last_arrival"],
+        "queue_s": row["started_at"] - row["created_at"],
+        "pipeline_s": row["finished_at"] - row["started_at"],
+        "sending_s": last_result - row["finished_at"],
+        "total_s": last_result - acknowledged,
+    }
+    return Timing(row["evidence"], {k: round(v, 3) for k, v in stages.items()}, row["state"])
+
+
+def one_series(
+    node: NodeProcess, pacs: TimingPacs, state: Path, case: list[Dataset], folder: Path, mode: str
+) -> Timing:
+    """Send one fresh copy of the case and time it to its last result."""
+    study, series, paths = fresh_copy(case, folder, declare_count=mode == "images_in_acquisition")
+    sent = store_files(node.port, paths)
+    if sent.returncode != 0:
+        raise RuntimeError(f"storescu failed ({sent.returncode})")
+    acknowledged = time.time()
+    deadline = time.monotonic() + RESULT_TIMEOUT_S
+    while not job_done(state, series):
+        if time.monotonic() > deadline or not node.alive():
+            raise TimeoutError(f"no result for a series within {RESULT_TIMEOUT_S} s")
+        time.sleep(0.02)
+    last = pacs.last(study)
+    if last is None:
+        raise RuntimeError("the job finished but the PACS received nothing")
+    return split(state, series, acknowledged, last)
+
+
+def run_cell(
+    work: Path,
+    pacs: TimingPacs,
+    case: list[Dataset],
+    pipeline: str,
+    mode: str,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    """One pipeline in one mode: a node start, a warm-up series, ``--runs`` timed ones."""
+    base = work / f"{pipeline}-{mode}"
+    base.mkdir(parents=True)
+    port = free_port()
+    config = config_toml(base, port, pacs.port, pipeline, mode, args.stable_age)
+    node = NodeProcess(config, port, base / "node.log")
+    node.start()
+    state = base / "state" / "dicomnode.sqlite3"
     try:
-        deadline = time.monotonic() + 60
-        while not echo("127.0.0.1", node_port, "DICOMNODE", "STORESCU"):
-            if time.monotonic() > deadline:
-                raise TimeoutError("node did not start")
-            time.sleep(0.2)
-        target = Destination(ae_title="DICOMNODE", host="127.0.0.1", port=node_port)
-        latencies, ingest_node, ingest_ref = [], [], []
-        for _ in range(args.runs):
-            before = len(pacs.arrivals)
-            send_files(target, case.files, "BENCHSCU")
-            acked = time.perf_counter()
-            deadline = time.monotonic() + 300
-            while len(pacs.arrivals) < before + 3:
-                if time.monotonic() > deadline:
-                    raise TimeoutError("results did not arrive")
-                time.sleep(0.01)
-            latencies.append(max(pacs.arrivals[before:]) - acked)
-            ingest_node.append(_storescu_seconds(node_port, "DICOMNODE", case.files))
-            ingest_ref.append(_storescu_seconds(ref_port, "STORESCP", case.files))
-            time.sleep(args.stable_age + 0.5)  # let the extra sending's job run before timing again
-            while len(pacs.arrivals) < before + 6:
-                time.sleep(0.05)
-        median = statistics.median(latencies)
-        summary = {
-            "case": case.description,
-            "instances": len(case.files),
-            "runs": args.runs,
-            "stable_age_s": args.stable_age,
-            "latency_s_median": round(median, 3),
-            "latency_s_all": [round(x, 3) for x in latencies],
-            "latency_minus_stable_age_s_median": round(median - args.stable_age, 3),
-            "ingest_s_node_median": round(statistics.median(ingest_node), 3),
-            "ingest_s_dcmtk_storescp_median": round(statistics.median(ingest_ref), 3),
-            "ingest_ratio_node_over_storescp": round(
-                statistics.median(ingest_node) / statistics.median(ingest_ref), 2
-            ),
-            "node_peak_rss_mb": round(_peak_rss_mb(node.pid), 1),
-        }
+        warm = one_series(node, pacs, state, case, base / "warm-up", mode)
+        progress(f"{pipeline} {mode}: warm-up {warm.stages['total_s']} s ({warm.evidence})")
+        runs = []
+        for index in range(args.runs):
+            timing = one_series(node, pacs, state, case, base / f"run-{index}", mode)
+            progress(f"{pipeline} {mode}: run {index} {timing.stages}")
+            runs.append(timing)
+        peak = peak_rss_mb(node.pid)
     finally:
-        node.terminate()
-        reference.terminate()
+        node.stop()
+    return {
+        "pipeline": pipeline,
+        "mode": mode,
+        "evidence": sorted({t.evidence for t in runs}),
+        "job_states": sorted({t.job_state for t in runs}),
+        "median": {s: round(statistics.median(t.stages[s] for t in runs), 3) for s in STAGES},
+        "runs": [t.stages for t in runs],
+        "first_series_after_start": warm.stages,
+        "node_peak_rss_mb": None if peak is None else round(peak, 1),
+    }
+
+
+def table(cells: list[dict[str, Any]]) -> str:
+    """A markdown table of the medians."""
+    head = (
+        "| pipeline | mode | evidence | " + " | ".join(STAGES) + " | first after start | peak MiB |"
+    )
+    lines = [head, "|" + "---|" * (len(STAGES) + 5)]
+    for cell in cells:
+        medians = " | ".join(f"{cell['median'][s]:.2f}" for s in STAGES)
+        lines.append(
+            f"| {cell['pipeline']} | {cell['mode']} | {','.join(cell['evidence'])} | {medians} "
+            f"| {cell['first_series_after_start']['total_s']:.2f} | {cell['node_peak_rss_mb']} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run every pipeline in every mode; print the table, write the JSON."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pipelines", default="hyperdense_regions,ht_after_mt")
+    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--stable-age", type=float, default=30.0)
+    parser.add_argument("--results-dir", type=Path, default=REPO / "bench" / "results")
+    args = parser.parse_args(argv)
+    missing = missing_tools([STORESCU])
+    if missing:
+        progress(f"missing tools: {', '.join(missing)} (apt-get install dcmtk)")
+        return 2
+    work = Path(tempfile.mkdtemp(prefix="dicomnode-latency-"))
+    prepared = prepare_case(work / "case", shared_dir())
+    case: list[Dataset] = [pydicom.dcmread(path) for path in prepared.files]
+    pacs = TimingPacs(free_port())
+    pacs.start()
+    cells = []
+    try:
+        for pipeline in args.pipelines.split(","):
+            for mode in args.modes.split(","):
+                cells.append(run_cell(work, pacs, case, pipeline, mode, args))
+    finally:
         pacs.server.shutdown()
-    sys.stdout.write(json.dumps(summary, indent=2) + "\n")
+    summary = {
+        "case": prepared.description,
+        "instances": len(case),
+        "stable_age_s": args.stable_age,
+        "runs": args.runs,
+        "cells": cells,
+        "table": table(cells),
+    }
+    path = write_results(summary, args.results_dir, "latency")
+    sys.stdout.write(table(cells) + f"\n\n{path}\n")
     return 0
 
 

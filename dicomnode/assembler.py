@@ -1,5 +1,6 @@
-"""Assembly: a series whose last instance is older than ``stable_age_s`` is complete,
-and is then routed to a job or marked ignored."""
+"""Assembly: a series is complete when its content shows it (:mod:`.completeness`, per the
+trust of its rule) or, failing that, when its last instance is older than
+``stable_age_s``; it is then routed to a job or marked ignored."""
 
 from __future__ import annotations
 
@@ -7,10 +8,12 @@ from dataclasses import dataclass
 
 import structlog
 
+from dicomnode.completeness import CompletenessPolicy, Verdict, is_complete
 from dicomnode.config import NodeConfig
 from dicomnode.jobs import JobQueue
 from dicomnode.records import SeriesInfo, SeriesState
 from dicomnode.routing import Ignored, Routed, route
+from dicomnode.series_facts import SeriesFactsStore
 from dicomnode.state import StateStore
 
 log = structlog.get_logger(__name__)
@@ -33,15 +36,37 @@ class Assembler:
         self.config = config
         self.store = store
         self.jobs = jobs
+        self.facts = SeriesFactsStore(store)
+
+    def policy_for(self, series: SeriesInfo) -> CompletenessPolicy:
+        """The completeness policy of the rule ``series`` would go to, else the node's."""
+        settings = self.config.completeness
+        outcome = route(series, self.config.routes)
+        if isinstance(outcome, Routed):
+            rule = next(r for r in self.config.routes if r.name == outcome.rule)
+            settings = rule.completeness or settings
+        return settings.policy(self.config.stable_age_s)
+
+    def judge_series(self, now: float) -> list[tuple[SeriesInfo, Verdict]]:
+        """Series still receiving that are complete, with the evidence that says so."""
+        complete = []
+        for series in self.store.stable_series(now):
+            facts = self.facts.series_facts(
+                series.series_instance_uid, series.instance_count, series.last_arrival
+            )
+            verdict = is_complete(facts, self.policy_for(series), now)
+            if verdict.complete:
+                complete.append((series, verdict))
+        return complete
 
     def find_complete_series(self, now: float) -> list[SeriesInfo]:
-        """Series still receiving that have had no instance for ``stable_age_s``."""
-        return self.store.stable_series(now - self.config.stable_age_s)
+        """Series still receiving that are complete by content or by the stable age."""
+        return [series for series, _ in self.judge_series(now)]
 
     def assemble(self, now: float) -> list[Decision]:
         """Route every complete series: queue a job or record why it is ignored."""
         decisions = []
-        for series in self.find_complete_series(now):
+        for series, verdict in self.judge_series(now):
             bound = log.bind(
                 study_uid=series.study_instance_uid, series_uid=series.series_instance_uid
             )
@@ -57,6 +82,14 @@ class Assembler:
             if not moved:
                 bound.info("series received more instances while assembling; waiting")
                 continue
+            self.facts.record_completion(
+                series.series_instance_uid, verdict, series.last_arrival,
+                series.instance_count, now,
+            )  # fmt: skip
+            bound = bound.bind(
+                completed_by=verdict.evidence, completeness=verdict.detail,
+                waited_s=round(now - series.last_arrival, 3),
+            )  # fmt: skip
             if isinstance(outcome, Routed):
                 bound.info(
                     "series routed",

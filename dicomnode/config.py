@@ -23,6 +23,7 @@ from pydantic import (
     model_validator,
 )
 
+from dicomnode.completeness import CompletenessSettings
 from dicomnode.door import AssociationLimits
 from dicomnode.tls import ClientTls, ServerTls
 from pipelines.settings import PipelinesSettings
@@ -119,6 +120,7 @@ class RouteRule(_Model):
     match: RouteMatch = RouteMatch()
     pipeline: str = Field(min_length=1)
     destinations: list[str] = []
+    completeness: CompletenessSettings | None = None  # this rule's trust; else the node's
 
 
 HOUR_S = 3600.0
@@ -243,6 +245,7 @@ class NodeConfig(_Model):
     destinations: dict[str, Destination] = {}
     routes: list[RouteRule] = []
     stable_age_s: float = Field(default=30.0, gt=0)
+    completeness: CompletenessSettings = CompletenessSettings()  # before the stable age
     poll_interval_s: float = Field(default=0.5, gt=0)
     spool_dir: Path
     state_dir: Path

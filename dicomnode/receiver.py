@@ -21,6 +21,7 @@ from pynetdicom.association import Association as PynetAssociation
 from pynetdicom.events import Event, EventHandlerType
 
 from dicomnode import phi, spool, validation
+from dicomnode.completeness import instance_facts
 from dicomnode.config import NodeConfig
 from dicomnode.disk import is_disk_full_error
 from dicomnode.door import (
@@ -33,6 +34,7 @@ from dicomnode.door import (
     start_guarded_server,
 )
 from dicomnode.records import Association, InstanceRecord, RecordOutcome
+from dicomnode.series_facts import ReleaseTracker, SeriesFactsStore
 from dicomnode.startup import listen_error
 from dicomnode.state import InstanceConflict, StateStore
 from dicomnode.status import Status
@@ -150,6 +152,8 @@ class Receiver:
         self.store = store
         self.on_stored = on_stored
         self.door = Door(config.node.connections)
+        self.releases = ReleaseTracker()  # which open association sent which series
+        self.facts = SeriesFactsStore(store)
         self._server: GuardedAssociationServer | None = None
 
     def build_ae(self) -> AE:
@@ -170,6 +174,8 @@ class Receiver:
             (evt.EVT_ACSE_RECV, self._on_acse_recv),
             (evt.EVT_ABORTED, self._on_aborted),
             (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_RELEASED, self._on_released),
+            (evt.EVT_CONN_CLOSE, self._on_conn_close),
         ]
         address = (self.config.node.host, self.config.node.port)
         tls = self.config.node.tls
@@ -256,6 +262,19 @@ class Receiver:
             peer_host=assoc.requestor.address, peer_port=assoc.requestor.port,
         )  # fmt: skip
 
+    def _on_released(self, event: Event) -> None:
+        """Record the release of an association as completeness evidence for the series
+        it sent that no other open association holds."""
+        series = self.releases.released(event.assoc)
+        try:
+            self.facts.mark_released(series, time.time())
+        except sqlite3.Error as exc:  # only evidence is lost: the stable age still applies
+            log.warning("association release not recorded", series=len(series), error=str(exc))
+
+    def _on_conn_close(self, event: Event) -> None:
+        """Forget a closed association's series (already done when it was released)."""
+        self.releases.aborted(event.assoc)
+
     def _on_store(self, event: Event) -> Dataset:
         """Spool and record one instance, answering a specific status on failure.
 
@@ -322,6 +341,7 @@ class Receiver:
                     body_part_examined=ident.body_part,
                     series_description=ident.description, protocol_name=ident.protocol,
                     image_type=ident.image_type, sha256=digest,
+                    facts=instance_facts(ds, ident.sop, ident.sop_class),
                 )
             )  # fmt: skip
         except InstanceConflict as exc:
@@ -338,6 +358,7 @@ class Receiver:
             bound.error("cannot record instance", error=str(exc), disk_full=full)
             status = Status.OUT_OF_RESOURCES if full else Status.PROCESSING_FAILURE
             raise StoreRefused(status, f"cannot record: {exc}") from exc
+        self.releases.stored(event.assoc, ident.series)
         if outcome is RecordOutcome.REPLACED:
             bound.info("instance replaced by different content", sop_uid=ident.sop)
 

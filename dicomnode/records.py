@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
+from dicomnode.completeness import InstanceFacts
+
 
 class SeriesState(StrEnum):
     """Where a series stands in assembly."""
@@ -63,6 +65,7 @@ class InstanceRecord:
     protocol_name: str
     image_type: tuple[str, ...]
     sha256: str | None = None  # of the dataset bytes as sent, file meta excluded
+    facts: InstanceFacts | None = None  # what its header says about its series' size
 
 
 class RecordOutcome(StrEnum):

@@ -19,6 +19,7 @@ from dicomnode.records import (
     SeriesState,
     StoredInstance,
 )
+from dicomnode.series_facts import FACTS_SCHEMA, write_instance_facts
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS instances (
@@ -140,6 +141,7 @@ class StateStore:
         self._conn.execute("PRAGMA synchronous=FULL")
         self._conn.execute("PRAGMA foreign_keys=ON")
         self._conn.executescript(SCHEMA)
+        self._conn.executescript(FACTS_SCHEMA)
         self._migrate()
 
     def _migrate(self) -> None:
@@ -221,6 +223,8 @@ class StateStore:
                     rec.sha256,
                 ),
             )  # fmt: skip
+            if rec.facts is not None:
+                write_instance_facts(db, rec.series_instance_uid, rec.facts)
             db.execute(
                 f"INSERT INTO series ({_SERIES_COLUMNS}) "
                 "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,NULL) "
