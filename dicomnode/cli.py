@@ -92,9 +92,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_echo(args: argparse.Namespace) -> int:
     """C-ECHO a peer; exit status 0 when it answered Success."""
-    ok = echo(args.host, args.port, args.aet, args.calling_aet)
-    _say(f"C-ECHO {args.aet}@{args.host}:{args.port}: {'success' if ok else 'FAILED'}")
-    return 0 if ok else 1
+    result = echo(args.host, args.port, args.aet, args.calling_aet)
+    outcome = "success" if result else f"FAILED: {result.reason}"
+    _say(f"C-ECHO {args.aet}@{args.host}:{args.port} as {args.calling_aet}: {outcome}")
+    return 0 if result else 1
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -74,12 +74,17 @@ def test_unknown_pipeline_is_refused_at_start(
     assert "unknown pipeline(s) nonesuch" in capsys.readouterr().err
 
 
-def test_echo_command(tmp_path: Path) -> None:
+def test_echo_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     port = free_port()
     config = default_config(tmp_path, port)
     with Node(config, processor(config)):
         assert main(["echo", "--port", str(port), "--aet", "DICOMNODE"]) == 0
         assert main(["echo", "--port", str(port), "--calling-aet", "INTRUDER"]) == 1
+    said = capsys.readouterr().out
+    assert "as INTRUDER: FAILED: DICOMNODE@127.0.0.1:" in said
+    assert "rejected the association" in said and "calling AE 'INTRUDER'" in said
+    assert main(["echo", "--port", str(port), "--aet", "DICOMNODE"]) == 1  # node stopped
+    assert "nothing listens there" in capsys.readouterr().out
 
 
 def test_demo_returns_seg_sc_sr(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
