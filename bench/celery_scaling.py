@@ -2,7 +2,8 @@
 queue (jobs in the node's own thread), in one run.
 
 Each configuration receives the same ``--series`` synthetic head CTs (sent by pynetdicom
-one after the other, stable age 1 s) and runs the ``hyperdense_regions`` pipeline; the
+one after the other, stable age 1 s) and runs ``--pipeline`` (default
+``hyperdense_regions``); the
 figure is the wall time from the first instance sent to the last result acknowledged by
 the destination, and jobs per minute. A real Redis (Debian's ``redis-server``) is the
 broker; workers are ``dicomnode worker`` processes on this machine (on a real site they
@@ -38,15 +39,17 @@ REPO = Path(__file__).resolve().parents[1]
 ROWS, SLICES = 128, 24
 
 
-def _config(base: Path, pacs_port: int, broker: str | None, threads: int) -> NodeConfig:
-    """A node routing every head CT to the threshold pipeline, Celery when ``broker``."""
+def _config(
+    base: Path, pacs_port: int, broker: str | None, threads: int, pipeline: str
+) -> NodeConfig:
+    """A node routing every head CT to ``pipeline``, on Celery when ``broker``."""
     data: dict[str, object] = {
         "node": {"ae_title": "DICOMNODE", "host": "127.0.0.1", "port": free_port()},
         "allowed_callers": [{"ae_title": DEMO_SCANNER_AET, "host": "127.0.0.1"}],
         "destinations": {"PACS": {"ae_title": DEMO_PACS_AET, "host": "127.0.0.1",
                                   "port": pacs_port}},
         "routes": [{"name": "head", "match": {"modality": ["CT"]},
-                    "pipeline": "hyperdense_regions", "destinations": ["PACS"]}],
+                    "pipeline": pipeline, "destinations": ["PACS"]}],
         "stable_age_s": 1.0, "poll_interval_s": 0.1,
         "spool_dir": str(base / "spool"), "state_dir": str(base / "state"),
         "worker": {"threads": threads},
@@ -83,12 +86,12 @@ def _start_workers(count: int, broker: str, folder: Path) -> list[subprocess.Pop
 
 
 def _run(label: str, series: list[list[Path]], folder: Path, broker: str | None,
-         workers: int) -> dict[str, object]:  # fmt: skip
+         workers: int, pipeline: str) -> dict[str, object]:  # fmt: skip
     """Send every series to a fresh node and time until every result is delivered."""
     folder.mkdir(parents=True)
     pacs_port = free_port()
     started = _start_workers(workers, broker, folder) if broker else []
-    config = _config(folder / "node", pacs_port, broker, threads=max(workers, 1) * 2)
+    config = _config(folder / "node", pacs_port, broker, max(workers, 1) * 2, pipeline)
     process = celery_processor(config) if broker else processor(config)
     try:
         with (
@@ -120,6 +123,7 @@ def main() -> int:
     """Run the three configurations and print (and optionally write) the table."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--series", type=int, default=8)
+    parser.add_argument("--pipeline", default="hyperdense_regions")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="celery-bench-") as tmp:
@@ -144,9 +148,9 @@ def main() -> int:
                 except redis.ConnectionError:
                     time.sleep(0.1)
             rows = [
-                _run("embedded (2 threads)", series, root / "embedded", None, 0),
-                _run("celery, 1 worker", series, root / "one", broker, 1),
-                _run("celery, 2 workers", series, root / "two", broker, 2),
+                _run("embedded (2 threads)", series, root / "embedded", None, 0, args.pipeline),
+                _run("celery, 1 worker", series, root / "one", broker, 1, args.pipeline),
+                _run("celery, 2 workers", series, root / "two", broker, 2, args.pipeline),
             ]
         finally:
             server.terminate()
