@@ -24,6 +24,7 @@ from pydantic import (
 )
 
 from dicomnode.door import AssociationLimits
+from dicomnode.retraining_settings import RetrainingSettings
 from dicomnode.tls import ClientTls, ServerTls
 from pipelines.settings import PipelinesSettings
 
@@ -195,6 +196,7 @@ class NodeConfig(_Model):
     limits: LimitsSettings = LimitsSettings()
     default_pipeline: str = "hyperdense_regions"  # used when a rule's pipeline is unavailable
     pipelines: PipelinesSettings = PipelinesSettings()  # [pipelines.<name>] settings
+    retraining: RetrainingSettings | None = None  # [retraining]: read by `dicomnode retrain`
 
     @model_validator(mode="after")
     def _check_references(self) -> NodeConfig:
