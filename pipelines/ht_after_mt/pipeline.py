@@ -51,6 +51,7 @@ from pipelines.ht_after_mt.model import MODEL_NAME, OUTCOME, PRIMARY, HtModel
 from pipelines.hyperdense import HyperdenseThresholdPipeline
 from pipelines.measure import measure_segment
 from pipelines.registry import get_segmenter
+from pipelines.retraining.card import model_card
 from pipelines.series import LoadedSeries
 from pipelines.settings import PipelinesSettings
 
@@ -216,6 +217,7 @@ class HtAfterMtPipeline:
             model_name=MODEL_NAME,
             model_version=model.version,
             notice=model.notice,
+            model_card=model_card(model.artefact.manifest, self.root),
             imputed=prediction.imputed,
             clinical_issues=tuple(
                 issue
