@@ -32,7 +32,7 @@ from pipelines.retraining.report import FIGURES, REPORT_HTML
 from tests.support import REPO_ROOT
 
 MODEL = "ht_after_mt"
-N_CASES, ROWS, SLICES, SEED = 20, 64, 12, 3
+N_CASES, ROWS, SLICES, SEED = 16, 64, 12, 3
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 KILL_TIMEOUT_S = 120.0
 
@@ -120,5 +120,6 @@ def test_kill_mid_run_then_scheduled_retrain_fails_the_gate(cohort: Path, tmp_pa
     report = config.state_dir / "retraining" / MODEL / new
     html = (report / REPORT_HTML).read_text(encoding="ascii")
     assert "too small to decide" in html and "not for clinical use" in html
+    assert "Hosmer-Lemeshow" in html and "DeLong z" in html
     for name in FIGURES:
         assert (report / name).read_bytes()[:8] == PNG_MAGIC

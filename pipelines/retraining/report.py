@@ -106,16 +106,24 @@ def plot_roc(inputs: ReportInputs, path: Path) -> Path:
     return path
 
 
+def hosmer_lemeshow_text(y: NDArray[np.int_], risk: NDArray[np.float64]) -> str:
+    """The Hosmer-Lemeshow test in words, or why it cannot be computed on these risks."""
+    try:
+        test = hosmer_lemeshow(y, risk, groups=HL_GROUPS)
+    except ValueError as exc:
+        return f"Hosmer-Lemeshow not computable ({exc})"
+    return f"Hosmer-Lemeshow {test.statistic:.1f} (df {test.df}), p {test.p_value:.2f}"
+
+
 def plot_calibration(inputs: ReportInputs, path: Path) -> Path:
     """Binned calibration curves with the Hosmer-Lemeshow test of each model."""
     fig, ax = plt.subplots(figsize=(5, 5))
     y = inputs.y_true
     for label, risk in _models(inputs):
         curve = calibration_curve(y, risk, n_bins=CALIBRATION_BINS)
-        test = hosmer_lemeshow(y, risk, groups=HL_GROUPS)
         ax.plot(
             curve.mean_predicted, curve.observed_fraction, marker="o",
-            label=f"{label}: HL {test.statistic:.1f} (df {test.df}), p {test.p_value:.2f}",
+            label=f"{label}: {hosmer_lemeshow_text(y, risk)}",
         )  # fmt: skip
     ax.plot([0, 1], [0, 1], linestyle=":", color="grey", label="perfect")
     ax.set(xlabel="predicted risk", ylabel="observed fraction", title="Calibration")
@@ -220,6 +228,14 @@ def write_report(inputs: ReportInputs, folder: Path) -> Path:
         f"<h2>Promotion gate: {verdict}</h2>",
         f"<ul>{reasons}</ul>" if reasons else "<p>Every criterion met.</p>",
         _metrics_html(inputs.gate.metrics),
+        "<h2>Calibration (Hosmer-Lemeshow)</h2>",
+        "<ul>"
+        + "".join(
+            f"<li>{html.escape(label)}: "
+            f"{html.escape(hosmer_lemeshow_text(inputs.y_true, risk))}</li>"
+            for label, risk in _models(inputs)
+        )
+        + "</ul>",
         "<h2>Comparison with the model in service (DeLong)</h2>",
         f"<p>{html.escape(comparison_text(inputs))}</p>",
         "<h2>Held-out table</h2>",
