@@ -2,6 +2,8 @@
 
 - ``dicomnode retrain --config X [--now]``: the scheduled service (its own process), or
   one run now;
+- ``dicomnode labels import|list|confirm|overrule``: outcome labels and their audit
+  trail (``dicomnode.labels``);
 - ``dicomnode models list|promote|rollback|shadow``: the versions of a model and where
   each stands, promotion (a candidate that failed or skipped the gate needs ``--force``
   and ``--reason``, audited), rollback to the version before, the shadow version.
@@ -18,6 +20,7 @@ import sys
 import threading
 from pathlib import Path
 
+from dicomnode import labels as label_store
 from dicomnode.config import load_config
 from dicomnode.retrain import RetrainError, run_once, serve, store_root
 from model_store.lifecycle import (
@@ -99,6 +102,35 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_labels(args: argparse.Namespace) -> int:
+    """Import, list, confirm or overrule outcome labels (audited)."""
+    state = load_config(args.config).state_dir
+    by = args.by or getpass.getuser()
+    try:
+        if args.action == "import":
+            count = label_store.import_labels(state, Path(args.items[0]), by)
+            _say(f"imported {count} labels")
+        elif args.action == "list":
+            for label in label_store.labels(state):
+                confidence = "" if label.confidence is None else f" confidence {label.confidence}"
+                _say(
+                    f"{label.study_key} {label.outcome}={label.value} "
+                    f"({label.status}, {label.source}{confidence})"
+                )
+        elif args.action == "confirm":
+            key, outcome = args.items[:2]
+            value = label_store.confirm(state, key, outcome, by, args.reason or "")
+            _say(f"confirmed {key} {outcome}={value}")
+        else:
+            key, outcome, value = args.items[:3]
+            label_store.overrule(state, key, outcome, int(value), by, args.reason or "")
+            _say(f"overruled {key} {outcome}={value}")
+    except (label_store.LabelError, ValueError) as exc:
+        sys.stderr.write(f"dicomnode labels: {exc}\n")
+        return 2
+    return 0
+
+
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``retrain`` and ``models`` to the ``dicomnode`` command line."""
     retrain = sub.add_parser("retrain", help="the retraining service (its own process)")
@@ -116,3 +148,14 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     models.add_argument("--by", help="who (audited; default: the login name)")
     models.add_argument("--stop", action="store_true", help="shadow: stop the shadow run")
     models.set_defaults(handler=cmd_models)
+    labels = sub.add_parser("labels", help="outcome labels: import, list, confirm, overrule")
+    labels.add_argument("action", choices=["import", "list", "confirm", "overrule"])
+    labels.add_argument(
+        "items",
+        nargs="*",
+        help="import: FILE; confirm: STUDY OUTCOME; overrule: STUDY OUTCOME VALUE",
+    )
+    labels.add_argument("--config", type=Path, required=True, help="TOML naming the state_dir")
+    labels.add_argument("--reason", help="why (required to overrule; audited)")
+    labels.add_argument("--by", help="who (audited; default: the login name)")
+    labels.set_defaults(handler=cmd_labels)
