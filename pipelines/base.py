@@ -124,6 +124,7 @@ class RiskPrediction:
     # Coded outcome; None: a private 99DCMNODE code derived from ``outcome``.
     outcome_code: CodedConcept | None = None
     model_card: ModelCard | None = None  # written into the SR when given
+    input_check: str | None = None  # out-of-distribution check line (pipelines.retraining.ood)
 
     @property
     def high_risk(self) -> bool:

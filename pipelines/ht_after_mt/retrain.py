@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+import pydicom
 
 from model_store.artefacts import SYNTHETIC_NOTICE
 from model_store.registry import ModelStoreError, list_versions, select_version
@@ -31,6 +32,11 @@ from pipelines.ht_after_mt.train import (
 )
 from pipelines.hyperdense import HyperdenseThresholdPipeline
 from pipelines.models import predict_risk
+from pipelines.retraining.ood import (
+    DISTRIBUTION_KEY,
+    InputDistribution,
+    header_facts,
+)
 from pipelines.retraining.trainable import CandidateEvaluation, TrainOptions
 from pipelines.volume import load_series
 
@@ -72,6 +78,17 @@ def service_scores(cohort_dir: Path, case_ids: tuple[str, ...], root: Path) -> S
     )
 
 
+def training_distribution(cohort_dir: Path, fitted: FittedModel) -> InputDistribution:
+    """The training cases' feature ranges and acquisition facts (first file's header)."""
+    headers = []
+    for case_id in fitted.train.case_ids:
+        first = min(p for p in (cohort_dir / "cases" / case_id).rglob("*") if p.is_file())
+        headers.append(header_facts(pydicom.dcmread(first, stop_before_pixels=True)))
+    return InputDistribution.from_training(
+        fitted.train.column_names, fitted.train.matrix(), headers
+    )
+
+
 @dataclass(frozen=True)
 class HtRetrainer:
     """The HT-after-MT risk model, retrainable (see the module)."""
@@ -106,7 +123,11 @@ class HtRetrainer:
         n_cases = len(data.case_ids) + len(data.skipped)
         folder, _, _ = save_fitted(
             fitted, data, settings, version=version, seed=seed, root=root,
-            extra={"cohort": {"n_cases": n_cases}, "retrained_from": service.version},
+            extra={
+                "cohort": {"n_cases": n_cases},
+                "retrained_from": service.version,
+                DISTRIBUTION_KEY: training_distribution(cohort_dir, fitted).to_dict(),
+            },
             seconds={},
         )  # fmt: skip
         risks = predict_risk(fitted.models[PRIMARY], fitted.test)

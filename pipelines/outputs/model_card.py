@@ -1,7 +1,8 @@
 """The model card in the SR: one line naming the risk model's name, version, artefact
 hash, training-cohort hash and size, cut-off, calibration slope and date, written as a
 TID 4019 algorithm parameter of the risk measurements and as a TEXT line of the
-report's qualitative evaluations (ASCII only)."""
+report's qualitative evaluations (ASCII only), followed by the per-prediction input
+check (``pipelines.retraining.ood``) when the risk carries one."""
 
 from __future__ import annotations
 
@@ -25,7 +26,11 @@ def model_card_line(card: ModelCard) -> str:
 
 
 def model_card_lines(result: PipelineResult) -> list[str]:
-    """The card line of the result's risk, if it carries one."""
-    if result.risk is None or result.risk.model_card is None:
+    """The card line and the input-check line of the result's risk, where given."""
+    risk = result.risk
+    if risk is None:
         return []
-    return [model_card_line(result.risk.model_card)]
+    lines = [] if risk.model_card is None else [model_card_line(risk.model_card)]
+    if risk.input_check:
+        lines.append(risk.input_check.encode("ascii", "replace").decode("ascii"))
+    return lines
