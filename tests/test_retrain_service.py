@@ -46,6 +46,8 @@ spool_dir = "spool"
 state_dir = "state"
 [[allowed_callers]]
 ae_title = "STORESCU"
+[pipelines.ht_after_mt]
+model_store_dir = "{store}"
 [retraining]
 schedule = "{schedule}"
 cohort_dir = "{cohort}"
@@ -59,6 +61,11 @@ on_pass = "shadow"
         encoding="utf-8",
     )
     return path
+
+
+def run_cli(*argv: str) -> int:
+    """The CLI's exit status (its output goes to the captured stdout)."""
+    return main(list(argv))
 
 
 @pytest.fixture(scope="module")
@@ -123,3 +130,23 @@ def test_kill_mid_run_then_scheduled_retrain_fails_the_gate(cohort: Path, tmp_pa
     assert "Hosmer-Lemeshow" in html and "DeLong z" in html
     for name in FIGURES:
         assert (report / name).read_bytes()[:8] == PNG_MAGIC
+    assert "input_distribution" in load_manifest(MODEL, new, store)
+
+    # shadow: the candidate runs beside 1.0.0 on a case, its risk recorded, nothing sent
+    assert run_cli("models", "shadow", new, "--config", str(config_path)) == 0
+    case = sorted((cohort / "cases").iterdir())[0]
+    paths = sorted(case.glob("*.dcm"))
+    record = run_shadow(config, MODEL, paths)
+    assert record is not None and record["shadow"] == new and record["in_service"] == "1.0.0"
+    assert read_records(config.state_dir, MODEL) == [record]
+    # the running node's pipeline follows promotion and rollback without a restart
+    assert get_pipeline(MODEL, config.pipelines).algorithm.version == "1.0.0"
+    assert run_cli("models", "promote", new, "--config", str(config_path)) == 2  # failed gate
+    assert run_cli("models", "promote", new, "--config", str(config_path), "--force",
+                   "--reason", "test of the pickup", "--by", "tester") == 0  # fmt: skip
+    assert get_pipeline(MODEL, config.pipelines).algorithm.version == new
+    assert run_cli("models", "rollback", "--config", str(config_path), "--by", "tester") == 0
+    assert get_pipeline(MODEL, config.pipelines).algorithm.version == "1.0.0"
+    assert [e["action"] for e in read_audit(MODEL, store)][-3:] == [
+        "shadow", "forced promote", "rollback",
+    ]  # fmt: skip
