@@ -17,17 +17,21 @@ from pathlib import Path
 
 import pytest
 
+from dicomnode.cli import main
 from dicomnode.config import load_config
 from dicomnode.retrain import serve
-from model_store.lifecycle import promote_version, read_gate, version_statuses
+from dicomnode.shadow import read_records, run_shadow
+from model_store.lifecycle import promote_version, read_audit, read_gate, version_statuses
 from model_store.registry import (
     STORE_ROOT,
     ModelStoreError,
     list_versions,
+    load_manifest,
     promoted_version,
     verified_files,
 )
 from pipelines.cohort import generate_cohort
+from pipelines.registry import get_pipeline
 from pipelines.retraining.report import FIGURES, REPORT_HTML
 from tests.support import REPO_ROOT
 
