@@ -20,11 +20,12 @@ from dicomnode.offline import non_dicom_files, run_folder
 from dicomnode.phi import scrub
 from dicomnode.pipelines_check import check_pipelines_at_start
 from dicomnode.processing import JobFailure, check_pipelines, processor, reporting
+from dicomnode.retrain_cli import add_commands as add_retraining_commands
 from dicomnode.startup import StartupError
 from pipelines.registry import pipeline_names
 
 # Run as a command (not called from Python with arguments), these keep stderr all JSON.
-UNATTENDED_COMMANDS = frozenset({"serve", "run", "worker"})
+UNATTENDED_COMMANDS = frozenset({"serve", "run", "worker", "retrain"})
 
 
 def _say(line: str = "") -> None:
@@ -216,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--promote", action="store_true", help="put the new version in service")
     train.set_defaults(handler=cmd_train)
     admin.register(sub, _say)
+    add_retraining_commands(sub)
     return parser
 
 

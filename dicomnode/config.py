@@ -25,6 +25,7 @@ from pydantic import (
 
 from dicomnode.completeness import CompletenessSettings
 from dicomnode.door import AssociationLimits
+from dicomnode.retraining_settings import RetrainingSettings
 from dicomnode.tls import ClientTls, ServerTls
 from pipelines.settings import PipelinesSettings
 
@@ -258,6 +259,7 @@ class NodeConfig(_Model):
     default_pipeline: str = "hyperdense_regions"  # used when a rule's pipeline is unavailable
     pipelines: PipelinesSettings = PipelinesSettings()  # [pipelines.<name>] settings
     celery: CelerySettings | None = None  # jobs run by Celery workers instead of in-process
+    retraining: RetrainingSettings | None = None  # [retraining]: read by `dicomnode retrain`
 
     @model_validator(mode="after")
     def _check_references(self) -> NodeConfig:

@@ -24,6 +24,7 @@ from dicomnode.failures import FailureKind, classify_failure, radiologist_senten
 from dicomnode.node import JobSpec, Process, Reporting
 from dicomnode.pipelines_check import PipelinePlan
 from dicomnode.revisions import Retraction
+from dicomnode.shadow import run_shadow
 from pipelines.base import Pipeline, PipelineError, PipelineUnavailable
 from pipelines.outputs import build_outputs
 from pipelines.outputs.failure import FailureNotice, build_failure_outputs
@@ -137,10 +138,12 @@ def processor(
                 "routed pipeline unavailable since start, running the default",
                 job_id=job.job_id, routed=job.pipeline, pipeline=pipeline,
             )  # fmt: skip
-        return run_pipeline(
+        written = run_pipeline(
             job.instance_paths, pipeline, job.output_dir, config.default_pipeline,
             revision=job.revision, pipelines=build,
         )  # fmt: skip
+        run_shadow(config, pipeline, job.instance_paths)  # records only; sends nothing
+        return written
 
     return process_job
 

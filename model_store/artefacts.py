@@ -24,6 +24,7 @@ import importlib
 import inspect
 import io
 import json
+import os
 import shutil
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
@@ -53,6 +54,8 @@ from model_store.registry import (
 if TYPE_CHECKING:
     import torch
 
+FILE_MODE = 0o644
+DIR_MODE = 0o755
 SYNTHETIC_NOTICE = "trained on synthetic data — not for clinical use"
 TRAINED_KIND = "trained model"
 SKOPS = "skops"
@@ -228,6 +231,22 @@ def _tensor_bytes(key: str, tensors: Mapping[str, torch.Tensor]) -> bytes:
     return bytes(save({str(name): tensor.contiguous() for name, tensor in tensors.items()}))
 
 
+def _fsync_path(path: Path) -> None:
+    """fsync a file or folder (a folder: so that its new entries survive a crash)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    """Write ``data`` to a new file, readable by all (0644), and fsync it."""
+    path.write_bytes(data)
+    os.chmod(path, FILE_MODE)
+    _fsync_path(path)
+
+
 def save_model(
     name: str,
     version: str,
@@ -239,7 +258,9 @@ def save_model(
     """Write a new trained version to ``root/<name>/<version>/`` and return its folder.
 
     Versions are immutable: an existing folder is refused. The folder is written beside
-    its final place and renamed into it, so a reader never sees half a version.
+    its final place (a hidden ``.<version>-*`` staging folder), every file fsynced, made
+    readable by all (folders 0755, files 0644) and renamed into place, so a reader (and a
+    process killed mid-write) never sees half a version.
     """
     check_name(name, "model name")
     version_key(version)
@@ -291,9 +312,13 @@ def save_model(
     staging = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=final.parent))
     try:
         for filename, data in files.items():
-            (staging / filename).write_bytes(data)
-        write_manifest(staging, manifest)
+            _write_synced(staging / filename, data)
+        os.chmod(write_manifest(staging, manifest), FILE_MODE)
+        _fsync_path(staging / MANIFEST)
+        os.chmod(staging, DIR_MODE)
+        _fsync_path(staging)
         staging.rename(final)
+        _fsync_path(final.parent)
     finally:
         if staging.exists():
             shutil.rmtree(staging)

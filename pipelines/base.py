@@ -90,6 +90,22 @@ class ClinicalIssue:
 
 
 @dataclass(frozen=True)
+class ModelCard:
+    """What every risk output says about the model that made it: its identity, the
+    artefact it was loaded from, what it was trained on, its operating point and
+    calibration, and when it was made (``pipelines.outputs.model_card`` writes it)."""
+
+    name: str
+    version: str
+    artefact_sha256: str  # the manifest's own sha256, which pins every file's hash
+    training_cohort_sha256: str  # model_store.artefacts.training_data_hash
+    training_cohort_size: int | None
+    cutoff: float
+    calibration_slope: float | None  # on the held-out cases at the promotion gate
+    created: str  # UTC, ISO 8601
+
+
+@dataclass(frozen=True)
 class RiskPrediction:
     """A model's risk for one case, as the SR and SCs report it."""
 
@@ -107,6 +123,8 @@ class RiskPrediction:
     scored_reason: str = ""  # why that region, e.g. "the largest haemorrhage"
     # Coded outcome; None: a private 99DCMNODE code derived from ``outcome``.
     outcome_code: CodedConcept | None = None
+    model_card: ModelCard | None = None  # written into the SR when given
+    input_check: str | None = None  # out-of-distribution check line (pipelines.retraining.ood)
 
     @property
     def high_risk(self) -> bool:

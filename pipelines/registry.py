@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from functools import cache, partial
+from functools import lru_cache, partial
 from typing import cast, get_args
 
+from model_store.lifecycle import service_stamp
 from model_store.registry import ModelStoreError
 from pipelines.base import Pipeline, PipelineError, PipelineUnavailable
 from pipelines.contract import Segmenter
-from pipelines.settings import PipelinesSettings, SegmenterName
+from pipelines.settings import PipelinesSettings, SegmenterName, StoredModelSettings
 
 _FACTORIES: dict[str, str] = {
     "hyperdense_regions": "pipelines.hyperdense:HyperdenseThresholdPipeline",
@@ -28,6 +29,9 @@ _FACTORIES: dict[str, str] = {
 
 DEFAULT_SETTINGS = PipelinesSettings()
 """Every pipeline's defaults (bundled model store, default weights folder)."""
+
+PIPELINE_CACHE_SIZE = 64
+"""Built pipelines kept (per name, settings and version in service)."""
 
 PipelineFactory = Callable[[str], Pipeline]
 
@@ -42,10 +46,28 @@ def segmenter_names() -> list[str]:
     return sorted(get_args(SegmenterName))
 
 
-@cache
+def promotion_stamp(name: str, settings: PipelinesSettings = DEFAULT_SETTINGS) -> object:
+    """What identifies the model version in service for pipeline ``name``: the stamp of
+    its ``promoted.json`` (``model_store.lifecycle.service_stamp``) when its settings
+    leave the version to the promotion, else None. A promotion, rollback or shadow
+    change replaces that file, so the stamp changes and the next job builds anew."""
+    own = getattr(settings, name, None)
+    if not isinstance(own, StoredModelSettings) or own.version is not None:
+        return None
+    return service_stamp(name, own.store_root)
+
+
 def get_pipeline(name: str, settings: PipelinesSettings = DEFAULT_SETTINGS) -> Pipeline:
     """The pipeline registered as ``name``, built from ``settings`` once per process (and
-    per distinct settings)."""
+    per distinct settings), and built again when the version in service of its model
+    changes (:func:`promotion_stamp`): the running node picks up a promotion or a
+    rollback at its next job, without a restart."""
+    return _build_pipeline(name, settings, promotion_stamp(name, settings))
+
+
+@lru_cache(maxsize=PIPELINE_CACHE_SIZE)
+def _build_pipeline(name: str, settings: PipelinesSettings, stamp: object) -> Pipeline:
+    """Build ``name`` (``stamp`` only keys the cache)."""
     try:
         module_name, class_name = _FACTORIES[name].split(":")
     except KeyError:
@@ -53,6 +75,9 @@ def get_pipeline(name: str, settings: PipelinesSettings = DEFAULT_SETTINGS) -> P
     factory = getattr(importlib.import_module(module_name), class_name)
     pipeline: Pipeline = factory.from_settings(settings)
     return pipeline
+
+
+get_pipeline.cache_clear = _build_pipeline.cache_clear  # type: ignore[attr-defined]
 
 
 def get_segmenter(name: str, settings: PipelinesSettings = DEFAULT_SETTINGS) -> Segmenter:

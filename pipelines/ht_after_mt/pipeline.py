@@ -51,6 +51,8 @@ from pipelines.ht_after_mt.model import MODEL_NAME, OUTCOME, PRIMARY, HtModel
 from pipelines.hyperdense import HyperdenseThresholdPipeline
 from pipelines.measure import measure_segment
 from pipelines.registry import get_segmenter
+from pipelines.retraining.card import model_card
+from pipelines.retraining.ood import manifest_input_check
 from pipelines.series import LoadedSeries
 from pipelines.settings import PipelinesSettings
 
@@ -216,6 +218,13 @@ class HtAfterMtPipeline:
             model_name=MODEL_NAME,
             model_version=model.version,
             notice=model.notice,
+            model_card=model_card(model.artefact.manifest, self.root),
+            input_check=manifest_input_check(
+                model.artefact.manifest,
+                prediction.features.column_names,
+                prediction.features.matrix()[0],
+                series.reference,
+            ),
             imputed=prediction.imputed,
             clinical_issues=tuple(
                 issue

@@ -64,6 +64,7 @@ from pipelines.outputs.common import (
     source_dataset,
     summary_lines,
 )
+from pipelines.outputs.model_card import model_card_line, model_card_lines
 from pipelines.outputs.regions import PlannedSegment, finding_site, scored_region, segment_plan
 from pipelines.outputs.uids import derive_uid
 from pipelines.series import LoadedSeries
@@ -100,7 +101,10 @@ def model_identification(risk: RiskPrediction) -> hd.sr.AlgorithmIdentification:
     return hd.sr.AlgorithmIdentification(
         name=plain(risk.model_name),
         version=plain(risk.model_version),
-        parameters=[plain(risk.notice)],
+        parameters=[
+            plain(risk.notice),
+            *([model_card_line(risk.model_card)] if risk.model_card else []),
+        ],
         family=CodedConcept.from_code(codes.DCM.ArtificialIntelligence),
         manufacturer=MANUFACTURER,
     )
@@ -313,6 +317,7 @@ def notice_container(result: PipelineResult) -> hd.sr.ContainerContentItem:
                 *summary_lines(result),
                 *risk_lines(result),
                 *(line for line, _ in classification_lines(result)),
+                *model_card_lines(result),
             ]
         ]
     )
