@@ -133,6 +133,9 @@ class PipelineResult:
     notes: Sequence[str] = field(default_factory=tuple)
     risk: RiskPrediction | None = None
     heatmaps: Sequence[HeatMap] = field(default_factory=tuple)
+    # Lines every output states beside the measurements (SC panel, SR TEXT, saliency SC),
+    # e.g. "no lesion: no risk computed (...)" from a risk model that scored nothing.
+    statements: Sequence[str] = field(default_factory=tuple)
 
 
 class Pipeline(Protocol):

@@ -100,8 +100,28 @@ BUNDLED_PARAMS: dict[str, Path] = {
 }
 """This package's radiomics parameter files by name (beside ``pipelines.radiomics``')."""
 
-CNN_INPUT = InputConfig(size=128, margin_mm=10.0, min_side_mm=40.0, mean=LITE0_MEAN, std=LITE0_STD)
-"""2.5-D input (frames n-2, n, n+2 as channels), 128 px, brain window, Lite0 normalisation."""
+LESION_WINDOW_HU = (0.0, 160.0)
+"""The CNN's window: blood (45-95 HU) and contrast staining (90-160 HU) both stay below
+white. Model 1.0.0 used the brain window (0-80 HU), which clipped every stain and most
+haemorrhage cores to the same white, so the HU level that carries the texture signal
+never reached the network (its held-out AUC was 0.49)."""
+
+LESION_CROP_MM = 80.0
+"""Smallest side of the CNN's crop: every lesion of the cohort (up to 40 mL, about 42 mm
+across, plus the 10 mm margins) fits in it, so nearly every crop has the same physical
+size and the network sees the lesion's size. Model 1.0.0's 40 mm floor let the crop
+follow the lesion's bounding box, and resizing every crop to 128 px hid the volume."""
+
+CNN_INPUT = InputConfig(
+    window=LESION_WINDOW_HU,
+    size=128,
+    margin_mm=10.0,
+    min_side_mm=LESION_CROP_MM,
+    mean=LITE0_MEAN,
+    std=LITE0_STD,
+)
+"""2.5-D input (frames n-2, n, n+2 as channels), 128 px, lesion window, fixed 80 mm crop,
+Lite0 normalisation."""
 
 
 # --- missing values ----------------------------------------------------------------
