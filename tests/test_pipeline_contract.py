@@ -204,7 +204,7 @@ def test_risk_model_settings_reach_the_pipeline_and_its_segmenter(tmp_path: Path
     assert pipeline.clinical_table == table
     assert pipeline.segmenter is get_segmenter("hyperdense_unet", settings)
     assert "lesion segmenter hyperdense_unet" in pipeline.algorithm.provenance
-    assert [s.label for s in pipeline.profile.segments] == ["Hyperdense region by hyperdense_unet"]
+    assert [s.label for s in pipeline.profile.segments][0] == "Scored lesion by hyperdense_unet"
     default = get_pipeline("ht_after_mt")
     assert isinstance(default, HtAfterMtPipeline)
     assert default.segmenter.name == "hyperdense_regions" and default.clinical_table is None

@@ -26,7 +26,7 @@ from dicomnode.config import Destination, default_config, load_config
 from dicomnode.offline import run_folder
 from dicomnode.pipelines_check import check_pipelines_at_start, plan_pipelines
 from dicomnode.sender import send_files
-from model_store.registry import STORE_ROOT, ModelStoreError
+from model_store.registry import STORE_ROOT, ModelStoreError, promoted_version
 from pipelines.base import PipelineUnavailable
 from pipelines.ht_after_mt import HtAfterMtPipeline
 from pipelines.registry import get_pipeline, settings_verifier, verified_pipeline
@@ -34,7 +34,7 @@ from pipelines.settings import BlastCtSettings, PipelinesSettings
 from pipelines.synthetic import synthetic_head_ct, write_series
 from tests.support import REPO_ROOT, free_port
 
-VERSION = "1.0.0"
+VERSION = promoted_version("ht_after_mt") or "1.1.0"
 
 
 def tampered_store(target: Path, filename: str = "cnn.safetensors") -> Path:
