@@ -344,7 +344,8 @@ class HtAfterMtPipeline:
                 f"shown within {HEAT_MARGIN_MM:g} mm of the scored lesion "
                 f"({100 * on_lesion.share:.0f}% of the map's heat lies there)"
             )
-            maps.append(HeatMap(frame=frame, heat=on_lesion.heat, label=label))
+            if on_lesion.share > 0:  # no evidence on the lesion here: nothing to show
+                maps.append(HeatMap(frame=frame, heat=on_lesion.heat, label=label))
         return maps
 
     @staticmethod
