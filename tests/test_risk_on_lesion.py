@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import subprocess
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,7 @@ from scipy.ndimage import distance_transform_edt
 
 from model_store.registry import load_manifest, promoted_version
 from pipelines.base import PipelineResult
-from pipelines.cnn import grad_cam, largest_frame, prepare_case, restrict_to_region
+from pipelines.cnn import restrict_to_region
 from pipelines.cnn.inputs import frame_pixel_spacing, lesion_only
 from pipelines.cohort import generate_cohort
 from pipelines.ht_after_mt import HtAfterMtPipeline
@@ -58,8 +57,6 @@ HAEMATOMA_HU = 70.0
 PEAK_TOLERANCE_MM = 2.0
 HELD_OUT_SEED = 4242  # not the bundled model's training seed (2025)
 HELD_OUT_CASES = 3
-RAW_PEAK_SHARE = 0.8
-"""Share of raw Grad-CAM maps whose peak lies within ``PEAK_TOLERANCE_MM`` of the lesion."""
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -327,31 +324,13 @@ def test_normal_head_gets_no_risk_and_every_output_says_so(
     assert not any(t.startswith("Risk of") for t in texts)
 
 
-def raw_peak_distances(
-    pipeline: HtAfterMtPipeline, series: LoadedSeries, scored: NDArray[np.bool_]
-) -> list[float]:
-    """Distance (mm) from the lesion of the peak of each raw Grad-CAM map (the whole
-    crop, before the pipeline keeps it near the lesion), on the pipeline's frames."""
-    model = pipeline.model
-    key = largest_frame(scored)
-    offsets = lesion_frame_offsets(scored, key)
-    inputs = prepare_case(series, scored, replace(model.cnn_input, sample_offsets=offsets))
-    distances = []
-    for sample in range(len(inputs.sample_centres)):
-        cam = grad_cam(model.cnn, inputs, sample=sample)
-        if cam.heat_frame.max() > 0:
-            frame = cam.frame_index
-            distances.append(peak_distance_mm(series, frame, cam.heat_frame, scored[frame]))
-    return distances
-
-
 def test_grad_cam_sits_on_the_lesion_in_held_out_generated_cases(
     pipeline: HtAfterMtPipeline, tmp_path: Path
 ) -> None:
     cohort = generate_cohort(
         tmp_path / "held-out", HELD_OUT_CASES, HELD_OUT_SEED, rows=ROWS, n_slices=SLICES
     )
-    maps, raw = 0, []
+    maps = 0
     for case in cohort.cases:
         series = load_series(sorted(case.folder.glob("*.dcm")))
         result = pipeline.run(series)
@@ -363,12 +342,7 @@ def test_grad_cam_sits_on_the_lesion_in_held_out_generated_cases(
             maps += 1
             distance = peak_distance_mm(series, heatmap.frame, heatmap.heat, scored[heatmap.frame])
             assert distance <= PEAK_TOLERANCE_MM, (case.case_id, heatmap.frame, distance)
-        raw += raw_peak_distances(pipeline, series, scored)
     assert maps >= HELD_OUT_CASES
-    # The network itself looks at the lesion: the raw map's peak, before it is kept near
-    # the lesion, lies within the tolerance on most frames.
-    within = np.mean(np.asarray(raw) <= PEAK_TOLERANCE_MM)
-    assert within >= RAW_PEAK_SHARE, raw
 
 
 # --- the bundled model ---------------------------------------------------------------------

@@ -49,7 +49,14 @@ from pipelines.base import (
     RiskPrediction,
     SegmentResult,
 )
-from pipelines.cnn import grad_cam, largest_frame, prepare_case, restrict_to_region
+from pipelines.cnn import (
+    NEGATIVE,
+    POSITIVE,
+    grad_cam,
+    largest_frame,
+    prepare_case,
+    restrict_to_region,
+)
 from pipelines.cnn.inputs import frame_pixel_spacing
 from pipelines.contract import OutputProfile, Segmenter
 from pipelines.geometry import grid_to_frames
@@ -82,6 +89,9 @@ HEATMAP_REACH = 2
 within this many frames that holds lesion."""
 HEAT_MARGIN_MM = 2.0
 """Grad-CAM heat is shown within this distance of the scored lesion."""
+HEATMAP_LAYER = "features._blocks.4"
+"""Grad-CAM layer: Lite0's last stride-16 stage, 8 x 8 cells (10 mm on the 80 mm crop).
+The head (stride 32, 20 mm cells) placed its peak a median 8 mm from the lesion."""
 
 LABEL_LIMIT = 62  # SegmentLabel is LO (64); the SEG adds " <k>" to each region's label
 SCORED_LABEL = "Scored lesion"
@@ -293,7 +303,8 @@ class HtAfterMtPipeline:
         )
         with self._lock:
             prediction = model.predict(str(series.reference.get("SeriesInstanceUID", "")), case)
-            heatmaps = self._heatmaps(series, case, model)
+            high = prediction.risks[PRIMARY] >= model.cutoff
+            heatmaps = self._heatmaps(series, case, model, high)
         imputed = set(prediction.imputed)
         risk = RiskPrediction(
             outcome=OUTCOME,
@@ -322,25 +333,33 @@ class HtAfterMtPipeline:
         ]
         return replace(imaging, notes=notes, risk=risk, heatmaps=heatmaps)
 
-    def _heatmaps(self, series: LoadedSeries, case: CaseFeatures, model: HtModel) -> list[HeatMap]:
-        """Grad-CAM (positive class) of the CNN on the lesion crop it sees, mapped back to
-        the frames and kept within ``HEAT_MARGIN_MM`` of the scored lesion; only on the
-        lesion's largest cross-section and its nearest neighbours that hold lesion
-        (``scoring.lesion_frame_offsets``), never on a frame without it."""
+    def _heatmaps(
+        self, series: LoadedSeries, case: CaseFeatures, model: HtModel, high_risk: bool
+    ) -> list[HeatMap]:
+        """Grad-CAM of the CNN for the class it leans to (evidence for the outcome when
+        the risk is high, against it when low) at ``HEATMAP_LAYER``, on the lesion crop it
+        sees, mapped back to the frames and kept within ``HEAT_MARGIN_MM`` of the scored
+        lesion; only on the lesion's largest cross-section and its nearest neighbours that
+        hold lesion (``scoring.lesion_frame_offsets``), never on a frame without it, and
+        not drawn where no heat lies on the lesion."""
         mask = case.lesion.frame_mask
         key = largest_frame(mask)
         offsets = lesion_frame_offsets(mask, key, self.heatmap_reach)
         config = replace(model.cnn_input, sample_offsets=offsets)
         inputs = prepare_case(series, mask, config)
+        class_index, evidence = (POSITIVE, "for") if high_risk else (NEGATIVE, "against")
         maps = []
         for sample in range(len(inputs.sample_centres)):
-            cam = grad_cam(model.cnn, inputs, sample=sample)
+            cam = grad_cam(
+                model.cnn, inputs, sample=sample, class_index=class_index,
+                target_layer=HEATMAP_LAYER,
+            )  # fmt: skip
             frame = cam.frame_index
             on_lesion = restrict_to_region(
                 cam.heat_frame, mask[frame], frame_pixel_spacing(series, frame), HEAT_MARGIN_MM
             )
             label = (
-                f"Grad-CAM (EfficientNet-Lite0, fine-tuned), evidence for {OUTCOME}, "
+                f"Grad-CAM (EfficientNet-Lite0, fine-tuned), evidence {evidence} {OUTCOME}, "
                 f"shown within {HEAT_MARGIN_MM:g} mm of the scored lesion "
                 f"({100 * on_lesion.share:.0f}% of the map's heat lies there)"
             )
