@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -131,7 +132,7 @@ def json_lines(text: str) -> list[dict[str, Any]]:
 def test_a_tampered_model_is_unavailable_before_any_job(store: Path) -> None:
     pipeline = HtAfterMtPipeline(root=store)  # only the manifest is read here
     with pytest.raises(
-        PipelineUnavailable, match=r"ht_after_mt 1\.0\.0 refused: .*cnn\.safetensors"
+        PipelineUnavailable, match=rf"ht_after_mt {re.escape(VERSION)} refused: .*cnn\.safetensors"
     ):
         pipeline.check()
     with pytest.raises(PipelineUnavailable, match=r"cnn\.safetensors"):
