@@ -204,7 +204,7 @@ def test_risk_model_settings_reach_the_pipeline_and_its_segmenter(tmp_path: Path
     assert pipeline.clinical_table == table
     assert pipeline.segmenter is get_segmenter("hyperdense_unet", settings)
     assert "lesion segmenter hyperdense_unet" in pipeline.algorithm.provenance
-    assert [s.label for s in pipeline.profile.segments][0] == "Scored lesion by hyperdense_unet"
+    assert pipeline.profile.segments[0].label == "Scored lesion by hyperdense_unet"
     default = get_pipeline("ht_after_mt")
     assert isinstance(default, HtAfterMtPipeline)
     assert default.segmenter.name == "hyperdense_regions" and default.clinical_table is None
@@ -313,9 +313,9 @@ def test_the_risk_model_scores_the_configured_segmenters_lesion(
     assert saliency and len(saliency) == len(outputs) - 3
     texts = _texts(sr)  # the SR names the segmenter in the provenance and region label
     assert any("lesion segmenter hyperdense_unet (dicomnode hyperdense U-Net 1" in t for t in texts)
-    assert any(
-        t.startswith("Scored region: Scored lesion by hyperdense_unet 1") for t in texts
-    ), texts
+    assert any(t.startswith("Scored region: Scored lesion by hyperdense_unet 1") for t in texts), (
+        texts
+    )
 
 
 # --- train into another store, then serve from it --------------------------------------------
