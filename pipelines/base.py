@@ -179,6 +179,9 @@ class PipelineResult:
     heatmaps: Sequence[HeatMap] = field(default_factory=tuple)
     # Per-region classifier verdicts (e.g. pipeline iph_vs_contrast), one per region.
     classifications: Sequence[RegionClassification] = field(default_factory=tuple)
+    # Lines every output states beside the measurements (SC panel, SR TEXT, saliency SC),
+    # e.g. "no lesion: no risk computed (...)" from a risk model that scored nothing.
+    statements: Sequence[str] = field(default_factory=tuple)
 
 
 class Pipeline(Protocol):

@@ -253,7 +253,7 @@ def test_risk_pipeline_returns_risk_sr_and_gradcam_captures(
         assert storescu(risk_node, *files).returncode == 0
         _wait(risk_node.is_idle, 300, "the risk pipeline's results", risk_node)
         sent = [item.path for item in risk_node.outbox.items()]
-    assert len(sent) == 6  # SEG, SC, SR and three Grad-CAM SCs
+    assert 4 <= len(sent) <= 6  # SEG, SC, SR and one Grad-CAM SC per lesion frame (1-3)
     for path in sent:
         assert dciodvfy_errors(path) == [], path.name
     stored = {t["SOPInstanceUID"] for t in orthanc.instances()}
@@ -274,5 +274,5 @@ def test_risk_pipeline_returns_risk_sr_and_gradcam_captures(
     )  # fmt: skip
     assert "trained on synthetic data - not for clinical use" in texts
     saliency = [ds for ds in datasets if ds.get("SeriesDescription", "").startswith("SALIENCY")]
-    assert len(saliency) == 3
+    assert len(saliency) == len(sent) - 3
     assert len({ds.SeriesInstanceUID for ds in saliency}) == 1

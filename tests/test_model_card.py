@@ -27,7 +27,7 @@ def test_risk_sr_carries_the_model_card(tmp_path: Path) -> None:
     cohort = generate_cohort(tmp_path / "cohort", 3, 5, rows=64, n_slices=12)
     case = next(c for c in cohort.cases if c.lesions)
     series = load_series(sorted(case.folder.glob("*.dcm")))
-    result = HtAfterMtPipeline(root=store, heatmap_offsets=(0,)).run(series)
+    result = HtAfterMtPipeline(root=store, heatmap_reach=0).run(series)
     assert result.risk is not None and result.risk.model_card is not None
     card = result.risk.model_card
     manifest = load_manifest(MODEL, "1.0.0", store)

@@ -204,7 +204,7 @@ def test_risk_model_settings_reach_the_pipeline_and_its_segmenter(tmp_path: Path
     assert pipeline.clinical_table == table
     assert pipeline.segmenter is get_segmenter("hyperdense_unet", settings)
     assert "lesion segmenter hyperdense_unet" in pipeline.algorithm.provenance
-    assert [s.label for s in pipeline.profile.segments] == ["Hyperdense region by hyperdense_unet"]
+    assert pipeline.profile.segments[0].label == "Scored lesion by hyperdense_unet"
     default = get_pipeline("ht_after_mt")
     assert isinstance(default, HtAfterMtPipeline)
     assert default.segmenter.name == "hyperdense_regions" and default.clinical_table is None
@@ -301,23 +301,21 @@ def test_the_risk_model_scores_the_configured_segmenters_lesion(
     series = load_series(lesion_series)
     result = pipeline.run(series)
     assert result.risk is not None
-    assert any(
-        n.startswith("scored lesion: the largest region of segmenter hyperdense_unet, ")
-        for n in result.notes
-    ), result.notes
+    assert result.risk.scored_reason.startswith("largest hyperdense region (")
+    assert "found by hyperdense_unet" in result.risk.scored_reason
     outputs = build_outputs(series, result, pipeline_name="ht_after_mt", profile=pipeline.profile)
     by_modality = {ds.Modality: ds for ds in outputs}
     seg, sr = by_modality["SEG"], by_modality["SR"]
     assert seg.SeriesDescription.startswith("HT RISK LESION SEG")
     assert sr.SeriesDescription.startswith("HT RISK REPORT")
-    assert seg.SegmentSequence[0].SegmentLabel == "Hyperdense region by hyperdense_unet 1"
+    assert seg.SegmentSequence[0].SegmentLabel == "Scored lesion by hyperdense_unet 1"
     saliency = [ds for ds in outputs if ds.SeriesDescription.startswith("SALIENCY GRAD-CAM")]
     assert saliency and len(saliency) == len(outputs) - 3
     texts = _texts(sr)  # the SR names the segmenter in the provenance and region label
     assert any("lesion segmenter hyperdense_unet (dicomnode hyperdense U-Net 1" in t for t in texts)
-    assert any(
-        t.startswith("Scored region: Hyperdense region by hyperdense_unet 1") for t in texts
-    ), texts
+    assert any(t.startswith("Scored region: Scored lesion by hyperdense_unet 1") for t in texts), (
+        texts
+    )
 
 
 # --- train into another store, then serve from it --------------------------------------------

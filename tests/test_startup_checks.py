@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -26,7 +27,7 @@ from dicomnode.config import Destination, default_config, load_config
 from dicomnode.offline import run_folder
 from dicomnode.pipelines_check import check_pipelines_at_start, plan_pipelines
 from dicomnode.sender import send_files
-from model_store.registry import STORE_ROOT, ModelStoreError
+from model_store.registry import STORE_ROOT, ModelStoreError, promoted_version
 from pipelines.base import PipelineUnavailable
 from pipelines.ht_after_mt import HtAfterMtPipeline
 from pipelines.registry import get_pipeline, settings_verifier, verified_pipeline
@@ -34,7 +35,7 @@ from pipelines.settings import BlastCtSettings, PipelinesSettings
 from pipelines.synthetic import synthetic_head_ct, write_series
 from tests.support import REPO_ROOT, free_port
 
-VERSION = "1.0.0"
+VERSION = promoted_version("ht_after_mt") or "1.1.0"
 
 
 def tampered_store(target: Path, filename: str = "cnn.safetensors") -> Path:
@@ -131,7 +132,7 @@ def json_lines(text: str) -> list[dict[str, Any]]:
 def test_a_tampered_model_is_unavailable_before_any_job(store: Path) -> None:
     pipeline = HtAfterMtPipeline(root=store)  # only the manifest is read here
     with pytest.raises(
-        PipelineUnavailable, match=r"ht_after_mt 1\.0\.0 refused: .*cnn\.safetensors"
+        PipelineUnavailable, match=rf"ht_after_mt {re.escape(VERSION)} refused: .*cnn\.safetensors"
     ):
         pipeline.check()
     with pytest.raises(PipelineUnavailable, match=r"cnn\.safetensors"):

@@ -8,7 +8,14 @@ Data flow: ``inputs.prepare_case`` -> ``networks.build_classifier`` ->
 """
 
 from pipelines.cnn.features import case_features, fit_pca, sample_features
-from pipelines.cnn.gradcam import NEGATIVE, POSITIVE, CamResult, grad_cam
+from pipelines.cnn.gradcam import (
+    NEGATIVE,
+    POSITIVE,
+    CamResult,
+    RegionHeat,
+    grad_cam,
+    restrict_to_region,
+)
 from pipelines.cnn.inputs import (
     SLICES_AROUND_LARGEST,
     TWO_POINT_FIVE_D,
@@ -43,6 +50,7 @@ __all__ = [
     "EpochProgress",
     "InputConfig",
     "OptimizerName",
+    "RegionHeat",
     "build_classifier",
     "case_features",
     "default_device",
@@ -55,6 +63,7 @@ __all__ = [
     "predict_proba",
     "prepare_case",
     "prepare_frames",
+    "restrict_to_region",
     "sample_features",
     "save_classifier",
 ]

@@ -4,7 +4,9 @@ The map is computed on one sample (by default the one centred on the key frame) 
 backbone's last convolutional stage (``BackboneSpec.cam_layer``: ``layer4`` for the
 ResNets and SEResNeXt-50, ``head_act`` for EfficientNet-Lite0), resized to the crop and
 written into a zero image of the frame's size, so a Secondary Capture can overlay it on
-the frame as acquired.
+the frame as acquired. :func:`restrict_to_region` keeps a map near the lesion it explains
+(a risk model shows heat only on and around the lesion it scored) and says how much of
+the map's heat lay there.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from monai.visualize import GradCAM
 from numpy.typing import NDArray
+from scipy.ndimage import distance_transform_edt
 from torch import nn
 
 from pipelines.cnn.inputs import CaseInput, CropBox
@@ -85,3 +88,33 @@ def grad_cam(
     heat_frame = np.zeros(case.frame_shape, dtype=np.float32)
     heat_frame[case.crop.rows, case.crop.cols] = heat_crop
     return CamResult(case.sample_centres[index], case.crop, heat_crop, heat_frame)
+
+
+@dataclass(frozen=True)
+class RegionHeat:
+    """A frame's heat map kept near a region, and how much of the map lay there."""
+
+    heat: NDArray[np.float32]  # (rows, columns), zero beyond ``margin_mm`` of the region
+    share: float  # share of the whole map's heat within the margin (0 for an empty map)
+
+
+def restrict_to_region(
+    heat: NDArray[np.floating],
+    region: NDArray[np.bool_],
+    pixel_spacing_mm: tuple[float, float],
+    margin_mm: float,
+) -> RegionHeat:
+    """``heat`` kept within ``margin_mm`` (Euclidean, in mm) of ``region`` on one frame.
+
+    The kept part is not rescaled, so its values stay those of the whole map; ``share``
+    says how much of the map's heat the kept part holds.
+    """
+    if heat.shape != region.shape:
+        raise ValueError(f"heat map {heat.shape} and region {region.shape} differ in shape")
+    if not region.any():
+        raise ValueError("the region is empty on this frame: no heat map belongs there")
+    distance = distance_transform_edt(~region, sampling=pixel_spacing_mm)
+    near = distance <= margin_mm
+    kept = np.where(near, heat, 0.0).astype(np.float32)
+    total = float(np.sum(heat))
+    return RegionHeat(kept, float(np.sum(kept)) / total if total > 0 else 0.0)

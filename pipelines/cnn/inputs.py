@@ -6,6 +6,8 @@ of slices n-2, n, n+2 as three channels, Lu et al. (haematoma expansion) the lar
 and the slices +-3 around it as separate 2-D samples. ``InputConfig`` covers all three:
 ``channel_offsets`` picks the frames stacked as channels of one sample, ``sample_offsets``
 the samples of a case. Frames are those of ``LoadedSeries.frame_hu`` (as acquired).
+``lesion_margin_mm`` keeps only the lesion (and a margin) on each channel, so the network,
+and its Grad-CAM, can only use the lesion itself.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from numpy.typing import NDArray
+from scipy.ndimage import distance_transform_edt
 
 from pipelines.series import LoadedSeries
 
@@ -37,6 +40,9 @@ class InputConfig:
     sample_offsets: tuple[int, ...] = (0,)  # sample centres around the key frame
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    # None: the whole crop; else every channel keeps only the pixels within this distance
+    # (mm) of the lesion on its own frame, the rest set to the window's low end (black).
+    lesion_margin_mm: float | None = None
 
     def __post_init__(self) -> None:
         """Reject settings that cannot give a valid input."""
@@ -50,6 +56,8 @@ class InputConfig:
             raise ValueError("sample_offsets must include 0 (the key frame)")
         if self.margin_mm < 0 or self.min_side_mm < 0:
             raise ValueError("margin_mm and min_side_mm must not be negative")
+        if self.lesion_margin_mm is not None and self.lesion_margin_mm < 0:
+            raise ValueError("lesion_margin_mm must not be negative")
         if min(self.std) <= 0:
             raise ValueError("std must be positive")
 
@@ -149,6 +157,28 @@ def window_unit(hu: NDArray[np.floating], window: tuple[float, float]) -> NDArra
     return ((np.clip(hu, low, high) - low) / (high - low)).astype(np.float32)
 
 
+def lesion_only(
+    hu: NDArray[np.floating],
+    mask: NDArray[np.bool_],
+    pixel_spacing_mm: tuple[float, float],
+    margin_mm: float,
+    fill_hu: float,
+) -> NDArray[np.float64]:
+    """``hu`` (..., rows, columns) with every pixel farther than ``margin_mm`` from the
+    lesion ``mask`` of its own frame set to ``fill_hu``; a frame without lesion is all
+    ``fill_hu``."""
+    if hu.shape != mask.shape:
+        raise ValueError(f"images {hu.shape} and masks {mask.shape} differ in shape")
+    flat_hu = hu.reshape(-1, *hu.shape[-2:]).astype(np.float64)
+    flat_mask = mask.reshape(-1, *mask.shape[-2:])
+    out = np.full(flat_hu.shape, fill_hu, dtype=np.float64)
+    for i, (image, region) in enumerate(zip(flat_hu, flat_mask, strict=True)):
+        if region.any():
+            near = distance_transform_edt(~region, sampling=pixel_spacing_mm) <= margin_mm
+            out[i][near] = image[near]
+    return out.reshape(hu.shape)
+
+
 def to_network_input(
     unit: NDArray[np.float32],
     size: int,
@@ -187,6 +217,11 @@ def prepare_frames(
         tuple(clamped_frames(c, config.channel_offsets, n_frames)) for c in centres
     )
     stack = np.stack([frame_hu[list(f), crop.rows, crop.cols] for f in sample_frames])
+    if config.lesion_margin_mm is not None:
+        masks = np.stack([mask[list(f), crop.rows, crop.cols] for f in sample_frames])
+        stack = lesion_only(
+            stack, masks, pixel_spacing_mm, config.lesion_margin_mm, config.window[0]
+        )
     samples = to_network_input(
         window_unit(stack, config.window), config.size, config.mean, config.std
     )

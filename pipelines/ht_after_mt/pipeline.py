@@ -1,21 +1,31 @@
 """Pipeline ``ht_after_mt``: risk of haemorrhagic transformation after thrombectomy.
 
 Read top to bottom in :meth:`HtAfterMtPipeline.run`: the configured lesion segmenter
-(``[pipelines.ht_after_mt] segmenter``, default the threshold baseline
-``hyperdense_regions``; any :class:`pipelines.contract.Segmenter`) labels the candidate
-lesions (their segment, labelled with the segmenter's name, goes into the result); the
-largest one is described by its radiomics, the fine-tuned CNN's features of its 2.5-D
-crop and the clinical variables (header, and the clinical table of
+(``[pipelines.ht_after_mt] segmenter``; any :class:`pipelines.contract.Segmenter`)
+labels the candidate lesions; calcified foci are found apart (the threshold baseline's
+calcification rule) and never scored; :mod:`pipelines.ht_after_mt.scoring` chooses the
+scored lesion, the largest haemorrhage-class region, and says why ("largest hyperdense
+region (12.3 mL) of 3 found by hyperdense_unet"). The result's segments are the scored
+lesion (its own SEG segment, "Scored lesion by <segmenter>"), the other regions ("Other
+lesion, not scored") and the calcifications ("Calcification, never scored"); the risk
+names the scored segment (``RiskPrediction.scored_region``) and its reason, which the
+SC and the SR state (the risk sits in the scored region's SR measurement group). With no
+lesion, the SEG holds one empty segment and the SC and SR say "no lesion: no risk
+computed" (``PipelineResult.statements``): no risk, no heat maps.
+
+The scored lesion is described by its radiomics, the fine-tuned CNN's features of its
+2.5-D crop and the clinical variables (header, and the clinical table of
 ``[pipelines.ht_after_mt] clinical_table``; missing, unreadable and implausible ones
 imputed and listed with their reasons: the table fails open, an unreadable table never
 removes the imaging results); the combined model of the configured (default: promoted)
 version in the configured model store gives the probability, classified at its training
-cut-off; Grad-CAM of the CNN on the lesion's largest cross-section and the frames two
-below and above it gives the heat maps. The notes and the algorithm's provenance name
-the segmenter that produced the scored region. The model is loaded and hash-checked
-once, by :meth:`HtAfterMtPipeline.check` at start-up (a model or segmenter that fails
-its checks there makes the pipeline unavailable: the node runs its default instead) or
-on the first run.
+cut-off. Grad-CAM of the CNN is computed on the lesion crop the network sees, mapped back
+to the frame and kept within ``HEAT_MARGIN_MM`` of the lesion (its label states how much
+of the map's heat lay there), on the lesion's largest cross-section and its nearest
+neighbours that hold lesion only. The model is loaded and hash-checked once, by
+:meth:`HtAfterMtPipeline.check` at start-up (a model or segmenter that fails its checks
+there makes the pipeline unavailable: the node runs its default instead) or on the first
+run.
 """
 
 from __future__ import annotations
@@ -23,8 +33,11 @@ from __future__ import annotations
 import threading
 from dataclasses import replace
 from pathlib import Path
+from typing import cast
 
+import numpy as np
 import structlog
+from numpy.typing import NDArray
 from pydicom.dataset import Dataset
 
 from model_store.registry import STORE_ROOT, ModelStoreError, load_manifest, select_version
@@ -34,10 +47,19 @@ from pipelines.base import (
     PipelineResult,
     PipelineUnavailable,
     RiskPrediction,
-    SegmentClass,
+    SegmentResult,
 )
-from pipelines.cnn import grad_cam, prepare_case
+from pipelines.cnn import (
+    NEGATIVE,
+    POSITIVE,
+    grad_cam,
+    largest_frame,
+    prepare_case,
+    restrict_to_region,
+)
+from pipelines.cnn.inputs import frame_pixel_spacing
 from pipelines.contract import OutputProfile, Segmenter
+from pipelines.geometry import grid_to_frames
 from pipelines.ht_after_mt.clinical import NO_TABLE
 from pipelines.ht_after_mt.features import (
     TABLE_VARIABLES,
@@ -48,16 +70,36 @@ from pipelines.ht_after_mt.features import (
     case_features,
 )
 from pipelines.ht_after_mt.model import MODEL_NAME, OUTCOME, PRIMARY, HtModel
-from pipelines.hyperdense import HyperdenseThresholdPipeline
+from pipelines.ht_after_mt.scoring import (
+    LesionChoice,
+    choose_lesion,
+    lesion_frame_offsets,
+    relabel_without,
+    scored_reason,
+)
+from pipelines.hyperdense import CALCIFICATION_SEGMENT, HyperdenseThresholdPipeline
 from pipelines.measure import measure_segment
-from pipelines.registry import get_segmenter
+from pipelines.registry import get_pipeline, get_segmenter
 from pipelines.retraining.card import model_card
 from pipelines.retraining.ood import manifest_input_check
 from pipelines.series import LoadedSeries
 from pipelines.settings import PipelinesSettings
 
 CLINICAL_TABLE_SETTING = "[pipelines.ht_after_mt] clinical_table"
-HEATMAP_OFFSETS = (-2, 0, 2)  # key slices: the largest cross-section n and n-2, n+2
+HEATMAP_REACH = 2
+"""Heat maps: the lesion's largest cross-section and, on each side, the nearest frame
+within this many frames that holds lesion."""
+HEAT_MARGIN_MM = 2.0
+"""Grad-CAM heat is shown within this distance of the scored lesion."""
+HEATMAP_LAYER = "features._blocks.4"
+"""Grad-CAM layer: Lite0's last stride-16 stage, 8 x 8 cells (10 mm on the 80 mm crop).
+The head (stride 32, 20 mm cells) placed its peak a median 8 mm from the lesion."""
+
+LABEL_LIMIT = 62  # SegmentLabel is LO (64); the SEG adds " <k>" to each region's label
+SCORED_LABEL = "Scored lesion"
+OTHER_LABEL = "Other lesion, not scored"
+NO_LESION_LABEL = "No lesion, no risk"
+CALCIFICATION_LABEL = "Calcification, never scored"
 
 log = structlog.get_logger(__name__)
 
@@ -73,33 +115,47 @@ class HtAfterMtPipeline:
         *,
         root: Path = STORE_ROOT,
         clinical_table: Path | None = None,
-        heatmap_offsets: tuple[int, ...] = HEATMAP_OFFSETS,
+        heatmap_reach: int = HEATMAP_REACH,
         segmenter: Segmenter | None = None,
+        calcification_finder: HyperdenseThresholdPipeline | None = None,
     ) -> None:
         """Use ``version`` (default: the promoted one) of the model in ``root``.
 
         ``clinical_table`` (CSV or JSON): where the clinical variables come from; without
         one, every table variable is imputed. ``segmenter`` finds the lesion that is
-        scored (default: the threshold baseline). Only the manifest is read here.
+        scored (default: the threshold baseline); ``calcification_finder`` tells
+        calcified foci apart (default: the segmenter when it is the threshold baseline,
+        else a threshold baseline of its own). Only the manifest is read here.
         """
         self.version = version or select_version(MODEL_NAME, root)
         manifest = load_manifest(MODEL_NAME, self.version, root)
         self.root = root
         self.clinical_table = clinical_table
-        self.heatmap_offsets = heatmap_offsets
+        self.heatmap_reach = heatmap_reach
         self.segmenter: Segmenter = segmenter or HyperdenseThresholdPipeline()
+        if calcification_finder is None:
+            own = self.segmenter
+            finder = own if isinstance(own, HyperdenseThresholdPipeline) else None
+            calcification_finder = finder or HyperdenseThresholdPipeline()
+        self.calcification_finder = calcification_finder
         seg = self.segmenter.algorithm
-        self._lesion_class = SegmentClass(
-            label=f"{self.segmenter.segment_class.label} by {self.segmenter.name}"[:64],
-            category=self.segmenter.segment_class.category,
-            property_type=self.segmenter.segment_class.property_type,
-        )
+        found = self.segmenter.segment_class
+        name = self.segmenter.name
+        self._lesion_class = replace(found, label=f"{SCORED_LABEL} by {name}"[:LABEL_LIMIT])
+        self._other_class = replace(found, label=f"{OTHER_LABEL} by {name}"[:LABEL_LIMIT])
+        self._no_lesion_class = replace(found, label=f"{NO_LESION_LABEL} by {name}"[:LABEL_LIMIT])
+        self._calcification_class = replace(CALCIFICATION_SEGMENT, label=CALCIFICATION_LABEL)
         self._profile = OutputProfile(
             seg_title="HT RISK LESION SEG",
             sc_title="HT RISK SUMMARY",
             sr_title="HT RISK REPORT",
             saliency_title="SALIENCY GRAD-CAM HT RISK",
-            segments=(self._lesion_class,),
+            segments=(
+                self._lesion_class,
+                self._other_class,
+                self._calcification_class,
+                self._no_lesion_class,
+            ),
         )
         self._model: HtModel | None = None
         self._lock = threading.Lock()
@@ -123,6 +179,9 @@ class HtAfterMtPipeline:
             root=own.store_root,
             clinical_table=own.clinical_table,
             segmenter=get_segmenter(own.segmenter, settings),
+            calcification_finder=cast(
+                HyperdenseThresholdPipeline, get_pipeline("hyperdense_regions", settings)
+            ),
         )
 
     @property
@@ -184,32 +243,70 @@ class HtAfterMtPipeline:
             return found, f"{found.reason} ({table.source})"
         return found, f"clinical variables from {table.source}"
 
+    def _calcifications(self, series: LoadedSeries) -> tuple[NDArray[np.int32], int]:
+        """Calcified foci on the volume grid (the threshold baseline's rule: dense cores
+        above its calcification threshold), found apart from the lesions, never scored."""
+        classes = self.calcification_finder.segment_classes(series)
+        return classes.calcification, classes.calcification_count
+
+    def _segments(
+        self,
+        series: LoadedSeries,
+        labels: NDArray[np.int32],
+        count: int,
+        choice: LesionChoice,
+        calcified: tuple[NDArray[np.int32], int],
+    ) -> list[SegmentResult]:
+        """The scored lesion (its own segment), the other regions, the calcifications;
+        with nothing scored, one empty lesion segment and the calcifications."""
+        if choice.label is None:
+            empty = np.zeros(labels.shape, dtype=np.int32)
+            segments = [measure_segment(series, self._no_lesion_class, empty, 0)]
+        else:
+            scored = (labels == choice.label).astype(np.int32)
+            others = relabel_without(labels, count, (choice.label, *choice.calcified))
+            segments = [measure_segment(series, self._lesion_class, scored, 1)]
+            rest = measure_segment(series, self._other_class, *others)
+            if rest.regions:
+                segments.append(rest)
+        calcification = measure_segment(series, self._calcification_class, *calcified)
+        if calcification.regions:
+            segments.append(calcification)
+        return segments
+
     def run(self, series: LoadedSeries) -> PipelineResult:
-        """Segment, describe the largest region of the segmenter, predict, explain."""
+        """Segment, choose the scored lesion (``scoring``), describe it, predict, explain."""
         model = self.model
         found, source = self._lookup(series.reference)
-        labels = self.segmenter.segment(series)
-        segment = measure_segment(series, self._lesion_class, *labels)
+        labels, count = self.segmenter.segment(series)
+        calcified = self._calcifications(series)
+        on_frames = [bool(grid_to_frames(series, labels == k).any()) for k in range(1, count + 1)]
+        choice = choose_lesion(
+            labels, count, calcified[0] > 0, on_frames, series.volume.voxel_volume_ml
+        )
+        segments = self._segments(series, labels, count, choice, calcified)
+        n_calcified = sum(
+            len(s.regions) for s in segments if s.segment == self._calcification_class
+        )
+        reason = scored_reason(choice, self.segmenter.name, n_calcified)
         seg = self.segmenter.algorithm
         segmented = [
             f"lesion segmenter {self.segmenter.name} ({seg.name} {seg.version}): "
-            f"{len(segment.regions)} region(s) on the acquired frames"
+            f"{count} region(s); {reason}"
         ]
-        key_frame = segment.total.key_frame if segment.total else len(series.frames) // 2
-        imaging = PipelineResult(self.algorithm, [segment], key_frame, segmented)
-        if segment.total is None:
-            notes = [
-                *segmented,
-                f"no lesion: no risk of {OUTCOME} computed (no hyperdense lesion found by "
-                f"segmenter {self.segmenter.name})",
-            ]
-            return replace(imaging, notes=notes)
+        lesion_total = segments[0].total
+        key_frame = lesion_total.key_frame if lesion_total else len(series.frames) // 2
+        imaging = PipelineResult(self.algorithm, segments, key_frame, segmented)
+        if choice.label is None or lesion_total is None:
+            return replace(imaging, statements=(reason,))
+        scored = ((labels == choice.label).astype(np.int32), 1)
         case = case_features(
-            series, found, self.segmenter, model.radiomics_params, model.cnn_input, labels
+            series, found, self.segmenter, model.radiomics_params, model.cnn_input, scored
         )
         with self._lock:
             prediction = model.predict(str(series.reference.get("SeriesInstanceUID", "")), case)
-            heatmaps = self._heatmaps(series, case, model)
+            high = prediction.risks[PRIMARY] >= model.cutoff
+            heatmaps = self._heatmaps(series, case, model, high)
         imputed = set(prediction.imputed)
         risk = RiskPrediction(
             outcome=OUTCOME,
@@ -231,11 +328,12 @@ class HtAfterMtPipeline:
                 for issue in case.clinical_issues
                 if issue.variable in imputed or not issue.imputed
             ),
+            scored_region=(0, 0),
+            scored_reason=reason,
         )
         notes = [
             *segmented,
-            f"scored lesion: the largest region of segmenter {self.segmenter.name}, "
-            f"{case.lesion.volume_ml:.1f} mL "
+            f"scored lesion: {case.lesion.volume_ml:.1f} mL "
             f"(largest cross-section on frame {case.cnn_input.key_frame})",
             f"risk of {OUTCOME}: {risk.probability:.3f} "
             f"({'high' if risk.high_risk else 'low'} at cut-off {risk.cutoff:.3f})",
@@ -244,15 +342,38 @@ class HtAfterMtPipeline:
         ]
         return replace(imaging, notes=notes, risk=risk, heatmaps=heatmaps)
 
-    def _heatmaps(self, series: LoadedSeries, case: CaseFeatures, model: HtModel) -> list[HeatMap]:
-        """Grad-CAM (positive class) on the key frame and the frames at ``heatmap_offsets``."""
-        config = replace(model.cnn_input, sample_offsets=self.heatmap_offsets)
-        inputs = prepare_case(series, case.lesion.frame_mask, config)
-        label = "Grad-CAM (EfficientNet-Lite0, fine-tuned), evidence for " + OUTCOME
+    def _heatmaps(
+        self, series: LoadedSeries, case: CaseFeatures, model: HtModel, high_risk: bool
+    ) -> list[HeatMap]:
+        """Grad-CAM of the CNN for the class it leans to (evidence for the outcome when
+        the risk is high, against it when low) at ``HEATMAP_LAYER``, on the lesion crop it
+        sees, mapped back to the frames and kept within ``HEAT_MARGIN_MM`` of the scored
+        lesion; only on the lesion's largest cross-section and its nearest neighbours that
+        hold lesion (``scoring.lesion_frame_offsets``), never on a frame without it, and
+        not drawn where no heat lies on the lesion."""
+        mask = case.lesion.frame_mask
+        key = largest_frame(mask)
+        offsets = lesion_frame_offsets(mask, key, self.heatmap_reach)
+        config = replace(model.cnn_input, sample_offsets=offsets)
+        inputs = prepare_case(series, mask, config)
+        class_index, evidence = (POSITIVE, "for") if high_risk else (NEGATIVE, "against")
         maps = []
         for sample in range(len(inputs.sample_centres)):
-            cam = grad_cam(model.cnn, inputs, sample=sample)
-            maps.append(HeatMap(frame=cam.frame_index, heat=cam.heat_frame, label=label))
+            cam = grad_cam(
+                model.cnn, inputs, sample=sample, class_index=class_index,
+                target_layer=HEATMAP_LAYER,
+            )  # fmt: skip
+            frame = cam.frame_index
+            on_lesion = restrict_to_region(
+                cam.heat_frame, mask[frame], frame_pixel_spacing(series, frame), HEAT_MARGIN_MM
+            )
+            label = (
+                f"Grad-CAM (EfficientNet-Lite0, fine-tuned), evidence {evidence} {OUTCOME}, "
+                f"shown within {HEAT_MARGIN_MM:g} mm of the scored lesion "
+                f"({100 * on_lesion.share:.0f}% of the map's heat lies there)"
+            )
+            if on_lesion.share > 0:  # no evidence on the lesion here: nothing to show
+                maps.append(HeatMap(frame=frame, heat=on_lesion.heat, label=label))
         return maps
 
     @staticmethod

@@ -21,6 +21,7 @@ StudyDate, with the label column ``label_ht`` (1 = haemorrhagic transformation),
 
 from __future__ import annotations
 
+import csv
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -44,9 +45,10 @@ from pipelines.cnn import (
     case_features,
     fine_tune,
     fit_pca,
+    predict_proba,
 )
 from pipelines.cnn.training import EpochProgress
-from pipelines.evaluation import to_markdown
+from pipelines.evaluation import AucInterval, auc, auc_ci_delong, to_markdown
 from pipelines.ht_after_mt.features import (
     CNN_INPUT,
     ClinicalTable,
@@ -121,6 +123,7 @@ class TrainingSettings:
     batch_size: int = 8
     optimizer: str = "sgd"
     lr: float = 0.01
+    augment: bool = True
     dl_components: int = 16
     test_size: float = 0.25
     recipe: ModelRecipe | None = None  # None: default_recipe(seed)
@@ -135,6 +138,7 @@ class TrainingSettings:
             "batch_size": self.batch_size,
             "optimizer": self.optimizer,
             "lr": self.lr,
+            "augment": self.augment,
             "dl_components": self.dl_components,
             "test_size": self.test_size,
             "seed": seed,
@@ -170,6 +174,8 @@ class FittedModel:
     y_test: NDArray[np.int_]
     evaluation: VariantEvaluation
     recipe: ModelRecipe
+    cnn_auc: AucInterval  # the fine-tuned CNN's own head on the held-out cases (DeLong CI)
+    cnn_train_auc: float  # the same on its training cases
 
 
 @dataclass(frozen=True)
@@ -291,7 +297,9 @@ def fit_ht_model(
         seed=seed,
         progress=epoch,
         device=torch.device("cpu"),
+        augment=settings.augment,
     )
+    own = np.array([float(predict_proba(cnn, c.samples).mean()) for c in data.cnn_inputs])
     deep = case_features(cnn, data.cnn_inputs).astype(np.float64)
     pca = fit_pca(deep[train], settings.dl_components, seed)
     blocks = feature_blocks(
@@ -306,7 +314,8 @@ def fit_ht_model(
     evaluation = evaluate_variants(models, train_blocks, y_train, test_blocks, y_test, seed=seed)
     return FittedModel(
         cnn, pca, imputation, radiomics_names, models, train_blocks, test_blocks,
-        y_train, y_test, evaluation, recipe,
+        y_train, y_test, evaluation, recipe, auc_ci_delong(y_test, own[test]),
+        auc(y_train, own[train]),
     )  # fmt: skip
 
 
@@ -315,10 +324,56 @@ def report_name(version: str) -> str:
     return f"{version}.report.md"
 
 
+ORACLE_COLUMNS = {
+    "probability": "true outcome probability (the generator's)",
+    "texture": "texture latent (image)",
+    "shape": "shape latent (image)",
+    "clinical_score": "clinical score",
+}
+"""Columns of a generated cohort's ``ground_truth/cases.csv`` whose held-out AUC bounds
+what the models can reach (``pipelines.cohort``)."""
+
+
+def oracle_aucs(cohort_dir: Path, case_ids: Sequence[str], y: NDArray[np.int_]) -> dict[str, float]:
+    """AUC of the generator's latents on ``case_ids`` (empty when the cohort has no ground
+    truth, i.e. it was not generated)."""
+    path = cohort_dir / "ground_truth" / "cases.csv"
+    if not path.is_file() or len(set(y.tolist())) < 2:
+        return {}
+    with path.open(encoding="utf-8", newline="") as f:
+        rows = {row["case_id"]: row for row in csv.DictReader(f)}
+    if not all(case_id in rows for case_id in case_ids):
+        return {}
+    return {
+        label: auc(y, [float(rows[c][column]) for c in case_ids])
+        for column, label in ORACLE_COLUMNS.items()
+        if column in rows[case_ids[0]]
+    }
+
+
+def cnn_lines(fitted: FittedModel, oracle: Mapping[str, float]) -> list[str]:
+    """Report lines: the CNN's own held-out AUC, and the generator's oracle AUCs."""
+    lines = [
+        f"The CNN alone (its fine-tuned head, mean over a case's samples; the `dl` row is "
+        f"its pooled features through PCA and the logistic recipe): held-out AUC "
+        f"{fitted.cnn_auc.format()}, training AUC {fitted.cnn_train_auc:.3f}.",
+        "",
+    ]
+    if oracle:
+        listed = ", ".join(f"{label} {value:.3f}" for label, value in oracle.items())
+        lines += [f"Oracle held-out AUCs from the generator's ground truth: {listed}.", ""]
+    return lines
+
+
 def _report_text(
-    version: str, fitted: FittedModel, data: CohortFeatures, seconds: Mapping[str, float]
+    version: str,
+    fitted: FittedModel,
+    data: CohortFeatures,
+    seconds: Mapping[str, float],
+    oracle: Mapping[str, float] | None = None,
 ) -> str:
-    """The Markdown report: notice, cohort, split, the held-out table, cut-off."""
+    """The Markdown report: notice, cohort, split, the held-out table, the CNN's own AUC,
+    the oracle AUCs of a generated cohort, cut-off."""
     table = to_markdown(fitted.evaluation.rows)
     lines = [
         f"# {MODEL_NAME} {version}: held-out evaluation",
@@ -334,6 +389,7 @@ def _report_text(
         "model's Youden cut-off on its training cases.",
         "",
         table,
+        *cnn_lines(fitted, oracle or {}),
         f"The node uses `{PRIMARY}` at cut-off {fitted.evaluation.cutoffs[PRIMARY]:.3f}. "
         f"Training took {sum(seconds.values()):.0f} s on the CPU.",
         "",
@@ -351,14 +407,25 @@ def save_fitted(
     root: Path,
     extra: Mapping[str, Any],
     seconds: Mapping[str, float],
+    oracle: Mapping[str, float] | None = None,
 ) -> tuple[Path, Path, str]:
     """Write the version and its report; returns (folder, report path, table)."""
-    report = _report_text(version, fitted, data, seconds)
+    report = _report_text(version, fitted, data, seconds, oracle)
     record = TrainingRecord(
         recipe=fitted.recipe.to_dict(),
         feature_names=fitted.train.column_names,
         training_data_hash=training_data_hash(fitted.train.case_ids, data.table_bytes),
-        metrics={"held_out": evaluation_metrics(fitted.evaluation)},
+        metrics={
+            "held_out": evaluation_metrics(fitted.evaluation),
+            "cnn_own_held_out": {
+                "auc": fitted.cnn_auc.auc,
+                "low": fitted.cnn_auc.low,
+                "high": fitted.cnn_auc.high,
+                "method": str(fitted.cnn_auc.method),
+            },
+            "cnn_own_training_auc": fitted.cnn_train_auc,
+            "oracle_held_out": dict(oracle or {}),
+        },
         cutoffs=dict(fitted.evaluation.cutoffs),
         primary=PRIMARY,
         notice=SYNTHETIC_NOTICE,
@@ -433,9 +500,10 @@ def train_ht_model(
     seconds = {"features": described - started, "fit": time.perf_counter() - described}
     progress("save", 0, 1)
     cohort = {"cohort": {"n_cases": len(data.case_ids) + len(data.skipped)}, **dict(extra or {})}
+    oracle = oracle_aucs(Path(cohort_dir), fitted.test.case_ids, fitted.y_test)
     folder, report_path, table = save_fitted(
         fitted, data, settings, version=version, seed=seed, root=root, extra=cohort,
-        seconds=seconds,
+        seconds=seconds, oracle=oracle,
     )  # fmt: skip
     progress("save", 1, 1)
     return TrainingReport(

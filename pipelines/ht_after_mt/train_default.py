@@ -1,6 +1,6 @@
-"""Regenerate the bundled default model ``model_store/ht_after_mt/1.0.0`` deterministically.
+"""Regenerate the bundled default model ``model_store/ht_after_mt/1.1.0`` deterministically.
 
-``python -m pipelines.ht_after_mt.train_default [--version 1.0.0] [--root model_store]``
+``python -m pipelines.ht_after_mt.train_default [--version 1.1.0] [--root model_store]``
 generates the synthetic cohort (:data:`COHORT_CASES` cases of :data:`COHORT_ROWS` px,
 seed :data:`SEED`) in a temporary folder, trains with the default settings on the CPU
 with :data:`TORCH_THREADS` threads (the same seed and thread count give the same
@@ -27,8 +27,8 @@ from pipelines.ht_after_mt.train import TrainingReport, train_ht_model
 SEED = 2025
 COHORT_CASES = 200
 COHORT_ROWS = 128
-TORCH_THREADS = 2
-DEFAULT_VERSION = "1.0.0"
+TORCH_THREADS = 1
+DEFAULT_VERSION = "1.1.0"
 
 
 def train_default(

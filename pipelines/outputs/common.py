@@ -229,10 +229,11 @@ def summary_lines(result: PipelineResult) -> list[str]:
 
 
 def risk_lines(result: PipelineResult) -> list[str]:
-    """Lines stating a result's risk prediction, its model and its notice; none without."""
+    """Lines stating a result's risk prediction, its model, its notice and the region it
+    scored, then the result's statements (e.g. that no risk was computed, and why)."""
     risk = result.risk
     if risk is None:
-        return []
+        return [plain(line) for line in result.statements]
     category = "HIGH" if risk.high_risk else "low"
     lines = [
         f"Risk of {risk.outcome}: {100 * risk.probability:.0f}% ({category} at the model's "
@@ -248,6 +249,7 @@ def risk_lines(result: PipelineResult) -> list[str]:
         reason = f": {risk.scored_reason}" if risk.scored_reason else ""
         lines.append(f"Scored region: {label} ({volume:.1f} mL){reason}")
     lines += clinical_lines(risk)
+    lines += result.statements
     return [plain(line) for line in lines]
 
 
