@@ -90,6 +90,20 @@ class ClinicalIssue:
 
 
 @dataclass(frozen=True)
+class RiskMeasurement:
+    """A further number a risk model reports beside its probability (e.g. a haematoma
+    volume by ABC/2, a deep-learning score): a TID 1500 numeric item of the scored
+    region's group, and a summary line ``label: value unit``."""
+
+    name: CodedConcept  # concept name, e.g. SCT Volume
+    value: float
+    unit: CodedConcept  # UCUM
+    label: str  # e.g. "Haematoma volume (ABC/2)"
+    method: CodedConcept | None = None  # e.g. the ABC/2 method
+    derivation: CodedConcept | None = None
+
+
+@dataclass(frozen=True)
 class RiskPrediction:
     """A model's risk for one case, as the SR and SCs report it."""
 
@@ -107,6 +121,8 @@ class RiskPrediction:
     scored_reason: str = ""  # why that region, e.g. "the largest haemorrhage"
     # Coded outcome; None: a private 99DCMNODE code derived from ``outcome``.
     outcome_code: CodedConcept | None = None
+    # Further numbers the model reports with the risk (written after probability and cut-off).
+    measurements: Sequence[RiskMeasurement] = ()
 
     @property
     def high_risk(self) -> bool:

@@ -136,6 +136,16 @@ class HtAfterMtSettings(StoredModelSettings):
     segmenter: SegmenterName = "hyperdense_regions"
 
 
+class IchExpansionSettings(StoredModelSettings):
+    """``[pipelines.ich_expansion]``: the expansion model, its clinical table (CSV or JSON
+    keyed by AccessionNumber or PatientID + StudyDate; fails open), its haematoma
+    segmenter and where its networks run."""
+
+    clinical_table: ResolvedPath = None
+    segmenter: SegmenterName = "hyperdense_regions"
+    device: Device = "cpu"
+
+
 class PipelinesSettings(_Settings):
     """``[pipelines]``: one section per pipeline, each optional."""
 
@@ -143,3 +153,4 @@ class PipelinesSettings(_Settings):
     hyperdense_unet: UNetSettings = UNetSettings()
     blast_ct: BlastCtSettings = BlastCtSettings()
     ht_after_mt: HtAfterMtSettings = HtAfterMtSettings()
+    ich_expansion: IchExpansionSettings = IchExpansionSettings()
