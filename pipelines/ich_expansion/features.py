@@ -54,7 +54,7 @@ class Haematoma:
     segment: SegmentResult  # all regions of the segmenter, on the acquired frames
     labels: LabelledRegions
     areas_mm2: NDArray[np.float64]  # per frame
-    slice_probability: NDArray[np.float64]  # haemorrhage-present, per frame
+    slice_probability: NDArray[np.float64]  # haemorrhage-present, per segmented frame (0 else)
     frames: tuple[int, ...]  # the haematoma frames the model scores, ascending
     key_frame: int  # largest cross-section
     abc2_mm: tuple[float, float, float]  # D1, D2, D3 of the largest region
@@ -106,7 +106,11 @@ def find_haematoma(
         [np.linalg.norm(a[:3, 1]) * np.linalg.norm(a[:3, 2]) for a in series.frame_affines]
     )
     areas = segment.frame_mask.sum(axis=(1, 2)) * pixel
-    probability = classifier.probabilities(series.frame_hu, series.stack.pixel_spacing)
+    segmented = np.flatnonzero(areas > 0)  # the classifier only needs to confirm these
+    probability = np.zeros(len(areas), dtype=np.float64)
+    probability[segmented] = classifier.probabilities(
+        series.frame_hu[segmented], series.stack.pixel_spacing
+    )
     key = largest_frame(segment.frame_mask)
     largest = segment.region_labels == 1 if segment.region_labels is not None else None
     main = largest if largest is not None and largest.any() else segment.frame_mask
