@@ -142,9 +142,11 @@ def test_dicomnode_run_processes_a_generated_case(tmp_path: Path) -> None:
     demo_case(folder, seed=2)
     config = tmp_path / "node.toml"
     config.write_text(
-        '[node]\nae_title = "DICOMNODE"\n\n[[routes]]\nname = "ich"\n'
+        'spool_dir = "spool"\nstate_dir = "state"\n[node]\nae_title = "DICOMNODE"\n\n'
+        '[[allowed_callers]]\nae_title = "STORESCU"\n\n'
+        '[[routes]]\nname = "ich"\n'
         'pipeline = "ich_expansion"\n[routes.match]\nmodality = ["CT"]\n'
-        f'series_description = "(?i)admission"\n\n[pipelines.ich_expansion]\n'
+        'series_description = "(?i)admission"\n\n[pipelines.ich_expansion]\n'
         'device = "cpu"\n'
     )
     done = subprocess.run(
