@@ -150,6 +150,7 @@ def test_bundled_model_scores_a_generated_case_and_writes_valid_outputs(
     assert seg.ContentDescription == NOTICE
     sr = next(ds for ds in outputs if ds.Modality == "SR")
     report = hd.sr.Comprehensive3DSR.from_dataset(sr).content
+    assert isinstance(report, hd.sr.MeasurementReport)
     (group,) = report.get_volumetric_roi_measurement_groups()
     volumes = group.get_measurements(name=codes.SCT.Volume)
     abc2 = [m for m in volumes if m.method is not None and m.method == ABC2_METHOD]

@@ -116,6 +116,7 @@ def test_admission_ncct_comes_back_with_expansion_sr_seg_and_gradcam(
 
     sr = next(ds for ds in datasets if ds.Modality == "SR")
     report = hd.sr.Comprehensive3DSR.from_dataset(sr).content
+    assert isinstance(report, hd.sr.MeasurementReport)
     (group,) = report.get_volumetric_roi_measurement_groups()
     volumes = {
         m.method.value if m.method else "": float(m.value)
