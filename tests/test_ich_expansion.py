@@ -12,7 +12,7 @@ import pydicom
 import pytest
 from pydicom.sr.codedict import codes
 
-from model_store.registry import STORE_ROOT
+from model_store.registry import STORE_ROOT, ModelStoreError, load_manifest
 from pipelines.base import PipelineUnavailable
 from pipelines.ich_expansion.clinical import MODEL_VARIABLES, screen_clinical
 from pipelines.ich_expansion.cohort import (
@@ -22,9 +22,9 @@ from pipelines.ich_expansion.cohort import (
 )
 from pipelines.ich_expansion.demo import demo_case
 from pipelines.ich_expansion.geometry import abc2_volume_ml, diameters_mm
-from pipelines.ich_expansion.model import MODEL_NAME
+from pipelines.ich_expansion.model import MODEL_NAME, ExpansionModel
 from pipelines.ich_expansion.pipeline import ABC2_METHOD, NDL_CONCEPT, IchExpansionPipeline
-from pipelines.ich_expansion.train import forward_select
+from pipelines.ich_expansion.train import forward_select, train_expansion_model
 from pipelines.outputs import build_outputs
 from pipelines.outputs.common import summary_lines
 from pipelines.registry import get_pipeline
@@ -185,3 +185,29 @@ def test_a_changed_model_file_makes_the_pipeline_unavailable(tmp_path: Path) -> 
     head.write_bytes(bytes(data))
     with pytest.raises(PipelineUnavailable, match="refused"):
         IchExpansionPipeline(root=tmp_path).check()
+
+
+def test_training_writes_a_loadable_version_with_its_report(tmp_path: Path) -> None:
+    """A small cohort: the version, its report and manifest are written, the saved
+    model loads hash-checked and predicts in [0, 1], and a version is never overwritten."""
+    cohort = generate_expansion_cohort(tmp_path / "cohort", 28, seed=4, rows=64, n_slices=14)
+    store = tmp_path / "store"
+    report = train_expansion_model(
+        cohort.root, root=store, version="0.1.0", seed=0, repeat_seeds=()
+    )
+    assert report.n_cases >= 20
+    text = report.report_path.read_text(encoding="utf-8")
+    for row in ("clinical (forward-selected)", "image (nDL)", "integrated", "oracle"):
+        assert row in text
+    assert "likelihood-ratio" in text and "AIC clinical" in text
+    manifest = load_manifest(MODEL_NAME, "0.1.0", store)
+    assert manifest["primary"] == "integrated"
+    assert manifest["clinical_selection"]["selected"]
+    model = ExpansionModel.load("0.1.0", store)
+    series = load_series(sorted(cohort.cases[0].folder.glob("*.dcm")))
+    built = IchExpansionPipeline("0.1.0", root=store)
+    result = built.run(series)
+    assert result.risk is None or 0.0 <= result.risk.probability <= 1.0
+    assert model.selected == tuple(manifest["clinical_selection"]["selected"])
+    with pytest.raises(ModelStoreError, match="immutable"):
+        train_expansion_model(cohort.root, root=store, version="0.1.0", repeat_seeds=())
