@@ -24,6 +24,7 @@ _FACTORIES: dict[str, str] = {
     "hyperdense_unet": "pipelines.unet:UNetPipeline",
     "ht_after_mt": "pipelines.ht_after_mt:HtAfterMtPipeline",
     "ich_expansion": "pipelines.ich_expansion.pipeline:IchExpansionPipeline",
+    "ich_expansion_hybrid": "pipelines.ich_expansion_hybrid.pipeline:IchExpansionHybridPipeline",
 }
 
 DEFAULT_SETTINGS = PipelinesSettings()

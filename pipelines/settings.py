@@ -146,6 +146,17 @@ class IchExpansionSettings(StoredModelSettings):
     device: Device = "cpu"
 
 
+class IchExpansionHybridSettings(StoredModelSettings):
+    """``[pipelines.ich_expansion_hybrid]``: the hybrid expansion model, its haematoma
+    segmenter, the CNN weights (a safetensors EfficientNet-Lite0 backbone; default: the
+    packaged ImageNet weights, the ones the bundled model was trained with) and where the
+    network runs."""
+
+    segmenter: SegmenterName = "hyperdense_regions"
+    cnn_weights: ResolvedPath = None
+    device: Device = "cpu"
+
+
 class PipelinesSettings(_Settings):
     """``[pipelines]``: one section per pipeline, each optional."""
 
@@ -154,3 +165,4 @@ class PipelinesSettings(_Settings):
     blast_ct: BlastCtSettings = BlastCtSettings()
     ht_after_mt: HtAfterMtSettings = HtAfterMtSettings()
     ich_expansion: IchExpansionSettings = IchExpansionSettings()
+    ich_expansion_hybrid: IchExpansionHybridSettings = IchExpansionHybridSettings()

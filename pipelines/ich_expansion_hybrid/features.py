@@ -84,8 +84,9 @@ def hybrid_features(
     except RadiomicsError as exc:
         raise PipelineError(f"radiomics of the haematoma failed: {exc}") from exc
     inputs = prepare_case(series, lesion.frame_mask, CNN_INPUT)
+    device = next(network.parameters()).device
     with torch.no_grad():
-        pooled = network.features(inputs.samples).mean(dim=0)
+        pooled = network.features(inputs.samples.to(device)).mean(dim=0).cpu()
     return HybridFeatures(lesion, radiomics, pooled.numpy().astype(np.float64))
 
 
