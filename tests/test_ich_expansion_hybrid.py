@@ -4,10 +4,12 @@ its CNN-weights rule, and a real node (DCMTK storescu in, Orthanc out)."""
 from __future__ import annotations
 
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import highdicom as hd
+import numpy as np
 import pydicom
 import pytest
 from pydicom import uid
@@ -24,6 +26,8 @@ from pipelines.ich_expansion_hybrid.pipeline import (
     RADIOMICS_RISK,
     IchExpansionHybridPipeline,
 )
+from pipelines.ich_expansion_hybrid.train import HybridCohort, fit_source, prefilter
+from pipelines.evaluation.roc import auc
 from pipelines.outputs import build_outputs
 from pipelines.volume import load_series
 from tests.dciodvfy import dciodvfy_errors
@@ -32,6 +36,7 @@ from tests.support import free_port, require_tool
 from tests.test_end_to_end import _wait
 
 NOTICE = "trained on synthetic data - not for clinical use"
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -162,3 +167,57 @@ def test_node_routes_the_admission_ncct_to_the_hybrid_model(
     assert 0.0 <= float(probability.value) <= 100.0
     assert _drivers(group)
     assert any(NOTICE in t for t in _sr_texts(sr))
+
+
+def test_selection_keeps_the_informative_feature_of_each_source() -> None:
+    """Pre-filter, forward selection and the SVM grid on a table with one informative
+    radiomics and one informative CNN column among noise."""
+    rng = np.random.default_rng(3)
+    n = 160
+    y = (rng.random(n) < 0.4).astype(int)
+    radiomics = rng.normal(size=(n, 30))
+    cnn = rng.normal(size=(n, 40))
+    radiomics[:, 7] += 1.5 * y
+    cnn[:, 12] += 1.5 * y
+    names = {
+        "radiomics": tuple(f"r{j}" for j in range(30)),
+        "cnn": tuple(f"cnn_{j:04d}" for j in range(40)),
+    }
+    names["combined"] = names["radiomics"] + names["cnn"]
+    matrix = {"radiomics": radiomics, "cnn": cnn, "combined": np.hstack([radiomics, cnn])}
+    data = HybridCohort(
+        tuple(f"c{i}" for i in range(n)), tuple(f"p{i}" for i in range(n)), y,
+        np.full(n, 0.5), names, matrix, {}, b"",
+    )  # fmt: skip
+    assert prefilter(radiomics, y, 3)[0] == 7
+    fit = fit_source(data, "combined", np.arange(n), seed=0)
+    assert {"r7", "cnn_0012"} <= set(fit.features)
+    assert set(fit.means) == set(fit.features)
+    assert fit.params["svc__kernel"] in ("linear", "rbf") and len(fit.features) <= 6
+    assert 0.5 < float(
+        auc(
+            y,
+            fit.model.predict_proba(
+                matrix["combined"][:, [names["combined"].index(f) for f in fit.features]]
+            )[:, 1],
+        )
+    )
+
+
+def test_dicomnode_run_processes_a_generated_case(case: list[Path], tmp_path: Path) -> None:
+    config = tmp_path / "node.toml"
+    config.write_text(
+        'spool_dir = "spool"\nstate_dir = "state"\n[node]\nae_title = "DICOMNODE"\n\n'
+        '[[allowed_callers]]\nae_title = "STORESCU"\n\n[[routes]]\nname = "ich"\n'
+        'pipeline = "ich_expansion_hybrid"\n[routes.match]\nmodality = ["CT"]\n'
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "dicomnode.cli", "run", str(case[0].parent), "--out",
+         str(tmp_path / "out"), "--config", str(config)],
+        cwd=REPO, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    outputs = [pydicom.dcmread(p) for p in sorted((tmp_path / "out").rglob("*.dcm"))]
+    descriptions = sorted(str(ds.SeriesDescription) for ds in outputs)
+    assert len(outputs) == 3, descriptions
+    assert any(d.startswith("ICH EXPANSION HYBRID REPORT") for d in descriptions)
