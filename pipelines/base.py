@@ -106,6 +106,20 @@ class ModelCard:
 
 
 @dataclass(frozen=True)
+class RiskMeasurement:
+    """A further number a risk model reports beside its probability (e.g. a haematoma
+    volume by ABC/2, a deep-learning score): a TID 1500 numeric item of the scored
+    region's group, and a summary line ``label: value unit``."""
+
+    name: CodedConcept  # concept name, e.g. SCT Volume
+    value: float
+    unit: CodedConcept  # UCUM
+    label: str  # e.g. "Haematoma volume (ABC/2)"
+    method: CodedConcept | None = None  # e.g. the ABC/2 method
+    derivation: CodedConcept | None = None
+
+
+@dataclass(frozen=True)
 class RiskPrediction:
     """A model's risk for one case, as the SR and SCs report it."""
 
@@ -125,6 +139,8 @@ class RiskPrediction:
     outcome_code: CodedConcept | None = None
     model_card: ModelCard | None = None  # written into the SR when given
     input_check: str | None = None  # out-of-distribution check line (pipelines.retraining.ood)
+    # Further numbers the model reports with the risk (written after probability and cut-off).
+    measurements: Sequence[RiskMeasurement] = ()
 
     @property
     def high_risk(self) -> bool:

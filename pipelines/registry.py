@@ -25,6 +25,8 @@ _FACTORIES: dict[str, str] = {
     "hyperdense_unet": "pipelines.unet:UNetPipeline",
     "ht_after_mt": "pipelines.ht_after_mt:HtAfterMtPipeline",
     "iph_vs_contrast": "pipelines.iph_vs_contrast:IphVsContrastPipeline",
+    "ich_expansion": "pipelines.ich_expansion.pipeline:IchExpansionPipeline",
+    "ich_expansion_hybrid": "pipelines.ich_expansion_hybrid.pipeline:IchExpansionHybridPipeline",
 }
 
 DEFAULT_SETTINGS = PipelinesSettings()

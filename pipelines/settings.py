@@ -144,6 +144,27 @@ class IphVsContrastSettings(StoredModelSettings):
     segmenter: SegmenterName = "hyperdense_regions"
 
 
+class IchExpansionSettings(StoredModelSettings):
+    """``[pipelines.ich_expansion]``: the expansion model, its clinical table (CSV or JSON
+    keyed by AccessionNumber or PatientID + StudyDate; fails open), its haematoma
+    segmenter and where its networks run."""
+
+    clinical_table: ResolvedPath = None
+    segmenter: SegmenterName = "hyperdense_regions"
+    device: Device = "cpu"
+
+
+class IchExpansionHybridSettings(StoredModelSettings):
+    """``[pipelines.ich_expansion_hybrid]``: the hybrid expansion model, its haematoma
+    segmenter, the CNN weights (a safetensors EfficientNet-Lite0 backbone; default: the
+    packaged ImageNet weights, the ones the bundled model was trained with) and where the
+    network runs."""
+
+    segmenter: SegmenterName = "hyperdense_regions"
+    cnn_weights: ResolvedPath = None
+    device: Device = "cpu"
+
+
 class PipelinesSettings(_Settings):
     """``[pipelines]``: one section per pipeline, each optional."""
 
@@ -152,3 +173,5 @@ class PipelinesSettings(_Settings):
     blast_ct: BlastCtSettings = BlastCtSettings()
     ht_after_mt: HtAfterMtSettings = HtAfterMtSettings()
     iph_vs_contrast: IphVsContrastSettings = IphVsContrastSettings()
+    ich_expansion: IchExpansionSettings = IchExpansionSettings()
+    ich_expansion_hybrid: IchExpansionHybridSettings = IchExpansionHybridSettings()

@@ -240,6 +240,10 @@ def risk_lines(result: PipelineResult) -> list[str]:
         f"cut-off {100 * risk.cutoff:.0f}%)",
         f"Model: {risk.model_name} {risk.model_version} - {risk.notice}",
     ]
+    lines += [
+        f"{m.label}: {m.value:.3g}" + ("" if m.unit.value == "1" else f" {m.unit.value}")
+        for m in risk.measurements
+    ]
     scored = scored_region(result)
     if scored is not None:
         class_index, region_index = scored

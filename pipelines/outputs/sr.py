@@ -120,7 +120,8 @@ def outcome_concept(risk: RiskPrediction) -> CodedConcept:
 
 
 def risk_measurements(risk: RiskPrediction) -> list[hd.sr.Measurement]:
-    """Probability and cut-off (%) of the outcome, each naming the outcome and model."""
+    """Probability and cut-off (%) of the outcome, each naming the outcome and model,
+    then the model's further measurements (``RiskPrediction.measurements``)."""
     model = model_identification(risk)
     measurements = [
         hd.sr.Measurement(
@@ -139,6 +140,17 @@ def risk_measurements(risk: RiskPrediction) -> list[hd.sr.Measurement]:
                 relationship_type=hd.sr.RelationshipTypeValues.HAS_CONCEPT_MOD,
             )
         )
+    measurements += [
+        hd.sr.Measurement(
+            name=item.name,
+            value=ds_value(item.value),
+            unit=item.unit,
+            method=item.method,
+            derivation=item.derivation,
+            algorithm_id=model,
+        )
+        for item in risk.measurements
+    ]
     return measurements
 
 

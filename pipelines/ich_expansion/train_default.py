@@ -1,0 +1,76 @@
+"""Regenerate the bundled model ``model_store/ich_expansion/1.0.0`` deterministically.
+
+``python -m pipelines.ich_expansion.train_default [--version 1.0.0] [--root model_store]``
+generates the synthetic admission-ICH cohort (:data:`COHORT_CASES` cases of
+:data:`COHORT_ROWS` px x :data:`COHORT_SLICES` slices, seed :data:`SEED`) in a temporary
+folder, trains on the CPU with :data:`TORCH_THREADS` thread, writes the version with its
+report and promotes it. The held-out table goes to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from model_store.registry import STORE_ROOT, promote
+from pipelines.ich_expansion.cohort import GENERATOR_VERSION, generate_expansion_cohort
+from pipelines.ich_expansion.model import MODEL_NAME
+from pipelines.ich_expansion.train import TrainingReport, train_expansion_model
+
+SEED = 2024
+COHORT_CASES = 240
+COHORT_ROWS = 96
+COHORT_SLICES = 20
+TORCH_THREADS = 1
+DEFAULT_VERSION = "1.0.0"
+
+
+def train_default(version: str = DEFAULT_VERSION, root: Path = STORE_ROOT) -> TrainingReport:
+    """Generate the cohort, train, write and promote ``version``; returns the report."""
+    torch.set_num_threads(TORCH_THREADS)
+    logging.getLogger("radiomics").setLevel(logging.ERROR)
+    with tempfile.TemporaryDirectory(prefix="ich-expansion-cohort-") as tmp:
+        generate_expansion_cohort(
+            Path(tmp), COHORT_CASES, SEED, rows=COHORT_ROWS, n_slices=COHORT_SLICES
+        )
+        cohort = {
+            "generator": "pipelines.ich_expansion.cohort",
+            "generator_version": GENERATOR_VERSION,
+            "seed": SEED,
+            "n_cases": COHORT_CASES,
+            "rows": COHORT_ROWS,
+            "n_slices": COHORT_SLICES,
+            "script": "python -m pipelines.ich_expansion.train_default",
+            "torch_threads": TORCH_THREADS,
+        }
+        report = train_expansion_model(Path(tmp), root=root, version=version, cohort=cohort)
+    promote(MODEL_NAME, version, root)
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line: train the default model and write its held-out table to stdout."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--version", default=DEFAULT_VERSION)
+    parser.add_argument("--root", type=Path, default=STORE_ROOT)
+    args = parser.parse_args(argv)
+    report = train_default(args.version, args.root)
+    sys.stdout.write(
+        f"{MODEL_NAME} {report.version}: {report.n_cases} cases; "
+        f"{sum(report.seconds.values()):.0f} s\n{report.table}\n"
+        + "".join(
+            f"seed {s}: {dict((k, round(v, 3)) for k, v in a.items())}\n"
+            for s, a in report.repeats.items()
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
