@@ -114,7 +114,7 @@ def problems(folder: Path, pipelines: str) -> list[str]:
         ),
         ("[pipelines.ht_after_mt]\nversion = 'latest'\n", "pipelines.ht_after_mt.version: "),
         ("[pipelines.ht_after_mt]\nsegmenter = 'magic'\n", "pipelines.ht_after_mt.segmenter: "),
-        ("[pipelines.hyperdense_unet]\ndevice = 'cpu'\n", "pipelines.hyperdense_unet.device: "),
+        ("[pipelines.hyperdense_unet]\ndevice = 'gpu'\n", "pipelines.hyperdense_unet.device: "),
     ],
 )
 def test_invalid_pipeline_settings_are_named_by_field_path(
