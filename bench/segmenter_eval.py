@@ -143,11 +143,13 @@ def heads(quick: bool) -> list[tuple[str, Callable[[], list[Dataset]]]]:
 
 
 def lesion_plan(quick: bool) -> list[tuple[str, float, float]]:
-    """(site, HU, volume) per lesion: every HU and volume at each site."""
+    """(site, HU, volume) per lesion: two sites per HU level, the sites and volumes in
+    turn, so every HU, volume and site occurs."""
     plan = []
     for i, hu in enumerate(HU_LEVELS):
-        for j, site in enumerate(SITES):
-            plan.append((site, hu, VOLUMES_ML[(i + 2 * j) % len(VOLUMES_ML)]))
+        for j in range(2):
+            site = SITES[(i + j) % len(SITES)]
+            plan.append((site, hu, VOLUMES_ML[(2 * i + 3 * j) % len(VOLUMES_ML)]))
     return plan[::4] if quick else plan
 
 
