@@ -76,7 +76,9 @@ def test_held_out_synthetic_dice() -> None:
     assert len(cases) >= 2
     result = evaluate(unet.model, unet.config, cases, unet.inference)
     assert result.pooled_dice >= MIN_DICE, result.summary()
-    assert max(result.false_positive_ml) < 0.5, result.summary()
+    for case, outside in zip(cases, result.false_positive_ml, strict=True):
+        # pixels outside the painted mask: the edge of a found lesion, no lesion elsewhere
+        assert outside <= 0.1 + 0.15 * case.volume_ml(case.mask), (case.case_id, outside)
 
 
 def test_version_1_still_loads_and_runs_on_its_old_rules() -> None:
