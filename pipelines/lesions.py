@@ -137,6 +137,11 @@ class _Plane:
         return np.asarray(np.cross(self.row_dir, self.col_dir), dtype=np.float64)
 
 
+def datasets_hu(datasets: Sequence[Dataset]) -> NDArray[np.float64]:
+    """Rescaled HU of single-frame datasets, stacked in their order (n, rows, cols)."""
+    return np.stack([_plane(ds).hu for ds in datasets])
+
+
 def _plane(ds: Dataset) -> _Plane:
     """Read the plane geometry and rescaled HU of a single-frame image."""
     orientation = np.asarray(ds.ImageOrientationPatient, dtype=np.float64)

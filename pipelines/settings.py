@@ -106,7 +106,10 @@ class HyperdenseSettings(StoredModelSettings):
 
 
 class UNetSettings(StoredModelSettings):
-    """``[pipelines.hyperdense_unet]``: the bundled 2-D U-Net (runs on the CPU)."""
+    """``[pipelines.hyperdense_unet]``: the bundled 2-D U-Net. ``device``: ``auto`` (CUDA
+    where torch sees a GPU, else the CPU), ``cpu`` or ``cuda``."""
+
+    device: Device = "auto"
 
 
 class BlastCtSettings(_Settings):

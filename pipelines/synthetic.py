@@ -81,13 +81,21 @@ def synthetic_head_ct(
     rows: int = 256,
     gantry_tilt_deg: float = 0.0,
     noise_hu: float = 5.0,
+    head_scale: tuple[float, float, float] = (1.0, 1.0, 1.0),
+    stack_offset_mm: float = 0.0,
 ) -> list[Dataset]:
     """A deterministic single-frame CT Image Storage head series, sorted inferior first.
 
     Square ``rows`` x ``rows`` images over a 230 mm field of view; the slices step
     ``slice_thickness_mm`` along their normal. A tilt rotates the planes about the x axis
     and steps the positions along z (by thickness / cos(tilt)), as a tilted gantry does.
+    ``head_scale`` stretches the whole head (x, y, z) about its centre, so that training
+    heads differ in size and shape; ``stack_offset_mm`` moves the stack's centre along z
+    (a short thin-slice stack then covers the skull base or the vertex).
     """
+    scale = np.asarray(head_scale, dtype=np.float64)
+    if np.any(scale <= 0):
+        raise ValueError(f"head_scale must be positive: {head_scale}")
     rng = np.random.default_rng(seed)
     spacing = FIELD_OF_VIEW_MM / rows
     tilt = np.radians(gantry_tilt_deg)
@@ -96,10 +104,14 @@ def synthetic_head_ct(
     normal = np.cross(row_dir, col_dir)
     half = (rows - 1) / 2.0 * spacing
     step_z = slice_thickness_mm / np.cos(tilt)
-    ids = _identifiers(seed, (n_slices, slice_thickness_mm, rows, gantry_tilt_deg, noise_hu))
+    parameters: tuple[object, ...] = (n_slices, slice_thickness_mm, rows, gantry_tilt_deg, noise_hu)
+    if tuple(head_scale) != (1.0, 1.0, 1.0) or stack_offset_mm:
+        parameters = (*parameters, tuple(head_scale), stack_offset_mm)
+    ids = _identifiers(seed, parameters)
     datasets = []
     for k in range(n_slices):
-        centre = HEAD_CENTRE_MM + np.array([0.0, 0.0, (k - (n_slices - 1) / 2.0) * step_z])
+        along = (k - (n_slices - 1) / 2.0) * step_z + stack_offset_mm
+        centre = HEAD_CENTRE_MM + np.array([0.0, 0.0, along])
         origin = centre - half * row_dir - half * col_dir
         hu = np.zeros((rows, rows))
         for offset in (-1.0 / 3.0, 0.0, 1.0 / 3.0):  # through-plane partial volume
@@ -110,7 +122,8 @@ def synthetic_head_ct(
                 (spacing, spacing),
                 (rows, rows),
             )
-            hu += _anatomy_hu(points.reshape(-1, 3) - HEAD_CENTRE_MM).reshape(rows, rows) / 3.0
+            head_centred = (points.reshape(-1, 3) - HEAD_CENTRE_MM) / scale
+            hu += _anatomy_hu(head_centred).reshape(rows, rows) / 3.0
         hu = ndimage.gaussian_filter(hu, 0.6) + rng.normal(0.0, noise_hu, hu.shape)
         stored = np.clip(np.rint(hu - RESCALE_INTERCEPT), 0, 2**BITS_STORED - 1).astype("<u2")
         ds = _header(ids, k, seed)

@@ -114,7 +114,7 @@ def problems(folder: Path, pipelines: str) -> list[str]:
         ),
         ("[pipelines.ht_after_mt]\nversion = 'latest'\n", "pipelines.ht_after_mt.version: "),
         ("[pipelines.ht_after_mt]\nsegmenter = 'magic'\n", "pipelines.ht_after_mt.segmenter: "),
-        ("[pipelines.hyperdense_unet]\ndevice = 'cpu'\n", "pipelines.hyperdense_unet.device: "),
+        ("[pipelines.hyperdense_unet]\ndevice = 'gpu'\n", "pipelines.hyperdense_unet.device: "),
     ],
 )
 def test_invalid_pipeline_settings_are_named_by_field_path(
@@ -312,7 +312,7 @@ def test_the_risk_model_scores_the_configured_segmenters_lesion(
     saliency = [ds for ds in outputs if ds.SeriesDescription.startswith("SALIENCY GRAD-CAM")]
     assert saliency and len(saliency) == len(outputs) - 3
     texts = _texts(sr)  # the SR names the segmenter in the provenance and region label
-    assert any("lesion segmenter hyperdense_unet (dicomnode hyperdense U-Net 1" in t for t in texts)
+    assert any("lesion segmenter hyperdense_unet (dicomnode hyperdense U-Net 2" in t for t in texts)
     assert any(t.startswith("Scored region: Scored lesion by hyperdense_unet 1") for t in texts), (
         texts
     )

@@ -110,8 +110,10 @@ def predict_probabilities(
     spacing: tuple[float, float],
     batch_size: int = 4,
 ) -> NDArray[np.float32]:
-    """Lesion probability of every pixel of frames ``hu`` (n, rows, cols) of ``spacing``."""
+    """Lesion probability of every pixel of frames ``hu`` (n, rows, cols) of ``spacing``,
+    computed on the device the model's weights are on."""
     model.eval()
+    device = next(model.parameters()).device
     rows, cols = int(hu.shape[1]), int(hu.shape[2])
     size = working_size((rows, cols), spacing, config.spacing_mm)
     work = resample_frames(hu, size)
@@ -120,7 +122,7 @@ def predict_probabilities(
     work = F.pad(work, (0, pad[1], 0, pad[0]), value=AIR_HU)
     out = []
     for batch in work.split(batch_size):
-        logits = model(window(batch, config.windows))[:, 0, : size[0], : size[1]]
-        out.append(torch.sigmoid(logits))
+        logits = model(window(batch.to(device), config.windows))[:, 0, : size[0], : size[1]]
+        out.append(torch.sigmoid(logits).cpu())
     probabilities = resample_frames(torch.cat(out), (rows, cols))
     return np.asarray(probabilities.numpy(), dtype=np.float32)

@@ -3,13 +3,23 @@
 The network runs on the acquired frames (it was trained on frames: a 2-D U-Net on the
 frames needs no through-plane resampling of thick, tilted or unevenly spaced slices, and
 trains on CPU in minutes on 96-pixel crops), so its mask is already on the frames the
-SEG references. Pixels of probability >= ``threshold`` inside the brain are kept: the
-skull stripping of ``pipelines.brain`` on the frame stack, less the pixels whose frame
-above or below is outside it (where a thick frame cuts the skull obliquely, its
-partial-volume rim reads 50-80 HU; the training lesions were never painted there either);
-3-D connected regions of the frame stack smaller than ``min_volume_ml`` (planimetric:
-pixel area times each frame's represented thickness) are dropped; the rest are measured as
-the threshold baseline measures its regions.
+SEG references. Pixels of probability >= ``threshold`` are kept where the bundle's
+``brain`` rule allows:
+
+- ``intracranial`` (version 2.0.0 on): the cranial cavity of
+  ``pipelines.brain.intracranial_mask`` on the frame stack, which keeps parenchyma next to
+  bone, plus the skull's faint partial-volume rim below ``RIM_PATH_HU`` (where blood
+  touching the bone lies); the network decides what in it is haemorrhage-class;
+- ``brain_mask`` (version 1.0.0): the old skull stripping less the pixels whose frame
+  above or below is outside it.
+
+With ``calcification`` (2.0.0 on), dense foci are told apart by the threshold baseline's
+calcification rule (``pipelines.hyperdense.classify_hyperdense``: small cores above
+``calcification_hu``) and reported as their own segment, never as haemorrhage, so a risk
+model taking its lesion from this segmenter never scores one. 3-D connected regions of
+the frame stack smaller than ``min_volume_ml`` (planimetric: pixel area times each frame's
+represented thickness) are dropped; the rest are measured as the threshold baseline
+measures its regions.
 """
 
 from __future__ import annotations
@@ -20,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from monai.networks.nets import UNet
 from numpy.typing import NDArray
 from scipy import ndimage
@@ -33,10 +44,17 @@ from pipelines.base import (
     SegmentClass,
     SegmentResult,
 )
-from pipelines.brain import brain_mask
+from pipelines.brain import RIM_PATH_HU, brain_mask, intracranial_mask
 from pipelines.contract import OutputProfile
 from pipelines.geometry import represented_thickness, resample_to_grid
-from pipelines.hyperdense import HYPERDENSE_PROFILE, HYPERDENSE_SEGMENT
+from pipelines.hyperdense import (
+    CALCIFICATION_SEGMENT,
+    HYPERDENSE_PROFILE,
+    HYPERDENSE_SEGMENT,
+    HyperdenseParameters,
+    calcification_note,
+    classify_hyperdense,
+)
 from pipelines.measure import connected_regions, measure_region, structure
 from pipelines.series import LoadedSeries
 from pipelines.settings import PipelinesSettings
@@ -44,7 +62,9 @@ from pipelines.unet.bundle import Bundle, load_bundle
 from pipelines.unet.network import UNetConfig, build_unet, predict_probabilities
 
 MODEL_NAME = "hyperdense_unet"
-MODEL_VERSION = "1.0.0"
+MODEL_VERSION = "2.0.0"
+BRAIN_RULES = ("brain_mask", "intracranial")
+DEFAULT_GAP_MM = 5.0  # slice gap assumed for a one-frame series
 
 
 @dataclass(frozen=True)
@@ -54,17 +74,39 @@ class InferenceSettings:
     threshold: float = 0.5
     min_volume_ml: float = 0.1
     connectivity: int = 26
+    brain: str = "intracranial"  # one of BRAIN_RULES; 1.0.0 bundles say "brain_mask"
+    calcification: bool = True  # tell calcification apart (1.0.0 bundles: no)
 
-    def to_dict(self) -> dict[str, float | int]:
+    def __post_init__(self) -> None:
+        """Refuse settings the pipeline cannot apply."""
+        if self.brain not in BRAIN_RULES:
+            raise ValueError(f"inference.brain must be one of {BRAIN_RULES}: {self.brain!r}")
+        if not 0.0 < self.threshold < 1.0:
+            raise ValueError(f"inference.threshold must lie in (0, 1): {self.threshold}")
+
+    def to_dict(self) -> dict[str, float | int | str | bool]:
         """JSON-ready settings."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> InferenceSettings:
-        """Settings from a manifest's ``inference`` entry."""
+        """Settings from a manifest's ``inference`` entry (a 1.0.0 entry has no ``brain``
+        or ``calcification``: it ran on the old brain mask, without calcification)."""
         return cls(
-            float(values["threshold"]), float(values["min_volume_ml"]), int(values["connectivity"])
+            float(values["threshold"]),
+            float(values["min_volume_ml"]),
+            int(values["connectivity"]),
+            str(values.get("brain", "brain_mask")),
+            bool(values.get("calcification", False)),
         )
+
+
+@dataclass(frozen=True)
+class FrameClasses:
+    """Per-frame masks of a series: haemorrhage-class hyperdense and calcification."""
+
+    hyperdense: NDArray[np.bool_]
+    calcification: NDArray[np.bool_]
 
 
 @dataclass(frozen=True)
@@ -77,8 +119,10 @@ class LoadedUNet:
     bundle: Bundle
 
 
-def load_unet(version: str = MODEL_VERSION, root: Path = STORE_ROOT) -> LoadedUNet:
-    """The bundled U-Net of ``version``, hash-checked, in eval mode on the CPU."""
+def load_unet(
+    version: str = MODEL_VERSION, root: Path = STORE_ROOT, device: str = "cpu"
+) -> LoadedUNet:
+    """The bundled U-Net of ``version``, hash-checked, in eval mode on ``device``."""
     bundle = load_bundle(MODEL_NAME, version, root)
     config = UNetConfig.from_dict(dict(bundle.manifest["network"]))
     model = build_unet(config)
@@ -87,7 +131,7 @@ def load_unet(version: str = MODEL_VERSION, root: Path = STORE_ROOT) -> LoadedUN
     except RuntimeError as exc:
         raise ModelStoreError(f"{MODEL_NAME} {version}: weights do not fit ({exc})") from exc
     inference = InferenceSettings.from_dict(dict(bundle.manifest["inference"]))
-    return LoadedUNet(model.eval(), config, inference, bundle)
+    return LoadedUNet(model.to(device).eval(), config, inference, bundle)
 
 
 def frame_regions(
@@ -115,15 +159,69 @@ def _ascii(text: str) -> str:
     return text.replace("\u2014", "-").replace("\u2013", "-")
 
 
+def frame_spacing(series: LoadedSeries) -> tuple[float, float, float]:
+    """(typical gap between frames, row, column) in mm of a series' frame stack."""
+    depths = series.stack.offsets[:, 0]
+    gap = float(np.median(np.diff(depths))) if len(depths) > 1 else DEFAULT_GAP_MM
+    dy, dx = series.stack.pixel_spacing
+    return gap, float(dy), float(dx)
+
+
+def frame_rules(
+    hu: NDArray[np.floating], spacing: tuple[float, float, float], settings: InferenceSettings
+) -> tuple[NDArray[np.bool_], NDArray[np.bool_]]:
+    """Where the network's pixels may be kept, and the calcified pixels, of frames ``hu``
+    (frames in slice-normal order, ``spacing`` as :func:`frame_spacing`) by the bundle's
+    rules (see the module). ``NotHeadCt`` when no intracranial soft tissue is found."""
+    if settings.brain == "brain_mask":
+        allowed = brain_mask(hu, spacing)
+        if not allowed.any():
+            raise NotHeadCt("no intracranial soft tissue found: not a head CT, or no skull")
+        beside = np.pad(allowed, ((1, 1), (0, 0), (0, 0)), mode="edge")
+        allowed &= beside[:-2] & beside[2:]  # a thick frame cuts the skull obliquely: its rim
+        return allowed, np.zeros(hu.shape, dtype=bool)
+    masks = intracranial_mask(hu, spacing)
+    if not masks.brain.any():
+        raise NotHeadCt("no intracranial soft tissue found: not a head CT, or no skull")
+    allowed = masks.cavity | masks.brain | (masks.skull & (hu < RIM_PATH_HU))
+    if not settings.calcification:
+        return np.asarray(allowed), np.zeros(hu.shape, dtype=bool)
+    calcified = classify_hyperdense(hu, masks, spacing, HyperdenseParameters())[1]
+    return np.asarray(allowed), np.asarray(calcified)
+
+
+def classify_frames(
+    unet: LoadedUNet, hu: NDArray[np.floating], spacing: tuple[float, float, float]
+) -> FrameClasses:
+    """Haemorrhage-class and calcification masks of frames ``hu`` by the network and the
+    bundle's rules (:func:`frame_rules`)."""
+    allowed, calcified = frame_rules(hu, spacing, unet.inference)
+    probabilities = predict_probabilities(unet.model, unet.config, hu, spacing[1:])
+    hyperdense = (probabilities >= unet.inference.threshold) & allowed & ~calcified
+    return FrameClasses(np.asarray(hyperdense), calcified)
+
+
 class UNetPipeline:
     """Pipeline ``hyperdense_unet``: hyperdense regions segmented by the U-Net."""
 
     name = "hyperdense_unet"
 
-    def __init__(self, version: str = MODEL_VERSION, root: Path = STORE_ROOT) -> None:
-        """Load the bundled network of ``version`` (hash-checked)."""
+    def __init__(
+        self, version: str = MODEL_VERSION, root: Path = STORE_ROOT, device: str = "auto"
+    ) -> None:
+        """Load the bundled network of ``version`` (hash-checked) onto ``device`` (``auto``:
+        CUDA where torch sees a GPU, else the CPU); ``PipelineUnavailable`` when CUDA is
+        asked for and there is none."""
+        cuda = torch.cuda.is_available()
+        if device == "cuda" and not cuda:
+            raise PipelineUnavailable(
+                "hyperdense_unet: [pipelines.hyperdense_unet] device is cuda, but torch sees "
+                'no CUDA GPU here; set device = "auto" or "cpu"'
+            )
+        self.device = "cuda" if device == "cuda" or (device == "auto" and cuda) else "cpu"
         self.version, self.root = version, root
-        self.unet = load_unet(version, root)
+        self.unet = load_unet(version, root, self.device)
+        self._cache: tuple[LoadedSeries, FrameClasses] | None = None
         self._algorithm = Algorithm(
             name="dicomnode hyperdense U-Net",
             version=version,
@@ -133,10 +231,14 @@ class UNetPipeline:
 
     @classmethod
     def from_settings(cls, settings: PipelinesSettings) -> UNetPipeline:
-        """The U-Net of ``[pipelines.hyperdense_unet]`` (store folder, version)."""
+        """The U-Net of ``[pipelines.hyperdense_unet]`` (store folder, version, device)."""
         own = settings.hyperdense_unet
         root = own.store_root
-        return cls(version=own.version or select_version(MODEL_NAME, root), root=root)
+        return cls(
+            version=own.version or select_version(MODEL_NAME, root),
+            root=root,
+            device=str(getattr(own, "device", "auto")),
+        )
 
     @property
     def algorithm(self) -> Algorithm:
@@ -154,9 +256,10 @@ class UNetPipeline:
         return HYPERDENSE_SEGMENT
 
     def segment(self, series: LoadedSeries) -> tuple[NDArray[np.int32], int]:
-        """The U-Net's regions as a segmenter: its frame mask carried onto
-        ``series.volume``'s grid (linear between frames, kept from one half up), then
-        labelled, largest first, regions below ``min_volume_ml`` dropped."""
+        """The U-Net's haemorrhage-class regions as a segmenter (calcification is never
+        among them): its frame mask carried onto ``series.volume``'s grid (linear between
+        frames, kept from one half up), then labelled, largest first, regions below
+        ``min_volume_ml`` dropped."""
         settings = self.unet.inference
         found = self.segment_frames(series).astype(np.float32)
         on_grid = resample_to_grid(found, series.stack, series.grid) >= 0.5
@@ -172,43 +275,67 @@ class UNetPipeline:
         except ModelStoreError as exc:
             raise PipelineUnavailable(f"{MODEL_NAME} {self.version} refused: {exc}") from exc
 
+    def frame_classes(self, series: LoadedSeries) -> FrameClasses:
+        """Haemorrhage-class and calcification masks on ``series.frame_hu`` (the last
+        series is cached, so ``segment`` then ``run`` on one series segments it once)."""
+        cached = self._cache
+        if cached is not None and cached[0] is series:
+            return cached[1]
+        classes = classify_frames(self.unet, series.frame_hu, frame_spacing(series))
+        self._cache = (series, classes)
+        return classes
+
     def segment_frames(self, series: LoadedSeries) -> NDArray[np.bool_]:
-        """Thresholded U-Net probabilities inside the brain, on ``series.frame_hu``."""
-        hu = series.frame_hu
-        spacing = series.stack.pixel_spacing
-        depths = series.stack.offsets[:, 0]
-        gap = float(np.median(np.diff(depths))) if len(depths) > 1 else 5.0
-        brain = brain_mask(hu, (gap, spacing[0], spacing[1]))
-        if not brain.any():
-            raise NotHeadCt("no intracranial soft tissue found: not a head CT, or no skull")
-        beside = np.pad(brain, ((1, 1), (0, 0), (0, 0)), mode="edge")
-        brain &= beside[:-2] & beside[2:]  # a thick frame cuts the skull obliquely: its rim
-        probabilities = predict_probabilities(self.unet.model, self.unet.config, hu, spacing)
-        return np.asarray((probabilities >= self.unet.inference.threshold) & brain)
+        """Thresholded U-Net probabilities where the brain rule allows, calcification out,
+        on ``series.frame_hu``."""
+        return self.frame_classes(series).hyperdense
 
     def run(self, series: LoadedSeries) -> PipelineResult:
-        """Segment the frames, drop small regions and measure the rest."""
+        """Segment the frames, drop small regions and measure the rest; calcification is
+        its own segment."""
         started = time.monotonic()
         settings = self.unet.inference
-        found = self.segment_frames(series)
+        classes = self.frame_classes(series)
         thickness = represented_thickness(series.stack.offsets[:, 0])
         areas = np.array(
             [np.linalg.norm(a[:3, 1]) * np.linalg.norm(a[:3, 2]) for a in series.frame_affines]
         )
+        voxel_ml = areas * thickness / 1000.0
         regions = frame_regions(
-            found, areas * thickness / 1000.0, settings.min_volume_ml, settings.connectivity
+            classes.hyperdense, voxel_ml, settings.min_volume_ml, settings.connectivity
         )
-        frame_mask = np.zeros(found.shape, dtype=bool)
-        for region in regions:
-            frame_mask |= region
-        measured = [measure_region(r, series.frame_hu, areas, thickness) for r in regions]
-        total = measure_region(frame_mask, series.frame_hu, areas, thickness) if regions else None
+        segment = _measured(HYPERDENSE_SEGMENT, regions, series.frame_hu, areas, thickness)
+        calcified = frame_regions(classes.calcification, voxel_ml, 0.0, 26)
+        calcification = _measured(
+            CALCIFICATION_SEGMENT, calcified, series.frame_hu, areas, thickness
+        )
         notes = [
             f"{len(regions)} hyperdense region(s) of at least {settings.min_volume_ml:g} mL "
             f"segmented by the U-Net in {time.monotonic() - started:.1f} s",
             "settings: " + ", ".join(f"{k}={v}" for k, v in settings.to_dict().items()),
             _ascii(self.unet.bundle.notice),
         ]
-        segment = SegmentResult(HYPERDENSE_SEGMENT, frame_mask, measured, total)
+        if settings.calcification:
+            notes.insert(1, calcification_note(calcification))
+        total = segment.total
         key_frame = total.key_frame if total else len(series.frames) // 2
-        return PipelineResult(self.algorithm, [segment], key_frame, notes)
+        segments = [segment, calcification] if calcification.regions else [segment]
+        return PipelineResult(self.algorithm, segments, key_frame, notes)
+
+
+def _measured(
+    segment_class: SegmentClass,
+    regions: list[NDArray[np.bool_]],
+    frame_hu: NDArray[np.floating],
+    areas: NDArray[np.float64],
+    thickness: NDArray[np.float64],
+) -> SegmentResult:
+    """A segment of frame-stack regions, each measured and labelled (k for the k-th),
+    with their union's total."""
+    labels = np.zeros(frame_hu.shape, dtype=np.int32)
+    for k, region in enumerate(regions, start=1):
+        labels[region & (labels == 0)] = k
+    frame_mask = labels > 0
+    measured = [measure_region(r, frame_hu, areas, thickness) for r in regions]
+    total = measure_region(frame_mask, frame_hu, areas, thickness) if regions else None
+    return SegmentResult(segment_class, frame_mask, measured, total, labels)
