@@ -12,6 +12,7 @@ from dicomnode.jobs import JobQueue
 from dicomnode.records import SeriesInfo, SeriesState
 from dicomnode.routing import Ignored, Routed, route
 from dicomnode.state import StateStore
+from dicomnode.studies import StudyAssembler
 
 log = structlog.get_logger(__name__)
 
@@ -33,6 +34,7 @@ class Assembler:
         self.config = config
         self.store = store
         self.jobs = jobs
+        self.studies = StudyAssembler(config, store, jobs)  # level = "study" rules
 
     def find_complete_series(self, now: float) -> list[SeriesInfo]:
         """Series still receiving that have had no instance for ``stable_age_s``."""
@@ -46,6 +48,12 @@ class Assembler:
                 study_uid=series.study_instance_uid, series_uid=series.series_instance_uid
             )
             outcome = route(series, self.config.routes)
+            if isinstance(outcome, Routed) and self.studies.handles(outcome.rule):
+                decisions += [
+                    Decision(d.series, d.outcome, d.job_id)
+                    for d in self.studies.assemble(series, outcome, now)
+                ]
+                continue
             job_id = None
             if isinstance(outcome, Routed):
                 job_id = self.jobs.enqueue_for_series(

@@ -107,6 +107,8 @@ class RiskPrediction:
     scored_reason: str = ""  # why that region, e.g. "the largest haemorrhage"
     # Coded outcome; None: a private 99DCMNODE code derived from ``outcome``.
     outcome_code: CodedConcept | None = None
+    # Lines explaining the prediction, written after the risk (e.g. nomogram points).
+    explanation: Sequence[str] = ()
 
     @property
     def high_risk(self) -> bool:

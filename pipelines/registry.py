@@ -23,6 +23,7 @@ _FACTORIES: dict[str, str] = {
     "blast_ct": "pipelines.blast_ct:BlastCtPipeline",
     "hyperdense_unet": "pipelines.unet:UNetPipeline",
     "ht_after_mt": "pipelines.ht_after_mt:HtAfterMtPipeline",
+    "ais_prognosis_mri": "pipelines.ais_prognosis_mri.pipeline:AisPrognosisMriPipeline",
 }
 
 DEFAULT_SETTINGS = PipelinesSettings()

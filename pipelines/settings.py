@@ -136,6 +136,15 @@ class HtAfterMtSettings(StoredModelSettings):
     segmenter: SegmenterName = "hyperdense_regions"
 
 
+class AisPrognosisMriSettings(StoredModelSettings):
+    """``[pipelines.ais_prognosis_mri]``: the MRI prognosis model (study-level), where its
+    CNN runs and the clinical table (CSV: ``study_instance_uid`` or ``accession_number``,
+    ``nihss``, ``ich``) giving NIHSS and ICH (absent: both imputed and listed)."""
+
+    clinical_table: ResolvedPath = None
+    device: Device = "cpu"
+
+
 class PipelinesSettings(_Settings):
     """``[pipelines]``: one section per pipeline, each optional."""
 
@@ -143,3 +152,4 @@ class PipelinesSettings(_Settings):
     hyperdense_unet: UNetSettings = UNetSettings()
     blast_ct: BlastCtSettings = BlastCtSettings()
     ht_after_mt: HtAfterMtSettings = HtAfterMtSettings()
+    ais_prognosis_mri: AisPrognosisMriSettings = AisPrognosisMriSettings()

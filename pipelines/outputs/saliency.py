@@ -10,10 +10,10 @@ from numpy.typing import NDArray
 from pipelines.base import HeatMap, PipelineResult
 from pipelines.outputs.common import OutputIdentity, plain, risk_lines
 from pipelines.outputs.sc import (
-    BRAIN_WINDOW,
     NOTICE_COLOUR,
     RISK_COLOUR,
     TEXT_COLOUR,
+    display_window,
     secondary_capture,
     text_panel,
     window_to_uint8,
@@ -48,7 +48,7 @@ def saliency_pixels(
     series: LoadedSeries, result: PipelineResult, heatmap: HeatMap
 ) -> NDArray[np.uint8]:
     """The heat map over its frame in a brain window, with a text panel below."""
-    gray = window_to_uint8(series.frame_hu[heatmap.frame], *BRAIN_WINDOW)
+    gray = window_to_uint8(series.frame_hu[heatmap.frame], *display_window(series))
     image = overlay_heat(gray, heatmap.heat)
     lines = [plain(heatmap.label), *risk_lines(result), result.algorithm.notice]
     colours = [TEXT_COLOUR] + [RISK_COLOUR] * (len(lines) - 2) + [NOTICE_COLOUR]
@@ -59,7 +59,8 @@ def build_saliency_sc(
     series: LoadedSeries, result: PipelineResult, heatmap: HeatMap, identity: OutputIdentity
 ) -> hd.sc.SCImage:
     """RGB Secondary Capture of one heat map on its source frame."""
-    derivation = f"{plain(heatmap.label)} over the source frame, window W80/L40"
+    level, width = display_window(series)
+    derivation = f"{plain(heatmap.label)} over the source frame, window W{width:.0f}/L{level:.0f}"
     return secondary_capture(
         series, heatmap.frame, saliency_pixels(series, result, heatmap), identity, derivation
     )
