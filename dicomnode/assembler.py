@@ -15,6 +15,7 @@ from dicomnode.records import SeriesInfo, SeriesState
 from dicomnode.routing import Ignored, Routed, route
 from dicomnode.series_facts import SeriesFactsStore
 from dicomnode.state import StateStore
+from dicomnode.studies import StudyAssembler
 
 log = structlog.get_logger(__name__)
 
@@ -37,6 +38,7 @@ class Assembler:
         self.store = store
         self.jobs = jobs
         self.facts = SeriesFactsStore(store)
+        self.studies = StudyAssembler(config, store, jobs)  # level = "study" rules
 
     def policy_for(self, series: SeriesInfo) -> CompletenessPolicy:
         """The completeness policy of the rule ``series`` would go to, else the node's."""
@@ -71,6 +73,12 @@ class Assembler:
                 study_uid=series.study_instance_uid, series_uid=series.series_instance_uid
             )
             outcome = route(series, self.config.routes)
+            if isinstance(outcome, Routed) and self.studies.handles(outcome.rule):
+                decisions += [
+                    Decision(d.series, d.outcome, d.job_id)
+                    for d in self.studies.assemble(series, outcome, now)
+                ]
+                continue
             job_id = None
             if isinstance(outcome, Routed):
                 job_id = self.jobs.enqueue_for_series(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import tomllib
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import (
     AfterValidator,
@@ -114,14 +114,47 @@ class RouteMatch(_Model):
     called_ae_title: OneOrMore = None
 
 
+class StudyRole(_Model):
+    """How a series of a study is recognised in one role of a study-level rule (e.g. the
+    ``dwi`` of an MRI study); every condition given must hold, on the series' first
+    instance. ``diffusion_b_value``: DiffusionBValue (top level or in the MR Diffusion
+    functional group), within 1 s/mm2. ``required = false``: the study is processed
+    without it once it has been quiet for the rule's ``study_stable_age_s``."""
+
+    required: bool = True
+    modality: OneOrMore = None
+    series_description: Regex = None
+    sequence_name: Regex = None
+    image_type_contains: OneOrMore = None
+    diffusion_b_value: float | None = None
+
+
 class RouteRule(_Model):
-    """Series matching ``match`` go to ``pipeline``; its results to ``destinations``."""
+    """Series matching ``match`` go to ``pipeline``; its results to ``destinations``.
+
+    ``level = "study"``: the series of one study that fill the rule's ``roles``
+    (``dicomnode.studies``) make ONE job, queued when every required role's series is
+    complete and either every role is present or the study has received nothing for
+    ``study_stable_age_s``; the job's pipeline reads them by role.
+    """
 
     name: str = Field(min_length=1)
     match: RouteMatch = RouteMatch()
     pipeline: str = Field(min_length=1)
     destinations: list[str] = []
     completeness: CompletenessSettings | None = None  # this rule's trust; else the node's
+    level: Literal["series", "study"] = "series"
+    roles: dict[str, StudyRole] = {}
+    study_stable_age_s: float = Field(default=120.0, gt=0)
+
+    @model_validator(mode="after")
+    def _check_roles(self) -> RouteRule:
+        """A study-level rule names at least one required role; a series rule none."""
+        if self.level == "study" and not any(r.required for r in self.roles.values()):
+            raise ValueError('a level = "study" rule needs roles, at least one required')
+        if self.level == "series" and self.roles:
+            raise ValueError('roles are for level = "study" rules only')
+        return self
 
 
 HOUR_S = 3600.0

@@ -42,6 +42,7 @@ from dicomnode.revisions import (
 )
 from dicomnode.startup import StartupError, check_writable_dir
 from dicomnode.state import StateStore
+from dicomnode.studies import study_paths
 
 log = structlog.get_logger(__name__)
 
@@ -387,7 +388,9 @@ class Node:
             raise RuntimeError("node is not started")
         output = self.config.state_dir / "results" / str(job.id)
         output.mkdir(parents=True, exist_ok=True)
-        paths = tuple(self.store.series_paths(job.series_instance_uid))
+        paths = study_paths(self.config, self.store, job) or tuple(
+            self.store.series_paths(job.series_instance_uid)
+        )  # a level = "study" rule's job: every role's series of the study
         revision = self.revisions.assign_revision(job, series_fingerprint(paths))
         return JobSpec(
             job_id=job.id,

@@ -16,7 +16,8 @@ from dicomnode.pipelines_check import PipelinePlan
 from dicomnode.processing import JobFailure, run_pipeline
 from dicomnode.records import SeriesInfo, SeriesState
 from dicomnode.routing import Ignored, route
-from pipelines.registry import pipeline_factory
+from dicomnode.studies import StudyJobFailure, run_study_job, study_rule
+from pipelines.registry import PipelineFactory, pipeline_factory
 from pipelines.volume import is_localizer
 
 OFFLINE_AET = "OFFLINE"
@@ -87,10 +88,16 @@ def run_folder(
     build = pipeline_factory(config.pipelines)
     by_series, _ = _scan(folder)
     outcomes = []
+    studies: dict[tuple[str, str, str], list[tuple[str, list[tuple[Path, pydicom.Dataset]]]]]
+    studies = defaultdict(list)
     for series_uid, members in sorted(by_series.items()):
         decision = route(_series_info([h for _, h in members], time.time()), config.routes)
         if isinstance(decision, Ignored):
             outcomes.append(SeriesOutcome(series_uid, len(members), "ignored", decision.reason, ()))
+            continue
+        if study_rule(config, decision.rule) is not None:  # one run per study, below
+            study_uid = str(members[0][1].get("StudyInstanceUID", ""))
+            studies[(decision.rule, decision.pipeline, study_uid)].append((series_uid, members))
             continue
         pipeline = plan.resolve(decision.pipeline) if plan is not None else decision.pipeline
         paths = [p for p, _ in members]
@@ -108,7 +115,34 @@ def run_folder(
         outcomes.append(
             SeriesOutcome(series_uid, len(members), "processed", reason, tuple(written))
         )
+    for (rule_name, pipeline, study_uid), group in studies.items():
+        outcomes += _run_study(rule_name, pipeline, study_uid, group, out_dir, config, build)
     return outcomes
+
+
+def _run_study(
+    rule_name: str,
+    pipeline: str,
+    study_uid: str,
+    group: list[tuple[str, list[tuple[Path, pydicom.Dataset]]]],
+    out_dir: Path,
+    config: NodeConfig,
+    build: PipelineFactory,
+) -> list[SeriesOutcome]:
+    """Run a study-level rule's pipeline once on the study's series (``dicomnode.studies``);
+    every series of the group gets the outcome, the outputs listed once."""
+    rule = study_rule(config, rule_name)
+    assert rule is not None
+    paths = [p for _, members in group for p, _ in members]
+    try:
+        written = tuple(run_study_job(paths, rule, pipeline, out_dir / study_uid, build))
+        decision, reason = "processed", f"rule {rule_name} (study of {len(group)} series)"
+    except (StudyJobFailure, JobFailure) as exc:
+        written, decision, reason = (), "failed", str(exc)
+    return [
+        SeriesOutcome(uid, len(members), decision, reason, written if index == 0 else ())
+        for index, (uid, members) in enumerate(group)
+    ]
 
 
 def non_dicom_files(folder: Path) -> list[Path]:

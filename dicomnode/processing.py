@@ -25,6 +25,7 @@ from dicomnode.node import JobSpec, Process, Reporting
 from dicomnode.pipelines_check import PipelinePlan
 from dicomnode.revisions import Retraction
 from dicomnode.shadow import run_shadow
+from dicomnode.studies import run_study_job, study_rule
 from pipelines.base import Pipeline, PipelineError, PipelineUnavailable
 from pipelines.outputs import build_outputs
 from pipelines.outputs.failure import FailureNotice, build_failure_outputs
@@ -132,6 +133,11 @@ def processor(
     build = pipeline_factory(config.pipelines) if pipelines is None else pipelines
 
     def process_job(job: JobSpec) -> list[Path]:
+        rule = study_rule(config, job.rule)
+        if rule is not None:  # one job for a whole study: its series by role
+            return run_study_job(
+                job.instance_paths, rule, job.pipeline, job.output_dir, build, job.revision
+            )
         pipeline = plan.resolve(job.pipeline) if plan is not None else job.pipeline
         if pipeline != job.pipeline:
             log.info(

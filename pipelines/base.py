@@ -141,6 +141,8 @@ class RiskPrediction:
     input_check: str | None = None  # out-of-distribution check line (pipelines.retraining.ood)
     # Further numbers the model reports with the risk (written after probability and cut-off).
     measurements: Sequence[RiskMeasurement] = ()
+    # Lines explaining the prediction, written after the risk (e.g. nomogram points).
+    explanation: Sequence[str] = ()
 
     @property
     def high_risk(self) -> bool:

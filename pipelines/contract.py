@@ -15,6 +15,7 @@ risk model takes its lesion from whichever segmenter its settings name
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
@@ -22,7 +23,7 @@ from typing import Protocol
 import numpy as np
 from numpy.typing import NDArray
 
-from pipelines.base import Algorithm, SegmentClass
+from pipelines.base import Algorithm, PipelineResult, SegmentClass
 from pipelines.series import LoadedSeries
 
 TITLE_LIMIT = 64
@@ -117,3 +118,40 @@ class Segmenter(Protocol):
     def segment(self, series: LoadedSeries) -> LabelledRegions:
         """Labelled candidate lesions of ``series`` on its volume grid, largest first."""
         ...
+
+
+class StudyPipeline(Protocol):
+    """A study-level pipeline: it reads several series of one study, each in a role
+    (e.g. ``dwi``, ``adc``, ``flair``, ``t1``), chosen by the routing rule's role matchers
+    (``dicomnode.studies``). ``required_roles`` must be present, ``optional_roles`` are
+    used when present. The result is on the series of ``reference_role``: the outputs
+    (SEG, SC, SR, saliency SCs) are written on its frames, once for the study.
+    """
+
+    name: str
+    required_roles: tuple[str, ...]
+    optional_roles: tuple[str, ...]
+    reference_role: str
+
+    @property
+    def algorithm(self) -> Algorithm:
+        """The identity written into every output."""
+        ...
+
+    @property
+    def profile(self) -> OutputProfile:
+        """Titles, segment classes and writers of the pipeline's outputs."""
+        ...
+
+    def check(self) -> None:
+        """Verify the pipeline's artefacts; ``PipelineUnavailable`` when they fail."""
+        ...
+
+    def run_study(self, series_by_role: Mapping[str, LoadedSeries]) -> PipelineResult:
+        """Process the study's series by role; the result is on the reference role's."""
+        ...
+
+
+def is_study_pipeline(pipeline: object) -> bool:
+    """Whether ``pipeline`` is study-level (has ``run_study``)."""
+    return callable(getattr(pipeline, "run_study", None))

@@ -27,6 +27,7 @@ _FACTORIES: dict[str, str] = {
     "iph_vs_contrast": "pipelines.iph_vs_contrast:IphVsContrastPipeline",
     "ich_expansion": "pipelines.ich_expansion.pipeline:IchExpansionPipeline",
     "ich_expansion_hybrid": "pipelines.ich_expansion_hybrid.pipeline:IchExpansionHybridPipeline",
+    "ais_prognosis_mri": "pipelines.ais_prognosis_mri.pipeline:AisPrognosisMriPipeline",
 }
 
 DEFAULT_SETTINGS = PipelinesSettings()

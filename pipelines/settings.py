@@ -168,6 +168,15 @@ class IchExpansionHybridSettings(StoredModelSettings):
     device: Device = "cpu"
 
 
+class AisPrognosisMriSettings(StoredModelSettings):
+    """``[pipelines.ais_prognosis_mri]``: the MRI prognosis model (study-level), where its
+    CNN runs and the clinical table (CSV: ``study_instance_uid`` or ``accession_number``,
+    ``nihss``, ``ich``) giving NIHSS and ICH (absent: both imputed and listed)."""
+
+    clinical_table: ResolvedPath = None
+    device: Device = "cpu"
+
+
 class PipelinesSettings(_Settings):
     """``[pipelines]``: one section per pipeline, each optional."""
 
@@ -178,3 +187,4 @@ class PipelinesSettings(_Settings):
     iph_vs_contrast: IphVsContrastSettings = IphVsContrastSettings()
     ich_expansion: IchExpansionSettings = IchExpansionSettings()
     ich_expansion_hybrid: IchExpansionHybridSettings = IchExpansionHybridSettings()
+    ais_prognosis_mri: AisPrognosisMriSettings = AisPrognosisMriSettings()

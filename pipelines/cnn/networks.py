@@ -2,7 +2,8 @@
 
 Every backbone ends in global average pooling, so ``CnnClassifier.features(x)`` is the
 pooled feature vector the studies export (2048 values for the ResNets and SEResNeXt-50,
-1280 for EfficientNet-Lite0) and ``CnnClassifier.head`` the binary classification head.
+1280 for EfficientNet-Lite0, 256 for the small ResNet-10 at half width) and
+``CnnClassifier.head`` the binary classification head.
 No torchvision or timm is needed.
 
 The ResNets use ``conv1_t_stride=2`` (the usual 7x7 stride-2 stem; MONAI's default of 1
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 import torch
-from monai.networks.nets import SEResNext50, resnet50, resnet101, resnet152
+from monai.networks.nets import ResNet, SEResNext50, resnet50, resnet101, resnet152
 from monai.networks.nets.efficientnet import EfficientNet
 from torch import nn
 
@@ -35,6 +36,7 @@ class BackboneName(StrEnum):
     RESNET152 = "resnet152"
     SERESNEXT50 = "seresnext50"
     EFFICIENTNET_LITE0 = "efficientnet_lite0"
+    RESNET10_HALF = "resnet10_half"
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,8 @@ SPECS: dict[BackboneName, BackboneSpec] = {
     BackboneName.SERESNEXT50: BackboneSpec(2048, "layer4"),
     # The head: 1x1 conv to 1280 channels, batch norm, ReLU6, at 1/32 of the input size.
     BackboneName.EFFICIENTNET_LITE0: BackboneSpec(1280, "head_act"),
+    # Basic blocks [1, 1, 1, 1] at half the usual widths: 1.2 M parameters, ~5 MB in fp32.
+    BackboneName.RESNET10_HALF: BackboneSpec(256, "layer4"),
 }
 
 LITE0_MEAN = (0.498, 0.498, 0.498)
@@ -129,6 +133,19 @@ def _resnet(factory: Callable[..., nn.Module]) -> Callable[[], nn.Module]:
     return build
 
 
+RESNET10_HALF_LAYERS = (1, 1, 1, 1)
+RESNET10_HALF_WIDTHS = (32, 64, 128, 256)
+"""ResNet-10 (one basic block per stage) at half the torchvision widths (64 ... 512)."""
+
+
+def _resnet10_half() -> nn.Module:
+    """A small 2-D ResNet-10 for small inputs and small bundled weights (no ImageNet weights)."""
+    return ResNet(
+        "basic", list(RESNET10_HALF_LAYERS), list(RESNET10_HALF_WIDTHS), spatial_dims=2,
+        n_input_channels=3, conv1_t_stride=2, feed_forward=False,
+    )  # fmt: skip
+
+
 def _seresnext50() -> nn.Module:
     net = SEResNext50(spatial_dims=2, in_channels=3, num_classes=1, dropout_prob=None)
     net.last_linear = nn.Identity()  # type: ignore[assignment]
@@ -141,6 +158,7 @@ _BUILDERS: dict[BackboneName, Callable[[], nn.Module]] = {
     BackboneName.RESNET152: _resnet(resnet152),
     BackboneName.SERESNEXT50: _seresnext50,
     BackboneName.EFFICIENTNET_LITE0: EfficientNetLite0,
+    BackboneName.RESNET10_HALF: _resnet10_half,
 }
 
 

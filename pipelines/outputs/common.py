@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import math
 import unicodedata
 from dataclasses import dataclass
 
@@ -175,6 +176,8 @@ def measurement_line(label: str, total: RegionMeasurements | None) -> str:
     """One line of a segment's total measurements, or that nothing was found."""
     if total is None:
         return f"{label}: none found"
+    if not math.isfinite(total.hu_mean):  # a non-CT image (MR): no Hounsfield units
+        return f"{label}: {total.volume_ml:.1f} mL"
     return (
         f"{label}: {total.volume_ml:.1f} mL, HUmax {total.hu_max:.0f}, mean {total.hu_mean:.0f} HU"
     )
@@ -253,6 +256,7 @@ def risk_lines(result: PipelineResult) -> list[str]:
         reason = f": {risk.scored_reason}" if risk.scored_reason else ""
         lines.append(f"Scored region: {label} ({volume:.1f} mL){reason}")
     lines += clinical_lines(risk)
+    lines += list(risk.explanation)
     lines += result.statements
     return [plain(line) for line in lines]
 

@@ -12,10 +12,10 @@ from PIL import Image, ImageDraw, ImageFont
 from pipelines.base import HeatMap, PipelineResult
 from pipelines.outputs.common import OutputIdentity, plain, risk_lines
 from pipelines.outputs.sc import (
-    BRAIN_WINDOW,
     NOTICE_COLOUR,
     RISK_COLOUR,
     TEXT_COLOUR,
+    display_window,
     secondary_capture,
     text_panel,
     window_to_uint8,
@@ -85,9 +85,9 @@ def with_colour_bar(image: NDArray[np.uint8]) -> NDArray[np.uint8]:
 def saliency_pixels(
     series: LoadedSeries, result: PipelineResult, heatmap: HeatMap
 ) -> NDArray[np.uint8]:
-    """The heat map over its frame in a brain window with its colour scale, and a text
-    panel below."""
-    gray = window_to_uint8(series.frame_hu[heatmap.frame], *BRAIN_WINDOW)
+    """The heat map over its frame in the series' display window (brain window for CT),
+    with its colour scale, and a text panel below."""
+    gray = window_to_uint8(series.frame_hu[heatmap.frame], *display_window(series))
     image = with_colour_bar(overlay_heat(gray, heatmap.heat))
     lines = [plain(heatmap.label), *risk_lines(result), result.algorithm.notice]
     colours = [TEXT_COLOUR] + [RISK_COLOUR] * (len(lines) - 2) + [NOTICE_COLOUR]
@@ -98,9 +98,10 @@ def build_saliency_sc(
     series: LoadedSeries, result: PipelineResult, heatmap: HeatMap, identity: OutputIdentity
 ) -> hd.sc.SCImage:
     """RGB Secondary Capture of one heat map on its source frame."""
+    level, width = display_window(series)
     derivation = (
-        f"{plain(heatmap.label)} over the source frame, window W80/L40, colour scale "
-        f"low {HEAT_FLOOR:g} (blue) to high 1 (red)"
+        f"{plain(heatmap.label)} over the source frame, window W{width:.0f}/L{level:.0f}, "
+        f"colour scale low {HEAT_FLOOR:g} (blue) to high 1 (red)"
     )
     return secondary_capture(
         series, heatmap.frame, saliency_pixels(series, result, heatmap), identity, derivation

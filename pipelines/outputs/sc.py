@@ -29,6 +29,18 @@ from pipelines.outputs.regions import Rgb, class_colour
 from pipelines.series import LoadedSeries
 
 BRAIN_WINDOW = (40.0, 80.0)  # level, width in HU
+MR_WINDOW_PERCENTILES = (1.0, 99.5)  # MR has no calibrated unit: the series' own range
+
+
+def display_window(series: LoadedSeries) -> tuple[float, float]:
+    """(level, width) the frames are shown with: the brain window for CT, for other
+    modalities (MR) the series' 1st-99.5th percentile of signal."""
+    if str(series.reference.get("Modality", "CT")) == "CT":
+        return BRAIN_WINDOW
+    low, high = np.percentile(series.frame_hu, MR_WINDOW_PERCENTILES)
+    return float(low + high) / 2.0, max(float(high - low), 1.0)
+
+
 OVERLAY_ALPHA = 0.4
 TEXT_COLOUR = (255, 255, 255)
 NOTICE_COLOUR = (255, 90, 90)
@@ -95,7 +107,7 @@ def sc_pixels(series: LoadedSeries, result: PipelineResult) -> NDArray[np.uint8]
     """The key frame windowed and overlaid (each class in its SEG display colour), with
     the summary panel below it."""
     key = result.key_frame
-    gray = window_to_uint8(series.frame_hu[key], *BRAIN_WINDOW)
+    gray = window_to_uint8(series.frame_hu[key], *display_window(series))
     segment_colours = [class_colour(i, s.segment) for i, s in enumerate(result.segments)]
     image = overlay_segments(gray, [s.frame_mask[key] for s in result.segments], segment_colours)
     lines = summary_lines(result)

@@ -33,6 +33,7 @@ Every text is ASCII (``common.plain``), so no Specific Character Set is needed.
 
 from __future__ import annotations
 
+import math
 import re
 
 import highdicom as hd
@@ -175,6 +176,17 @@ def region_measurements(
         referenced_frame_numbers=None if frame_number is None else [frame_number],
     )
     attenuation = codes.DCM.AttenuationCoefficient
+    if not math.isfinite(region.hu_mean):  # a non-CT image (MR): volume and area only
+        volume = hd.sr.Measurement(
+            name=codes.SCT.Volume, value=ds_value(region.volume_ml), unit=UNIT_ML,
+            algorithm_id=algorithm_id,
+        )  # fmt: skip
+        area = hd.sr.Measurement(
+            name=codes.SCT.Area, value=ds_value(region.key_area_mm2), unit=UNIT_MM2,
+            derivation=codes.SCT.Maximum, referenced_images=[key_image],
+            algorithm_id=algorithm_id,
+        )  # fmt: skip
+        return [volume, area]
     return [
         hd.sr.Measurement(
             name=codes.SCT.Volume,
