@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -34,6 +35,9 @@ from bench.peers import NodeProcess, free_port, node_config_toml, storescu_comma
 from pipelines.synthetic import synthetic_head_ct, write_series
 
 STORESCP = "/usr/bin/storescp"
+DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
+"""DCMTK leaves Nagle's algorithm on unless TCP_NODELAY is set: without it every instance
+of several PDUs waits for a delayed ACK (about 22 instances/s here, either way)."""
 SLICES, ROWS = 28, 512
 
 
@@ -55,7 +59,7 @@ def _send(port: int, files: Sequence[Path], associations: int, called: str) -> f
         command = storescu_command(port, chunk)
         command[command.index("-aec") + 1] = called
         runs.append(subprocess.Popen(command, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL))  # fmt: skip
+                                     stderr=subprocess.DEVNULL, env=DCMTK_ENV))  # fmt: skip
     codes = [run.wait(timeout=600) for run in runs]
     elapsed = time.perf_counter() - began
     if any(codes):
@@ -85,7 +89,7 @@ def _storescp_rate(files: Sequence[Path], associations: int, folder: Path) -> fl
     fork = ["--fork"] if associations > 1 else []
     server = subprocess.Popen(
         [STORESCP, *fork, "-aet", "STORESCP", "-od", str(folder), "+xa", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=DCMTK_ENV,
     )  # fmt: skip
     try:
         time.sleep(0.5)
