@@ -1,7 +1,8 @@
 """Throughput of the node with its jobs on 1 and on 2 Celery workers, beside the embedded
 queue (jobs in the node's own thread), in one run.
 
-Each configuration receives the same ``--series`` synthetic head CTs (sent by pynetdicom
+Each configuration receives the same ``--series`` synthetic head CTs, each with an inserted
+haematoma (sent by pynetdicom
 one after the other, stable age 1 s) and runs ``--pipeline`` (default
 ``hyperdense_regions``); the
 figure is the wall time from the first instance sent to the last result acknowledged by
@@ -33,10 +34,18 @@ from dicomnode.distributed import celery_processor
 from dicomnode.node import Node
 from dicomnode.processing import processor, reporting
 from dicomnode.sender import send_files
+from pipelines.lesions import insert_lesion
 from pipelines.synthetic import synthetic_head_ct, write_series
 
 REPO = Path(__file__).resolve().parents[1]
 ROWS, SLICES = 128, 24
+
+
+def _case(index: int, folder: Path) -> list[Path]:
+    """A generated head CT with a 12 mm, 70 HU haematoma (so risk models run in full)."""
+    datasets = synthetic_head_ct(seed=200 + index, n_slices=SLICES, rows=ROWS)
+    insert_lesion(datasets, center_mm=None, radius_mm=12.0, hu=70.0, seed=index)
+    return write_series(datasets, folder)
 
 
 def _config(
@@ -128,11 +137,7 @@ def main() -> int:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="celery-bench-") as tmp:
         root = Path(tmp)
-        series = [
-            write_series(synthetic_head_ct(seed=200 + i, n_slices=SLICES, rows=ROWS),
-                         root / "in" / str(i))
-            for i in range(args.series)
-        ]  # fmt: skip
+        series = [_case(i, root / "in" / str(i)) for i in range(args.series)]
         port = free_port()
         server = subprocess.Popen(
             ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
