@@ -46,10 +46,11 @@ import csv
 import datetime
 import json
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 
 import numpy as np
 import pydicom
@@ -211,8 +212,18 @@ def lesion_plan(v: CohortVariables, i: int) -> list[ContrastStain | Haemorrhage]
     """Case ``i``'s lesion physics from its latents (contrast first in a mixture)."""
     t, s, e = float(v.texture[i]), float(v.shape[i]), v.physics_noise[i]
     volume = float(np.clip(np.exp(np.log(6.0) + 0.5 * s + 0.25 * e[0]), 1.5, 40.0))
+    return lesion_physics(volume, str(v.pattern[i]), t, s, e)
+
+
+def lesion_physics(
+    volume: float, pattern: str, t: float, s: float, e: Sequence[float] | NDArray[np.float64]
+) -> list[ContrastStain | Haemorrhage]:
+    """The contrast stain and/or haemorrhage of one hyperdense area of ``volume`` mL and
+    ``pattern`` ("contrast", "haemorrhage" or a mixture), from its texture ``t`` and
+    shape ``s`` latents and its physics noise ``e`` (8 normal draws; ``e[0]`` is left to
+    the caller's volume): contrast first in a mixture."""
     mixed = 0.45 + 0.15 * float(np.tanh(e[1]))  # haemorrhagic share of a mixture
-    fraction = {"contrast": 0.0, "haemorrhage": 1.0}.get(str(v.pattern[i]), mixed)
+    fraction = {"contrast": 0.0, "haemorrhage": 1.0}.get(pattern, mixed)
     plan: list[ContrastStain | Haemorrhage] = []
     if fraction < 1.0:
         hu = float(np.clip(125.0 - 12.0 * t + 8.0 * e[2], 90.0, 160.0))
@@ -262,6 +273,21 @@ def paint_case(
         else:
             painted.append(paint_haemorrhage(hu, frames, physics, centre, rng))
     return painted
+
+
+class CaseIdentity(Protocol):
+    """Who and when a generated case is: what its slices' identity is made from."""
+
+    @property
+    def case_id(self) -> str: ...
+    @property
+    def patient_id(self) -> str: ...
+    @property
+    def accession_number(self) -> str: ...
+    @property
+    def study_date(self) -> str: ...
+    @property
+    def clinical(self) -> Mapping[str, float]: ...
 
 
 @dataclass(frozen=True)
@@ -383,9 +409,11 @@ def _case(
     )
 
 
-def _identify(ds: Dataset, case: CohortCase, seed: int, index: int, *, derived: bool) -> None:
-    """Give a slice the case's patient, study, series and instance identity."""
-    entropy = f"dicomnode-cohort-{seed}-{case.case_id}"
+def identify_slice(
+    ds: Dataset, entropy: str, index: int, case: CaseIdentity, description: str
+) -> None:
+    """Give slice ``index`` of a cohort case its patient, study, series and instance
+    identity; UIDs derive from ``entropy`` (generator, seed and case id)."""
     uid = generate_uid(entropy_srcs=[entropy, "instance", str(index)])
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = uid
     ds.StudyInstanceUID = generate_uid(entropy_srcs=[entropy, "study"])
@@ -397,8 +425,14 @@ def _identify(ds: Dataset, case: CohortCase, seed: int, index: int, *, derived: 
     ds.PatientSex = "M" if case.clinical["sex_male"] else "F"
     ds.AccessionNumber = case.accession_number
     ds.StudyDate = ds.SeriesDate = ds.ContentDate = ds.AcquisitionDate = case.study_date
-    ds.StudyDescription = "CT HEAD AFTER THROMBECTOMY (SYNTHETIC COHORT)"
+    ds.StudyDescription = description
     ds.StudyID = case.case_id[-4:]
+
+
+def _identify(ds: Dataset, case: CohortCase, seed: int, index: int, *, derived: bool) -> None:
+    """Give a slice the case's patient, study, series and instance identity."""
+    entropy = f"dicomnode-cohort-{seed}-{case.case_id}"
+    identify_slice(ds, entropy, index, case, "CT HEAD AFTER THROMBECTOMY (SYNTHETIC COHORT)")
     if derived:
         ds.ImageType = ["DERIVED", *list(ds.ImageType)[1:]]
         ds.DerivationDescription = "synthetic lesion painted by dicomnode pipelines.lesions"

@@ -51,9 +51,9 @@ from pathlib import Path
 import numpy as np
 from numpy.typing import NDArray
 from pydicom.dataset import Dataset
-from pydicom.uid import generate_uid
 from scipy import ndimage
 
+from pipelines.cohort import identify_slice
 from pipelines.ich_expansion.geometry import abc2_volume_ml
 from pipelines.lesions import (
     CENTRE_MARGIN_MM,
@@ -374,21 +374,9 @@ def _case(
 
 def _identify(ds: Dataset, case: ExpansionCase, seed: int, index: int) -> None:
     """Give a slice the case's patient, study, series and instance identity."""
-    entropy = f"dicomnode-ich-cohort-{seed}-{case.case_id}"
-    uid = generate_uid(entropy_srcs=[entropy, "instance", str(index)])
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = uid
-    ds.StudyInstanceUID = generate_uid(entropy_srcs=[entropy, "study"])
-    ds.SeriesInstanceUID = generate_uid(entropy_srcs=[entropy, "series"])
-    ds.FrameOfReferenceUID = generate_uid(entropy_srcs=[entropy, "frame"])
-    ds.PatientID = case.patient_id
-    ds.PatientName = f"SYNTHETIC^{case.case_id.upper()}"
-    ds.PatientAge = f"{int(case.clinical['age']):03d}Y"
-    ds.PatientSex = "M" if case.clinical["sex_male"] else "F"
-    ds.AccessionNumber = case.accession_number
-    ds.StudyDate = ds.SeriesDate = ds.ContentDate = ds.AcquisitionDate = case.study_date
-    ds.StudyDescription = STUDY_DESCRIPTION
+    identify_slice(ds, f"dicomnode-ich-cohort-{seed}-{case.case_id}", index, case,
+                   STUDY_DESCRIPTION)  # fmt: skip
     ds.SeriesDescription = SERIES_DESCRIPTION
-    ds.StudyID = case.case_id[-4:]
 
 
 def _write_truth(

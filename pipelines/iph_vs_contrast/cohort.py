@@ -53,6 +53,7 @@ from numpy.typing import ArrayLike, NDArray
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
+from pipelines.cohort import lesion_physics
 from pipelines.lesions import (
     CENTRE_MARGIN_MM,
     ContrastStain,
@@ -141,24 +142,7 @@ def area_plan(area: AreaVariables) -> list[ContrastStain | Haemorrhage]:
             np.exp(np.log(v["median"]) + v["shape"] * s + v["noise"] * e[0]), v["low"], v["high"]
         )
     )
-    mixed = 0.45 + 0.15 * float(np.tanh(e[1]))  # haemorrhagic share of a mixture
-    fraction = {"contrast": 0.0, "haemorrhage": 1.0}.get(area.pattern, mixed)
-    plan: list[ContrastStain | Haemorrhage] = []
-    if fraction < 1.0:
-        hu = float(np.clip(125.0 - 12.0 * t + 8.0 * e[2], 90.0, 160.0))
-        site = Site.CORTICAL if e[3] > 0 else Site.DEEP
-        plan.append(ContrastStain(volume * (1.0 - fraction), hu, site))
-    if fraction > 0.0:
-        rim = float(np.clip(58.0 + 2.0 * t + 2.0 * e[4], 52.0, 66.0))
-        core = float(np.clip(rim + 14.0 + 4.0 * t + 3.0 * e[5], rim + 5.0, 90.0))
-        spread = float(np.clip(5.0 + 1.5 * t + 0.7 * e[6], 2.0, 9.0))
-        lobes = float(np.clip(0.25 + 0.06 * s + 0.02 * e[7], 0.1, 0.4))
-        push = float(min(0.08 + 0.01 * volume, 0.25))
-        site = plan[0].site if plan else Site.DEEP if e[3] < 0.25 else Site.LOBAR
-        plan.append(
-            Haemorrhage(volume * fraction, rim, core, spread, lobes, site, mass_effect=push)
-        )
-    return plan
+    return lesion_physics(volume, area.pattern, t, s, e)
 
 
 def _reach_mm(plan: list[ContrastStain | Haemorrhage]) -> float:
