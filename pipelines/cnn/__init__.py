@@ -1,6 +1,7 @@
 """CNN features and Grad-CAM for the risk models: input preparation from a lesion mask,
 MONAI 2-D backbones by name, fine-tuning with a binary head, pooled-feature export with
-PCA, Grad-CAM on the source frame, and weights as safetensors.
+PCA, Grad-CAM on the source frame (plain, or relative to a no-lesion reference input),
+and weights as safetensors.
 
 Data flow: ``inputs.prepare_case`` -> ``networks.build_classifier`` ->
 ``training.fine_tune`` -> ``features.case_features`` -> ``features.fit_pca``;
@@ -14,6 +15,7 @@ from pipelines.cnn.gradcam import (
     CamResult,
     RegionHeat,
     grad_cam,
+    peak_distance_mm,
     restrict_to_region,
 )
 from pipelines.cnn.inputs import (
@@ -22,6 +24,7 @@ from pipelines.cnn.inputs import (
     CaseInput,
     CropBox,
     InputConfig,
+    background_input,
     largest_frame,
     prepare_case,
     prepare_frames,
@@ -51,6 +54,7 @@ __all__ = [
     "InputConfig",
     "OptimizerName",
     "RegionHeat",
+    "background_input",
     "build_classifier",
     "case_features",
     "default_device",
@@ -60,6 +64,7 @@ __all__ = [
     "largest_frame",
     "load_backbone_weights",
     "load_classifier",
+    "peak_distance_mm",
     "predict_proba",
     "prepare_case",
     "prepare_frames",

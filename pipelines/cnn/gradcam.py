@@ -7,6 +7,15 @@ written into a zero image of the frame's size, so a Secondary Capture can overla
 the frame as acquired. :func:`restrict_to_region` keeps a map near the lesion it explains
 (a risk model shows heat only on and around the lesion it scored) and says how much of
 the map's heat lay there.
+
+With a ``reference`` input (:func:`pipelines.cnn.inputs.background_input`: the crop
+with no lesion, every pixel at the window's low end), the map is Grad-CAM relative to
+that reference: the layer's activations minus those the reference gives, weighted by
+the class gradients as usual. A lesion-only input (``InputConfig.lesion_margin_mm``)
+equals the reference away from the lesion, so there the map is zero by construction
+rather than by clipping: plain Grad-CAM credits the constant black surround with the
+activations every input shares (biases, padding edges), and its peak lay up to 55 mm
+from the lesion (``bench/gradcam_placement.py``).
 """
 
 from __future__ import annotations
@@ -37,6 +46,30 @@ class CamResult:
     heat_frame: NDArray[np.float32]  # (rows, columns) of the frame, zero outside the crop
 
 
+class _ReferenceGradCAM(GradCAM):
+    """MONAI's Grad-CAM on the activation difference to a reference input."""
+
+    def __init__(self, nn_module: nn.Module, target_layers: str, reference: torch.Tensor) -> None:
+        super().__init__(nn_module=nn_module, target_layers=target_layers, postprocessing=_unit_max)
+        self.reference = reference
+
+    def compute_map(  # type: ignore[override]
+        self,
+        x: torch.Tensor,
+        class_idx: int | None = None,
+        retain_graph: bool = False,
+        layer_idx: int = -1,
+    ) -> torch.Tensor:
+        """ReLU(sum_k w_k (A_k(x) - A_k(reference))), w_k the mean gradient of the class
+        score over layer k at ``x``."""
+        reference = self.reference.to(x.device).expand_as(x)
+        _, base, _ = self.nn_module(reference, class_idx=class_idx)
+        base_acti = base[layer_idx].detach()
+        _, acti, grad = self.nn_module(x, class_idx=class_idx, retain_graph=retain_graph)
+        weights = grad[layer_idx].mean(dim=(2, 3), keepdim=True)
+        return F.relu((weights * (acti[layer_idx] - base_acti)).sum(1, keepdim=True))
+
+
 class _TwoClass(nn.Module):
     """The one-logit classifier seen as two classes: (negative, positive) = (-z, z)."""
 
@@ -62,22 +95,26 @@ def grad_cam(
     class_index: int = POSITIVE,
     sample: int | None = None,
     target_layer: str | None = None,
+    reference: torch.Tensor | None = None,
 ) -> CamResult:
     """Grad-CAM of one sample of ``case`` for ``class_index`` (POSITIVE or NEGATIVE).
 
     ``target_layer`` is a module name inside ``model`` (default ``model.cam_layer``).
-    The map is rectified, scaled to a maximum of 1 (MONAI's default post-processing
-    inverts it, so it is not used) and resized bilinearly to the crop.
+    ``reference`` (1, 3, size, size): the map is relative to this input (see the
+    module); None: plain Grad-CAM. The map is rectified, scaled to a maximum of 1
+    (MONAI's default post-processing inverts it, so it is not used) and resized
+    bilinearly to the crop.
     """
     if class_index not in (POSITIVE, NEGATIVE):
         raise ValueError(f"class_index must be {POSITIVE} or {NEGATIVE}, not {class_index}")
     index = case.key_sample if sample is None else sample
     device = next(model.parameters()).device
     wrapper = _TwoClass(model).train(model.training)  # MONAI restores the wrapper's mode
-    cam = GradCAM(
-        nn_module=wrapper,
-        target_layers=f"model.{target_layer or model.cam_layer}",
-        postprocessing=_unit_max,
+    layer = f"model.{target_layer or model.cam_layer}"
+    cam = (
+        GradCAM(nn_module=wrapper, target_layers=layer, postprocessing=_unit_max)
+        if reference is None
+        else _ReferenceGradCAM(wrapper, layer, reference)
     )
     x = case.samples[index : index + 1].to(device)
     heat = cam(x, class_idx=class_index).detach()
@@ -96,6 +133,19 @@ class RegionHeat:
 
     heat: NDArray[np.float32]  # (rows, columns), zero beyond ``margin_mm`` of the region
     share: float  # share of the whole map's heat within the margin (0 for an empty map)
+
+
+def peak_distance_mm(
+    heat: NDArray[np.floating], region: NDArray[np.bool_], pixel_spacing_mm: tuple[float, float]
+) -> float:
+    """Euclidean distance (mm) from the map's peak (its first maximum) to ``region`` on one
+    frame; 0 when the peak lies in the region."""
+    if heat.shape != region.shape:
+        raise ValueError(f"heat map {heat.shape} and region {region.shape} differ in shape")
+    if not region.any():
+        raise ValueError("the region is empty on this frame: no distance to it")
+    peak = np.unravel_index(int(np.argmax(heat)), heat.shape)
+    return float(distance_transform_edt(~region, sampling=pixel_spacing_mm)[peak])
 
 
 def restrict_to_region(

@@ -236,6 +236,14 @@ def prepare_frames(
     )
 
 
+def background_input(config: InputConfig) -> torch.Tensor:
+    """(1, 3, size, size): the network input of a crop with every pixel at the window's
+    low end, which is what a lesion-only input (``lesion_margin_mm``) shows away from the
+    lesion; the reference of Grad-CAM relative to no lesion."""
+    unit = np.zeros((1, 3, config.size, config.size), dtype=np.float32)
+    return to_network_input(unit, config.size, config.mean, config.std)
+
+
 def frame_pixel_spacing(series: LoadedSeries, frame: int) -> tuple[float, float]:
     """(row, column) pixel spacing in mm of one frame, from its index-to-patient affine."""
     affine = series.frame_affines[frame]

@@ -19,10 +19,12 @@ The scored lesion is described by its radiomics, the fine-tuned CNN's features o
 imputed and listed with their reasons: the table fails open, an unreadable table never
 removes the imaging results); the combined model of the configured (default: promoted)
 version in the configured model store gives the probability, classified at its training
-cut-off. Grad-CAM of the CNN is computed on the lesion crop the network sees, mapped back
-to the frame and kept within ``HEAT_MARGIN_MM`` of the lesion (its label states how much
-of the map's heat lay there), on the lesion's largest cross-section and its nearest
-neighbours that hold lesion only. The model is loaded and hash-checked once, by
+cut-off. Grad-CAM of the CNN (:func:`lesion_grad_cams`) is computed on the lesion crop the
+network sees, relative to the same crop without lesion (so heat far from the lesion is
+zero by construction), mapped back to the frame and shown within ``HEAT_MARGIN_MM`` of
+the lesion (its label states how much of the map's heat lay there and where the raw
+peak lies), on the lesion's largest cross-section and its nearest neighbours that hold
+lesion only. The model is loaded and hash-checked once, by
 :meth:`HtAfterMtPipeline.check` at start-up (a model or segmenter that fails its checks
 there makes the pipeline unavailable: the node runs its default instead) or on the first
 run.
@@ -52,8 +54,11 @@ from pipelines.base import (
 from pipelines.cnn import (
     NEGATIVE,
     POSITIVE,
+    CamResult,
+    background_input,
     grad_cam,
     largest_frame,
+    peak_distance_mm,
     prepare_case,
     restrict_to_region,
 )
@@ -90,10 +95,13 @@ HEATMAP_REACH = 2
 """Heat maps: the lesion's largest cross-section and, on each side, the nearest frame
 within this many frames that holds lesion."""
 HEAT_MARGIN_MM = 2.0
-"""Grad-CAM heat is shown within this distance of the scored lesion."""
-HEATMAP_LAYER = "features._blocks.4"
-"""Grad-CAM layer: Lite0's last stride-16 stage, 8 x 8 cells (10 mm on the 80 mm crop).
-The head (stride 32, 20 mm cells) placed its peak a median 8 mm from the lesion."""
+"""Grad-CAM heat is shown within this distance of the scored lesion (a display choice;
+the label states the share of the map's heat kept and where the raw peak lies)."""
+HEATMAP_LAYER = "features._blocks.2"
+"""Grad-CAM layer: Lite0's last stride-8 stage, 16 x 16 cells (5 mm on the 80 mm crop).
+Relative to the no-lesion input, its raw peak lay a median 0.9 mm from the lesion, 82-94%
+of peaks within 5 mm (``bench/gradcam_placement.py``); plain Grad-CAM at the stride-16
+stage (model 1.1.0's pipeline): 3.6-5.4 mm, 46-54%, peaks up to 56 mm away."""
 
 LABEL_LIMIT = 62  # SegmentLabel is LO (64); the SEG adds " <k>" to each region's label
 SCORED_LABEL = "Scored lesion"
@@ -346,31 +354,23 @@ class HtAfterMtPipeline:
         self, series: LoadedSeries, case: CaseFeatures, model: HtModel, high_risk: bool
     ) -> list[HeatMap]:
         """Grad-CAM of the CNN for the class it leans to (evidence for the outcome when
-        the risk is high, against it when low) at ``HEATMAP_LAYER``, on the lesion crop it
-        sees, mapped back to the frames and kept within ``HEAT_MARGIN_MM`` of the scored
-        lesion; only on the lesion's largest cross-section and its nearest neighbours that
-        hold lesion (``scoring.lesion_frame_offsets``), never on a frame without it, and
-        not drawn where no heat lies on the lesion."""
+        the risk is high, against it when low): :func:`lesion_grad_cams`, shown within
+        ``HEAT_MARGIN_MM`` of the scored lesion (a display choice the label states, with
+        the share of the map's heat kept and the raw peak's distance to the lesion); not
+        drawn where no heat lies on the lesion."""
         mask = case.lesion.frame_mask
-        key = largest_frame(mask)
-        offsets = lesion_frame_offsets(mask, key, self.heatmap_reach)
-        config = replace(model.cnn_input, sample_offsets=offsets)
-        inputs = prepare_case(series, mask, config)
         class_index, evidence = (POSITIVE, "for") if high_risk else (NEGATIVE, "against")
         maps = []
-        for sample in range(len(inputs.sample_centres)):
-            cam = grad_cam(
-                model.cnn, inputs, sample=sample, class_index=class_index,
-                target_layer=HEATMAP_LAYER,
-            )  # fmt: skip
+        for cam in lesion_grad_cams(series, mask, model, class_index, self.heatmap_reach):
             frame = cam.frame_index
-            on_lesion = restrict_to_region(
-                cam.heat_frame, mask[frame], frame_pixel_spacing(series, frame), HEAT_MARGIN_MM
-            )
+            spacing = frame_pixel_spacing(series, frame)
+            on_lesion = restrict_to_region(cam.heat_frame, mask[frame], spacing, HEAT_MARGIN_MM)
+            peak = peak_distance_mm(cam.heat_frame, mask[frame], spacing)
             label = (
-                f"Grad-CAM (EfficientNet-Lite0, fine-tuned), evidence {evidence} {OUTCOME}, "
-                f"shown within {HEAT_MARGIN_MM:g} mm of the scored lesion "
-                f"({100 * on_lesion.share:.0f}% of the map's heat lies there)"
+                f"Grad-CAM relative to no lesion (EfficientNet-Lite0, fine-tuned), evidence "
+                f"{evidence} {OUTCOME}, shown within {HEAT_MARGIN_MM:g} mm of the scored "
+                f"lesion ({100 * on_lesion.share:.0f}% of the map's heat lies there; "
+                f"its peak {'inside' if peak == 0 else f'{peak:.1f} mm from'} the lesion)"
             )
             if on_lesion.share > 0:  # no evidence on the lesion here: nothing to show
                 maps.append(HeatMap(frame=frame, heat=on_lesion.heat, label=label))
@@ -384,3 +384,36 @@ class HtAfterMtPipeline:
         whole = set(TABLE_VARIABLES) <= set(imputed)
         what = "all table variables" if whole else ", ".join(imputed)
         return f"{source}; imputed with training medians/modes: {what}"
+
+
+def lesion_grad_cams(
+    series: LoadedSeries,
+    mask: NDArray[np.bool_],
+    model: HtModel,
+    class_index: int,
+    reach: int = HEATMAP_REACH,
+    *,
+    layer: str = HEATMAP_LAYER,
+    relative: bool = True,
+) -> list[CamResult]:
+    """The CNN's raw Grad-CAM maps of the scored lesion ``mask`` (on the frames): one per
+    heat-map frame (the lesion's largest cross-section and its nearest neighbours within
+    ``reach`` that hold lesion, ``scoring.lesion_frame_offsets``), each computed on the
+    2.5-D lesion crop the network sees centred on that frame, at ``layer``, relative to
+    the no-lesion input (``relative``; else plain Grad-CAM), mapped back to the frame."""
+    key = largest_frame(mask)
+    offsets = lesion_frame_offsets(mask, key, reach)
+    config = replace(model.cnn_input, sample_offsets=offsets)
+    inputs = prepare_case(series, mask, config)
+    reference = background_input(config) if relative else None
+    return [
+        grad_cam(
+            model.cnn,
+            inputs,
+            sample=sample,
+            class_index=class_index,
+            target_layer=layer,
+            reference=reference,
+        )
+        for sample in range(len(inputs.sample_centres))
+    ]
