@@ -22,6 +22,7 @@ from pipelines.cnn import (
     CnnClassifier,
     EpochProgress,
     InputConfig,
+    background_input,
     build_classifier,
     case_features,
     fine_tune,
@@ -371,6 +372,28 @@ def test_backbone_weights_load_without_their_imagenet_head(tmp_path: Path) -> No
         assert torch.equal(source.features(x), target.features(x))
     with pytest.raises(ValueError, match="does not fit"):
         load_backbone_weights(build_classifier(BackboneName.RESNET101), path)
+
+
+def test_grad_cam_relative_to_no_lesion_is_zero_where_the_input_is_the_reference() -> None:
+    """A lesion-only input equals the no-lesion reference away from the lesion, so the
+    relative map of an input that is the reference is zero, and a lesion-only case's map
+    peaks on (or next to) its lesion."""
+    hu = np.full((5, 96, 96), 35.0, dtype=np.float32)
+    mask = _disk_mask(5, (96, 96), (40, 56), {1: 5, 2: 7, 3: 5})
+    hu[mask] = 75.0
+    config = InputConfig(size=64, margin_mm=4.0, min_side_mm=80.0, lesion_margin_mm=2.0)
+    case = prepare_frames(hu, mask, (1.0, 1.0), config)
+    reference = background_input(config)
+    assert reference.shape == (1, 3, 64, 64)
+    assert torch.allclose(case.samples[0, :, 0, 0], reference[0, :, 0, 0])  # a far corner
+    model = build_classifier(BackboneName.EFFICIENTNET_LITE0, pretrained=True)
+    layer = "features._blocks.2"
+    blank = CaseInput(**{**vars(case), "samples": reference.clone()})
+    assert not grad_cam(model, blank, reference=reference, target_layer=layer).heat_frame.any()
+    relative = grad_cam(model, case, reference=reference, target_layer=layer).heat_frame
+    assert relative.max() > 0.9  # scaled to 1, then resized to the crop
+    peak = np.unravel_index(int(np.argmax(relative)), relative.shape)
+    assert np.hypot(peak[0] - 40, peak[1] - 56) <= 7 + 5  # lesion radius + one 5 mm cell
 
 
 @pytest.mark.parametrize("name", [BackboneName.RESNET50, BackboneName.SERESNEXT50])
