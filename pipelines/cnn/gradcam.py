@@ -12,10 +12,11 @@ With a ``reference`` input (:func:`pipelines.cnn.inputs.background_input`: the c
 with no lesion, every pixel at the window's low end), the map is Grad-CAM relative to
 that reference: the layer's activations minus those the reference gives, weighted by
 the class gradients as usual. A lesion-only input (``InputConfig.lesion_margin_mm``)
-equals the reference away from the lesion, so there the map is zero by construction
-rather than by clipping: plain Grad-CAM credits the constant black surround with the
-activations every input shares (biases, padding edges), and its peak lay up to 55 mm
-from the lesion (``bench/gradcam_placement.py``).
+equals the reference away from the lesion, so the map holds only what the lesion
+changes in the layer (the black surround adds nothing by itself, with no clipping):
+plain Grad-CAM credits the surround with the activations every input shares (biases,
+padding edges), and its peak lay a median 5.4 mm, up to 50 mm, from the lesion
+(``bench/gradcam_placement.py``).
 """
 
 from __future__ import annotations

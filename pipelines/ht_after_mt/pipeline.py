@@ -20,11 +20,11 @@ imputed and listed with their reasons: the table fails open, an unreadable table
 removes the imaging results); the combined model of the configured (default: promoted)
 version in the configured model store gives the probability, classified at its training
 cut-off. Grad-CAM of the CNN (:func:`lesion_grad_cams`) is computed on the lesion crop the
-network sees, relative to the same crop without lesion (so heat far from the lesion is
-zero by construction), mapped back to the frame and shown within ``HEAT_MARGIN_MM`` of
-the lesion (its label states how much of the map's heat lay there and where the raw
-peak lies), on the lesion's largest cross-section and its nearest neighbours that hold
-lesion only. The model is loaded and hash-checked once, by
+network sees, relative to the same crop without lesion (so the map holds only what the
+lesion changes, not the black surround), mapped back to the frame and shown within
+``HEAT_MARGIN_MM`` of the lesion (its label states how much of the map's heat lay there
+and where the raw peak lies), on the lesion's largest cross-section and its nearest
+neighbours that hold lesion only. The model is loaded and hash-checked once, by
 :meth:`HtAfterMtPipeline.check` at start-up (a model or segmenter that fails its checks
 there makes the pipeline unavailable: the node runs its default instead) or on the first
 run.
@@ -99,9 +99,10 @@ HEAT_MARGIN_MM = 2.0
 the label states the share of the map's heat kept and where the raw peak lies)."""
 HEATMAP_LAYER = "features._blocks.2"
 """Grad-CAM layer: Lite0's last stride-8 stage, 16 x 16 cells (5 mm on the 80 mm crop).
-Relative to the no-lesion input, its raw peak lay a median 0.9 mm from the lesion, 82-94%
-of peaks within 5 mm (``bench/gradcam_placement.py``); plain Grad-CAM at the stride-16
-stage (model 1.1.0's pipeline): 3.6-5.4 mm, 46-54%, peaks up to 56 mm away."""
+Relative to the no-lesion input, its raw peak lay a median 0 mm from the lesion, 84% of
+peaks within 5 mm (``bench/gradcam_placement.py``, 40 held-out cases); plain Grad-CAM
+at the stride-16 stage (the method before): median 5.4 mm, 47% within 5 mm, peaks up to
+50 mm away."""
 
 LABEL_LIMIT = 62  # SegmentLabel is LO (64); the SEG adds " <k>" to each region's label
 SCORED_LABEL = "Scored lesion"
