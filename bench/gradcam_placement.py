@@ -125,7 +125,7 @@ def measure(
         y.append(labels[case.case_id])
         samples = prepare_case(series, mask, model.cnn_input).samples
         own.append(float(predict_proba(model.cnn, samples).mean()))
-    cnn = auc_ci_delong(np.asarray(y), np.asarray(own))
+    cnn = auc_ci_delong(np.asarray(y), np.asarray(own)) if len(set(y)) == 2 else None
     extra: dict[str, object] = {
         "model_version": model.version,
         "segmenter": pipeline.segmenter.name,
@@ -133,7 +133,9 @@ def measure(
         "seed": seed,
         "rows": rows,
         "cases_without_risk": no_risk,
-        "cnn_own_auc": {"auc": cnn.auc, "low": cnn.low, "high": cnn.high, "n": len(y)},
+        "cnn_own_auc": (
+            None if cnn is None else {"auc": cnn.auc, "low": cnn.low, "high": cnn.high, "n": len(y)}
+        ),
         "positives": int(sum(y)),
     }
     return placements, extra
@@ -174,14 +176,19 @@ def table(summaries: Sequence[Summary], extra: dict[str, object]) -> str:
             f"| {s.max_peak_mm:.1f} "
             f"| {s.inside:.0%} | {s.within_5mm:.0%} | {s.mean_near_share:.0%} |"
         )
-    auc = extra["cnn_own_auc"]
-    assert isinstance(auc, dict)
+    auc, no_risk = extra["cnn_own_auc"], extra["cases_without_risk"]
+    assert isinstance(no_risk, list)
+    scored = int(str(extra["cases"])) - len(no_risk)
+    own = (
+        f"{auc['auc']:.3f} ({auc['low']:.3f}-{auc['high']:.3f})"
+        if isinstance(auc, dict)
+        else "not defined (one class only)"
+    )
     lines += [
         "",
-        f"CNN's own AUC on these cases ({auc['n']} with a risk, {extra['positives']} positive): "
-        f"{auc['auc']:.3f} ({auc['low']:.3f}-{auc['high']:.3f}); model "
-        f"{extra['model_version']}, segmenter {extra['segmenter']}, seed {extra['seed']}, "
-        f"{extra['rows']} px; cases without risk: {len(extra['cases_without_risk'])}.",  # type: ignore[arg-type]
+        f"CNN's own AUC on these cases ({scored} with a risk, {extra['positives']} positive): "
+        f"{own}; model {extra['model_version']}, segmenter {extra['segmenter']}, "
+        f"seed {extra['seed']}, {extra['rows']} px; cases without risk: {len(no_risk)}.",
     ]
     return "\n".join(lines)
 

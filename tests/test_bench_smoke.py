@@ -1,5 +1,6 @@
 """The bench harnesses (``bench/kill9.py``, ``bench/fuzz.py``) in a tiny configuration,
-so that they cannot rot: each runs against the real node process, DCMTK and Orthanc."""
+so that they cannot rot: each runs against the real node process, DCMTK and Orthanc;
+``bench/gradcam_placement.py`` runs the ``ht_after_mt`` pipeline on two generated cases."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 import pytest
 from pynetdicom import _config
 
-from bench import fuzz, kill9, peers
+from bench import fuzz, gradcam_placement, kill9, peers
 from pipelines.synthetic import synthetic_head_ct, write_series
 from tests.scp import storage_scp
 from tests.support import free_port, require_tool
@@ -106,3 +107,21 @@ def test_fuzz_sender_leaves_pynetdicom_settings_as_it_found_them(tmp_path: Path)
         sender.close()
     assert len(pacs.received) == 1
     assert _config.STORE_SEND_CHUNKED_DATASET is False
+
+
+def test_gradcam_placement_two_cases_both_methods(tmp_path: Path) -> None:
+    """Two generated cases through ``ht_after_mt``: every raw map measured for both
+    methods, the summary table and the CNN's own AUC written."""
+    placements, extra = gradcam_placement.measure(2, 9301, 96, tmp_path / "cohort")
+    assert {p.method for p in placements} == set(gradcam_placement.METHODS)
+    maps = [p for p in placements if p.method == "relative@_blocks.2"]
+    no_risk = extra["cases_without_risk"]
+    assert isinstance(no_risk, list)
+    assert sum(p.frame_offset == 0 for p in maps) == 2 - len(no_risk)
+    assert all(0.0 <= p.near_share <= 1.0 and p.peak_mm >= 0.0 for p in placements)
+    summaries = gradcam_placement.summarise(placements)
+    assert [(s.method, s.maps) for s in summaries][:2] == [
+        ("plain@_blocks.4", "all"),
+        ("plain@_blocks.4", "key frame"),
+    ]
+    assert "CNN's own AUC" in gradcam_placement.table(summaries, extra)
