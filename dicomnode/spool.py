@@ -12,6 +12,7 @@ import os
 import re
 import struct
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
@@ -59,13 +60,21 @@ def _write_fully(fd: int, data: bytes) -> None:
         view = view[written:]
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` durably; on any error no partial file is left."""
+def write_atomic(path: Path, data: bytes | Sequence[bytes], sync_folder: bool = True) -> None:
+    """Write ``data`` (or its parts, one after the other) to ``path`` durably; on any
+    error no partial file is left.
+
+    With ``sync_folder`` false the folder is not fsynced: the file's new name is not
+    durable until the caller runs :func:`fsync_dir` on ``path.parent`` (the receiver's
+    group commit does, once for all the instances stored at the same time).
+    """
+    parts = (data,) if isinstance(data, bytes) else data
     ensure_dir(path.parent)
     fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=".part")
     try:
         try:
-            _write_fully(fd, data)
+            for part in parts:
+                _write_fully(fd, part)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -73,19 +82,26 @@ def write_atomic(path: Path, data: bytes) -> None:
     except BaseException:
         Path(temp_name).unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)
+    if sync_folder:
+        fsync_dir(path.parent)
 
 
 def store_instance(
-    spool_dir: Path, study_uid: str, series_uid: str, sop_uid: str, data: bytes
+    spool_dir: Path,
+    study_uid: str,
+    series_uid: str,
+    sop_uid: str,
+    data: bytes | Sequence[bytes],
+    sync_folder: bool = True,
 ) -> Path:
-    """Spool one instance's encoded bytes; return the final path."""
+    """Spool one instance's encoded bytes (see :func:`write_atomic`); return its path."""
     path = instance_path(spool_dir, study_uid, series_uid, sop_uid)
-    write_atomic(path, data)
+    write_atomic(path, data, sync_folder)
     return path
 
 
 PREAMBLE_BYTES = 128
+FILE_PREAMBLE = b"\x00" * PREAMBLE_BYTES + b"DICM"  # what precedes the file meta group
 META_GROUP_LENGTH_END = 144  # preamble, "DICM", then (0002,0000) UL: tag, VR, length, value
 
 
