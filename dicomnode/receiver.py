@@ -16,8 +16,9 @@ from dataclasses import dataclass
 import structlog
 from pydicom import uid
 from pydicom.dataset import Dataset
-from pynetdicom import AE, evt
+from pynetdicom import AE, PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, evt
 from pynetdicom.association import Association as PynetAssociation
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.events import Event, EventHandlerType
 
@@ -334,7 +335,7 @@ class Receiver:
         try:
             path = spool.store_instance(
                 self.config.spool_dir, ident.study, ident.series, ident.sop,
-                (spool.FILE_PREAMBLE + encode_file_meta(event.file_meta), sent),
+                (spool.FILE_PREAMBLE + _file_meta(event), sent),
                 sync_folder=False,  # the group commit fsyncs the folder
             )  # fmt: skip
             outcome = self.commits.record(
@@ -387,6 +388,22 @@ class Receiver:
             series_uid=ident.series, sop_uid=ident.sop,
         )  # fmt: skip
         return True
+
+
+def _file_meta(event: Event) -> bytes:
+    """The encoded File Meta Information for a C-STORE's dataset, as pynetdicom writes it
+    (``event.file_meta``), encoded directly when the request's UIDs are valid."""
+    request = event.request
+    if isinstance(request, C_STORE):
+        try:
+            return spool.file_meta(
+                str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID),
+                str(event.context.transfer_syntax), PYNETDICOM_IMPLEMENTATION_UID,
+                PYNETDICOM_IMPLEMENTATION_VERSION,
+            )  # fmt: skip
+        except ValueError:
+            pass
+    return encode_file_meta(event.file_meta)
 
 
 def _duplicate() -> StoreRefused:
