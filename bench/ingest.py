@@ -12,7 +12,11 @@ series) are sent by DCMTK storescu to:
 with one association, and with four associations at once (four storescu processes, a
 quarter of the files each). Each configuration runs ``--rounds`` times, alternating, on a
 fresh node each time; the figure is the median instances per second and the node/storescp
-ratio.
+ratio. Beside them, two figures that the other processes on a shared machine disturb
+less: the CPU time each server spent per instance (its process and its forked children,
+from ``/proc``), and the median latency of one fsync of a 0.5 MB file on the spool's file
+system, measured during the run (the node does three in a row per instance on one
+association: file, folder, SQLite WAL; storescp none).
 
 Run: ``.venv/bin/python -m bench.ingest [--series 4] [--rounds 3] [--json out.json]``.
 """
@@ -39,6 +43,48 @@ DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 """DCMTK leaves Nagle's algorithm on unless TCP_NODELAY is set: without it every instance
 of several PDUs waits for a delayed ACK (about 22 instances/s here, either way)."""
 SLICES, ROWS = 28, 512
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_seconds(pid: int) -> float:
+    """CPU time of a process, its reaped children and its children still in ``/proc``
+    (storescp ``--fork`` serves each association in a child)."""
+
+    def times(stat_pid: int | str, children: bool) -> float:
+        try:
+            fields = Path(f"/proc/{stat_pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0.0
+        wanted = fields[11:15] if children else fields[11:13]  # utime stime cutime cstime
+        return sum(int(v) for v in wanted) / CLOCK_TICKS
+
+    total = times(pid, children=True)
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                status = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(status[1]) == pid:
+                total += times(entry.name, children=False)
+    return total
+
+
+def _fsync_ms(folder: Path, count: int = 20) -> float:
+    """Median milliseconds to write and fsync a new 0.5 MB file in ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    data, took = os.urandom(512 * 1024), []
+    for index in range(count):
+        began = time.perf_counter()
+        fd = os.open(folder / f"probe{index}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        took.append(time.perf_counter() - began)
+    shutil.rmtree(folder)
+    return statistics.median(took) * 1000
 
 
 def _instances(folder: Path, series: int) -> list[Path]:
@@ -67,8 +113,8 @@ def _send(port: int, files: Sequence[Path], associations: int, called: str) -> f
     return len(files) / elapsed
 
 
-def _node_rate(files: Sequence[Path], associations: int, folder: Path) -> float:
-    """Instances/s into a fresh node (no rule: ingest only)."""
+def _node_rate(files: Sequence[Path], associations: int, folder: Path) -> tuple[float, float]:
+    """Instances/s into a fresh node (no rule: ingest only), and its CPU ms per instance."""
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     port = free_port()
@@ -76,13 +122,15 @@ def _node_rate(files: Sequence[Path], associations: int, folder: Path) -> float:
     node = NodeProcess(config, port, folder / "node.log")
     node.start()
     try:
-        return _send(port, files, associations, "DICOMNODE")
+        cpu = _cpu_seconds(node.pid)
+        rate = _send(port, files, associations, "DICOMNODE")
+        return rate, (_cpu_seconds(node.pid) - cpu) * 1000 / len(files)
     finally:
         node.stop()
 
 
-def _storescp_rate(files: Sequence[Path], associations: int, folder: Path) -> float:
-    """Instances/s into DCMTK storescp writing into ``folder``."""
+def _storescp_rate(files: Sequence[Path], associations: int, folder: Path) -> tuple[float, float]:
+    """Instances/s into DCMTK storescp writing into ``folder``, and its CPU ms per instance."""
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     port = free_port()
@@ -93,7 +141,9 @@ def _storescp_rate(files: Sequence[Path], associations: int, folder: Path) -> fl
     )  # fmt: skip
     try:
         time.sleep(0.5)
-        return _send(port, files, associations, "STORESCP")
+        rate = _send(port, files, associations, "STORESCP")
+        time.sleep(0.2)  # the forked children exit after their release
+        return rate, _cpu_seconds(server.pid) * 1000 / len(files)
     finally:
         server.terminate()
         server.wait(timeout=10)
@@ -111,17 +161,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         root = Path(tmp)
         files = _instances(root / "in", args.series)
         for associations in (1, 4):
-            node, reference = [], []
+            node, reference, fsync_ms = [], [], []
             for _ in range(args.rounds):
+                fsync_ms.append(_fsync_ms(root / "probe"))
                 reference.append(_storescp_rate(files, associations, root / "storescp"))
                 node.append(_node_rate(files, associations, root / "node"))
-            node_rate, reference_rate = statistics.median(node), statistics.median(reference)
+            node_rate = statistics.median(rate for rate, _ in node)
+            reference_rate = statistics.median(rate for rate, _ in reference)
             rows.append({
                 "associations": associations, "instances": len(files),
                 "node_per_s": round(node_rate, 1), "storescp_per_s": round(reference_rate, 1),
                 "ratio": round(node_rate / reference_rate, 2),
-                "node_runs": [round(r, 1) for r in node],
-                "storescp_runs": [round(r, 1) for r in reference],
+                "node_runs": [round(rate, 1) for rate, _ in node],
+                "storescp_runs": [round(rate, 1) for rate, _ in reference],
+                "node_cpu_ms": round(statistics.median(cpu for _, cpu in node), 2),
+                "storescp_cpu_ms": round(statistics.median(cpu for _, cpu in reference), 2),
+                "fsync_ms": round(statistics.median(fsync_ms), 2),
+                "load_average": round(os.getloadavg()[0], 1),
             })  # fmt: skip
     for row in rows:
         sys.stdout.write(json.dumps(row) + "\n")

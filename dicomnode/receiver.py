@@ -16,8 +16,10 @@ from dataclasses import dataclass
 import structlog
 from pydicom import uid
 from pydicom.dataset import Dataset
-from pynetdicom import AE, evt
+from pynetdicom import AE, PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, evt
 from pynetdicom.association import Association as PynetAssociation
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.events import Event, EventHandlerType
 
 from dicomnode import phi, spool, validation
@@ -33,6 +35,7 @@ from dicomnode.door import (
     Rejection,
     start_guarded_server,
 )
+from dicomnode.group_commit import GroupCommit
 from dicomnode.records import Association, InstanceRecord, RecordOutcome
 from dicomnode.series_facts import ReleaseTracker, SeriesFactsStore
 from dicomnode.startup import listen_error
@@ -154,6 +157,7 @@ class Receiver:
         self.door = Door(config.node.connections)
         self.releases = ReleaseTracker()  # which open association sent which series
         self.facts = SeriesFactsStore(store)
+        self.commits = GroupCommit(store)
         self._server: GuardedAssociationServer | None = None
 
     def build_ae(self) -> AE:
@@ -300,9 +304,10 @@ class Receiver:
     def _store(self, event: Event, who: Association) -> None:
         """Check, identify, spool and record; raise :class:`StoreRefused` on any failure.
 
-        Nothing is acknowledged before the bytes are fsynced and the record committed. A
-        SOP Instance UID stored in another series or study is refused and left where it
-        is; re-sent with identical bytes it is a no-op.
+        Nothing is acknowledged before the bytes and their folder are fsynced and the
+        record committed (together with what other associations store at the same time:
+        :mod:`dicomnode.group_commit`). A SOP Instance UID stored in another series or
+        study is refused and left where it is; re-sent with identical bytes it is a no-op.
         """
         context = event.context
         syntax = uid.UID(context.transfer_syntax or "")
@@ -330,9 +335,10 @@ class Receiver:
         try:
             path = spool.store_instance(
                 self.config.spool_dir, ident.study, ident.series, ident.sop,
-                event.encoded_dataset(),
+                (spool.FILE_PREAMBLE + _file_meta(event), sent),
+                sync_folder=False,  # the group commit fsyncs the folder
             )  # fmt: skip
-            outcome = self.store.record_instance(
+            outcome = self.commits.record(
                 InstanceRecord(
                     sop_instance_uid=ident.sop, series_instance_uid=ident.series,
                     study_instance_uid=ident.study, sop_class_uid=ident.sop_class,
@@ -382,6 +388,22 @@ class Receiver:
             series_uid=ident.series, sop_uid=ident.sop,
         )  # fmt: skip
         return True
+
+
+def _file_meta(event: Event) -> bytes:
+    """The encoded File Meta Information for a C-STORE's dataset, as pynetdicom writes it
+    (``event.file_meta``), encoded directly when the request's UIDs are valid."""
+    request = event.request
+    if isinstance(request, C_STORE):
+        try:
+            return spool.file_meta(
+                str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID),
+                str(event.context.transfer_syntax), PYNETDICOM_IMPLEMENTATION_UID,
+                PYNETDICOM_IMPLEMENTATION_VERSION,
+            )  # fmt: skip
+        except ValueError:
+            pass
+    return encode_file_meta(event.file_meta)
 
 
 def _duplicate() -> StoreRefused:

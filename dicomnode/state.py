@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -191,67 +191,28 @@ class StateStore:
         ``content_changes`` grows when an instance was replaced by different bytes or
         joined the series after it was routed or ignored.
         """
-        localizer = int("LOCALIZER" in (part.upper() for part in rec.image_type))
-        assoc = rec.association
+        (outcome,) = self.record_instances([rec])
+        if isinstance(outcome, InstanceConflict):
+            raise outcome
+        return outcome
+
+    def record_instances(
+        self, recs: Sequence[InstanceRecord]
+    ) -> list[RecordOutcome | InstanceConflict]:
+        """Record several instances in one transaction (one commit: one WAL fsync), in
+        order, each as :meth:`record_instance` does; a conflicting one changes nothing and
+        its :class:`InstanceConflict` takes its place in the list returned."""
+        outcomes: list[RecordOutcome | InstanceConflict] = []
         with self.transaction() as db:
-            existing = _stored(
-                db.execute(
-                    "SELECT series_instance_uid, study_instance_uid, path, sha256 "
-                    "FROM instances WHERE sop_instance_uid = ?",
-                    (rec.sop_instance_uid,),
-                ).fetchone()
-            )
-            if existing is not None:
-                if (existing.series_instance_uid, existing.study_instance_uid) != (
-                    rec.series_instance_uid, rec.study_instance_uid,
-                ):  # fmt: skip
-                    raise InstanceConflict(existing)
-                if rec.sha256 is not None and existing.sha256 == rec.sha256:
-                    return RecordOutcome.UNCHANGED
-            prior = db.execute(
-                "SELECT state FROM series WHERE series_instance_uid = ?",
-                (rec.series_instance_uid,),
-            ).fetchone()
-            concluded = prior is not None and prior["state"] != SeriesState.RECEIVING.value
-            db.execute(
-                f"INSERT OR REPLACE INTO instances ({_INSTANCE_COLUMNS}) "
-                "VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                (
-                    rec.sop_instance_uid, rec.series_instance_uid, rec.study_instance_uid,
-                    str(rec.path), rec.sop_class_uid, rec.transfer_syntax_uid,
-                    rec.received_at, assoc.calling_aet, assoc.called_aet, localizer,
-                    rec.sha256,
-                ),
-            )  # fmt: skip
-            if rec.facts is not None:
-                write_instance_facts(db, rec.series_instance_uid, rec.facts)
-            db.execute(
-                f"INSERT INTO series ({_SERIES_COLUMNS}) "
-                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,NULL) "
-                "ON CONFLICT (series_instance_uid) DO UPDATE SET "
-                "last_arrival = max(last_arrival, excluded.last_arrival), "
-                "calling_aet = excluded.calling_aet, called_aet = excluded.called_aet, "
-                "state = excluded.state, reason = NULL",
-                (
-                    rec.series_instance_uid, rec.study_instance_uid, rec.modality,
-                    rec.body_part_examined, rec.series_description, rec.protocol_name,
-                    "\\".join(rec.image_type), localizer, rec.sop_class_uid,
-                    assoc.calling_aet, assoc.called_aet, rec.received_at, rec.received_at,
-                    SeriesState.RECEIVING.value,
-                ),
-            )  # fmt: skip
-            if existing is not None or concluded:
-                db.execute(
-                    "UPDATE series SET content_changes = content_changes + 1 "
-                    "WHERE series_instance_uid = ?",
-                    (rec.series_instance_uid,),
-                )
-            db.execute(
-                "UPDATE series SET all_localizer = (SELECT min(is_localizer) FROM instances "
-                "WHERE series_instance_uid = ?) WHERE series_instance_uid = ?",
-                (rec.series_instance_uid, rec.series_instance_uid),
-            )
-        return RecordOutcome.REPLACED if existing is not None else RecordOutcome.NEW
+            for rec in recs:
+                db.execute("SAVEPOINT instance")
+                try:
+                    outcomes.append(_record(db, rec))
+                except InstanceConflict as conflict:
+                    outcomes.append(conflict)
+                    db.execute("ROLLBACK TO instance")
+                db.execute("RELEASE instance")
+        return outcomes
 
     def _series_rows(self, where: str, args: tuple[object, ...]) -> list[SeriesInfo]:
         """Series matching a WHERE clause, with their instance counts."""
@@ -342,3 +303,67 @@ class StateStore:
                 "SELECT count(*) FROM series WHERE state = ?", (SeriesState.RECEIVING.value,)
             ).fetchone()
         return int(row[0])
+
+
+def _record(db: sqlite3.Connection, rec: InstanceRecord) -> RecordOutcome:
+    """Record one instance inside the caller's transaction (see
+    :meth:`StateStore.record_instance`)."""
+    localizer = int("LOCALIZER" in (part.upper() for part in rec.image_type))
+    assoc = rec.association
+    existing = _stored(
+        db.execute(
+            "SELECT series_instance_uid, study_instance_uid, path, sha256 "
+            "FROM instances WHERE sop_instance_uid = ?",
+            (rec.sop_instance_uid,),
+        ).fetchone()
+    )
+    if existing is not None:
+        if (existing.series_instance_uid, existing.study_instance_uid) != (
+            rec.series_instance_uid, rec.study_instance_uid,
+        ):  # fmt: skip
+            raise InstanceConflict(existing)
+        if rec.sha256 is not None and existing.sha256 == rec.sha256:
+            return RecordOutcome.UNCHANGED
+    prior = db.execute(
+        "SELECT state FROM series WHERE series_instance_uid = ?",
+        (rec.series_instance_uid,),
+    ).fetchone()
+    concluded = prior is not None and prior["state"] != SeriesState.RECEIVING.value
+    db.execute(
+        f"INSERT OR REPLACE INTO instances ({_INSTANCE_COLUMNS}) "
+        "VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+        (
+            rec.sop_instance_uid, rec.series_instance_uid, rec.study_instance_uid,
+            str(rec.path), rec.sop_class_uid, rec.transfer_syntax_uid,
+            rec.received_at, assoc.calling_aet, assoc.called_aet, localizer,
+            rec.sha256,
+        ),
+    )  # fmt: skip
+    if rec.facts is not None:
+        write_instance_facts(db, rec.series_instance_uid, rec.facts)
+    db.execute(
+        f"INSERT INTO series ({_SERIES_COLUMNS}) "
+        "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,NULL) "
+        "ON CONFLICT (series_instance_uid) DO UPDATE SET "
+        "last_arrival = max(last_arrival, excluded.last_arrival), "
+        "calling_aet = excluded.calling_aet, called_aet = excluded.called_aet, "
+        "state = excluded.state, reason = NULL",
+        (
+            rec.series_instance_uid, rec.study_instance_uid, rec.modality,
+            rec.body_part_examined, rec.series_description, rec.protocol_name,
+            "\\".join(rec.image_type), localizer, rec.sop_class_uid,
+            assoc.calling_aet, assoc.called_aet, rec.received_at, rec.received_at,
+            SeriesState.RECEIVING.value,
+        ),
+    )  # fmt: skip
+    if existing is not None or concluded:
+        db.execute(
+            "UPDATE series SET content_changes = content_changes + 1 WHERE series_instance_uid = ?",
+            (rec.series_instance_uid,),
+        )
+    db.execute(
+        "UPDATE series SET all_localizer = (SELECT min(is_localizer) FROM instances "
+        "WHERE series_instance_uid = ?) WHERE series_instance_uid = ?",
+        (rec.series_instance_uid, rec.series_instance_uid),
+    )
+    return RecordOutcome.REPLACED if existing is not None else RecordOutcome.NEW

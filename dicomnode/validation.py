@@ -243,9 +243,11 @@ def check_modality(ds: Dataset, sop_class: str) -> Refusal | None:
 
 def _single_int(ds: Dataset, keyword: str, default: int | None = None) -> int | None:
     """An integer attribute holding exactly one value, else ``default`` if absent, else None."""
-    if keyword not in ds or ds[keyword].value is None or ds[keyword].value == "":
+    if keyword not in ds:
         return default
     value = ds[keyword].value
+    if value is None or value == "":
+        return default
     if isinstance(value, MultiValue | list) or not isinstance(value, int):
         return None
     return int(value)

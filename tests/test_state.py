@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import structlog
 from pydicom import uid
+from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
+from pynetdicom.dsutils import create_file_meta, encode_file_meta
 
 from dicomnode import spool
 from dicomnode.jobs import JobQueue, OutboxStore
@@ -162,6 +164,36 @@ def test_spool_write_is_atomic(tmp_path: Path) -> None:
     assert list(path.parent.iterdir()) == [path]
     with pytest.raises(ValueError, match="not a valid UID"):
         spool.store_instance(tmp_path, "../etc", "1.2.3", "1.2.3.4", b"")
+
+
+def test_spool_writes_parts_in_order(tmp_path: Path) -> None:
+    """An instance handed as parts (header, dataset) is written as their concatenation."""
+    path = spool.store_instance(tmp_path, "1.2", "1.2.3", "1.2.3.5", (b"head", b"DICM" * 99))
+    assert path.read_bytes() == b"head" + b"DICM" * 99
+
+
+@pytest.mark.parametrize(
+    ("sop_class", "sop", "syntax"),
+    [
+        (uid.CTImageStorage, "1.2.3.4", uid.ExplicitVRLittleEndian),  # odd UI length
+        (uid.CTImageStorage, "1.2.3.45", uid.ImplicitVRLittleEndian),  # even
+        (uid.MRImageStorage, "1." + "2" * 62, uid.JPEG2000Lossless),  # 64 characters
+    ],
+)
+def test_file_meta_is_encoded_as_pydicom_does(sop_class: str, sop: str, syntax: str) -> None:
+    """The spool's File Meta encoder gives pydicom's (pynetdicom's) bytes exactly."""
+    expected = encode_file_meta(
+        create_file_meta(
+            sop_class_uid=uid.UID(sop_class), sop_instance_uid=uid.UID(sop),
+            transfer_syntax=uid.UID(syntax),
+        )
+    )  # fmt: skip
+    encoded = spool.file_meta(
+        sop_class, sop, syntax, PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
+    )
+    assert encoded == expected
+    with pytest.raises(ValueError, match="not a valid UID"):
+        spool.file_meta(sop_class, sop + "x", syntax, "1.2", "X")
 
 
 def test_spool_failure_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
