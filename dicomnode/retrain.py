@@ -182,6 +182,8 @@ def retrain_model(config: NodeConfig, name: str) -> RunOutcome:
         cnn_input_size=settings.cnn_input_size,
         test_size=settings.test_size,
         seed=settings.seed,
+        nested_cv_below=settings.nested_cv_below,
+        outer_folds=settings.outer_folds,
     )
     log.info("retraining started", model=name, version=version, store=str(root))
     trainable = get_trainable(name, options)

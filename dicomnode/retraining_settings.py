@@ -59,8 +59,10 @@ class RetrainingSettings(BaseModel):
     trainable pipelines to retrain. ``cohort_dir``: the cohort folder (``cases/<id>/``
     and ``clinical.csv`` with the labels). ``use_case_store``: also train on the node's
     stored cases (``[case_store]``) that have a label (imported or derived from follow-up
-    CT, which each run derives first). ``model_store_dir``: the store candidates are
-    written to and promoted in (default: the bundled store). ``report_dir``: where each
+    CT, which each run derives first). ``nested_cv_below``: a cohort with fewer described
+    cases is judged by nested cross-validation (``outer_folds`` outer folds; 0: never).
+    ``model_store_dir``: the store candidates are written to and promoted in (default:
+    the bundled store). ``report_dir``: where each
     run's report goes (default: ``<state_dir>/retraining``). The gate: ``margin``
     (non-inferiority margin of the AUC), ``slope_min``/``slope_max`` (calibration slope
     bounds), ``min_events`` (held-out events and non-events needed). ``on_pass``: what
@@ -80,6 +82,8 @@ class RetrainingSettings(BaseModel):
     cnn_input_size: int = Field(default=128, ge=32)
     test_size: float = Field(default=0.3, gt=0, le=0.5)
     seed: int = 0
+    nested_cv_below: int = Field(default=0, ge=0)
+    outer_folds: int = Field(default=5, ge=2, le=10)
     margin: float = Field(default=0.05, ge=0, le=0.5)
     slope_min: float = Field(default=0.5, gt=0)
     slope_max: float = Field(default=2.0, gt=0)

@@ -8,7 +8,8 @@ leaves the comparison, which is then made on the cases both models scored.
 
 The cohort is a folder, the node's labelled stored cases (``casedata``: trained on the
 features and CNN inputs computed at inference, with the settings they were computed
-with, which then describe the folder's cases too), or both.
+with, which then describe the folder's cases too), or both. A cohort smaller than
+``nested_cv_below`` is judged by nested cross-validation (``pipelines.retraining.nested``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+from numpy.typing import NDArray
 
 from model_store.artefacts import SYNTHETIC_NOTICE
 from model_store.registry import ModelStoreError, list_versions, select_version
@@ -35,6 +37,7 @@ from pipelines.ht_after_mt.features import (
 from pipelines.ht_after_mt.features import case_features as describe_case
 from pipelines.ht_after_mt.model import MODEL_NAME, PRIMARY, HtModel
 from pipelines.ht_after_mt.train import (
+    INNER_FOLDS,
     CohortFeatures,
     FittedModel,
     TrainingSettings,
@@ -45,6 +48,7 @@ from pipelines.ht_after_mt.train import (
 )
 from pipelines.hyperdense import HyperdenseThresholdPipeline
 from pipelines.models import predict_risk
+from pipelines.retraining.nested import outer_folds
 from pipelines.retraining.ood import (
     DISTRIBUTION_KEY,
     InputDistribution,
@@ -57,6 +61,9 @@ from pipelines.retraining.trainable import (
     TrainOptions,
 )
 from pipelines.volume import load_series
+
+C_GRID = (0.01, 0.05, 0.2)
+"""The logistic regression's C values nested cross-validation chooses among."""
 
 
 @dataclass(frozen=True)
@@ -241,8 +248,30 @@ class HtRetrainer:
         data = combined(parts)
         if len(data.case_ids) < 8:
             raise ValueError(f"only {len(data.case_ids)} cases have a lesion: too few to train on")
+        folds, nested_note = None, ""
+        if len(data.case_ids) < self.options.nested_cv_below:
+            settings = replace(settings, c_grid=C_GRID)
+            try:
+                folds = outer_folds(data.labels, data.patient_ids, self.options.outer_folds, seed)
+            except ValueError as exc:
+                nested_note = f"no nested cross-validation ({exc}); "
         fitted: FittedModel = fit_ht_model(data, settings, seed)
-        held_out = fitted.test.case_ids
+        if folds is None:
+            held_out, y_true = fitted.test.case_ids, fitted.y_test
+            risks = predict_risk(fitted.models[PRIMARY], fitted.test)
+            split = (
+                f"{nested_note}split by patient, {settings.test_size:.0%} held out (seed {seed})"
+            )
+        else:
+            held_out, y_true = data.case_ids, data.labels
+            risks = out_of_fold_risks(data, settings, seed, folds)
+            split = (
+                f"nested cross-validation: {len(folds)} outer folds by patient, every case "
+                f"held out once; C of {list(C_GRID)} chosen by {INNER_FOLDS}-fold inner CV "
+                f"on each outer training side; the saved version is fitted on a "
+                f"{1 - settings.test_size:.0%} training split (seed {seed}), whose held-out "
+                "table is shown"
+            )
         service = service_scores(cohort, held_out, root)
         n_cases = len(data.case_ids) + len(data.skipped)
         folder, _, _ = save_fitted(
@@ -250,11 +279,11 @@ class HtRetrainer:
             extra={
                 "cohort": {"n_cases": n_cases, "source": cohort.describe()},
                 "retrained_from": service.version,
+                "evaluation": split,
                 DISTRIBUTION_KEY: training_distribution(cohort, fitted).to_dict(),
             },
             seconds={},
         )  # fmt: skip
-        risks = predict_risk(fitted.models[PRIMARY], fitted.test)
         keep = [i for i, case in enumerate(held_out) if case in service.risks or not service.risks]
         in_service = np.array([service.risks[held_out[i]] for i in keep]) if service.risks else None
         return CandidateEvaluation(
@@ -263,7 +292,7 @@ class HtRetrainer:
             folder=folder,
             notice=SYNTHETIC_NOTICE,
             held_out_ids=tuple(held_out[i] for i in keep),
-            y_true=fitted.y_test[keep],
+            y_true=y_true[keep],
             candidate=risks[keep],
             in_service=in_service,
             service_version=service.version,
@@ -271,6 +300,19 @@ class HtRetrainer:
             table=fitted.evaluation.rows,
             n_cases=n_cases,
             n_train=fitted.train.n_cases,
-            split=f"split by patient, {settings.test_size:.0%} held out (seed {seed}); "
-            + service.note,
+            split=f"{split}; {service.note}",
         )
+
+
+def out_of_fold_risks(
+    data: CohortFeatures,
+    settings: TrainingSettings,
+    seed: int,
+    folds: list[tuple[NDArray[np.int64], NDArray[np.int64]]],
+) -> NDArray[np.float64]:
+    """Each case's risk from the model fitted, the whole way, on the other outer folds."""
+    risks = np.full(len(data.case_ids), np.nan)
+    for train, test in folds:
+        fold = fit_ht_model(data, settings, seed, split=(train, test))
+        risks[test] = predict_risk(fold.models[PRIMARY], fold.test)
+    return risks

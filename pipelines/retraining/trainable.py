@@ -30,12 +30,16 @@ _TRAINABLES: dict[str, str] = {
 @dataclass(frozen=True)
 class TrainOptions:
     """How hard a retraining run works (``[retraining]`` ``epochs``, ``cnn_input_size``,
-    ``test_size``, ``seed``): small values for quick runs on the CPU."""
+    ``test_size``, ``seed``): small values for quick runs on the CPU; a cohort of fewer
+    described cases than ``nested_cv_below`` is judged by nested cross-validation with
+    ``outer_folds`` outer folds (``pipelines.retraining.nested``)."""
 
     epochs: int = 3
     cnn_input_size: int = 128
     test_size: float = 0.25
     seed: int = 0
+    nested_cv_below: int = 0
+    outer_folds: int = 5
 
 
 @dataclass(frozen=True)
