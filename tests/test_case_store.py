@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import tarfile
 import time
 from pathlib import Path
@@ -26,10 +27,13 @@ from dicomnode.case_store import (
 )
 from dicomnode.labels import audit_trail, labels
 from dicomnode.processing import case_keeper, run_pipeline
+from model_store.registry import STORE_ROOT, load_manifest
+from pipelines.cohort import generate_cohort
 from pipelines.followup.pairs import generate_pair
 from pipelines.ht_after_mt.casedata import features_from_record
 from pipelines.ht_after_mt.model import PRIMARY, HtModel
 from pipelines.registry import pipeline_factory
+from pipelines.retraining.trainable import Cohort, TrainOptions, get_trainable
 from pipelines.settings import PipelinesSettings
 
 SALT = "case-store-test-salt"
@@ -164,3 +168,24 @@ def _export(settings: CaseStoreSettings, tmp_path: Path) -> Path:
         assert handle is not None
         assert len(json.loads(handle.read())["cases"]) == 4
     return archive
+
+
+def test_stored_cases_and_a_cohort_folder_train_one_candidate(
+    stored: tuple[Path, CaseStoreSettings, dict], tmp_path: Path
+) -> None:
+    _, settings, _ = stored
+    state = tmp_path / "state"
+    derive_store_labels(settings.root(), state)
+    records = labelled_cases(settings.root(), state, "ht_after_mt", "ht")
+    folder = generate_cohort(tmp_path / "cohort", 12, 4, rows=64, n_slices=12).root
+    store = tmp_path / "store"
+    shutil.copytree(STORE_ROOT / "ht_after_mt" / "1.1.0", store / "ht_after_mt" / "1.1.0")
+    trainable = get_trainable("ht_after_mt", TrainOptions(epochs=1, test_size=0.3))
+    evaluation = trainable.train_candidate(Cohort(folder, records), version="1.2.0", root=store)
+    manifest = load_manifest("ht_after_mt", "1.2.0", store)
+    assert manifest["cohort"]["source"] == f"folder {folder} + 2 labelled cases of the case store"
+    assert set(manifest["split"]["train"] + manifest["split"]["test"]) >= {
+        case.case_id for case in records
+    }  # the stored cases were trained or judged on, beside the folder's
+    assert manifest["cnn"]["input"]["size"] == records[0].record.inputs["cnn_input"]["size"]
+    assert evaluation.in_service is not None  # 1.1.0 scored the held-out cases
