@@ -23,6 +23,7 @@ from pydantic import (
     model_validator,
 )
 
+from dicomnode.case_store import CaseStoreSettings
 from dicomnode.completeness import CompletenessSettings
 from dicomnode.door import AssociationLimits
 from dicomnode.retraining_settings import RetrainingSettings
@@ -293,6 +294,7 @@ class NodeConfig(_Model):
     pipelines: PipelinesSettings = PipelinesSettings()  # [pipelines.<name>] settings
     celery: CelerySettings | None = None  # jobs run by Celery workers instead of in-process
     retraining: RetrainingSettings | None = None  # [retraining]: read by `dicomnode retrain`
+    case_store: CaseStoreSettings | None = None  # [case_store]: what retraining needs, per study
 
     @model_validator(mode="after")
     def _check_references(self) -> NodeConfig:

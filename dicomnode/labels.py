@@ -21,7 +21,7 @@ import csv
 import hashlib
 import json
 import sqlite3
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -164,15 +164,20 @@ def import_labels(state_dir: Path, path: Path, who: str) -> int:
         rows = _rows(path)
     except (OSError, json.JSONDecodeError, csv.Error, UnicodeDecodeError) as exc:
         raise LabelError(f"{path}: unreadable label feed ({exc})") from exc
+    return import_rows(state_dir, rows, who, f"feed {path.name}")
+
+
+def import_rows(state_dir: Path, rows: Sequence[Mapping[str, Any]], who: str, source: str) -> int:
+    """Import label rows (as a feed's) from ``source``; all valid or none imported."""
     checked = [validate_row(row, line) for line, row in enumerate(rows, start=2)]
     problems = [item for item in checked if isinstance(item, str)]
     if problems:
-        raise LabelError(f"{path}: {len(problems)} invalid row(s), nothing imported:\n  "
+        raise LabelError(f"{source}: {len(problems)} invalid row(s), nothing imported:\n  "
                          + "\n  ".join(problems))  # fmt: skip
     with open_store(state_dir) as db:
         for key, outcome, value in (item for item in checked if not isinstance(item, str)):
             _set(db, key, outcome, value, source="import", status="imported", who=who,
-                 action="import", reason=f"feed {path.name}")  # fmt: skip
+                 action="import", reason=source)  # fmt: skip
     return len(checked)
 
 

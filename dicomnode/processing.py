@@ -19,6 +19,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from dicomnode import phi
+from dicomnode.case_store import CaseStoreError, CaseStoreSettings, write_case
 from dicomnode.config import NodeConfig
 from dicomnode.failures import FailureKind, classify_failure, radiologist_sentence
 from dicomnode.node import JobSpec, Process, Reporting
@@ -26,7 +27,7 @@ from dicomnode.pipelines_check import PipelinePlan
 from dicomnode.revisions import Retraction
 from dicomnode.shadow import run_shadow
 from dicomnode.studies import run_study_job, study_rule
-from pipelines.base import Pipeline, PipelineError, PipelineUnavailable
+from pipelines.base import Pipeline, PipelineError, PipelineResult, PipelineUnavailable
 from pipelines.outputs import build_outputs
 from pipelines.outputs.failure import FailureNotice, build_failure_outputs
 from pipelines.outputs.rejection import RejectedInstance, build_rejection_note
@@ -36,6 +37,8 @@ from pipelines.volume import VolumeLoadError, load_series
 log = structlog.get_logger(__name__)
 
 PipelineFactory = Callable[[str], Pipeline]
+Keeper = Callable[[str, Dataset, PipelineResult], None]
+"""Called as ``keep(pipeline_name, reference_header, result)`` after a job's outputs."""
 
 
 class JobFailure(Exception):
@@ -64,6 +67,7 @@ def run_pipeline(
     fallback: str | None = None,
     revision: int = 1,
     pipelines: PipelineFactory = get_pipeline,
+    keep: Keeper | None = None,
 ) -> list[Path]:
     """Load ``paths`` as one series, run ``pipeline_name`` and write its output files.
 
@@ -72,6 +76,7 @@ def run_pipeline(
     series' result revision (new UIDs from 2 on). ``pipelines`` builds a pipeline by name
     (``pipelines.registry.pipeline_factory`` of the config's ``[pipelines]`` settings; the
     default: every pipeline's default settings); the outputs follow its profile.
+    ``keep`` receives the result once the outputs are written (the case store).
     Returns the written files in the order SEG, SC, SR, saliency SCs. Every failure is a
     ``JobFailure`` with its kind.
     """
@@ -118,7 +123,24 @@ def run_pipeline(
         outputs=len(written),
         segments=[s.total.volume_ml if s.total else 0.0 for s in result.segments],
     )
+    if keep is not None:
+        keep(pipeline_name, series.reference, result)
     return written
+
+
+def case_keeper(settings: CaseStoreSettings | None) -> Keeper | None:
+    """The case store write after each job (None without ``[case_store]``); a failure to
+    store is logged and never fails the job."""
+    if settings is None:
+        return None
+
+    def keep(pipeline: str, reference: Dataset, result: PipelineResult) -> None:
+        try:
+            write_case(settings, pipeline, reference, result)
+        except (CaseStoreError, OSError, ValueError) as exc:
+            log.error("case not stored", pipeline=pipeline, reason=f"{type(exc).__name__}: {exc}")
+
+    return keep
 
 
 def processor(
@@ -131,6 +153,7 @@ def processor(
     ``plan`` (the start-up check) found it so, else when it raises ``PipelineUnavailable``.
     Pipelines are built by ``pipelines``, by default from ``config.pipelines``."""
     build = pipeline_factory(config.pipelines) if pipelines is None else pipelines
+    keep = case_keeper(config.case_store)
 
     def process_job(job: JobSpec) -> list[Path]:
         rule = study_rule(config, job.rule)
@@ -146,7 +169,7 @@ def processor(
             )  # fmt: skip
         written = run_pipeline(
             job.instance_paths, pipeline, job.output_dir, config.default_pipeline,
-            revision=job.revision, pipelines=build,
+            revision=job.revision, pipelines=build, keep=keep,
         )  # fmt: skip
         run_shadow(config, pipeline, job.instance_paths)  # records only; sends nothing
         return written

@@ -9,7 +9,9 @@ Every ``retention.interval_s`` (an apscheduler job in the ``serve`` process):
   finished more than ``results_age_h`` ago;
 - **state rows**: a settled job finished more than ``state_age_h`` ago with its outbox
   rows, attempts and output records; then series rows older than that with no instance
-  and no job left.
+  and no job left;
+- **cases**: the retraining case store's own limits (``[case_store]`` retention_days,
+  max_cases; ``dicomnode.case_store.prune``), when one is configured.
 
 A job is *settled* when it finished (done or failed) and none of its outbox items is
 pending or a dead letter: data is removed only once delivered (or discarded by an
@@ -33,6 +35,8 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from dicomnode.case_store import CaseStoreError
+from dicomnode.case_store import prune as prune_cases
 from dicomnode.config import HOUR_S, NodeConfig
 from dicomnode.records import JobState, OutboxState, SeriesState
 from dicomnode.revisions import RevisionStore
@@ -44,7 +48,7 @@ COUNTS_SCHEMA = (
     "CREATE TABLE IF NOT EXISTS retention_deleted (kind TEXT PRIMARY KEY, count INTEGER NOT NULL)"
 )
 KINDS = ("spool_files", "spool_bytes", "instances", "results_folders", "results_bytes",
-         "jobs", "outbox_items", "series")  # fmt: skip
+         "jobs", "outbox_items", "series", "cases")  # fmt: skip
 FIRST_RUN_DELAY_S = 60.0  # after start, unless the interval is shorter
 FRESH_WRITE_MARGIN_S = 5.0  # a spool file written this long after its series' last
 # arrival was re-sent meanwhile: it is left alone
@@ -89,6 +93,8 @@ class Retention:
             deleted += self._results(moment - settings.results_age_h * HOUR_S)
         if settings.state_age_h is not None:
             deleted += self._state_rows(moment - settings.state_age_h * HOUR_S)
+        if self.config.case_store is not None:  # retraining's cases: their own limits
+            deleted["cases"] += prune_cases(self.config.case_store, moment)
         self._count(deleted)
         if deleted:
             log.info("retention removed delivered data", **dict(sorted(deleted.items())))
@@ -279,7 +285,7 @@ class RetentionScheduler:
         """One pass; an error is logged and the next pass runs as scheduled."""
         try:
             self.retention.run_once()
-        except (OSError, sqlite3.Error) as exc:
+        except (OSError, sqlite3.Error, CaseStoreError) as exc:
             log.error("retention pass failed", error=f"{type(exc).__name__}: {exc}")
 
     def start(self) -> None:

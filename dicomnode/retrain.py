@@ -33,6 +33,8 @@ from pathlib import Path
 import structlog
 from apscheduler.schedulers.background import BackgroundScheduler
 
+from dicomnode.case_labels import derive_store_labels, labelled_cases
+from dicomnode.case_store import CaseStoreError
 from dicomnode.config import NodeConfig
 from dicomnode.retraining_settings import RetrainingSettings, cron_trigger
 from model_store.lifecycle import (
@@ -49,7 +51,12 @@ from model_store.lifecycle import (
 from model_store.registry import STORE_ROOT
 from pipelines.retraining.gate import GatePolicy, evaluate_gate
 from pipelines.retraining.report import ReportInputs, write_report
-from pipelines.retraining.trainable import CandidateEvaluation, TrainOptions, get_trainable
+from pipelines.retraining.trainable import (
+    CandidateEvaluation,
+    Cohort,
+    TrainOptions,
+    get_trainable,
+)
 
 LOCK_FILE = "retrain.lock"
 REPORTS = "retraining"
@@ -145,6 +152,23 @@ def _policy(settings: RetrainingSettings) -> GatePolicy:
     )
 
 
+def build_cohort(config: NodeConfig, name: str, outcome: str) -> Cohort:
+    """``[retraining] cohort_dir`` and, with ``use_case_store``, the stored cases of
+    ``name`` labelled for ``outcome`` (labels from follow-up CT derived first)."""
+    settings = retraining(config)
+    if not settings.use_case_store:
+        return Cohort(settings.cohort_dir)
+    if config.case_store is None:
+        raise RetrainError("[retraining] use_case_store needs a [case_store] section")
+    root = config.case_store.root()
+    try:
+        derive_store_labels(root, config.state_dir)
+        records = labelled_cases(root, config.state_dir, name, outcome)
+    except CaseStoreError as exc:
+        raise RetrainError(f"the case store cannot be read: {exc}") from exc
+    return Cohort(settings.cohort_dir, records)
+
+
 def retrain_model(config: NodeConfig, name: str) -> RunOutcome:
     """Retrain, judge, report and act on one model (see the module)."""
     settings = retraining(config)
@@ -158,11 +182,14 @@ def retrain_model(config: NodeConfig, name: str) -> RunOutcome:
         cnn_input_size=settings.cnn_input_size,
         test_size=settings.test_size,
         seed=settings.seed,
+        nested_cv_below=settings.nested_cv_below,
+        outer_folds=settings.outer_folds,
     )
     log.info("retraining started", model=name, version=version, store=str(root))
-    evaluation: CandidateEvaluation = get_trainable(name, options).train_candidate(
-        settings.cohort(), version=version, root=root
-    )
+    trainable = get_trainable(name, options)
+    cohort = build_cohort(config, name, trainable.label_outcome)
+    log.info("cohort", model=name, source=cohort.describe())
+    evaluation: CandidateEvaluation = trainable.train_candidate(cohort, version=version, root=root)
     log.info("candidate saved", model=name, version=version, held_out=len(evaluation.y_true))
     policy = _policy(settings)
     decision = evaluate_gate(evaluation.y_true, evaluation.candidate, evaluation.in_service, policy)

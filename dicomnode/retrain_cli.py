@@ -4,6 +4,8 @@
   one run now;
 - ``dicomnode labels import|list|confirm|overrule``: outcome labels and their audit
   trail (``dicomnode.labels``);
+- ``dicomnode cases list|export|import|prune|key``: the case store (``dicomnode.case_store``)
+  and cohort exchange between sites (``dicomnode.case_exchange``);
 - ``dicomnode models list|promote|rollback|shadow``: the versions of a model and where
   each stands, promotion (a candidate that failed or skipped the gate needs ``--force``
   and ``--reason``, audited), rollback to the version before, the shadow version.
@@ -21,6 +23,8 @@ import threading
 from pathlib import Path
 
 from dicomnode import labels as label_store
+from dicomnode.case_exchange import export_cases, import_cases
+from dicomnode.case_store import CaseStoreError, list_cases, prune, study_key
 from dicomnode.config import load_config
 from dicomnode.retrain import RetrainError, run_once, serve, store_root
 from model_store.lifecycle import (
@@ -131,6 +135,45 @@ def cmd_labels(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cases(args: argparse.Namespace) -> int:
+    """List, export, import or prune the case store; print a study's key."""
+    config = load_config(args.config)
+    settings = config.case_store
+    if settings is None:
+        sys.stderr.write("dicomnode cases: the configuration has no [case_store] section\n")
+        return 2
+    root = settings.root()
+    try:
+        if args.action == "list":
+            for case in list_cases(root):
+                risk = case.prediction or {}
+                _say(
+                    f"{case.key} {case.pipeline} acquired {case.acquired_at or '-'} "
+                    f"{'scored' if case.scored else 'not scored'}"
+                    + (
+                        f" {risk.get('model_version')} risk {risk.get('probability'):.3f}"
+                        if risk
+                        else ""
+                    )
+                )
+        elif args.action == "export":
+            count = export_cases(root, config.state_dir, Path(args.items[0]), args.items[1:])
+            _say(f"exported {count} cases to {args.items[0]}")
+        elif args.action == "import":
+            by = args.by or getpass.getuser()
+            count = import_cases(root, config.state_dir, Path(args.items[0]), by)
+            _say(f"imported {count} cases from {args.items[0]}")
+        elif args.action == "prune":
+            _say(f"removed {prune(settings)} cases")
+        else:
+            _say(study_key(args.items[0], settings.salt))
+    except (CaseStoreError, IndexError, OSError) as exc:
+        reason = "missing argument" if isinstance(exc, IndexError) else str(exc)
+        sys.stderr.write(f"dicomnode cases: {reason}\n")
+        return 2
+    return 0
+
+
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``retrain`` and ``models`` to the ``dicomnode`` command line."""
     retrain = sub.add_parser("retrain", help="the retraining service (its own process)")
@@ -159,3 +202,13 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     labels.add_argument("--reason", help="why (required to overrule; audited)")
     labels.add_argument("--by", help="who (audited; default: the login name)")
     labels.set_defaults(handler=cmd_labels)
+    cases = sub.add_parser("cases", help="the case store: list, export, import, prune, key")
+    cases.add_argument("action", choices=["list", "export", "import", "prune", "key"])
+    cases.add_argument(
+        "items",
+        nargs="*",
+        help="export: FILE [KEY ...]; import: FILE; key: STUDY_INSTANCE_UID",
+    )
+    cases.add_argument("--config", type=Path, required=True, help="TOML with [case_store]")
+    cases.add_argument("--by", help="who imports (audited; default: the login name)")
+    cases.set_defaults(handler=cmd_cases)

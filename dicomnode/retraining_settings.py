@@ -7,7 +7,6 @@ are taken relative to the config file.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 from apscheduler.triggers.cron import CronTrigger
@@ -58,8 +57,12 @@ class RetrainingSettings(BaseModel):
 
     ``schedule``: crontab expression, UTC (default Sundays 03:00). ``models``: the
     trainable pipelines to retrain. ``cohort_dir``: the cohort folder (``cases/<id>/``
-    and ``clinical.csv`` with the labels). ``model_store_dir``: the store candidates are
-    written to and promoted in (default: the bundled store). ``report_dir``: where each
+    and ``clinical.csv`` with the labels). ``use_case_store``: also train on the node's
+    stored cases (``[case_store]``) that have a label (imported or derived from follow-up
+    CT, which each run derives first). ``nested_cv_below``: a cohort with fewer described
+    cases is judged by nested cross-validation (``outer_folds`` outer folds; 0: never).
+    ``model_store_dir``: the store candidates are written to and promoted in (default:
+    the bundled store). ``report_dir``: where each
     run's report goes (default: ``<state_dir>/retraining``). The gate: ``margin``
     (non-inferiority margin of the AUC), ``slope_min``/``slope_max`` (calibration slope
     bounds), ``min_events`` (held-out events and non-events needed). ``on_pass``: what
@@ -72,12 +75,15 @@ class RetrainingSettings(BaseModel):
     schedule: Cron = "0 3 * * 0"
     models: Annotated[list[str], AfterValidator(_models)] = ["ht_after_mt"]
     cohort_dir: ResolvedPath = None
+    use_case_store: bool = False
     model_store_dir: ResolvedPath = None
     report_dir: ResolvedPath = None
     epochs: int = Field(default=3, ge=1)
     cnn_input_size: int = Field(default=128, ge=32)
     test_size: float = Field(default=0.3, gt=0, le=0.5)
     seed: int = 0
+    nested_cv_below: int = Field(default=0, ge=0)
+    outer_folds: int = Field(default=5, ge=2, le=10)
     margin: float = Field(default=0.05, ge=0, le=0.5)
     slope_min: float = Field(default=0.5, gt=0)
     slope_max: float = Field(default=2.0, gt=0)
@@ -89,12 +95,8 @@ class RetrainingSettings(BaseModel):
         """The slope bounds are ordered and a cohort is named."""
         if self.slope_min >= self.slope_max:
             raise ValueError("slope_min must be less than slope_max")
-        if self.cohort_dir is None:
-            raise ValueError("cohort_dir: name the cohort folder the service trains on")
+        if self.cohort_dir is None and not self.use_case_store:
+            raise ValueError(
+                "name the cohort: cohort_dir (a cohort folder), use_case_store = true, or both"
+            )
         return self
-
-    def cohort(self) -> Path:
-        """The cohort folder (checked set by the validator)."""
-        if self.cohort_dir is None:
-            raise ValueError("no cohort_dir")
-        return self.cohort_dir

@@ -7,9 +7,9 @@ writers (``pipelines.outputs``) and the service never depend on a particular met
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 from highdicom.sr import CodedConcept
@@ -186,6 +186,25 @@ class HeatMap:
 
 
 @dataclass(frozen=True)
+class CaseRecord:
+    """What retraining needs from one run, for the node's case store
+    (``dicomnode.case_store``): the image and regions every run has, and, when the model
+    scored a lesion, its inputs and features.
+
+    ``arrays``: named arrays (e.g. ``volume_hu`` int16 and ``volume_affine`` of the
+    resampled volume, ``regions`` the segmenter's candidate lesions on its grid, the
+    scored lesion's masks and the CNN input samples). ``features``: feature blocks by
+    name (``radiomics``, ``clinical``), each name -> value (None: missing).
+    ``inputs``: JSON-ready settings and facts needed to rebuild the model inputs (empty
+    when nothing was scored).
+    """
+
+    arrays: Mapping[str, NDArray[Any]]
+    features: Mapping[str, Mapping[str, float | None]] = field(default_factory=dict)
+    inputs: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class PipelineResult:
     """Everything the output writers need from a pipeline run."""
 
@@ -200,6 +219,8 @@ class PipelineResult:
     # Lines every output states beside the measurements (SC panel, SR TEXT, saliency SC),
     # e.g. "no lesion: no risk computed (...)" from a risk model that scored nothing.
     statements: Sequence[str] = field(default_factory=tuple)
+    # What retraining needs from this run (a trainable risk model fills it in).
+    case_record: CaseRecord | None = None
 
 
 class Pipeline(Protocol):

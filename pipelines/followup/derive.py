@@ -193,17 +193,25 @@ def derive_labels(
     seg = segmenter or HyperdenseThresholdPipeline()
     base_mask = seg.segment(baseline)[0] > 0
     fu_mask = seg.segment(followup)[0] > 0
-    registration = register_rigid(baseline.volume, followup.volume)
-    fu_on_base = resample_mask(fu_mask, followup.volume, baseline.volume, registration.transform)
-    base_ml = float(base_mask.sum()) * baseline.volume.voxel_volume_ml
-    fu_ml = float(fu_mask.sum()) * followup.volume.voxel_volume_ml
+    return labels_from_masks(baseline.volume, base_mask, followup.volume, fu_mask)
+
+
+def labels_from_masks(
+    baseline: Volume, base_mask: NDArray[np.bool_], followup: Volume, fu_mask: NDArray[np.bool_]
+) -> DerivedLabels:
+    """The labels of a linked pair from each scan's volume and hyperdense regions on its
+    grid (as the node's case store keeps them): steps 2 to 4 of the module."""
+    registration = register_rigid(baseline, followup)
+    fu_on_base = resample_mask(fu_mask, followup, baseline, registration.transform)
+    base_ml = float(base_mask.sum()) * baseline.voxel_volume_ml
+    fu_ml = float(fu_mask.sum()) * followup.voxel_volume_ml
     near = ndimage.binary_dilation(base_mask, iterations=PERSIST_DILATION_VOXELS)
-    covered = float((fu_on_base & near).sum()) * baseline.volume.voxel_volume_ml
+    covered = float((fu_on_base & near).sum()) * baseline.voxel_volume_ml
     fraction = min(1.0, covered / base_ml) if base_ml > 0 else 0.0
     persists = base_ml > 0 and fraction >= PERSIST_FRACTION
     base_abc, fu_abc = (
-        abc2_ml(base_mask, baseline.volume.spacing),
-        abc2_ml(fu_mask, followup.volume.spacing),
+        abc2_ml(base_mask, baseline.spacing),
+        abc2_ml(fu_mask, followup.spacing),
     )
     he_plan, ratio_plan = expansion(base_ml, fu_ml)
     he_abc, ratio_abc = expansion(base_abc, fu_abc)

@@ -3,9 +3,10 @@
 
 Each pair is one synthetic head (``pipelines.synthetic``) scanned twice: the follow-up
 is the same anatomy with the patient moved (a rigid shift of up to
-:data:`MAX_SHIFT_MM` per axis, as a repositioned head) and new UIDs, acquired
-:data:`HOURS` later. A sphere is painted at baseline (haemorrhage 70 HU, or contrast
-stain 120 HU) and, at follow-up, at the same anatomical place:
+:data:`MAX_SHIFT_MM` per axis, as a repositioned head), new UIDs and accession number,
+acquired :data:`HOURS` after the baseline (acquired at :data:`BASELINE_TIME`). A sphere
+is painted at baseline (haemorrhage 70 HU, or contrast stain 120 HU) and, at follow-up,
+at the same anatomical place:
 
 - ``ht``: persisting haemorrhage, radius x 0.97-1.03 (HT, no expansion);
 - ``contrast``: nothing (the stain cleared);
@@ -63,22 +64,35 @@ class GeneratedPair:
     truth: PairTruth
 
 
-def _restamp(datasets: list[Dataset], seed: int, when: datetime) -> None:
-    """New study/series/instance UIDs and acquisition date/time for a second scan."""
-    study = generate_uid(entropy_srcs=[str(seed), "followup-study"])
-    series = generate_uid(entropy_srcs=[str(seed), "followup-series"])
-    for index, ds in enumerate(datasets):
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
-        ds.SOPInstanceUID = generate_uid(entropy_srcs=[str(seed), "followup", str(index)])
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+def _stamp_time(datasets: list[Dataset], when: datetime) -> None:
+    """Study, series, acquisition and content date/time ``when``."""
+    for ds in datasets:
         for key in ("StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate"):
             setattr(ds, key, when.strftime("%Y%m%d"))
         for key in ("StudyTime", "SeriesTime", "AcquisitionTime", "ContentTime"):
             setattr(ds, key, when.strftime("%H%M%S"))
 
 
-def generate_pair(seed: int, kind: PairKind, rows: int = 96, n_slices: int = 16) -> GeneratedPair:
-    """One pair of ``kind`` (see the module); the same seed gives the same pair."""
+def _restamp(datasets: list[Dataset], seed: int, when: datetime) -> None:
+    """New study/series/instance UIDs, accession number and date/time for a second scan."""
+    study = generate_uid(entropy_srcs=[str(seed), "followup-study"])
+    series = generate_uid(entropy_srcs=[str(seed), "followup-series"])
+    for index, ds in enumerate(datasets):
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.SOPInstanceUID = generate_uid(entropy_srcs=[str(seed), "followup", str(index)])
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        if "AccessionNumber" in ds:
+            ds.AccessionNumber = f"{ds.AccessionNumber}F"[:16]
+    _stamp_time(datasets, when)
+
+
+def generate_pair(
+    seed: int, kind: PairKind, rows: int = 96, n_slices: int = 16, baseline_hu: float | None = None
+) -> GeneratedPair:
+    """One pair of ``kind`` (see the module); the same seed gives the same pair.
+    ``baseline_hu`` overrides the baseline sphere's density (default: by kind), so that
+    pairs of different kinds can share one baseline image: a hyperdensity that is blood
+    in one patient and contrast in another looks the same on the day."""
     rng = np.random.default_rng([seed, 7])
     thickness = 5.0
     baseline = synthetic_head_ct(seed, n_slices=n_slices, rows=rows, slice_thickness_mm=thickness)
@@ -89,11 +103,13 @@ def generate_pair(seed: int, kind: PairKind, rows: int = 96, n_slices: int = 16)
             round(float(v), 4) for v in np.add(ds.ImagePositionPatient, shift)
         ]
     hours = float(rng.uniform(*HOURS))
+    _stamp_time(baseline, BASELINE_TIME)
     _restamp(followup, seed, BASELINE_TIME + timedelta(hours=hours))
     radius = float(rng.uniform(*RADIUS_MM))
+    by_kind = STAIN_HU if kind == "contrast" else HAEMORRHAGE_HU
     first = insert_lesion(
         baseline, center_mm=None, radius_mm=radius,
-        hu=STAIN_HU if kind == "contrast" else HAEMORRHAGE_HU, seed=seed, irregular=False,
+        hu=by_kind if baseline_hu is None else baseline_hu, seed=seed, irregular=False,
     )  # fmt: skip
     spacing = (thickness, float(baseline[0].PixelSpacing[0]), float(baseline[0].PixelSpacing[1]))
     base_abc = abc2_ml(first.masks, spacing)

@@ -65,6 +65,7 @@ from pipelines.cnn import (
 from pipelines.cnn.inputs import frame_pixel_spacing
 from pipelines.contract import OutputProfile, Segmenter
 from pipelines.geometry import grid_to_frames
+from pipelines.ht_after_mt.casedata import case_record
 from pipelines.ht_after_mt.clinical import NO_TABLE
 from pipelines.ht_after_mt.features import (
     TABLE_VARIABLES,
@@ -73,6 +74,7 @@ from pipelines.ht_after_mt.features import (
     ClinicalTableError,
     RowLookup,
     case_features,
+    input_config_to_dict,
 )
 from pipelines.ht_after_mt.model import MODEL_NAME, OUTCOME, PRIMARY, HtModel
 from pipelines.ht_after_mt.scoring import (
@@ -307,7 +309,7 @@ class HtAfterMtPipeline:
         key_frame = lesion_total.key_frame if lesion_total else len(series.frames) // 2
         imaging = PipelineResult(self.algorithm, segments, key_frame, segmented)
         if choice.label is None or lesion_total is None:
-            return replace(imaging, statements=(reason,))
+            return replace(imaging, statements=(reason,), case_record=case_record(series, labels))
         scored = ((labels == choice.label).astype(np.int32), 1)
         case = case_features(
             series, found, self.segmenter, model.radiomics_params, model.cnn_input, scored
@@ -349,7 +351,10 @@ class HtAfterMtPipeline:
             self._clinical_note(source, prediction.imputed),
             model.notice,
         ]
-        return replace(imaging, notes=notes, risk=risk, heatmaps=heatmaps)
+        record = case_record(
+            series, labels, case, model.radiomics_params, input_config_to_dict(model.cnn_input)
+        )
+        return replace(imaging, notes=notes, risk=risk, heatmaps=heatmaps, case_record=record)
 
     def _heatmaps(
         self, series: LoadedSeries, case: CaseFeatures, model: HtModel, high_risk: bool

@@ -24,7 +24,7 @@ from __future__ import annotations
 import csv
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -78,9 +78,11 @@ from pipelines.models import (
     fit_variants,
     patient_split,
 )
+from pipelines.retraining.nested import choose_by_inner_cv
 from pipelines.volume import load_series
 
 LABEL = "label_ht"
+INNER_FOLDS = 3
 TABLE_NAMES = ("clinical.csv", "clinical.json")
 
 Progress = Callable[[str, int, int], None]
@@ -127,6 +129,7 @@ class TrainingSettings:
     dl_components: int = 16
     test_size: float = 0.25
     recipe: ModelRecipe | None = None  # None: default_recipe(seed)
+    c_grid: tuple[float, ...] = ()  # non-empty: the logistic C chosen by inner CV among these
 
     def to_dict(self, seed: int) -> dict[str, Any]:
         """JSON-ready settings (for the manifest)."""
@@ -141,6 +144,7 @@ class TrainingSettings:
             "augment": self.augment,
             "dl_components": self.dl_components,
             "test_size": self.test_size,
+            "c_grid": list(self.c_grid),
             "seed": seed,
         }
 
@@ -273,10 +277,16 @@ def _radiomics_matrix(
 
 
 def fit_ht_model(
-    data: CohortFeatures, settings: TrainingSettings, seed: int, progress: Progress = _quiet
+    data: CohortFeatures,
+    settings: TrainingSettings,
+    seed: int,
+    progress: Progress = _quiet,
+    split: tuple[NDArray[np.int64], NDArray[np.int64]] | None = None,
 ) -> FittedModel:
-    """Split by patient, fit CNN, PCA, imputation and the variants on the training side."""
-    train, test = patient_split(data.labels, data.patient_ids, settings.test_size, seed)
+    """Split by patient (or take ``split``: train and test rows), fit CNN, PCA, imputation
+    and the variants on the training side (with ``settings.c_grid``, the recipe's C
+    chosen by inner cross-validation on the training side only)."""
+    train, test = split or patient_split(data.labels, data.patient_ids, settings.test_size, seed)
     y_train, y_test = data.labels[train], data.labels[test]
     imputation = ImputationPolicy.fit(data.clinical[i] for i in train)
     clinical = np.array([imputation.apply(row)[0] for row in data.clinical], dtype=np.float64)
@@ -307,6 +317,14 @@ def fit_ht_model(
     )
     recipe = settings.recipe or default_recipe(seed)
     train_blocks, test_blocks = blocks.subset(train), blocks.subset(test)
+    if settings.c_grid:
+        recipes = {
+            f"C={c}": replace(recipe, classifier_params={**recipe.classifier_params, "C": c})
+            for c in settings.c_grid
+        }
+        recipe = recipes[
+            choose_by_inner_cv(recipes, train_blocks, y_train, PRIMARY, INNER_FOLDS, seed)
+        ]
     models: dict[str, Pipeline] = {}
     for done, variant in enumerate(VARIANTS, start=1):
         models |= fit_variants(recipe, train_blocks, y_train, variants=(variant,))

@@ -1,8 +1,9 @@
 """What a pipeline offers the retraining service: a small protocol and a registry.
 
-A trainable pipeline trains a new candidate version from a cohort folder into a model
-store and returns the held-out evaluation the gate and the report need: the outcomes of
-the held-out cases and the risks of the candidate *and of the model in service* on those
+A trainable pipeline trains a new candidate version from a :class:`Cohort` (a cohort
+folder, the node's stored cases with their labels, or both) into a model store and
+returns the held-out evaluation the gate and the report need: the outcomes of the
+held-out cases and the risks of the candidate *and of the model in service* on those
 same cases (so that DeLong's paired comparison is possible). Each registered name maps to
 ``"module:Class"``; the class builds itself with ``from_options(options)``.
 """
@@ -10,14 +11,15 @@ same cases (so that DeLong's paired comparison is possible). Each registered nam
 from __future__ import annotations
 
 import importlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 from numpy.typing import NDArray
 
+from pipelines.base import CaseRecord
 from pipelines.evaluation import EvaluationRow
 
 _TRAINABLES: dict[str, str] = {
@@ -28,12 +30,45 @@ _TRAINABLES: dict[str, str] = {
 @dataclass(frozen=True)
 class TrainOptions:
     """How hard a retraining run works (``[retraining]`` ``epochs``, ``cnn_input_size``,
-    ``test_size``, ``seed``): small values for quick runs on the CPU."""
+    ``test_size``, ``seed``): small values for quick runs on the CPU; a cohort of fewer
+    described cases than ``nested_cv_below`` is judged by nested cross-validation with
+    ``outer_folds`` outer folds (``pipelines.retraining.nested``)."""
 
     epochs: int = 3
     cnn_input_size: int = 128
     test_size: float = 0.25
     seed: int = 0
+    nested_cv_below: int = 0
+    outer_folds: int = 5
+
+
+@dataclass(frozen=True)
+class RecordedCase:
+    """A case the node scored and stored (``dicomnode.case_store``), with its label:
+    ``case_id`` the study's pseudonymous key, ``patient`` the salted PatientID hash (the
+    unit of the split), ``header`` the acquisition facts (``ood.header_facts``)."""
+
+    case_id: str
+    patient: str
+    label: int
+    header: Mapping[str, Any]
+    record: CaseRecord
+
+
+@dataclass(frozen=True)
+class Cohort:
+    """What a candidate is trained on: a cohort ``folder`` (``cases/<id>/`` and the
+    clinical table with the labels), the node's labelled stored ``records``, or both."""
+
+    folder: Path | None = None
+    records: tuple[RecordedCase, ...] = ()
+
+    def describe(self) -> str:
+        """Where the cases come from, in words."""
+        parts = [f"folder {self.folder}"] if self.folder is not None else []
+        if self.records:
+            parts.append(f"{len(self.records)} labelled cases of the case store")
+        return " + ".join(parts) or "no cases"
 
 
 @dataclass(frozen=True)
@@ -60,9 +95,10 @@ class Trainable(Protocol):
     """A pipeline the retraining service can retrain (see the module)."""
 
     model_name: str
+    label_outcome: str  # the outcome of ``dicomnode.labels`` its stored cases train on
 
-    def train_candidate(self, cohort_dir: Path, *, version: str, root: Path) -> CandidateEvaluation:
-        """Train ``version`` on ``cohort_dir`` into ``root`` and evaluate it on held-out
+    def train_candidate(self, cohort: Cohort, *, version: str, root: Path) -> CandidateEvaluation:
+        """Train ``version`` on ``cohort`` into ``root`` and evaluate it on held-out
         patients beside the version in service (promoted, else latest) before it."""
         ...
 
