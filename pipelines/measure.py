@@ -14,6 +14,7 @@ from scipy import ndimage
 from pipelines.base import RegionMeasurements, SegmentClass, SegmentResult
 from pipelines.geometry import grid_to_frames, represented_thickness
 from pipelines.series import LoadedSeries
+from pipelines.stages import charged_to
 
 HU_MAX_WINDOW_PX = 3
 """Side of the in-plane window whose mean defines HUmax (Jiang et al. 2025: 3x3 pixels)."""
@@ -114,6 +115,7 @@ def measure_region(
     )
 
 
+@charged_to("segmentation")  # mapping the grid's regions onto the frames
 def measure_segment(
     series: LoadedSeries, segment: SegmentClass, labels: NDArray[np.integer], count: int
 ) -> SegmentResult:
