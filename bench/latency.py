@@ -311,8 +311,8 @@ def run_cell(
     state = base / "state" / "dicomnode.sqlite3"
     try:
         warm = one_series(node, pacs, state, case, base / "warm-up", mode)
-        progress(f"{pipeline} {mode}: warm-up {warm.stages['total_s']} s ({warm.evidence})")
-        runs = []
+        progress(f"{pipeline} {mode}: warm-up {warm.stages} ({warm.evidence})")
+        runs = [] if args.runs else [warm]  # --runs 0: the first series is the figure
         for index in range(args.runs):
             timing = one_series(node, pacs, state, case, base / f"run-{index}", mode)
             progress(f"{pipeline} {mode}: run {index} {timing.stages}")
@@ -356,7 +356,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pipelines", default=",".join(PIPELINES))
     parser.add_argument("--modes", default=",".join(MODES))
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument(
+        "--runs", type=int, default=3, help="timed series after the warm-up (0: the warm-up's)"
+    )
     parser.add_argument("--stable-age", type=float, default=30.0)
     parser.add_argument("--results-dir", type=Path, default=REPO / "bench" / "results")
     args = parser.parse_args(argv)
