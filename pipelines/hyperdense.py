@@ -13,6 +13,7 @@ scores a calcification. Nothing is trained: every parameter is a fixed threshold
 from __future__ import annotations
 
 import json
+import weakref
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -306,7 +307,8 @@ class HyperdenseThresholdPipeline:
         (hash-checked)."""
         self._stored = parameters is None
         self.root = root
-        self._cache: tuple[LoadedSeries, SegmentedClasses] | None = None
+        # The last series segmented (held weakly: a finished job's series is freed).
+        self._cache: tuple[weakref.ref[LoadedSeries], SegmentedClasses] | None = None
         self.parameters = parameters or HyperdenseParameters.from_mapping(
             load_parameters(MODEL_NAME, version, root)
         )
@@ -366,7 +368,7 @@ class HyperdenseThresholdPipeline:
         """Hyperdense and calcification regions on the grid (the last series is cached,
         so ``segment`` then ``run`` on one series segments it once)."""
         cached = self._cache
-        if cached is not None and cached[0] is series:
+        if cached is not None and cached[0]() is series:
             return cached[1]
         with stage("segmentation"):
             volume = series.volume
@@ -383,7 +385,7 @@ class HyperdenseThresholdPipeline:
             labels, count = drop_skull_band(labels, count, masks, volume.spacing, self.parameters)
             calc_labels, calc_count = label_regions(calcified, voxel_ml, 0.0, 26)
         classes = SegmentedClasses(labels, count, calc_labels, calc_count)
-        self._cache = (series, classes)
+        self._cache = (weakref.ref(series), classes)
         return classes
 
     def run(

@@ -27,7 +27,7 @@ from scipy import ndimage
 
 from pipelines.base import PipelineResult, RegionMeasurements, SegmentClass, SegmentResult
 from pipelines.outputs.uids import derive_uid
-from pipelines.series import LoadedSeries
+from pipelines.series import LoadedSeries, label_dtype
 
 Rgb = tuple[int, int, int]
 
@@ -89,7 +89,7 @@ def class_colour(index: int, segment: SegmentClass) -> Rgb:
     return FINDING_COLOURS.get(key, SEGMENT_COLOURS[index % len(SEGMENT_COLOURS)])
 
 
-def region_label_array(segment: SegmentResult) -> NDArray[np.int32]:
+def region_label_array(segment: SegmentResult) -> NDArray[np.integer]:
     """Frame labels of ``segment``'s regions: 0 outside, k inside ``regions[k - 1]``.
 
     The pipeline's own labels when it gave them; otherwise the 26-connected parts of the
@@ -102,9 +102,10 @@ def region_label_array(segment: SegmentResult) -> NDArray[np.int32]:
                 f"region labels {segment.region_labels.shape} do not match the segment "
                 f"mask {segment.frame_mask.shape}"
             )
-        return np.where(segment.frame_mask, segment.region_labels, 0).astype(np.int32)
+        labels = segment.region_labels
+        return np.where(segment.frame_mask, labels, np.zeros((), dtype=labels.dtype))
     wanted = len(segment.regions)
-    out = np.zeros(segment.frame_mask.shape, dtype=np.int32)
+    out = np.zeros(segment.frame_mask.shape, dtype=label_dtype(wanted))
     if wanted == 0 or not segment.frame_mask.any():
         return out
     if wanted == 1:
