@@ -66,8 +66,19 @@ class PlannedSegment:
     label: str  # SegmentLabel and Tracking Identifier, e.g. "Hyperdense region 1"
     segment: SegmentClass
     measurements: RegionMeasurements | None  # None for an empty class
-    mask: NDArray[np.bool_]  # (n_frames, rows, columns) on LoadedSeries.frames
+    # The class's frame labels (``region_label_array``), shared by its regions; None for
+    # an empty class. Each region's mask is made when asked for (``mask``), so a plan of
+    # many regions does not hold a whole-series mask per region.
+    labels: NDArray[np.integer] | None
     colour: Rgb
+    shape: tuple[int, ...]  # (n_frames, rows, columns) on LoadedSeries.frames
+
+    @property
+    def mask(self) -> NDArray[np.bool_]:
+        """The segment's mask on the source frames, (n_frames, rows, columns)."""
+        if self.labels is None or self.region_index is None:
+            return np.zeros(self.shape, dtype=bool)
+        return np.asarray(self.labels == self.region_index + 1)
 
     @property
     def finding(self) -> CodedConcept:
@@ -148,8 +159,9 @@ def segment_plan(result: PipelineResult) -> list[PlannedSegment]:
                     label=region_label(segment.segment, None),
                     segment=segment.segment,
                     measurements=None,
-                    mask=np.zeros(segment.frame_mask.shape, dtype=bool),
+                    labels=None,
                     colour=colour,
+                    shape=segment.frame_mask.shape,
                 )
             )
             continue
@@ -163,8 +175,9 @@ def segment_plan(result: PipelineResult) -> list[PlannedSegment]:
                     label=region_label(segment.segment, region_index),
                     segment=segment.segment,
                     measurements=measurements,
-                    mask=labels == region_index + 1,
+                    labels=labels,
                     colour=colour,
+                    shape=segment.frame_mask.shape,
                 )
             )
     return planned

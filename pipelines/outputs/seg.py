@@ -53,9 +53,9 @@ def seg_pixel_array(series: LoadedSeries, planned: list[PlannedSegment]) -> NDAr
         raise ValueError("a DICOM SEG needs at least one segment; the result has none")
     index = {(f.sop_instance_uid, f.frame_number): i for i, f in enumerate(series.frames)}
     for p in planned:
-        if p.mask.shape != series.frame_hu.shape:
+        if p.shape != series.frame_hu.shape:
             raise ValueError(
-                f"segment masks {p.mask.shape} do not match the frames {series.frame_hu.shape}"
+                f"segment masks {p.shape} do not match the frames {series.frame_hu.shape}"
             )
     keys = source_frame_keys(series)
     rows = [row for row, key in enumerate(keys) if key in index]
