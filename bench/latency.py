@@ -247,7 +247,8 @@ def split(state: Path, study: str, acknowledged: float, last_result: float) -> T
         state,
         "SELECT max(s.last_arrival) AS last_arrival, max(c.decided_at) AS decided_at, "
         "group_concat(DISTINCT c.evidence) AS evidence FROM series s "
-        "JOIN series_completions c USING (series_instance_uid) WHERE s.study_instance_uid = ?",
+        "LEFT JOIN series_completions c USING (series_instance_uid) "
+        "WHERE s.study_instance_uid = ?",
         [study],
     )
     (job,) = state_rows(
@@ -262,15 +263,17 @@ def split(state: Path, study: str, acknowledged: float, last_result: float) -> T
             state, "SELECT stage, seconds FROM job_stages WHERE job_id = ?", [job["id"]]
         )
     }
+    decided = row["decided_at"] or job["created_at"]  # a study job: queued when complete
     stages = {
-        "completeness_s": row["decided_at"] - row["last_arrival"],
+        "completeness_s": decided - row["last_arrival"],
         "queue_s": job["started_at"] - job["created_at"],
         **{f"{name}_s": recorded.get(name, float("nan")) for name in JOB_STAGES},
         "pipeline_s": job["finished_at"] - job["started_at"],
         "sending_s": last_result - job["finished_at"],
         "total_s": last_result - acknowledged,
     }
-    return Timing(row["evidence"], {k: round(v, 3) for k, v in stages.items()}, job["state"])
+    evidence = row["evidence"] or "study"
+    return Timing(evidence, {k: round(v, 3) for k, v in stages.items()}, job["state"])
 
 
 def one_series(
