@@ -1,16 +1,20 @@
 """End-to-end result latency per pipeline, with and without completeness by content.
 
-For each pipeline (``--pipelines``) and each completeness mode the node is started as a
-process (``python -m dicomnode.cli serve``) in front of a timing PACS (a pynetdicom SCP
-that time-stamps every instance it acknowledges). The head CT (the real GE case from
-``../shared`` with an inserted lesion, else a synthetic head CT) is sent by DCMTK
+For each pipeline (``--pipelines``, default: every one) and each completeness mode the
+node is started as a process (``python -m dicomnode.cli serve``) in front of a timing PACS
+(a pynetdicom SCP that time-stamps every instance it acknowledges). The pipeline's demo
+case (``dicomnode.demo.prepare_case``: its own generated case where it has one, e.g. the
+MRI study of ``ais_prognosis_mri``, routed by a study-level rule; else the real GE head CT
+from ``../shared`` with an inserted lesion, or a synthetic head CT) is sent by DCMTK
 storescu with fresh UIDs for every run, and the time from the last instance acknowledged
 to the last result acknowledged by the PACS is split, from the node's state, into:
 
-- ``completeness_s``: last instance recorded -> series judged complete;
+- ``completeness_s``: last instance recorded -> (last) series judged complete;
 - ``queue_s``: job queued -> job started by a worker;
-- ``pipeline_s``: job started -> job finished (load, segmentation, features, model,
-  writers);
+- ``load_s``, ``segmentation_s``, ``features_s``, ``model_s``, ``writers_s``, ``other_s``:
+  the job's stage split as the node recorded it (table ``job_stages``, from
+  ``pipelines.stages``; ``other``: pipeline time that no stage of the pipeline claims);
+- ``pipeline_s``: job started -> job finished (the stages above and the job's own work);
 - ``sending_s``: job finished -> last result acknowledged by the PACS.
 
 Modes (``--modes``):
@@ -35,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import statistics
 import sys
 import tempfile
@@ -65,7 +70,8 @@ from bench.peers import (
     store_files,
     write_results,
 )
-from dicomnode.demo import prepare_case, shared_dir
+from dicomnode.demo import demo_module, prepare_case, shared_dir
+from pipelines.stages import STAGES as JOB_STAGES
 
 REPO = Path(__file__).resolve().parents[1]
 PACS_AE = "BENCHPACS"
@@ -79,7 +85,24 @@ MODE_SETTINGS = {
     ],
 }
 RESULT_TIMEOUT_S = 900.0
-STAGES = ("completeness_s", "queue_s", "pipeline_s", "sending_s", "total_s")
+STAGES = (
+    "completeness_s",
+    "queue_s",
+    *(f"{name}_s" for name in JOB_STAGES),
+    "pipeline_s",
+    "sending_s",
+    "total_s",
+)
+PIPELINES = (
+    "hyperdense_regions",
+    "hyperdense_unet",
+    "ht_after_mt",
+    "iph_vs_contrast",
+    "ich_expansion",
+    "ich_expansion_hybrid",
+    "ais_prognosis_mri",
+    "blast_ct",
+)
 
 
 class TimingPacs:
@@ -146,100 +169,131 @@ def config_toml(
         f"port = {pacs_port}",
         "",
         "[[routes]]",
-        'name = "head-ct"',
+        'name = "bench"',
         f'pipeline = "{pipeline}"',
         'destinations = ["PACS"]',
-        "[routes.match]",
-        'modality = "CT"',
+        *study_rule(pipeline),
     ]
     path = base / "node.toml"
     path.write_text("\n".join(lines) + "\n")
     return path
 
 
+def study_rule(pipeline: str) -> list[str]:
+    """The route's study-level settings for a pipeline whose demo case is a study."""
+    roles = getattr(demo_module(pipeline), "STUDY_ROLES", None)
+    if roles is None:
+        return []
+    lines = ['level = "study"', "study_stable_age_s = 5.0"]
+    for name, role in roles.items():
+        lines.append(f"[routes.roles.{name}]")
+        lines += [f"{key} = {json.dumps(value)}" for key, value in role.items()]
+    return lines
+
+
 def fresh_copy(
     datasets: list[Dataset], folder: Path, declare_count: bool
-) -> tuple[str, str, list[Path]]:
-    """Write the case with new study, series and instance UIDs (a re-sent identical
-    instance is a no-op for the node); ``declare_count`` sets ImagesInAcquisition."""
-    study, series = generate_uid(), generate_uid()
+) -> tuple[str, list[Path]]:
+    """Write the case (one series, or a study's series) with new study, series and
+    instance UIDs (a re-sent identical instance is a no-op for the node);
+    ``declare_count`` sets each series' ImagesInAcquisition. Returns the study UID."""
+    study = generate_uid()
+    old_series = [str(ds.SeriesInstanceUID) for ds in datasets]
+    new_series = {uid: generate_uid() for uid in old_series}
     folder.mkdir(parents=True)
     paths = []
     for index, source in enumerate(datasets):
         ds = copy.deepcopy(source)  # Dataset.copy() shares its elements with the source
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.StudyInstanceUID = study
+        ds.SeriesInstanceUID = new_series[old_series[index]]
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
         if declare_count:  # one acquisition that declares its size, as a helical scan's
-            ds.AcquisitionNumber, ds.ImagesInAcquisition = 1, len(datasets)
+            ds.AcquisitionNumber = 1
+            ds.ImagesInAcquisition = old_series.count(old_series[index])
         elif "ImagesInAcquisition" in ds:
             del ds.ImagesInAcquisition
         path = folder / f"{index:04d}.dcm"
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
-    return study, series, paths
+    return study, paths
 
 
-def job_done(state: Path, series: str) -> bool:
-    """Whether the series' job finished and all its results left the outbox."""
-    jobs = state_rows(state, "SELECT id, state FROM jobs WHERE series_instance_uid = ?", [series])
+def job_done(state: Path, study: str) -> bool:
+    """Whether the study's job finished and all its results left the outbox."""
+    jobs = state_rows(state, "SELECT id, state FROM jobs WHERE study_instance_uid = ?", [study])
     if not jobs or any(row["state"] not in JOB_TERMINAL for row in jobs):
         return False
     outbox = state_rows(
         state,
         "SELECT o.state FROM outbox o JOIN jobs j ON j.id = o.job_id "
-        "WHERE j.series_instance_uid = ?",
-        [series],
+        "WHERE j.study_instance_uid = ?",
+        [study],
     )
     return all(row["state"] in OUTBOX_TERMINAL for row in outbox)
 
 
 @dataclass(frozen=True)
 class Timing:
-    """One series' latency split."""
+    """One series' (or study's) latency split."""
 
     evidence: str
     stages: dict[str, float]
     job_state: str
 
 
-def split(state: Path, series: str, acknowledged: float, last_result: float) -> Timing:
-    """The stages of one series from the node's state and the PACS' time-stamps."""
+def split(state: Path, study: str, acknowledged: float, last_result: float) -> Timing:
+    """The stages of one study's job from the node's state and the PACS' time-stamps."""
     (row,) = state_rows(
         state,
-        "SELECT s.last_arrival, c.decided_at, c.evidence, j.created_at, j.started_at, "
-        "j.finished_at, j.state FROM jobs j JOIN series s USING (series_instance_uid) "
-        "JOIN series_completions c USING (series_instance_uid) "
-        "WHERE j.series_instance_uid = ? ORDER BY j.id LIMIT 1",
-        [series],
+        "SELECT max(s.last_arrival) AS last_arrival, max(c.decided_at) AS decided_at, "
+        "group_concat(DISTINCT c.evidence) AS evidence FROM series s "
+        "LEFT JOIN series_completions c USING (series_instance_uid) "
+        "WHERE s.study_instance_uid = ?",
+        [study],
     )
+    (job,) = state_rows(
+        state,
+        "SELECT id, created_at, started_at, finished_at, state FROM jobs "
+        "WHERE study_instance_uid = ? ORDER BY id LIMIT 1",
+        [study],
+    )
+    recorded = {
+        r["stage"]: r["seconds"]
+        for r in state_rows(
+            state, "SELECT stage, seconds FROM job_stages WHERE job_id = ?", [job["id"]]
+        )
+    }
+    decided = row["decided_at"] or job["created_at"]  # a study job: queued when complete
     stages = {
-        "completeness_s": row["decided_at"] - row["last_arrival"],
-        "queue_s": row["started_at"] - row["created_at"],
-        "pipeline_s": row["finished_at"] - row["started_at"],
-        "sending_s": last_result - row["finished_at"],
+        "completeness_s": decided - row["last_arrival"],
+        "queue_s": job["started_at"] - job["created_at"],
+        **{f"{name}_s": recorded.get(name, float("nan")) for name in JOB_STAGES},
+        "pipeline_s": job["finished_at"] - job["started_at"],
+        "sending_s": last_result - job["finished_at"],
         "total_s": last_result - acknowledged,
     }
-    return Timing(row["evidence"], {k: round(v, 3) for k, v in stages.items()}, row["state"])
+    evidence = row["evidence"] or "study"
+    return Timing(evidence, {k: round(v, 3) for k, v in stages.items()}, job["state"])
 
 
 def one_series(
     node: NodeProcess, pacs: TimingPacs, state: Path, case: list[Dataset], folder: Path, mode: str
 ) -> Timing:
     """Send one fresh copy of the case and time it to its last result."""
-    study, series, paths = fresh_copy(case, folder, declare_count=mode == "images_in_acquisition")
+    study, paths = fresh_copy(case, folder, declare_count=mode == "images_in_acquisition")
     sent = store_files(node.port, paths)
     if sent.returncode != 0:
         raise RuntimeError(f"storescu failed ({sent.returncode})")
     acknowledged = time.time()
     deadline = time.monotonic() + RESULT_TIMEOUT_S
-    while not job_done(state, series):
+    while not job_done(state, study):
         if time.monotonic() > deadline or not node.alive():
             raise TimeoutError(f"no result for a series within {RESULT_TIMEOUT_S} s")
         time.sleep(0.02)
     last = pacs.last(study)
     if last is None:
         raise RuntimeError("the job finished but the PACS received nothing")
-    return split(state, series, acknowledged, last)
+    return split(state, study, acknowledged, last)
 
 
 def run_cell(
@@ -260,8 +314,8 @@ def run_cell(
     state = base / "state" / "dicomnode.sqlite3"
     try:
         warm = one_series(node, pacs, state, case, base / "warm-up", mode)
-        progress(f"{pipeline} {mode}: warm-up {warm.stages['total_s']} s ({warm.evidence})")
-        runs = []
+        progress(f"{pipeline} {mode}: warm-up {warm.stages} ({warm.evidence})")
+        runs = [] if args.runs else [warm]  # --runs 0: the first series is the figure
         for index in range(args.runs):
             timing = one_series(node, pacs, state, case, base / f"run-{index}", mode)
             progress(f"{pipeline} {mode}: run {index} {timing.stages}")
@@ -283,11 +337,15 @@ def run_cell(
 
 def table(cells: list[dict[str, Any]]) -> str:
     """A markdown table of the medians."""
+    names = [s.removesuffix("_s") for s in STAGES]
     head = (
-        "| pipeline | mode | evidence | " + " | ".join(STAGES) + " | first after start | peak MiB |"
+        "| pipeline | mode | evidence | " + " | ".join(names) + " | first after start | peak MiB |"
     )
     lines = [head, "|" + "---|" * (len(STAGES) + 5)]
     for cell in cells:
+        if "error" in cell:
+            lines.append(f"| {cell['pipeline']} | {cell['mode']} | failed: {cell['error']} |")
+            continue
         medians = " | ".join(f"{cell['median'][s]:.2f}" for s in STAGES)
         lines.append(
             f"| {cell['pipeline']} | {cell['mode']} | {','.join(cell['evidence'])} | {medians} "
@@ -299,9 +357,11 @@ def table(cells: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run every pipeline in every mode; print the table, write the JSON."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pipelines", default="hyperdense_regions,ht_after_mt")
+    parser.add_argument("--pipelines", default=",".join(PIPELINES))
     parser.add_argument("--modes", default=",".join(MODES))
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument(
+        "--runs", type=int, default=3, help="timed series after the warm-up (0: the warm-up's)"
+    )
     parser.add_argument("--stable-age", type=float, default=30.0)
     parser.add_argument("--results-dir", type=Path, default=REPO / "bench" / "results")
     args = parser.parse_args(argv)
@@ -310,20 +370,24 @@ def main(argv: list[str] | None = None) -> int:
         progress(f"missing tools: {', '.join(missing)} (apt-get install dcmtk)")
         return 2
     work = Path(tempfile.mkdtemp(prefix="dicomnode-latency-"))
-    prepared = prepare_case(work / "case", shared_dir())
-    case: list[Dataset] = [pydicom.dcmread(path) for path in prepared.files]
     pacs = TimingPacs(free_port())
     pacs.start()
-    cells = []
+    cells, cases = [], {}
     try:
         for pipeline in args.pipelines.split(","):
+            prepared = prepare_case(work / "case" / pipeline, shared_dir(), pipeline)
+            cases[pipeline] = prepared.description
+            case: list[Dataset] = [pydicom.dcmread(path) for path in prepared.files]
             for mode in args.modes.split(","):
-                cells.append(run_cell(work, pacs, case, pipeline, mode, args))
+                try:
+                    cells.append(run_cell(work, pacs, case, pipeline, mode, args))
+                except (RuntimeError, TimeoutError) as exc:  # the others still run
+                    progress(f"{pipeline} {mode}: {exc}")
+                    cells.append({"pipeline": pipeline, "mode": mode, "error": str(exc)})
     finally:
         pacs.server.shutdown()
     summary = {
-        "case": prepared.description,
-        "instances": len(case),
+        "cases": cases,
         "stable_age_s": args.stable_age,
         "runs": args.runs,
         "cells": cells,

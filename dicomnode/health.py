@@ -24,7 +24,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, quote, urlsplit
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import (
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+    SummaryMetricFamily,
+)
 from prometheus_client.registry import Collector
 
 from dicomnode.overview import Overview, histogram_buckets
@@ -74,6 +79,27 @@ class TurnaroundCollector(Collector):
             buckets=histogram_buckets(values),
             sum_value=sum(values),
         )
+
+
+class StageCollector(Collector):
+    """Where jobs' time goes, per pipeline and stage (``pipelines.stages``, and
+    ``sending``: job finished to last result delivered), as a summary."""
+
+    def __init__(self, totals: Callable[[], list[tuple[str, str, int, float]]]) -> None:
+        """Collect from ``totals`` (``JobQueue.stage_totals``)."""
+        self.totals = totals
+
+    def collect(self) -> Iterator[Metric]:
+        """One summary: jobs and seconds in all per pipeline and stage."""
+        family = SummaryMetricFamily(
+            "dicomnode_job_stage_seconds",
+            "Seconds jobs spent per stage (load, segmentation, features, model, writers, "
+            "other, sending)",
+            labels=["pipeline", "stage"],
+        )
+        for pipeline, stage, count, seconds in sorted(self.totals()):
+            family.add_metric([pipeline, stage], count, seconds)
+        yield family
 
 
 @dataclass(frozen=True)

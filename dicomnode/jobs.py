@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,6 +99,40 @@ class JobQueue:
                     )
                     ids.append(int(cursor.lastrowid or 0))
             return ids
+
+    def record_stages(self, job_id: int, seconds: Mapping[str, float]) -> None:
+        """Record where a job's time went (``pipelines.stages``), replacing an earlier
+        attempt's split."""
+        with self.store.transaction() as db:
+            db.executemany(
+                "INSERT OR REPLACE INTO job_stages (job_id, stage, seconds) VALUES (?,?,?)",
+                [(job_id, name, value) for name, value in seconds.items()],
+            )
+
+    def stages(self, job_id: int) -> dict[str, float]:
+        """The stage split recorded for a job (empty before it ran)."""
+        with self.store.transaction() as db:
+            rows = db.execute(
+                "SELECT stage, seconds FROM job_stages WHERE job_id = ?", (job_id,)
+            ).fetchall()
+        return {str(row["stage"]): float(row["seconds"]) for row in rows}
+
+    def stage_totals(self) -> list[tuple[str, str, int, float]]:
+        """(pipeline, stage, jobs, seconds in all) over every job that recorded its
+        stages; stage ``sending`` is a job's finish to its last result delivered (jobs
+        whose every result was delivered)."""
+        with self.store.transaction() as db:
+            rows = db.execute(
+                "SELECT j.pipeline, s.stage, count(*), sum(s.seconds) FROM job_stages s "
+                "JOIN jobs j ON j.id = s.job_id GROUP BY j.pipeline, s.stage"
+            ).fetchall()
+            rows += db.execute(
+                "SELECT pipeline, 'sending', count(*), sum(delivered - finished_at) FROM ("
+                "SELECT j.pipeline, j.finished_at, max(o.delivered_at) AS delivered "
+                "FROM jobs j JOIN outbox o ON o.job_id = j.id WHERE j.finished_at IS NOT NULL "
+                "GROUP BY j.id HAVING count(o.delivered_at) = count(*)) GROUP BY pipeline"
+            ).fetchall()
+        return [(str(p), str(s), int(n), float(total)) for p, s, n, total in rows]
 
     def fail(self, job_id: int, reason: str, now: float) -> None:
         """Mark a job failed with a reason."""

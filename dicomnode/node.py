@@ -13,7 +13,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
 
@@ -24,7 +24,7 @@ from dicomnode.config import HttpSettings, NodeConfig
 from dicomnode.degraded import HealthProblems
 from dicomnode.deliveries import DeliveryAdmin, Selection
 from dicomnode.disk import caused_by_full_disk
-from dicomnode.health import HealthServer, PipelineStatuses, StatusPage
+from dicomnode.health import HealthServer, PipelineStatuses, StageCollector, StatusPage
 from dicomnode.jobs import JobQueue, OutboxStore
 from dicomnode.outbox import OutboxProcessor
 from dicomnode.overview import read_overview
@@ -43,6 +43,7 @@ from dicomnode.revisions import (
 from dicomnode.startup import StartupError, check_writable_dir
 from dicomnode.state import StateStore
 from dicomnode.studies import study_paths
+from pipelines.stages import StageTimer, recording
 
 log = structlog.get_logger(__name__)
 
@@ -60,6 +61,8 @@ class JobSpec:
     destinations: tuple[str, ...]
     output_dir: Path
     revision: int = 1  # 1 + the number of earlier jobs of the series
+    # Where the job's time goes; the node records it (``pipelines.stages``).
+    stages: StageTimer = field(default_factory=StageTimer, compare=False)
 
 
 Process = Callable[[JobSpec], list[Path]]
@@ -201,7 +204,7 @@ class Node:
                 lambda: self._receiver is not None,
                 self.pipelines,
                 problems=HealthProblems(self.config, self.store, self.pipelines),
-                collectors=[RetentionCollector(retention)],
+                collectors=[RetentionCollector(retention), StageCollector(self.jobs.stage_totals)],
                 status_page=self._status_page(self.config.http, self.store),
             )
             self.health.start()
@@ -316,16 +319,19 @@ class Node:
         bound = log.bind(job_id=job.id, study_uid=spec.study_uid, series_uid=spec.series_uid)
         bound.info("job started", pipeline=job.pipeline, instances=len(spec.instance_paths))
         try:
-            results = self.process(spec)
+            with recording(spec.stages):
+                results = self.process(spec)
         except Exception as exc:  # the single edge where a pipeline's failure is caught
             if retry_disk_full and caused_by_full_disk(exc):
                 raise
+            self.jobs.record_stages(job.id, spec.stages.seconds())
             reason = str(exc) or type(exc).__name__
             bound.exception("job failed", reason=reason)
             notices = self._failure_notices(spec, exc)
             self._finish(job, spec, JobState.FAILED, reason, notices)
             bound.info("failure reported", objects=len(notices))
             return
+        self.jobs.record_stages(job.id, spec.stages.seconds())
         self._finish(job, spec, JobState.DONE, None, results)
         bound.info("job done", results=len(results), revision=spec.revision)
 

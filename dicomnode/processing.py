@@ -32,6 +32,7 @@ from pipelines.outputs import build_outputs
 from pipelines.outputs.failure import FailureNotice, build_failure_outputs
 from pipelines.outputs.rejection import RejectedInstance, build_rejection_note
 from pipelines.registry import get_pipeline, pipeline_factory, pipeline_names
+from pipelines.stages import stage
 from pipelines.volume import VolumeLoadError, load_series
 
 log = structlog.get_logger(__name__)
@@ -82,13 +83,15 @@ def run_pipeline(
     """
     phi.remember_files(paths)  # before loading can log one of their values
     try:
-        series = load_series(paths)
+        with stage("load"):
+            series = load_series(paths)
     except VolumeLoadError as exc:
         raise JobFailure(f"series cannot be loaded: {exc}", classify_failure(exc)) from exc
     try:
         try:
             pipeline = pipelines(pipeline_name)
-            result = pipeline.run(series)
+            with stage("other"):  # what the pipeline does not charge to its own stages
+                result = pipeline.run(series)
         except PipelineUnavailable as exc:
             if fallback is None or fallback == pipeline_name:
                 raise
@@ -98,7 +101,8 @@ def run_pipeline(
             )  # fmt: skip
             pipeline_name = fallback
             pipeline = pipelines(fallback)
-            result = pipeline.run(series)
+            with stage("other"):
+                result = pipeline.run(series)
     except Exception as exc:  # every pipeline failure becomes a JobFailure with its kind
         kind = classify_failure(exc)
         if not isinstance(exc, PipelineError) and kind is FailureKind.PIPELINE_ERROR:
@@ -108,13 +112,14 @@ def run_pipeline(
         raise JobFailure(f"pipeline {pipeline_name} failed: {exc}", kind) from exc
     output_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    outputs = build_outputs(
-        series, result, pipeline_name=pipeline_name, profile=pipeline.profile, revision=revision
-    )
-    for dataset in outputs:
-        path = output_dir / f"{dataset.Modality}-{dataset.SOPInstanceUID}.dcm"
-        dataset.save_as(path, enforce_file_format=True)
-        written.append(path)
+    with stage("writers"):
+        outputs = build_outputs(
+            series, result, pipeline_name=pipeline_name, profile=pipeline.profile, revision=revision
+        )
+        for dataset in outputs:
+            path = output_dir / f"{dataset.Modality}-{dataset.SOPInstanceUID}.dcm"
+            dataset.save_as(path, enforce_file_format=True)
+            written.append(path)
     log.info(
         "pipeline finished",
         pipeline=pipeline_name,

@@ -44,6 +44,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     destinations TEXT NOT NULL, state TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
     reason TEXT, created_at REAL NOT NULL, started_at REAL, finished_at REAL);
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, id);
+CREATE TABLE IF NOT EXISTS job_stages (
+    job_id INTEGER NOT NULL REFERENCES jobs (id), stage TEXT NOT NULL,
+    seconds REAL NOT NULL, PRIMARY KEY (job_id, stage));
 CREATE TABLE IF NOT EXISTS outbox (
     id INTEGER PRIMARY KEY AUTOINCREMENT, job_id INTEGER NOT NULL REFERENCES jobs (id),
     path TEXT NOT NULL, destination TEXT NOT NULL, state TEXT NOT NULL,

@@ -40,6 +40,7 @@ from pipelines.base import Pipeline, PipelineError
 from pipelines.contract import StudyPipeline, is_study_pipeline
 from pipelines.outputs import build_outputs
 from pipelines.series import LoadedSeries
+from pipelines.stages import stage
 from pipelines.volume import VolumeLoadError, load_datasets, read_datasets
 
 log = structlog.get_logger(__name__)
@@ -310,14 +311,16 @@ def run_study_job(
                 "(it has no run_study)"
             )
         study: StudyPipeline = pipeline  # type: ignore[assignment]
-        loaded = series_by_role(paths, rule.roles)
+        with stage("load"):
+            loaded = series_by_role(paths, rule.roles)
         missing = [r for r in study.required_roles if r not in loaded]
         if missing:
             raise StudyJobFailure(
                 f"the study lacks the {', '.join(missing)} series its pipeline needs",
                 FailureKind.UNLOADABLE_SERIES,
             )
-        result = study.run_study(loaded)
+        with stage("other"):  # what the pipeline does not charge to its own stages
+            result = study.run_study(loaded)
     except StudyJobFailure:
         raise
     except (PipelineError, VolumeLoadError, OSError, ValueError, RuntimeError) as exc:
@@ -327,12 +330,13 @@ def run_study_job(
     reference = loaded[study.reference_role]
     output_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for dataset in build_outputs(
-        reference, result, pipeline_name=pipeline_name, profile=study.profile, revision=revision
-    ):
-        path = output_dir / f"{dataset.Modality}-{dataset.SOPInstanceUID}.dcm"
-        dataset.save_as(path, enforce_file_format=True)
-        written.append(path)
+    with stage("writers"):
+        for dataset in build_outputs(
+            reference, result, pipeline_name=pipeline_name, profile=study.profile, revision=revision
+        ):
+            path = output_dir / f"{dataset.Modality}-{dataset.SOPInstanceUID}.dcm"
+            dataset.save_as(path, enforce_file_format=True)
+            written.append(path)
     log.info(
         "study pipeline finished", pipeline=pipeline_name, roles=sorted(loaded),
         series_uid=str(reference.reference.SeriesInstanceUID), outputs=len(written),

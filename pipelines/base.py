@@ -71,7 +71,7 @@ class SegmentResult:
     total: RegionMeasurements | None  # None when the segment is empty
     # (n_frames, rows, columns) on LoadedSeries.frames: 0 outside, k inside regions[k - 1].
     # None: the writers label the connected parts of ``frame_mask`` themselves.
-    region_labels: NDArray[np.int32] | None = None
+    region_labels: NDArray[np.integer] | None = None  # (see ``label_dtype``)
 
 
 @dataclass(frozen=True)

@@ -133,39 +133,41 @@ def resample_to_grid(
 ) -> NDArray[np.float32]:
     """Resample frames (n, rows, cols) onto ``grid``: in-plane shift, then linear along d.
 
-    Points outside every frame read as air (-1024 HU).
+    Points outside every frame read as air (-1024 HU). Plane by plane: only the two
+    shifted frames bracketing the current grid plane are held besides the result.
     """
     dy, dx = stack.pixel_spacing
     rows, cols = frames.shape[1:]
-    placed = np.empty((len(frames), grid.shape[1], grid.shape[2]), dtype=np.float32)
     canvas = np.full(grid.shape[1:], AIR_HU, dtype=np.float32)
-    for k, frame in enumerate(frames):
-        canvas[:rows, :cols] = frame
-        shift = (
-            (stack.offsets[k, 1] - grid.origin[1]) / dy,
-            (stack.offsets[k, 2] - grid.origin[2]) / dx,
-        )
-        placed[k] = ndimage.shift(
-            canvas, shift, order=1, mode="constant", cval=AIR_HU, prefilter=False
-        )
-    return _interpolate_along_normal(placed, stack.offsets[:, 0], grid)
+    placed: dict[int, NDArray[np.float32]] = {}
 
+    def shifted(k: int) -> NDArray[np.float32]:
+        """Frame ``k`` placed on the grid's rows and columns."""
+        if k not in placed:
+            canvas[:rows, :cols] = frames[k]
+            shift = (
+                (stack.offsets[k, 1] - grid.origin[1]) / dy,
+                (stack.offsets[k, 2] - grid.origin[2]) / dx,
+            )
+            placed[k] = ndimage.shift(
+                canvas, shift, order=1, mode="constant", cval=AIR_HU, prefilter=False
+            )
+        return placed[k]
 
-def _interpolate_along_normal(
-    placed: NDArray[np.float32], depths: NDArray[np.float64], grid: Grid
-) -> NDArray[np.float32]:
-    """Linear interpolation between the two frames bracketing each grid plane."""
+    depths = stack.offsets[:, 0]
     targets = grid.origin[0] + np.arange(grid.shape[0]) * grid.spacing[0]
     upper = np.clip(np.searchsorted(depths, targets, side="left"), 0, len(depths) - 1)
     lower = np.clip(upper - 1, 0, len(depths) - 1)
     out = np.empty(grid.shape, dtype=np.float32)
     for i, target in enumerate(targets):
         lo, hi = int(lower[i]), int(upper[i])
+        for k in [k for k in placed if k not in (lo, hi)]:
+            del placed[k]  # the targets ascend: no later plane needs it
         if hi == lo or abs(depths[hi] - target) < 1e-6:
-            out[i] = placed[hi]
+            out[i] = shifted(hi)
             continue
         weight = (target - depths[lo]) / (depths[hi] - depths[lo])
-        out[i] = (1.0 - weight) * placed[lo] + weight * placed[hi]
+        out[i] = (1.0 - weight) * shifted(lo) + weight * shifted(hi)
     return out
 
 

@@ -13,6 +13,7 @@ scores a calcification. Nothing is trained: every parameter is a fixed threshold
 from __future__ import annotations
 
 import json
+import weakref
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -38,6 +39,7 @@ from pipelines.contract import OutputProfile, Writer
 from pipelines.measure import measure_segment, structure
 from pipelines.series import LoadedSeries
 from pipelines.settings import PipelinesSettings
+from pipelines.stages import stage
 
 MODEL_NAME = "hyperdense_threshold"
 MODEL_VERSION = "1.1.0"
@@ -276,18 +278,18 @@ def label_regions(
     """3-D connected regions of a mask of at least ``min_volume_ml``, each voxel counting
     its slice's voxel volume (``slice_voxel_ml`` along axis 0); labels 1..n largest first
     (0 background)."""
-    out = np.zeros(mask.shape, dtype=np.int32)
     if not mask.any():
-        return out, 0
-    labels, count = ndimage.label(mask, structure=structure(connectivity))
-    weights = np.broadcast_to(slice_voxel_ml[:, None, None], mask.shape)
-    sizes = np.bincount(labels.ravel(), weights=weights.ravel(), minlength=count + 1)[1:]
+        return np.zeros(mask.shape, dtype=np.int32), 0
+    labels, count = ndimage.label(mask, structure=structure(connectivity), output=np.int32)
+    sizes = np.zeros(count + 1, dtype=np.float64)
+    for plane, voxel_ml in zip(labels, slice_voxel_ml, strict=True):  # no volume of weights
+        sizes += np.bincount(plane.ravel(), minlength=count + 1) * voxel_ml
+    sizes = sizes[1:]
     kept = np.nonzero(sizes >= min_volume_ml)[0]
     kept = kept[np.argsort(-sizes[kept], kind="stable")]
     lookup = np.zeros(count + 1, dtype=np.int32)
     lookup[kept + 1] = np.arange(1, len(kept) + 1, dtype=np.int32)
-    out[...] = lookup[labels]
-    return out, len(kept)
+    return lookup[labels], len(kept)
 
 
 class HyperdenseThresholdPipeline:
@@ -305,7 +307,8 @@ class HyperdenseThresholdPipeline:
         (hash-checked)."""
         self._stored = parameters is None
         self.root = root
-        self._cache: tuple[LoadedSeries, SegmentedClasses] | None = None
+        # The last series segmented (held weakly: a finished job's series is freed).
+        self._cache: tuple[weakref.ref[LoadedSeries], SegmentedClasses] | None = None
         self.parameters = parameters or HyperdenseParameters.from_mapping(
             load_parameters(MODEL_NAME, version, root)
         )
@@ -365,23 +368,24 @@ class HyperdenseThresholdPipeline:
         """Hyperdense and calcification regions on the grid (the last series is cached,
         so ``segment`` then ``run`` on one series segments it once)."""
         cached = self._cache
-        if cached is not None and cached[0] is series:
+        if cached is not None and cached[0]() is series:
             return cached[1]
-        volume = series.volume
-        masks = intracranial_mask(volume.hu, volume.spacing)
-        if not masks.brain.any():
-            raise NotHeadCt("no intracranial soft tissue found: not a head CT, or no skull")
-        hyperdense, calcified = classify_hyperdense(
-            volume.hu, masks, volume.spacing, self.parameters
-        )
-        voxel_ml = np.full(volume.hu.shape[0], volume.voxel_volume_ml)
-        labels, count = label_regions(
-            hyperdense, voxel_ml, self.parameters.min_volume_ml, self.parameters.connectivity
-        )
-        labels, count = drop_skull_band(labels, count, masks, volume.spacing, self.parameters)
-        calc_labels, calc_count = label_regions(calcified, voxel_ml, 0.0, 26)
+        with stage("segmentation"):
+            volume = series.volume
+            masks = intracranial_mask(volume.hu, volume.spacing)
+            if not masks.brain.any():
+                raise NotHeadCt("no intracranial soft tissue found: not a head CT, or no skull")
+            hyperdense, calcified = classify_hyperdense(
+                volume.hu, masks, volume.spacing, self.parameters
+            )
+            voxel_ml = np.full(volume.hu.shape[0], volume.voxel_volume_ml)
+            labels, count = label_regions(
+                hyperdense, voxel_ml, self.parameters.min_volume_ml, self.parameters.connectivity
+            )
+            labels, count = drop_skull_band(labels, count, masks, volume.spacing, self.parameters)
+            calc_labels, calc_count = label_regions(calcified, voxel_ml, 0.0, 26)
         classes = SegmentedClasses(labels, count, calc_labels, calc_count)
-        self._cache = (series, classes)
+        self._cache = (weakref.ref(series), classes)
         return classes
 
     def run(

@@ -13,7 +13,8 @@ from scipy import ndimage
 
 from pipelines.base import RegionMeasurements, SegmentClass, SegmentResult
 from pipelines.geometry import grid_to_frames, represented_thickness
-from pipelines.series import LoadedSeries
+from pipelines.series import LoadedSeries, label_dtype
+from pipelines.stages import charged_to
 
 HU_MAX_WINDOW_PX = 3
 """Side of the in-plane window whose mean defines HUmax (Jiang et al. 2025: 3x3 pixels)."""
@@ -114,6 +115,7 @@ def measure_region(
     )
 
 
+@charged_to("segmentation")  # mapping the grid's regions onto the frames
 def measure_segment(
     series: LoadedSeries, segment: SegmentClass, labels: NDArray[np.integer], count: int
 ) -> SegmentResult:
@@ -128,7 +130,7 @@ def measure_segment(
         [np.linalg.norm(a[:3, 1]) * np.linalg.norm(a[:3, 2]) for a in series.frame_affines]
     )
     kept = np.zeros(labels.shape, dtype=bool)
-    region_labels = np.zeros(series.frame_hu.shape, dtype=np.int32)
+    region_labels = np.zeros(series.frame_hu.shape, dtype=label_dtype(count))
     regions = []
     for i in range(1, count + 1):
         grid_mask = labels == i

@@ -19,6 +19,7 @@ import pydicom
 from numpy.typing import NDArray
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.pixels import pixel_array
 
 from pipelines.geometry import (
     default_slice_spacing,
@@ -45,14 +46,17 @@ class InconsistentSeries(VolumeLoadError):
 
 @dataclass(frozen=True)
 class _Frame:
-    """One decoded frame before sorting."""
+    """One frame's place and rescale, read from the headers before any pixel is
+    decoded (pixels are then decoded one instance at a time straight into the series'
+    HU array, so no frame is held twice)."""
 
     dataset: Dataset
     frame_number: int | None
     position: NDArray[np.float64]
     orientation: NDArray[np.float64]
     pixel_spacing: tuple[float, float]
-    hu: NDArray[np.float32]
+    shape: tuple[int, int]  # Rows, Columns
+    rescale: tuple[np.float32, np.float32]  # slope, intercept
 
 
 def read_datasets(paths: Sequence[Path]) -> list[Dataset]:
@@ -106,16 +110,18 @@ def load_datasets(
         raise InconsistentSeries(
             "two frames lie on the same plane (duplicate or mixed acquisitions)"
         )
-    frame_hu = np.stack([f.hu for f in frames])
+    frame_hu = _hounsfield(frames, len(images))
+    sources = [(f.dataset, f.frame_number, f.position) for f in frames]
     spacing = slice_spacing_mm or default_slice_spacing(stack)
     grid = orthogonal_grid(stack, frame_hu.shape[1:], spacing)
     volume = Volume(resample_to_grid(frame_hu, stack, grid), grid.affine(stack.basis))
-    kept = list(dict.fromkeys(id(f.dataset) for f in frames))
-    by_id = {id(f.dataset): f.dataset for f in frames}
+    kept = list(dict.fromkeys(id(ds) for ds, _, _ in sources))
+    by_id = {id(ds): ds for ds, _, _ in sources}
     return LoadedSeries(
         datasets=[by_id[i] for i in kept],
         frames=[
-            SourceFrame(str(f.dataset.SOPInstanceUID), f.frame_number, f.position) for f in frames
+            SourceFrame(str(ds.SOPInstanceUID), number, position)
+            for ds, number, position in sources
         ],
         frame_hu=frame_hu,
         frame_affines=frame_affines(stack),
@@ -167,34 +173,46 @@ def check_one_series(datasets: Sequence[Dataset]) -> None:
 
 
 def _all_frames(images: Sequence[Dataset]) -> list[_Frame]:
-    """Frames of every image; refuses the series naming each instance that fails."""
+    """Frames of every image, from the headers; refuses the series naming each instance
+    that fails (with those that cannot be decoded either, when any fails)."""
     frames: list[_Frame] = []
-    failed: list[tuple[Dataset, str]] = []
-    for ds in images:
+    failed: dict[int, str] = {}
+    for index, ds in enumerate(images):
         try:
             frames.extend(_frames_of(ds))
         except VolumeLoadError as exc:
-            failed.append((ds, str(exc)))
+            failed[index] = str(exc)
     if failed:
-        details = "; ".join(
-            f"{instance_name(ds)}: {why}" for ds, why in failed[:NAMED_INSTANCES_MAX]
-        )
-        rest = len(failed) - NAMED_INSTANCES_MAX
-        raise VolumeLoadError(
-            f"{len(failed)} of {len(images)} instances cannot be used: {details}"
-            + (f" and {rest} more" if rest > 0 else "")
-        )
+        for index, ds in enumerate(images):  # name the undecodable ones as well
+            if index not in failed:
+                try:
+                    _decode(ds)
+                except VolumeLoadError as exc:
+                    failed[index] = str(exc)
+        raise _unusable([(images[i], why) for i, why in sorted(failed.items())], len(images))
     return frames
 
 
+def _unusable(failed: Sequence[tuple[Dataset, str]], total: int) -> VolumeLoadError:
+    """The failure naming the first few unusable instances and why, counting the rest."""
+    details = "; ".join(f"{instance_name(ds)}: {why}" for ds, why in failed[:NAMED_INSTANCES_MAX])
+    rest = len(failed) - NAMED_INSTANCES_MAX
+    return VolumeLoadError(
+        f"{len(failed)} of {total} instances cannot be used: {details}"
+        + (f" and {rest} more" if rest > 0 else "")
+    )
+
+
 def _frames_of(ds: Dataset) -> list[_Frame]:
-    """Decode a single-frame or multi-frame instance into frames with geometry."""
-    pixels = _decode(ds)
+    """The frames of a single-frame or multi-frame instance, with their geometry."""
+    try:
+        shape = (int(ds.Rows), int(ds.Columns))
+        count = int(ds.get("NumberOfFrames", 1) or 1)
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise VolumeLoadError(f"an image lacks its matrix size ({exc})") from exc
     if "PerFrameFunctionalGroupsSequence" in ds:
-        if pixels.ndim == 2:
-            pixels = pixels[np.newaxis]
-        return [_enhanced_frame(ds, i, pixels[i]) for i in range(pixels.shape[0])]
-    if pixels.ndim != 2:
+        return [_enhanced_frame(ds, i, shape) for i in range(count)]
+    if count != 1:
         raise VolumeLoadError("a multi-frame instance without functional groups cannot be placed")
     try:
         return [
@@ -204,14 +222,15 @@ def _frames_of(ds: Dataset) -> list[_Frame]:
                 np.asarray(ds.ImagePositionPatient, dtype=np.float64),
                 np.asarray(ds.ImageOrientationPatient, dtype=np.float64),
                 (float(ds.PixelSpacing[0]), float(ds.PixelSpacing[1])),
-                _rescale(pixels, ds.get("RescaleSlope", 1), ds.get("RescaleIntercept", 0)),
+                shape,
+                _rescale(ds.get("RescaleSlope", 1), ds.get("RescaleIntercept", 0)),
             )
         ]
     except AttributeError as exc:
         raise VolumeLoadError(f"an image lacks plane geometry ({exc})") from exc
 
 
-def _enhanced_frame(ds: Dataset, index: int, pixels: NDArray[np.generic]) -> _Frame:
+def _enhanced_frame(ds: Dataset, index: int, shape: tuple[int, int]) -> _Frame:
     """One frame of an enhanced multi-frame instance, geometry from functional groups."""
 
     def item(sequence: str) -> Dataset:
@@ -223,6 +242,8 @@ def _enhanced_frame(ds: Dataset, index: int, pixels: NDArray[np.generic]) -> _Fr
             return shared[0][sequence][0]
         raise VolumeLoadError(f"frame {index + 1} has no {sequence}")
 
+    if index >= len(ds.PerFrameFunctionalGroupsSequence):
+        raise VolumeLoadError(f"frame {index + 1} has no functional groups")
     measures = item("PixelMeasuresSequence")
     try:
         transform = item("PixelValueTransformationSequence")
@@ -235,14 +256,18 @@ def _enhanced_frame(ds: Dataset, index: int, pixels: NDArray[np.generic]) -> _Fr
         np.asarray(item("PlanePositionSequence").ImagePositionPatient, dtype=np.float64),
         np.asarray(item("PlaneOrientationSequence").ImageOrientationPatient, dtype=np.float64),
         (float(measures.PixelSpacing[0]), float(measures.PixelSpacing[1])),
-        _rescale(pixels, slope, intercept),
+        shape,
+        _rescale(slope, intercept),
     )
 
 
 def _decode(ds: Dataset) -> NDArray[np.generic]:
-    """Decoded stored values, or a ``VolumeLoadError`` naming the transfer syntax."""
+    """Decoded stored values, or a ``VolumeLoadError`` naming the transfer syntax.
+
+    Not ``ds.pixel_array``: that keeps a decoded copy in the dataset, which stays with
+    the loaded series for as long as its outputs are written."""
     try:
-        return np.asarray(ds.pixel_array)
+        return np.asarray(pixel_array(ds))
     except Exception as exc:  # codecs raise many types; all mean "cannot decode"
         meta = getattr(ds, "file_meta", Dataset())
         syntax = meta.get("TransferSyntaxUID", "unknown transfer syntax")
@@ -250,11 +275,9 @@ def _decode(ds: Dataset) -> NDArray[np.generic]:
         raise VolumeLoadError(f"cannot decode pixel data ({name}): {exc}") from exc
 
 
-def _rescale(
-    pixels: NDArray[np.generic], slope: float | str, intercept: float | str
-) -> NDArray[np.float32]:
-    """Stored values to Hounsfield units; a slope or intercept that is not a finite
-    number, a slope that is not positive, or values that overflow are refused."""
+def _rescale(slope: float | str, intercept: float | str) -> tuple[np.float32, np.float32]:
+    """RescaleSlope and RescaleIntercept as float32; a slope or intercept that is not a
+    finite number, or a slope that is not positive, is refused."""
     try:
         slope_value, intercept_value = float(slope), float(intercept)
     except (TypeError, ValueError) as exc:
@@ -263,11 +286,50 @@ def _rescale(
         raise VolumeLoadError(
             f"RescaleSlope {slope_value:g} / RescaleIntercept {intercept_value:g} unusable"
         )
-    with np.errstate(over="ignore", invalid="ignore"):
-        hu = pixels.astype(np.float32) * np.float32(slope_value) + np.float32(intercept_value)
-    if not np.all(np.isfinite(hu)):
+    with np.errstate(over="ignore"):
+        rescale = np.float32(slope_value), np.float32(intercept_value)
+    if not np.all(np.isfinite(rescale)):
         raise VolumeLoadError(f"RescaleSlope {slope_value:g} overflows the HU values")
+    return rescale
+
+
+def _hounsfield(frames: Sequence[_Frame], instances: int) -> NDArray[np.float32]:
+    """The frames' HU values in their order: each instance decoded once and each of its
+    frames rescaled straight into its place (``stored.astype(float32) * slope +
+    intercept``); refuses the series naming each instance that cannot be decoded or
+    whose values overflow."""
+    hu = np.empty((len(frames), *frames[0].shape), dtype=np.float32)
+    places: dict[int, list[tuple[int, _Frame]]] = {}
+    for place, frame in enumerate(frames):
+        places.setdefault(id(frame.dataset), []).append((place, frame))
+    failed: list[tuple[Dataset, str]] = []
+    for placed in places.values():
+        ds = placed[0][1].dataset
+        try:
+            stored = _decode(ds)
+            stored = stored[np.newaxis] if stored.ndim == 2 else stored
+            for place, frame in placed:
+                _rescale_into(hu[place], stored[(frame.frame_number or 1) - 1], frame.rescale)
+        except (VolumeLoadError, IndexError) as exc:
+            failed.append((ds, str(exc) if isinstance(exc, VolumeLoadError) else "too few frames"))
+    if failed:
+        raise _unusable(failed, instances)
     return hu
+
+
+def _rescale_into(
+    plane: NDArray[np.float32], stored: NDArray[np.generic], rescale: tuple[np.float32, np.float32]
+) -> None:
+    """Write ``stored`` in HU into ``plane``; values that overflow are refused."""
+    if stored.shape != plane.shape:
+        raise VolumeLoadError(f"pixel data is {stored.shape}, not Rows x Columns {plane.shape}")
+    slope, intercept = rescale
+    plane[...] = stored
+    with np.errstate(over="ignore", invalid="ignore"):
+        plane *= slope
+        plane += intercept
+    if not np.all(np.isfinite(plane)):
+        raise VolumeLoadError(f"RescaleSlope {float(slope):g} overflows the HU values")
 
 
 def _check_consistent(frames: Sequence[_Frame]) -> None:
@@ -276,7 +338,7 @@ def _check_consistent(frames: Sequence[_Frame]) -> None:
     for frame in frames[1:]:
         if np.max(np.abs(frame.orientation - first.orientation)) > ORIENTATION_TOLERANCE:
             raise InconsistentSeries("frames have more than one orientation")
-        if frame.hu.shape != first.hu.shape:
+        if frame.shape != first.shape:
             raise InconsistentSeries("frames have different matrix sizes")
         if not np.allclose(frame.pixel_spacing, first.pixel_spacing, atol=1e-4):
             raise InconsistentSeries("frames have different pixel spacings")

@@ -18,6 +18,7 @@ from pipelines.base import PipelineError
 from pipelines.cnn import CaseInput, InputConfig, prepare_frames
 from pipelines.radiomics.extract import extract
 from pipelines.radiomics.params import PARAMS_DIR, RadiomicsError
+from pipelines.stages import charged_to
 
 RADIOMICS_PARAMS = PARAMS_DIR / "ais_prognosis_mri.yaml"
 CLINICAL_VARIABLES = ("nihss", "ich")
@@ -32,6 +33,7 @@ CNN_INPUT = InputConfig(
 PLAUSIBLE = {"nihss": (0.0, 42.0), "ich": (0.0, 1.0)}
 
 
+@charged_to("features")
 def radiomics_features(study: PreparedStudy) -> dict[str, float]:
     """pyradiomics features (``ais_prognosis_mri.yaml``) of the whole infarct ROI."""
     logging.getLogger("radiomics").setLevel(logging.ERROR)
@@ -41,6 +43,7 @@ def radiomics_features(study: PreparedStudy) -> dict[str, float]:
         raise PipelineError(f"radiomics of the infarct ROI failed: {exc}") from exc
 
 
+@charged_to("features")
 def cnn_input(study: PreparedStudy, config: InputConfig = CNN_INPUT) -> CaseInput:
     """The 2.5-D sample of the z-scored DWI around the ROI's largest slice."""
     spacing = study.spacing

@@ -34,6 +34,7 @@ from scipy import ndimage
 from pipelines.base import PipelineError
 from pipelines.measure import connected_regions
 from pipelines.series import LoadedSeries, Volume
+from pipelines.stages import charged_to
 
 ADC_THRESHOLD = 620.0  # 1e-6 mm2/s: ischaemic core (RAPID's ADC < 620e-6 mm2/s)
 ADC_FLOOR = 100.0  # below: background, skull, no tissue
@@ -156,6 +157,7 @@ def frame_of_reference(series: LoadedSeries) -> str:
     return str(series.reference.get("FrameOfReferenceUID", ""))
 
 
+@charged_to("segmentation")
 def prepare_study(series_by_role: Mapping[str, LoadedSeries]) -> PreparedStudy:
     """Resample every role onto the DWI grid, correct, normalise and segment the infarct."""
     missing = [role for role in REQUIRED_ROLES if role not in series_by_role]

@@ -26,6 +26,7 @@ from pipelines.ais_prognosis_mri.features import CLINICAL_VARIABLES, RADIOMICS_P
 from pipelines.base import PipelineError
 from pipelines.cnn import CaseInput, CnnClassifier, build_classifier
 from pipelines.models.classifiers import Nomogram, linear_predictor_terms, nomogram
+from pipelines.stages import charged_to
 
 MODEL_NAME = "ais_prognosis_mri"
 PRIMARY = "crd"
@@ -131,6 +132,7 @@ class MriModel:
             nomogram=chart,
         )
 
+    @charged_to("model")
     def predict(
         self, clinical: Mapping[str, float], radiomics: Mapping[str, float], case: CaseInput
     ) -> Prediction:

@@ -73,6 +73,7 @@ from pipelines.measure import measure_segment
 from pipelines.outputs.common import plain
 from pipelines.series import LoadedSeries
 from pipelines.settings import PipelinesSettings
+from pipelines.stages import charged_to
 
 HEATMAP_OFFSETS = (-2, 0, 2)  # slices n-2, n, n+2 around the ROI's largest slice n
 POOR_PROGNOSIS = CodedConcept("170969009", "SCT", "Prognosis bad")
@@ -95,6 +96,7 @@ def without_hu(region: RegionMeasurements) -> RegionMeasurements:
     return replace(region, hu_max=math.nan, hu_mean=math.nan)
 
 
+@charged_to("segmentation")
 def infarct_segment(study: PreparedStudy) -> SegmentResult:
     """The ROI's regions on the DWI frames, measured (volume, area; no HU on MR)."""
     segment = measure_segment(study.reference, INFARCT_SEGMENT, study.labels, study.count)
@@ -258,6 +260,7 @@ class AisPrognosisMriPipeline:
         return replace(result, notes=[*notes, nomogram_line(prediction)], risk=risk,
                        heatmaps=heatmaps)  # fmt: skip
 
+    @charged_to("model")
     def _heatmaps(self, study: PreparedStudy, model: MriModel) -> list[HeatMap]:
         """Grad-CAM (poor outcome) on the ROI's largest slice n and slices n-2, n+2."""
         config = replace(CNN_INPUT, sample_offsets=HEATMAP_OFFSETS)

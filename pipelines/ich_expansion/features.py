@@ -32,6 +32,7 @@ from pipelines.ich_expansion.geometry import ABC_FACTOR, MM3_PER_ML, abc2_diamet
 from pipelines.measure import measure_segment
 from pipelines.series import LoadedSeries
 from pipelines.slice_classifier.classifier import SliceClassifier
+from pipelines.stages import charged_to
 
 SLICE_CONFIRM = 0.5
 STUDY_WINDOW_HU = (0.0, 100.0)
@@ -87,6 +88,7 @@ def confirmed_frames(
     return tuple(int(k) for k in np.flatnonzero(keep))
 
 
+@charged_to("segmentation")
 def find_haematoma(
     series: LoadedSeries,
     segmenter: Segmenter,

@@ -36,6 +36,7 @@ from pipelines.ich_expansion.clinical import MODEL_VARIABLES
 from pipelines.ich_expansion.features import CNN_INPUT, Haematoma, frame_inputs
 from pipelines.series import LoadedSeries
 from pipelines.slice_classifier.classifier import normalised_dl_score
+from pipelines.stages import charged_to
 
 MODEL_NAME = "ich_expansion"
 PRIMARY = "integrated"
@@ -158,6 +159,7 @@ class ExpansionModel:
             imputation=ImputationMedians(dict(manifest["imputation"])),
         )
 
+    @charged_to("model")
     def predict(
         self,
         series: LoadedSeries,

@@ -49,6 +49,7 @@ from pipelines.registry import get_segmenter
 from pipelines.series import LoadedSeries
 from pipelines.settings import PipelinesSettings
 from pipelines.slice_classifier.classifier import SliceClassifier, load_slice_classifier
+from pipelines.stages import charged_to
 
 CLINICAL_TABLE_SETTING = "[pipelines.ich_expansion] clinical_table"
 HEATMAP_OFFSETS = (-2, 0, 2)
@@ -253,6 +254,7 @@ class IchExpansionPipeline:
             self.algorithm, [haematoma.segment], haematoma.key_frame, notes, risk, heatmaps
         )
 
+    @charged_to("model")
     def _heatmaps(
         self, series: LoadedSeries, haematoma: Haematoma, model: ExpansionModel
     ) -> list[HeatMap]:

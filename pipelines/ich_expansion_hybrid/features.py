@@ -31,6 +31,7 @@ from pipelines.ht_after_mt.features import Lesion, find_lesion
 from pipelines.radiomics.extract import extract_series
 from pipelines.radiomics.params import RadiomicsError
 from pipelines.series import LoadedSeries
+from pipelines.stages import charged_to
 
 RADIOMICS_PARAMS = "ich_expansion"
 BACKBONE = "efficientnet_lite0"
@@ -71,6 +72,7 @@ def cnn_names(dim: int) -> tuple[str, ...]:
     return tuple(f"cnn_{i:04d}" for i in range(dim))
 
 
+@charged_to("features")
 def hybrid_features(
     series: LoadedSeries,
     segmenter: Segmenter,

@@ -26,6 +26,7 @@ from model_store.registry import STORE_ROOT, ModelStoreError, sha256_hex
 from pipelines.base import PipelineError
 from pipelines.ich_expansion_hybrid.features import RADIOMICS_PARAMS
 from pipelines.radiomics.params import params_path
+from pipelines.stages import charged_to
 
 MODEL_NAME = "ich_expansion_hybrid"
 PRIMARY = "combined"
@@ -103,6 +104,7 @@ class HybridModel:
         x = np.array([[row[n] for n in names]], dtype=np.float64)
         return float(self.artefact.estimators[source].predict_proba(x)[0, 1])
 
+    @charged_to("model")
     def predict(self, row: Mapping[str, float]) -> HybridPrediction:
         """Every model's probability for one case's features, and the contributions."""
         needed = {n for names in self.selected.values() for n in names}

@@ -27,6 +27,7 @@ from pipelines.geometry import grid_to_frames, represented_thickness
 from pipelines.measure import measure_region
 from pipelines.radiomics import RadiomicsError, extract_series
 from pipelines.series import LoadedSeries
+from pipelines.stages import charged_to
 
 PARAMS_DIR = Path(__file__).parent / "params"
 BUNDLED_PARAMS: dict[str, Path] = {
@@ -60,6 +61,7 @@ def frame_geometry(series: LoadedSeries) -> tuple[NDArray[np.float64], NDArray[n
     return areas, thickness
 
 
+@charged_to("segmentation")
 def find_areas(
     series: LoadedSeries, segmenter: Segmenter, labels: LabelledRegions | None = None
 ) -> list[Area]:
@@ -84,6 +86,7 @@ def resolve_params(params: str | Path) -> str | Path:
     return BUNDLED_PARAMS.get(params, params) if isinstance(params, str) else params
 
 
+@charged_to("features")
 def area_radiomics(
     series: LoadedSeries, grid_mask: NDArray[np.bool_], params: str | Path
 ) -> dict[str, float]:

@@ -27,6 +27,7 @@ from model_store.registry import STORE_ROOT, ModelStoreError, sha256_hex
 from pipelines.base import PipelineError
 from pipelines.iph_vs_contrast.features import resolve_params
 from pipelines.radiomics.params import params_path
+from pipelines.stages import charged_to
 
 MODEL_NAME = "iph_vs_contrast"
 PRIMARY = "radscore"
@@ -123,6 +124,7 @@ class IphModel:
             raise PipelineError(f"radiomics feature {bad[0]} is not finite for this area")
         return row
 
+    @charged_to("model")
     def classify(self, radiomics: Mapping[str, float]) -> AreaVerdict:
         """Rad-score, probability and class of one area."""
         score = float(rad_scores(self.recipe, [self.row(radiomics)])[0])

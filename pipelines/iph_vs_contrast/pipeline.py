@@ -44,7 +44,7 @@ from pipelines.iph_vs_contrast.features import Area, area_radiomics, find_areas,
 from pipelines.iph_vs_contrast.model import MODEL_NAME, OUTCOME, AreaVerdict, IphModel
 from pipelines.measure import measure_region
 from pipelines.registry import get_segmenter
-from pipelines.series import LoadedSeries
+from pipelines.series import LoadedSeries, label_dtype
 from pipelines.settings import PipelinesSettings
 
 ABNORMAL = CodedConcept.from_code(codes.SCT.MorphologicallyAbnormalStructure)
@@ -83,7 +83,7 @@ def class_segment(
     total, and the frame labels that keep each area its own SEG segment."""
     shape = series.frame_hu.shape
     union = np.zeros(shape, dtype=bool)
-    labels = np.zeros(shape, dtype=np.int32)
+    labels = np.zeros(shape, dtype=label_dtype(len(areas)))
     for k, area in enumerate(areas, start=1):
         labels[area.frame_mask & (labels == 0)] = k
         union |= area.frame_mask

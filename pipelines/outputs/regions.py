@@ -27,7 +27,7 @@ from scipy import ndimage
 
 from pipelines.base import PipelineResult, RegionMeasurements, SegmentClass, SegmentResult
 from pipelines.outputs.uids import derive_uid
-from pipelines.series import LoadedSeries
+from pipelines.series import LoadedSeries, label_dtype
 
 Rgb = tuple[int, int, int]
 
@@ -66,8 +66,19 @@ class PlannedSegment:
     label: str  # SegmentLabel and Tracking Identifier, e.g. "Hyperdense region 1"
     segment: SegmentClass
     measurements: RegionMeasurements | None  # None for an empty class
-    mask: NDArray[np.bool_]  # (n_frames, rows, columns) on LoadedSeries.frames
+    # The class's frame labels (``region_label_array``), shared by its regions; None for
+    # an empty class. Each region's mask is made when asked for (``mask``), so a plan of
+    # many regions does not hold a whole-series mask per region.
+    labels: NDArray[np.integer] | None
     colour: Rgb
+    shape: tuple[int, ...]  # (n_frames, rows, columns) on LoadedSeries.frames
+
+    @property
+    def mask(self) -> NDArray[np.bool_]:
+        """The segment's mask on the source frames, (n_frames, rows, columns)."""
+        if self.labels is None or self.region_index is None:
+            return np.zeros(self.shape, dtype=bool)
+        return np.asarray(self.labels == self.region_index + 1)
 
     @property
     def finding(self) -> CodedConcept:
@@ -89,7 +100,7 @@ def class_colour(index: int, segment: SegmentClass) -> Rgb:
     return FINDING_COLOURS.get(key, SEGMENT_COLOURS[index % len(SEGMENT_COLOURS)])
 
 
-def region_label_array(segment: SegmentResult) -> NDArray[np.int32]:
+def region_label_array(segment: SegmentResult) -> NDArray[np.integer]:
     """Frame labels of ``segment``'s regions: 0 outside, k inside ``regions[k - 1]``.
 
     The pipeline's own labels when it gave them; otherwise the 26-connected parts of the
@@ -102,9 +113,10 @@ def region_label_array(segment: SegmentResult) -> NDArray[np.int32]:
                 f"region labels {segment.region_labels.shape} do not match the segment "
                 f"mask {segment.frame_mask.shape}"
             )
-        return np.where(segment.frame_mask, segment.region_labels, 0).astype(np.int32)
+        labels = segment.region_labels
+        return np.where(segment.frame_mask, labels, np.zeros((), dtype=labels.dtype))
     wanted = len(segment.regions)
-    out = np.zeros(segment.frame_mask.shape, dtype=np.int32)
+    out = np.zeros(segment.frame_mask.shape, dtype=label_dtype(wanted))
     if wanted == 0 or not segment.frame_mask.any():
         return out
     if wanted == 1:
@@ -147,8 +159,9 @@ def segment_plan(result: PipelineResult) -> list[PlannedSegment]:
                     label=region_label(segment.segment, None),
                     segment=segment.segment,
                     measurements=None,
-                    mask=np.zeros(segment.frame_mask.shape, dtype=bool),
+                    labels=None,
                     colour=colour,
+                    shape=segment.frame_mask.shape,
                 )
             )
             continue
@@ -162,8 +175,9 @@ def segment_plan(result: PipelineResult) -> list[PlannedSegment]:
                     label=region_label(segment.segment, region_index),
                     segment=segment.segment,
                     measurements=measurements,
-                    mask=labels == region_index + 1,
+                    labels=labels,
                     colour=colour,
+                    shape=segment.frame_mask.shape,
                 )
             )
     return planned

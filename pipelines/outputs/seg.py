@@ -52,16 +52,17 @@ def seg_pixel_array(series: LoadedSeries, planned: list[PlannedSegment]) -> NDAr
     if not planned:
         raise ValueError("a DICOM SEG needs at least one segment; the result has none")
     index = {(f.sop_instance_uid, f.frame_number): i for i, f in enumerate(series.frames)}
-    masks = np.stack([p.mask for p in planned], axis=-1)
-    if masks.shape[:3] != series.frame_hu.shape:
-        raise ValueError(
-            f"segment masks {masks.shape[:3]} do not match the frames {series.frame_hu.shape}"
-        )
+    for p in planned:
+        if p.shape != series.frame_hu.shape:
+            raise ValueError(
+                f"segment masks {p.shape} do not match the frames {series.frame_hu.shape}"
+            )
     keys = source_frame_keys(series)
-    pixels = np.zeros((len(keys), *masks.shape[1:]), dtype=np.uint8)
-    for row, key in enumerate(keys):
-        if key in index:
-            pixels[row] = masks[index[key]]
+    rows = [row for row, key in enumerate(keys) if key in index]
+    frames = [index[keys[row]] for row in rows]
+    pixels = np.zeros((len(keys), *series.frame_hu.shape[1:], len(planned)), dtype=np.uint8)
+    for number, p in enumerate(planned):  # one segment at a time: no stack of every mask
+        pixels[rows, :, :, number] = p.mask[frames]
     return pixels
 
 
