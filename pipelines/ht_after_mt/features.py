@@ -63,6 +63,7 @@ from pipelines.ht_after_mt.clinical import (
 )
 from pipelines.radiomics import RadiomicsError, extract_series
 from pipelines.series import LoadedSeries
+from pipelines.stages import charged_to
 
 __all__ = [
     "CLINICAL_VARIABLES",
@@ -256,6 +257,7 @@ class CaseFeatures:
     clinical_issues: tuple[ClinicalIssue, ...] = ()  # why each missing one is missing
 
 
+@charged_to("features")
 def case_features(
     series: LoadedSeries,
     row: RowLookup | Mapping[str, Any] | None,

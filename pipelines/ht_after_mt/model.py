@@ -34,6 +34,7 @@ from pipelines.ht_after_mt.features import (
 )
 from pipelines.models import FeatureBlocks, predict_risk
 from pipelines.radiomics.params import params_path
+from pipelines.stages import charged_to
 
 MODEL_NAME = "ht_after_mt"
 PRIMARY = "combined"
@@ -170,6 +171,7 @@ class HtModel:
             imputed,
         )
 
+    @charged_to("model")
     def predict(self, case_id: str, case: CaseFeatures) -> Prediction:
         """The risk of every stored variant for one case."""
         blocks, imputed = self.features(case_id, case)

@@ -91,6 +91,7 @@ from pipelines.retraining.card import model_card
 from pipelines.retraining.ood import manifest_input_check
 from pipelines.series import LoadedSeries
 from pipelines.settings import PipelinesSettings
+from pipelines.stages import charged_to
 
 CLINICAL_TABLE_SETTING = "[pipelines.ht_after_mt] clinical_table"
 HEATMAP_REACH = 2
@@ -356,6 +357,7 @@ class HtAfterMtPipeline:
         )
         return replace(imaging, notes=notes, risk=risk, heatmaps=heatmaps, case_record=record)
 
+    @charged_to("model")
     def _heatmaps(
         self, series: LoadedSeries, case: CaseFeatures, model: HtModel, high_risk: bool
     ) -> list[HeatMap]:
