@@ -354,3 +354,22 @@ def test_lbp3d_matches_pyradiomics(monkeypatch: pytest.MonkeyPatch) -> None:
     assert theirs.keys() == ours.keys()
     for name in ours:
         assert np.allclose(ours[name][mask], theirs[name][mask], rtol=1e-12, atol=1e-12), name
+
+
+def test_pool_size_comes_from_the_settings() -> None:
+    """``[pipelines.radiomics] workers`` sizes the pool of a pipeline that extracts features."""
+    from pydantic import ValidationError
+
+    from pipelines.radiomics import configure, default_workers
+    from pipelines.registry import get_pipeline
+    from pipelines.settings import PipelinesSettings, RadiomicsSettings
+
+    with pytest.raises(ValidationError, match="workers"):
+        RadiomicsSettings(workers=0)
+    try:
+        get_pipeline("iph_vs_contrast", PipelinesSettings(radiomics=RadiomicsSettings(workers=3)))
+        assert default_workers() == 3
+        get_pipeline("iph_vs_contrast", PipelinesSettings())
+        assert default_workers() == min(2, os.cpu_count() or 1)
+    finally:
+        configure(workers=None)

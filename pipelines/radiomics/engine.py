@@ -244,9 +244,18 @@ def _sharing(cls: type) -> type:
     )
 
 
+_configured_workers: int | None = None
+
+
+def configure(*, workers: int | None) -> None:
+    """Set the pool size extractions use when they name none (None: ``default_workers``)."""
+    global _configured_workers
+    _configured_workers = workers
+
+
 def default_workers() -> int:
-    """Worker processes when none are configured: two, or one on a single core."""
-    return min(2, os.cpu_count() or 1)
+    """The configured pool size, else two worker processes (one on a single core)."""
+    return _configured_workers or min(2, os.cpu_count() or 1)
 
 
 def run_tasks(
