@@ -5,9 +5,10 @@ hyperdense threshold pipeline), times ``pipelines.radiomics.extract`` (crop arou
 derived images in the worker pool, shared discretisation), the same in this process only
 (``workers=1``) and stock pyradiomics on the whole volume (``crop=False``: pyradiomics'
 ``execute`` on the uncropped image and mask) for each bundled parameter file, in one run,
-alternating. Reports the median of ``--runs`` runs of each, ours / stock, the feature count
-and the largest relative difference between ours and stock over all features. The first
-pooled call (it starts the pool's processes) is reported on its own. The parameter files
+alternating. Reports the median of ``--runs`` runs of each (wall time, and CPU time of this
+process and its worker processes), ours / stock, the feature count and the largest
+relative difference between ours and stock over all features. The first pooled call (for
+the first file it starts the pool's processes) is reported on its own. The parameter files
 are parsed once before timing, for both.
 
 ``--memory`` adds the peak memory of one extraction on a generated 300-slice 512 x 512
@@ -45,6 +46,7 @@ from pipelines.synthetic import insert_lesion, synthetic_head_ct
 from pipelines.volume import load_datasets
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
+TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def lesion_case(
@@ -58,11 +60,15 @@ def lesion_case(
     return series, labels == 1
 
 
-def timed(function: Callable[[], dict[str, float]]) -> tuple[float, dict[str, float]]:
-    """Wall time of one call and its result."""
+def timed(
+    function: Callable[[], dict[str, float]],
+) -> tuple[float, float, dict[str, float]]:
+    """Wall time and CPU time (this process and its worker processes) of one call, and
+    its result."""
+    cpu = _family_cpu_s()
     start = time.perf_counter()
     result = function()
-    return time.perf_counter() - start, result
+    return time.perf_counter() - start, _family_cpu_s() - cpu, result
 
 
 def max_relative_difference(a: dict[str, float], b: dict[str, float]) -> float:
@@ -79,8 +85,9 @@ def timing_rows(
     for name in STUDY_PARAMS:
         run = partial(extract, volume.hu, volume.spacing, mask, name)
         count_features(name)  # parses (and caches) the file outside the timings
-        first_s, _ = timed(run)
+        first_s, _, _ = timed(run)  # the first file's includes starting the pool
         times: dict[str, list[float]] = {"ours": [], "single": [], "stock": []}
+        cpu: dict[str, list[float]] = {"ours": [], "single": [], "stock": []}
         results: dict[str, dict[str, float]] = {}
         for _ in range(runs):
             for key, call in (
@@ -88,9 +95,11 @@ def timing_rows(
                 ("single", partial(run, workers=1)),
                 ("stock", partial(run, crop=False)),
             ):
-                seconds, results[key] = timed(call)
+                seconds, cpu_s, results[key] = timed(call)
                 times[key].append(seconds)
+                cpu[key].append(cpu_s)
         median = {k: statistics.median(v) for k, v in times.items()}
+        median_cpu = {k: statistics.median(v) for k, v in cpu.items()}
         rows.append(
             {
                 "params": name,
@@ -103,6 +112,10 @@ def timing_rows(
                 "stock_s": round(median["stock"], 3),
                 "ours_over_stock": round(median["ours"] / median["stock"], 3),
                 "single_over_stock": round(median["single"] / median["stock"], 3),
+                "ours_cpu_s": round(median_cpu["ours"], 3),
+                "single_cpu_s": round(median_cpu["single"], 3),
+                "stock_cpu_s": round(median_cpu["stock"], 3),
+                "cpu_ours_over_stock": round(median_cpu["ours"] / median_cpu["stock"], 3),
                 "max_rel_diff": max_relative_difference(results["ours"], results["stock"]),
                 "max_rel_diff_single": max_relative_difference(results["single"], results["stock"]),
             }
@@ -110,31 +123,51 @@ def timing_rows(
     return rows
 
 
-def _resident_bytes(pid: int) -> int:
-    """Resident memory of process ``pid`` (0 once it is gone)."""
-    try:
-        with open(f"/proc/{pid}/statm") as handle:
-            return int(handle.read().split()[1]) * PAGE
-    except (FileNotFoundError, ProcessLookupError):
-        return 0
-
-
-def _family_bytes(pid: int | None = None) -> int:
-    """Resident memory of a process (this one) and all its descendants (the worker pool)."""
+def _family(pid: int | None = None) -> list[int]:
+    """A process (this one) and all its descendants (the pool, its forkserver)."""
     pid = os.getpid() if pid is None else pid
-    total = _resident_bytes(pid)
+    out = [pid]
     try:
         threads = os.listdir(f"/proc/{pid}/task")
     except FileNotFoundError:
-        return total
+        return out
     for thread in threads:
         try:
             with open(f"/proc/{pid}/task/{thread}/children") as handle:
                 children = [int(child) for child in handle.read().split()]
         except FileNotFoundError:
             continue
-        total += sum(_family_bytes(child) for child in children)
-    return total
+        for child in children:
+            out += _family(child)
+    return out
+
+
+def _proc_field(pid: int, read: Callable[[str], int]) -> int:
+    """``read`` of a /proc/<pid> file's text; 0 once the process is gone."""
+    try:
+        with open(f"/proc/{pid}/" + ("statm" if read is _rss else "stat")) as handle:
+            return read(handle.read())
+    except (FileNotFoundError, ProcessLookupError):
+        return 0
+
+
+def _rss(statm: str) -> int:
+    return int(statm.split()[1]) * PAGE
+
+
+def _cpu_ticks(stat: str) -> int:
+    fields = stat.rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+def _family_bytes() -> int:
+    """Resident memory of this process and its descendants."""
+    return sum(_proc_field(pid, _rss) for pid in _family())
+
+
+def _family_cpu_s() -> float:
+    """CPU seconds used so far by this process and its live descendants."""
+    return sum(_proc_field(pid, _cpu_ticks) for pid in _family()) / TICKS
 
 
 def _peak_extra_bytes(function: Callable[[], object]) -> int:
@@ -191,7 +224,7 @@ def memory_rows(params: str, slices: int) -> dict[str, object]:
 def main() -> int:
     """Run the benchmark and write a table (and optionally JSON)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=3, help="0: memory only")
     parser.add_argument("--rows", type=int, default=256, help="image matrix (256 or 512)")
     parser.add_argument("--memory", action="store_true", help="peak memory on 300 slices")
     parser.add_argument("--slices", type=int, default=300)
@@ -202,7 +235,7 @@ def main() -> int:
     series, mask = lesion_case(rows=args.rows)
     volume = series.volume
     lesion_ml = float(mask.sum()) * volume.voxel_volume_ml
-    rows = timing_rows(series, mask, args.runs)
+    rows = timing_rows(series, mask, args.runs) if args.runs > 0 else []
     header = (
         f"volume {volume.hu.shape} at {tuple(round(s, 3) for s in volume.spacing)} mm, "
         f"lesion {lesion_ml:.1f} mL, median of {args.runs} run(s), {os.cpu_count()} cores, "
@@ -211,12 +244,12 @@ def main() -> int:
     lines = [
         header,
         f"{'params':<16}{'n':>6}{'first s':>9}{'ours s':>9}{'1-proc s':>9}{'stock s':>9}"
-        f"{'ours/stock':>11}{'1-proc/stock':>13}  max rel diff",
+        f"{'ours/stock':>11}{'1-proc/stock':>13}{'cpu ours/stock':>15}  max rel diff",
     ]
     lines += [
         f"{r['params']:<16}{r['features']:>6}{r['first_s']:>9}{r['ours_s']:>9}"
         f"{r['single_s']:>9}{r['stock_s']:>9}{r['ours_over_stock']:>11}"
-        f"{r['single_over_stock']:>13}  {r['max_rel_diff']:.1e}"
+        f"{r['single_over_stock']:>13}{r['cpu_ours_over_stock']:>15}  {r['max_rel_diff']:.1e}"
         for r in rows
     ]
     memory = None

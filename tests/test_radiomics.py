@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+import multiprocessing
 import os
 import signal
 from collections.abc import Callable
@@ -373,3 +374,25 @@ def test_pool_size_comes_from_the_settings() -> None:
         assert default_workers() == min(2, os.cpu_count() or 1)
     finally:
         configure(workers=None)
+
+
+def _extract_in_child(params: str, queue: multiprocessing.Queue[int]) -> None:
+    """Pooled extraction in a child process; reports the feature count."""
+    volume, mask = phantom(shape=(16, 64, 64), seed=7)
+    queue.put(len(extract(volume, SPACING, mask, params, workers=2)))
+
+
+def test_a_process_that_extracted_still_exits(tmp_path: Path) -> None:
+    """A multiprocessing child extracts in its own process (a pool of its own would keep
+    it from exiting: multiprocessing joins a child's children before closing its pools)."""
+    params = str(write(tmp_path, "resampled", RESAMPLED_PARAMS))
+    context = multiprocessing.get_context("spawn")
+    queue: multiprocessing.Queue[int] = context.Queue()
+    child = context.Process(target=_extract_in_child, args=(params, queue))
+    child.start()
+    assert queue.get(timeout=300) == count_features(params)
+    child.join(timeout=60)
+    exited = child.exitcode
+    if exited is None:
+        child.kill()
+    assert exited == 0

@@ -119,10 +119,10 @@ def run_task(task: Task) -> dict[str, float]:
             radius=float(task.options.get("lbp3DIcosphereRadius", 1)),
             subdivision=int(task.options.get("lbp3DIcosphereSubdivision", 1)),
         )
-        derived = [(m, name, task.options) for m, name in maps]
-    else:
+        derived: Any = [(m, name, task.options) for m, name in maps]
+    else:  # pyradiomics' generator: one filtered image at a time
         make = getattr(imageoperations, f"get{task.kind}Image")
-        derived = list(_share(make(image, mask, **task.options), task))
+        derived = _share(make(image, mask, **task.options), task)
     cropped_mask = crop_to_box(mask, task.box)
     out: dict[str, float] = {}
     try:
@@ -265,9 +265,11 @@ def run_tasks(
 
     With ``workers`` > 1 and more than one task the tasks run in the worker pool, largest
     first, while ``meanwhile`` runs here; a pool whose worker died is replaced and this
-    extraction's tasks run here instead.
+    extraction's tasks run here instead. A multiprocessing child runs them all itself.
     """
-    if workers <= 1 or len(tasks) <= 1:
+    # Not in a multiprocessing child: a daemonic one may not start processes, and any
+    # other joins its children before its pools are closed, so it would not exit.
+    if workers <= 1 or len(tasks) <= 1 or multiprocessing.parent_process() is not None:
         out = meanwhile()
         for task in tasks:
             out |= run_task(task)
