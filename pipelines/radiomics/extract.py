@@ -1,14 +1,16 @@
 """Radiomics features of one ROI with pyradiomics, computed on a crop around the ROI.
 
-Stock pyradiomics filters the whole volume before it looks at the ROI. ``extract`` hands
-it a block around the ROI instead, wide enough that every feature is the one stock
-pyradiomics computes on the whole volume (``crop=False`` runs exactly that, the
-reference the crop is tested against):
+Stock pyradiomics filters the whole volume before it looks at the ROI. ``extract`` uses a
+block of image and mask around the ROI instead, wide enough that every feature is the one
+stock pyradiomics computes on the whole volume (``crop=False`` runs exactly that, the
+reference the crop is tested against), and computes the derived images' features with
+``pipelines.radiomics.engine`` (worker processes, one discretisation per image):
 
 - with resampling (the bundled files): pyradiomics resamples only the ROI's bounding box
-  plus ``padDistance``, on a grid fixed by the mask. The image is cropped to that region
-  plus the B-spline's reach; the whole-volume mask still defines the grid, so the
-  resampled block, and all that follows, is the stock one.
+  plus ``padDistance``, on a grid fixed by the whole mask's extent. That grid is worked
+  out for the whole volume (``images.resample_crop``) and the block, the region plus the
+  B-spline's reach, resampled onto it, so the resampled block, and all that follows, is
+  the stock one.
 - without resampling: the block reaches as far as each filter does (LoG 18 sigma, where
   ITK's recursive filter output stops changing). Square, square root, logarithm and
   exponential scale by the image's largest |HU|: they run in a pass of their own, on a
@@ -106,7 +108,10 @@ def extract(
         image, mask_image = resample_crop(
             image, mask_image, _starts(region), volume.shape, settings
         )
-    box_xyz, corrected = imageoperations.checkMask(image, mask_image, **settings)
+    try:
+        box_xyz, corrected = imageoperations.checkMask(image, mask_image, **settings)
+    except ValueError as error:  # e.g. the ROI thinner than minimumROIDimensions at 1 mm
+        raise RadiomicsError(f"pyradiomics rejected the ROI: {error}") from error
     if corrected is not None:
         mask_image = corrected
     pool = workers if workers is not None else default_workers()
