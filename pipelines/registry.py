@@ -9,6 +9,7 @@ Every registered class builds itself with ``from_settings(settings)``, where
 from __future__ import annotations
 
 import importlib
+import sys
 from collections.abc import Callable
 from functools import lru_cache, partial
 from typing import cast, get_args
@@ -77,6 +78,9 @@ def _build_pipeline(name: str, settings: PipelinesSettings, stamp: object) -> Pi
         raise KeyError(f"unknown pipeline {name!r}; known: {', '.join(pipeline_names())}") from None
     factory = getattr(importlib.import_module(module_name), class_name)
     pipeline: Pipeline = factory.from_settings(settings)
+    radiomics = sys.modules.get("pipelines.radiomics")
+    if radiomics is not None:  # a pipeline extracts radiomics features: size their pool
+        radiomics.configure(workers=settings.radiomics.workers)
     return pipeline
 
 

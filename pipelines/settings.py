@@ -177,8 +177,17 @@ class AisPrognosisMriSettings(StoredModelSettings):
     device: Device = "cpu"
 
 
+class RadiomicsSettings(_Settings):
+    """``[pipelines.radiomics]``: shared by every pipeline that extracts radiomics
+    features. ``workers``: processes the derived images (LoG scales, wavelet
+    decompositions, ...) of one extraction are shared out to (default: two, one on a
+    single core; 1: all in the pipeline's own process)."""
+
+    workers: int | None = Field(default=None, ge=1, le=16)
+
+
 class PipelinesSettings(_Settings):
-    """``[pipelines]``: one section per pipeline, each optional."""
+    """``[pipelines]``: one section per pipeline, each optional, and ``radiomics``."""
 
     hyperdense_regions: HyperdenseSettings = HyperdenseSettings()
     hyperdense_unet: UNetSettings = UNetSettings()
@@ -188,3 +197,4 @@ class PipelinesSettings(_Settings):
     ich_expansion: IchExpansionSettings = IchExpansionSettings()
     ich_expansion_hybrid: IchExpansionHybridSettings = IchExpansionHybridSettings()
     ais_prognosis_mri: AisPrognosisMriSettings = AisPrognosisMriSettings()
+    radiomics: RadiomicsSettings = RadiomicsSettings()

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import csv
 import math
+import multiprocessing
+import os
+import signal
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,6 +23,7 @@ from pipelines.radiomics import (
     extract_series,
     study_feature_counts,
 )
+from pipelines.radiomics.engine import _Pool, bin_edges
 from pipelines.radiomics.extract import _filter_margin, _resampling_margin
 from pipelines.radiomics.images import bounding_box, grow
 from pipelines.radiomics.lbp3d import icosphere, lbp3d_maps
@@ -177,6 +181,78 @@ def test_crop_matches_whole_volume_native(tmp_path: Path) -> None:
         assert math.isclose(cropped[name], value, rel_tol=1e-9, abs_tol=1e-12), name
 
 
+def assert_same(ours: dict[str, float], stock: dict[str, float], rel: float = 1e-9) -> None:
+    """Same feature names, every value within ``rel`` of stock's."""
+    assert ours.keys() == stock.keys()
+    for name, value in stock.items():
+        assert math.isclose(ours[name], value, rel_tol=rel, abs_tol=1e-12), name
+
+
+@pytest.mark.parametrize("study", sorted(STUDY_PARAMS))
+def test_study_files_match_stock_pyradiomics(study: str) -> None:
+    """Each study file on a generated case: pooled and in-process runs give stock's values."""
+    volume, mask = phantom(shape=(20, 160, 160), seed=4)  # in-plane the crop is a real one
+    box = bounding_box(mask)
+    margin = _resampling_margin(SPACING, {"padDistance": 10, "resampledPixelSpacing": [1, 1, 1]})
+    assert all(lo > 0 for lo, _ in grow(box, margin, volume.shape)[1:])
+    stock = extract(volume, SPACING, mask, study, crop=False)
+    pooled = extract(volume, SPACING, mask, study, workers=2)
+    assert len(stock) == count_features(study)
+    assert_same(pooled, stock, rel=1e-6)
+    assert extract(volume, SPACING, mask, study, workers=1) == pooled
+
+
+@pytest.mark.parametrize(
+    "where",
+    [
+        (slice(0, 5), slice(0, 14), slice(0, 12)),  # at the volume's first corner
+        (slice(14, 20), slice(80, 96), slice(84, 96)),  # at its last corner
+        (slice(9, 10), slice(40, 52), slice(40, 55)),  # one slice thick: z not resampled
+    ],
+)
+def test_resampling_grid_at_the_edges(where: tuple[slice, slice, slice]) -> None:
+    """The grid worked out from the crop is the whole-volume one where pyradiomics clips it."""
+    volume, _ = phantom(shape=(20, 96, 96), seed=5)
+    mask = np.zeros(volume.shape, bool)
+    mask[where] = True
+    mask[where] &= np.random.default_rng(5).random(mask[where].shape) < 0.8
+    stock = extract(volume, SPACING, mask, "iph_vs_contrast", crop=False)
+    assert_same(extract(volume, SPACING, mask, "iph_vs_contrast", workers=1), stock)
+
+
+@pytest.mark.parametrize(
+    ("values", "options"),
+    [
+        (np.array([54.0, 166.0, 75.0, 99.9]), {"binWidth": 25}),  # the documented example
+        (np.array([-1000.0, -3.5, 0.0, 25.0, 50.0]), {"binWidth": 25}),  # edges on values
+        (np.array([75.0, 75.0, 75.0]), {"binWidth": 25}),  # flat on an edge: one bin
+        (np.array([0.3, 0.31, 2.7]), {"binWidth": 0.5}),
+        (np.array([1.0, 2.0, 3.5, 9.0]), {"binCount": 4}),
+    ],
+)
+def test_bin_edges_are_pyradiomics(values: NDArray[np.float64], options: dict[str, float]) -> None:
+    """The numpy bin edges and discretisation are pyradiomics' own, on every kind of range."""
+    from radiomics import imageoperations
+
+    expected = np.asarray(imageoperations.getBinEdges(values, **options))
+    edges = bin_edges(values, options)
+    assert np.array_equal(edges, expected)
+    assert np.array_equal(np.digitize(values, edges), np.digitize(values, expected))
+
+
+def test_a_dead_worker_does_not_lose_the_extraction(tmp_path: Path) -> None:
+    """Worker processes killed between extractions: the next one still gives stock's values."""
+    params = write(tmp_path, "resampled", RESAMPLED_PARAMS)
+    volume, mask = phantom(shape=(16, 64, 64), seed=6)
+    first = extract(volume, SPACING, mask, params, workers=2)
+    pool = _Pool.get(2)
+    for process in list(pool._processes.values()):  # the pool's workers
+        os.kill(process.pid, signal.SIGKILL)
+        process.join()
+    assert extract(volume, SPACING, mask, params, workers=2) == first
+    assert extract(volume, SPACING, mask, params, workers=2) == first  # a fresh pool
+
+
 def test_count_matches_extraction(resampled_pair: Features, tmp_path: Path) -> None:
     """``count_features`` counts what ``extract`` returns."""
     assert count_features(write(tmp_path, "resampled", RESAMPLED_PARAMS)) == len(resampled_pair[0])
@@ -279,3 +355,44 @@ def test_lbp3d_matches_pyradiomics(monkeypatch: pytest.MonkeyPatch) -> None:
     assert theirs.keys() == ours.keys()
     for name in ours:
         assert np.allclose(ours[name][mask], theirs[name][mask], rtol=1e-12, atol=1e-12), name
+
+
+def test_pool_size_comes_from_the_settings() -> None:
+    """``[pipelines.radiomics] workers`` sizes the pool of a pipeline that extracts features."""
+    from pydantic import ValidationError
+
+    from pipelines.radiomics import configure, default_workers
+    from pipelines.registry import get_pipeline
+    from pipelines.settings import PipelinesSettings, RadiomicsSettings
+
+    with pytest.raises(ValidationError, match="workers"):
+        RadiomicsSettings(workers=0)
+    try:
+        get_pipeline("iph_vs_contrast", PipelinesSettings(radiomics=RadiomicsSettings(workers=3)))
+        assert default_workers() == 3
+        get_pipeline("iph_vs_contrast", PipelinesSettings())
+        assert default_workers() == min(2, os.cpu_count() or 1)
+    finally:
+        configure(workers=None)
+
+
+def _extract_in_child(params: str, queue: multiprocessing.Queue[int]) -> None:
+    """Pooled extraction in a child process; reports the feature count."""
+    volume, mask = phantom(shape=(16, 64, 64), seed=7)
+    queue.put(len(extract(volume, SPACING, mask, params, workers=2)))
+
+
+def test_a_process_that_extracted_still_exits(tmp_path: Path) -> None:
+    """A multiprocessing child extracts in its own process (a pool of its own would keep
+    it from exiting: multiprocessing joins a child's children before closing its pools)."""
+    params = str(write(tmp_path, "resampled", RESAMPLED_PARAMS))
+    context = multiprocessing.get_context("spawn")
+    queue: multiprocessing.Queue[int] = context.Queue()
+    child = context.Process(target=_extract_in_child, args=(params, queue))
+    child.start()
+    assert queue.get(timeout=300) == count_features(params)
+    child.join(timeout=60)
+    exited = child.exitcode
+    if exited is None:
+        child.kill()
+    assert exited == 0

@@ -1,14 +1,16 @@
 """Radiomics features of one ROI with pyradiomics, computed on a crop around the ROI.
 
-Stock pyradiomics filters the whole volume before it looks at the ROI. ``extract`` hands
-it a block around the ROI instead, wide enough that every feature is the one stock
-pyradiomics computes on the whole volume (``crop=False`` runs exactly that, the
-reference the crop is tested against):
+Stock pyradiomics filters the whole volume before it looks at the ROI. ``extract`` uses a
+block of image and mask around the ROI instead, wide enough that every feature is the one
+stock pyradiomics computes on the whole volume (``crop=False`` runs exactly that, the
+reference the crop is tested against), and computes the derived images' features with
+``pipelines.radiomics.engine`` (worker processes, one discretisation per image):
 
 - with resampling (the bundled files): pyradiomics resamples only the ROI's bounding box
-  plus ``padDistance``, on a grid fixed by the mask. The image is cropped to that region
-  plus the B-spline's reach; the whole-volume mask still defines the grid, so the
-  resampled block, and all that follows, is the stock one.
+  plus ``padDistance``, on a grid fixed by the whole mask's extent. That grid is worked
+  out for the whole volume (``images.resample_crop``) and the block, the region plus the
+  B-spline's reach, resampled onto it, so the resampled block, and all that follows, is
+  the stock one.
 - without resampling: the block reaches as far as each filter does (LoG 18 sigma, where
   ITK's recursive filter output stops changing). Square, square root, logarithm and
   exponential scale by the image's largest |HU|: they run in a pass of their own, on a
@@ -20,6 +22,7 @@ SciPy function) and are measured as pyradiomics measures its derived images.
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 from typing import Any
@@ -31,11 +34,13 @@ from numpy.typing import NDArray
 from radiomics import imageoperations
 from radiomics.featureextractor import RadiomicsFeatureExtractor
 
+from pipelines.radiomics.engine import LBP3D, default_workers, run_tasks, tasks_for
 from pipelines.radiomics.images import (
     Box,
     bounding_box,
     grow,
     outside_corner,
+    resample_crop,
     slices,
     to_image,
 )
@@ -44,7 +49,6 @@ from pipelines.radiomics.params import RadiomicsError, load_extractor
 from pipelines.series import LoadedSeries
 
 POINTWISE = frozenset({"Square", "SquareRoot", "Logarithm", "Exponential"})
-LBP3D = "LBP3D"
 LOG_REACH_SIGMAS = 18.0  # ITK's recursive LoG output is bit-identical beyond this
 SPLINE_REACH_VOXELS = 32  # cubic B-spline prefilter (pole 0.268): 0.268**32 < 1e-18
 ROI_LABEL = 1  # label of the binary mask handed to pyradiomics
@@ -59,6 +63,7 @@ def extract(
     label: int = 1,
     direction: NDArray[np.float64] | None = None,
     crop: bool = True,
+    workers: int | None = None,
 ) -> dict[str, float]:
     """Features of the ROI ``mask`` (True voxels, or voxels equal to ``label``).
 
@@ -66,7 +71,9 @@ def extract(
     in that order; ``direction`` (3x3, columns the unit axis vectors) defaults to the
     identity, which pyradiomics' index-space features do not depend on. ``params`` is a
     bundled study name or a pyradiomics YAML path. Raises ``RadiomicsError`` for a mask
-    features cannot be computed on.
+    features cannot be computed on. ``crop=False`` runs stock pyradiomics on the whole
+    volume (the reference); ``workers`` is the size of the worker pool the derived images
+    are shared out to (default ``default_workers()``; 1: all in this process).
     """
     roi = _roi(volume_hu, spacing_mm, mask, label)
     extractor = load_extractor(params)
@@ -86,27 +93,68 @@ def extract(
         if resampled
         else _filter_margin(spacing_mm, types, lbp, settings)
     )
+    crop = crop and _crop_invariant(settings)
     region = grow(box, margin, volume.shape) if crop else full_box
     block = volume[slices(region)].astype(np.float64)  # float64: B-spline and filters
     image = to_image(block, spacing_mm, direction=direction, start=_starts(region))
-    mask_region = full_box if resampled else region
     mask_image = to_image(
-        roi[slices(mask_region)].astype(np.uint8),
-        spacing_mm,
-        direction=direction,
-        start=_starts(mask_region),
+        roi[slices(region)].astype(np.uint8), spacing_mm, direction=direction, start=_starts(region)
     )
 
-    out: dict[str, float] = {}
-    separate = crop and not resampled  # pointwise filters need the sentinel pass
-    main = {k: v for k, v in types.items() if not (separate and k in POINTWISE)}
-    out |= _run(settings, main, features, image, mask_image)
+    if not crop:
+        return _reference(settings, types, lbp, features, texture, image, mask_image, resampled)
+    mask_image = imageoperations.getMask(mask_image, **settings)
+    if resampled:
+        image, mask_image = resample_crop(
+            image, mask_image, _starts(region), volume.shape, settings
+        )
+    try:
+        box_xyz, corrected = imageoperations.checkMask(image, mask_image, **settings)
+    except ValueError as error:  # e.g. the ROI thinner than minimumROIDimensions at 1 mm
+        raise RadiomicsError(f"pyradiomics rejected the ROI: {error}") from error
+    if corrected is not None:
+        mask_image = corrected
+    pool = workers if workers is not None else default_workers()
+    main = {k: v for k, v in types.items() if resampled or k not in POINTWISE}
+    if lbp is not None:
+        main[LBP3D] = lbp
+    tasks = tasks_for(image, mask_image, box_xyz, main, settings, texture, pooled=pool > 1)
     pointwise = {k: v for k, v in types.items() if k not in main}
     if pointwise:
         sentinel = _with_sentinel(image, volume, region, box)
-        out |= _run(settings, pointwise, texture, sentinel, mask_image)
+        tasks += tasks_for(
+            sentinel, mask_image, box_xyz, pointwise, settings, texture, pooled=False
+        )
+    shape = {k: v for k, v in features.items() if k.startswith("shape")}
+
+    def shape_features() -> dict[str, float]:
+        shaper = copy.copy(extractor)
+        shaper.enabledFeatures = shape
+        values = shaper.computeShape(image, mask_image, box_xyz, **settings)
+        return {k: float(v) for k, v in values.items()}
+
+    return run_tasks(tasks, pool, shape_features)
+
+
+def _crop_invariant(settings: dict[str, Any]) -> bool:
+    """Whether the crop gives stock values: not with whole-image normalisation or resegmenting."""
+    return not settings.get("normalize") and settings.get("resegmentRange") is None
+
+
+def _reference(
+    settings: dict[str, Any],
+    types: dict[str, Any],
+    lbp: dict[str, Any] | None,
+    features: dict[str, Any],
+    texture: dict[str, Any],
+    image: sitk.Image,
+    mask: sitk.Image,
+    resampled: bool,
+) -> dict[str, float]:
+    """Stock pyradiomics ``execute`` on the images as given (and LBP-3D as it measures maps)."""
+    out = _run(settings, types, features, image, mask)
     if lbp is not None:
-        out |= _lbp3d_features(image, mask_image, settings, lbp, texture, resampled)
+        out |= _lbp3d_features(image, mask, settings, lbp, texture, resampled)
     return out
 
 

@@ -1,4 +1,4 @@
-"""Numpy volumes and masks as SimpleITK images, and the crop around a ROI.
+"""Numpy volumes and masks as SimpleITK images, the crop around a ROI and its resampling.
 
 Arrays have axis order (slice, row, column) with spacing in that order, as
 ``pipelines.series.Volume`` gives them; SimpleITK orders (x, y, z) = (column, row,
@@ -8,10 +8,12 @@ slice), so spacing and direction columns are reversed on the way in.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
 from numpy.typing import NDArray
+from radiomics import imageoperations
 
 Box = tuple[tuple[int, int], ...]  # per axis (start, stop), array order
 
@@ -66,3 +68,54 @@ def outside_corner(crop: Box, box: Box) -> tuple[int, ...] | None:
         if any(not lo <= i < hi for i, (lo, hi) in zip(index, box, strict=True)):
             return tuple(i - lo for i, (lo, _) in zip(index, crop, strict=True))
     return None
+
+
+def resample_crop(
+    image: sitk.Image,
+    mask: sitk.Image,
+    start: Sequence[int],
+    shape: Sequence[int],
+    settings: dict[str, Any],
+) -> tuple[sitk.Image, sitk.Image]:
+    """pyradiomics' ``resampleImage`` of the whole volume, from a crop of image and mask.
+
+    ``image`` and ``mask`` (label ``settings["label"]``) are the block at array index
+    ``start`` of a volume of array shape ``shape``. pyradiomics aligns the resampling grid
+    to the mask's voxel 0 and clips it to the mask's extent, so the grid is worked out for
+    the whole volume here (the same arithmetic) and the crop, holding the ROI and what the
+    interpolator reaches, is resampled onto it.
+    """
+    label = int(settings.get("label", 1))
+    spacing = np.array(mask.GetSpacing())
+    target = np.array(settings["resampledPixelSpacing"], dtype=float)
+    target = np.where(target == 0, spacing, target)
+    statistics = sitk.LabelShapeStatisticsImageFilter()
+    statistics.Execute(mask)
+    offset = np.array(start[::-1])  # (x, y, z)
+    found = np.array(statistics.GetBoundingBox(label))
+    low, size = found[:3] + offset, found[3:]
+    target = np.where(size != 1, target, spacing)
+    if np.allclose(np.array(image.GetSpacing()), target):  # no interpolation: crop-invariant
+        return imageoperations.resampleImage(image, mask, **settings)
+    ratio = spacing / target
+    pad = settings.get("padDistance", 5)
+    lower = np.floor((low - 0.5) * ratio - pad)
+    upper = np.ceil((low + size - 0.5) * ratio + pad)
+    most = np.ceil(np.array(shape[::-1]) * ratio) - 1
+    lower = np.where(lower < 0, 0, lower)
+    upper = np.where(upper > most, most, upper)
+    origin_index = 0.5 * (target - spacing) / spacing + lower / ratio - offset
+    interpolator = settings.get("interpolator", sitk.sitkBSpline)
+    if isinstance(interpolator, str):
+        interpolator = getattr(sitk, interpolator, sitk.sitkBSpline)
+    resample = sitk.ResampleImageFilter()
+    resample.SetOutputSpacing(target.tolist())
+    resample.SetOutputDirection(mask.GetDirection())
+    resample.SetSize(np.array(upper - lower + 1, dtype="int").tolist())
+    resample.SetOutputOrigin(mask.TransformContinuousIndexToPhysicalPoint(origin_index.tolist()))
+    resample.SetOutputPixelType(image.GetPixelID())
+    resample.SetInterpolator(interpolator)
+    resampled_image = resample.Execute(image)
+    resample.SetOutputPixelType(mask.GetPixelID())
+    resample.SetInterpolator(sitk.sitkNearestNeighbor)
+    return resampled_image, resample.Execute(mask)

@@ -74,12 +74,9 @@ def lbp3d_maps(
     coords = np.array(roi).T[None, :, :] + vertices[:, None, :]
     samples = map_coordinates(im_arr, coords.T, order=3)  # (voxels, vertices)
     spherical_kurtosis = np.real(kurtosis(samples, axis=1))
-    signs = np.greater_equal(samples, im_arr[roi][:, None]).astype(int)
-    coefficients = (signs[:, :, None] * harmonics[None, :, :]).sum(axis=1)
-    per_level = [
-        np.sum(coefficients[:, None, degree == n] * harmonics[None, :, degree == n], axis=2)
-        for n in range(levels)
-    ]
+    signs = np.greater_equal(samples, im_arr[roi][:, None]).astype(np.float64)
+    coefficients = signs @ harmonics  # (voxels, orders): sum over the vertices
+    per_level = [coefficients[:, degree == n] @ harmonics[:, degree == n].T for n in range(levels)]
     magnitudes = [np.real(np.sqrt(np.sum(f**2, axis=1))) for f in per_level]
 
     maps = []

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +36,19 @@ def params_path(params: str | Path) -> Path:
 
 
 def load_extractor(params: str | Path) -> RadiomicsFeatureExtractor:
-    """A pyradiomics extractor configured (and schema-validated) from ``params``."""
-    return RadiomicsFeatureExtractor(str(params_path(params)))
+    """A pyradiomics extractor configured (and schema-validated) from ``params``.
+
+    Each file is parsed once (again when it changes); every caller gets its own copy.
+    """
+    path = params_path(params).resolve()
+    stat = path.stat()
+    return copy.deepcopy(_parsed(path, stat.st_mtime_ns, stat.st_size))
+
+
+@functools.lru_cache(maxsize=32)
+def _parsed(path: Path, mtime_ns: int, size: int) -> RadiomicsFeatureExtractor:
+    """The extractor of the file ``path`` as it is at ``mtime_ns`` with ``size`` bytes."""
+    return RadiomicsFeatureExtractor(str(path))
 
 
 def image_count(image_type: str, custom: dict[str, Any], settings: dict[str, Any]) -> int:

@@ -1,0 +1,329 @@
+"""Filtered images and their features, as pyradiomics 3.0.1's ``execute`` computes them, faster.
+
+After the image and mask are loaded (resampled, checked), stock pyradiomics walks the
+enabled image types one derived image at a time and lets each feature class discretise
+the image again. Here the derived images are split into tasks (one per LoG sigma, the
+wavelet decompositions in shares, one per other type, the LBP-3D maps together) that run
+in a small pool of worker processes (forkserver: no fork of a process holding torch or
+threads), and the six texture classes of one derived image share one discretisation,
+computed with numpy's reductions instead of pyradiomics' Python ``min``/``max``. Every
+step calls the pyradiomics function stock ``execute`` calls, so values are the same.
+"""
+
+from __future__ import annotations
+
+import functools
+import multiprocessing
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import radiomics
+import SimpleITK as sitk
+from numpy.typing import NDArray
+from radiomics import getFeatureClasses, imageoperations
+
+from pipelines.radiomics.lbp3d import lbp3d_maps
+from pipelines.radiomics.params import RadiomicsError, image_count
+
+LBP3D = "LBP3D"
+WAVELET_SHARES = 2  # wavelet decompositions are split in this many tasks when pooled
+
+
+@dataclass(frozen=True)
+class Picture:
+    """A SimpleITK image as plain, picklable data."""
+
+    array: NDArray[Any]
+    spacing: tuple[float, ...]
+    origin: tuple[float, ...]
+    direction: tuple[float, ...]
+
+    @classmethod
+    def of(cls, image: sitk.Image) -> Picture:
+        """The pixels and geometry of ``image``."""
+        return cls(
+            sitk.GetArrayFromImage(image),
+            image.GetSpacing(),
+            image.GetOrigin(),
+            image.GetDirection(),
+        )
+
+    def image(self) -> sitk.Image:
+        """The image again, with its exact geometry."""
+        image = sitk.GetImageFromArray(self.array)
+        image.SetSpacing(self.spacing)
+        image.SetOrigin(self.origin)
+        image.SetDirection(self.direction)
+        return image
+
+
+@dataclass(frozen=True)
+class Task:
+    """The features of (a share of) the derived images of one image type."""
+
+    image: Picture
+    mask: Picture
+    box: tuple[int, ...]  # pyradiomics' bounding box (x lo, x hi, y lo, y hi, z lo, z hi)
+    kind: str  # pyradiomics image type (Original, LoG, Wavelet, ...) or LBP3D
+    options: dict[str, Any]  # settings with the image type's own
+    features: dict[str, Any]  # texture class -> feature names (None: all)
+    share: tuple[int, int] = (0, 1)  # (index, count): which contiguous part of the images
+    cost: float = field(default=1.0, compare=False)  # scheduling weight, larger first
+
+
+def tasks_for(
+    image: sitk.Image,
+    mask: sitk.Image,
+    box: tuple[int, ...],
+    types: dict[str, dict[str, Any]],
+    settings: dict[str, Any],
+    features: dict[str, Any],
+    *,
+    pooled: bool,
+) -> list[Task]:
+    """Tasks for the image types ``types`` (with custom settings) of one loaded image."""
+    picture, mask_picture = Picture.of(image), Picture.of(mask)
+    tasks = []
+    for kind, custom in types.items():
+        options = {**settings, **(custom or {})}
+        parts: list[tuple[dict[str, Any], tuple[int, int], float]]
+        if kind == "LoG" and pooled:
+            parts = [({**options, "sigma": [s]}, (0, 1), 2.0) for s in options.get("sigma", [])]
+        elif kind == "Wavelet" and pooled:
+            n = min(WAVELET_SHARES, image_count(kind, custom or {}, settings))
+            parts = [(options, (i, n), 4.0 / n) for i in range(n)]
+        else:
+            parts = [(options, (0, 1), 8.0 if kind == LBP3D else 1.0)]
+        tasks += [
+            Task(picture, mask_picture, box, kind, opts, features, share, cost)
+            for opts, share, cost in parts
+        ]
+    return tasks
+
+
+def run_task(task: Task) -> dict[str, float]:
+    """Features of the task's derived images, named as pyradiomics names them."""
+    image, mask = task.image.image(), task.mask.image()
+    if task.kind == LBP3D:
+        maps = lbp3d_maps(
+            image,
+            mask,
+            label=int(task.options.get("label", 1)),
+            levels=int(task.options.get("lbp3DLevels", 2)),
+            radius=float(task.options.get("lbp3DIcosphereRadius", 1)),
+            subdivision=int(task.options.get("lbp3DIcosphereSubdivision", 1)),
+        )
+        derived: Any = [(m, name, task.options) for m, name in maps]
+    else:  # pyradiomics' generator: one filtered image at a time
+        make = getattr(imageoperations, f"get{task.kind}Image")
+        derived = _share(make(image, mask, **task.options), task)
+    cropped_mask = crop_to_box(mask, task.box)
+    out: dict[str, float] = {}
+    try:
+        for derived_image, name, options in derived:
+            cropped = crop_to_box(derived_image, task.box)
+            out |= texture_features(cropped, cropped_mask, name, options, task.features)
+    except ValueError as error:
+        raise RadiomicsError(f"pyradiomics rejected the {task.kind} image: {error}") from error
+    return out
+
+
+def crop_to_box(image: sitk.Image, box: tuple[int, ...]) -> sitk.Image:
+    """``imageoperations.cropToTumorMask`` without padding, by numpy slicing.
+
+    The voxels and spacing are the ones ITK's crop gives (features read only these); the
+    mask is cropped once per task instead of once per derived image.
+    """
+    low, high = box[0::2], box[1::2]
+    index = tuple(slice(lo, hi + 1) for lo, hi in zip(low[::-1], high[::-1], strict=True))
+    out = sitk.GetImageFromArray(sitk.GetArrayViewFromImage(image)[index])
+    out.SetSpacing(image.GetSpacing())
+    out.SetDirection(image.GetDirection())
+    out.SetOrigin(image.TransformIndexToPhysicalPoint([int(i) for i in low]))
+    return out
+
+
+def _share(images: Any, task: Task) -> Any:
+    """The task's contiguous share of a generator's images (all of them for share (0, 1))."""
+    index, count = task.share
+    if count == 1:
+        yield from images
+        return
+    total = image_count(task.kind, task.options, task.options)
+    low, high = index * total // count, (index + 1) * total // count
+    for position, item in enumerate(images):
+        if low <= position < high:
+            yield item
+
+
+def texture_features(
+    image: sitk.Image,
+    mask: sitk.Image,
+    name: str,
+    options: dict[str, Any],
+    features: dict[str, Any],
+) -> dict[str, float]:
+    """pyradiomics' ``computeFeatures``, with one discretisation for all classes."""
+    classes = getFeatureClasses()
+    bins = SharedBins(options)
+    out: dict[str, float] = {}
+    for class_name, names in features.items():
+        if class_name.startswith("shape"):
+            continue
+        cls = _sharing(classes[class_name])
+        instance: Any = object.__new__(cls)
+        instance.shared_bins = bins
+        instance.__init__(image, mask, **options)
+        for feature in names or ():
+            instance.enableFeatureByName(feature)
+        for feature, value in instance.execute().items():
+            out[f"{name}_{class_name}_{feature}"] = float(value)
+    return out
+
+
+class SharedBins:
+    """One derived image's discretisation, made by the first class that asks for it."""
+
+    def __init__(self, options: dict[str, Any]) -> None:
+        self.options = options
+        self.matrix: NDArray[np.int_] | None = None
+        self.levels: NDArray[np.int_] | None = None
+
+    def binned(
+        self, matrix: NDArray[Any], roi: NDArray[np.bool_]
+    ) -> tuple[NDArray[np.int_], NDArray[np.int_]]:
+        """``imageoperations.binImage(matrix, roi)`` and the grey levels in the ROI."""
+        if self.matrix is None or self.levels is None:
+            values = matrix[roi]
+            binned = np.zeros(matrix.shape, dtype=int)
+            binned[roi] = np.digitize(values, bin_edges(values, self.options))
+            self.matrix, self.levels = binned, np.unique(binned[roi])
+        return self.matrix.copy(), self.levels
+
+
+def bin_edges(values: NDArray[Any], options: dict[str, Any]) -> NDArray[Any]:
+    """``imageoperations.getBinEdges`` with numpy's min and max (pyradiomics loops in Python)."""
+    if options.get("binCount") is not None:
+        return np.asarray(imageoperations.getBinEdges(values, **options))
+    width = options.get("binWidth", 25)
+    minimum, maximum = values.min(), values.max()
+    edges = np.arange(minimum - (minimum % width), maximum + 2 * width, width)
+    if len(edges) == 1:  # a flat region: one bin, as pyradiomics makes it
+        edges = np.array([edges[0] - 0.5, edges[0] + 0.5])
+    return edges
+
+
+@functools.cache
+def _sharing(cls: type) -> type:
+    """``cls`` taking its discretisation from the instance's ``shared_bins``."""
+    names = cls.getFeatureNames()  # type: ignore[attr-defined]
+
+    def apply_binning(self: Any, matrix: NDArray[Any]) -> NDArray[np.int_]:
+        binned, levels = self.shared_bins.binned(matrix, self.maskArray)
+        self.coefficients["grayLevels"] = levels
+        self.coefficients["Ng"] = int(np.max(levels))
+        return binned
+
+    def feature_names(_: type) -> dict[str, bool]:
+        return dict(names)
+
+    return type(
+        cls.__name__,
+        (cls,),
+        {
+            "__module__": cls.__module__,  # pyradiomics names each class's logger after it
+            "_applyBinning": apply_binning,
+            "getFeatureNames": classmethod(feature_names),
+        },
+    )
+
+
+_configured_workers: int | None = None
+
+
+def configure(*, workers: int | None) -> None:
+    """Set the pool size extractions use when they name none (None: ``default_workers``)."""
+    global _configured_workers
+    _configured_workers = workers
+
+
+def default_workers() -> int:
+    """The configured pool size, else two worker processes (one on a single core)."""
+    return _configured_workers or min(2, os.cpu_count() or 1)
+
+
+def run_tasks(
+    tasks: list[Task], workers: int, meanwhile: Callable[[], dict[str, float]]
+) -> dict[str, float]:
+    """``meanwhile()`` (in this process), then every task's features, in task order.
+
+    With ``workers`` > 1 and more than one task the tasks run in the worker pool, largest
+    first, while ``meanwhile`` runs here; a pool whose worker died is replaced and this
+    extraction's tasks run here instead. A multiprocessing child runs them all itself.
+    """
+    # Not in a multiprocessing child: a daemonic one may not start processes, and any
+    # other joins its children before its pools are closed, so it would not exit.
+    if workers <= 1 or len(tasks) <= 1 or multiprocessing.parent_process() is not None:
+        out = meanwhile()
+        for task in tasks:
+            out |= run_task(task)
+        return out
+    pool = _Pool.get(workers)
+    futures: dict[int, Future[dict[str, float]]] = {}
+    try:
+        for i in sorted(range(len(tasks)), key=lambda i: -tasks[i].cost):
+            futures[i] = pool.submit(run_task, tasks[i])
+        out = meanwhile()
+        for i in range(len(tasks)):
+            out |= futures[i].result()
+        return out
+    except BrokenProcessPool:
+        _Pool.discard(pool)
+        return run_tasks(tasks, 1, meanwhile)
+
+
+def _worker_start(verbosity: int) -> None:
+    """Each worker runs ITK filters on one thread (the pool is the parallelism) and logs
+    pyradiomics' messages from ``verbosity`` up, as the process that made the pool does."""
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+    radiomics.setVerbosity(verbosity)
+
+
+class _Pool:
+    """The process-wide worker pool, made on first use and kept for later extractions."""
+
+    _lock = threading.Lock()
+    _pool: ProcessPoolExecutor | None = None
+    _size = 0
+
+    @classmethod
+    def get(cls, workers: int) -> ProcessPoolExecutor:
+        """The pool, (re)made with ``workers`` processes."""
+        with cls._lock:
+            if cls._pool is None or cls._size != workers:
+                if cls._pool is not None:
+                    cls._pool.shutdown(wait=False, cancel_futures=True)
+                context = multiprocessing.get_context("forkserver")
+                context.set_forkserver_preload([__name__])
+                cls._pool = ProcessPoolExecutor(
+                    max_workers=workers,
+                    mp_context=context,
+                    initializer=_worker_start,
+                    initargs=(int(radiomics.handler.level),),
+                )
+                cls._size = workers
+            return cls._pool
+
+    @classmethod
+    def discard(cls, pool: ProcessPoolExecutor) -> None:
+        """Forget ``pool`` (broken) so that the next extraction makes a new one."""
+        with cls._lock:
+            if cls._pool is pool:
+                cls._pool = None
+        pool.shutdown(wait=False, cancel_futures=True)
