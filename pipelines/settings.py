@@ -180,8 +180,8 @@ class AisPrognosisMriSettings(StoredModelSettings):
 class RadiomicsSettings(_Settings):
     """``[pipelines.radiomics]``: shared by every pipeline that extracts radiomics
     features. ``workers``: processes the derived images (LoG scales, wavelet
-    decompositions, ...) of one extraction are shared out to (default: two, one on a
-    single core; 1: all in the pipeline's own process)."""
+    decompositions, ...) of one extraction are shared out to (default 1: all in the
+    pipeline's own process; a pool gains only where cores are idle, bench/README.md)."""
 
     workers: int | None = Field(default=None, ge=1, le=16)
 

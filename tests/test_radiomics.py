@@ -371,7 +371,7 @@ def test_pool_size_comes_from_the_settings() -> None:
         get_pipeline("iph_vs_contrast", PipelinesSettings(radiomics=RadiomicsSettings(workers=3)))
         assert default_workers() == 3
         get_pipeline("iph_vs_contrast", PipelinesSettings())
-        assert default_workers() == min(2, os.cpu_count() or 1)
+        assert default_workers() == 1
     finally:
         configure(workers=None)
 

@@ -255,7 +255,7 @@ def configure(*, workers: int | None) -> None:
 
 def default_workers() -> int:
     """The configured pool size, else two worker processes (one on a single core)."""
-    return _configured_workers or min(2, os.cpu_count() or 1)
+    return _configured_workers or 1
 
 
 def run_tasks(
