@@ -57,7 +57,8 @@ def test_bundle_loads_hash_checked_and_says_what_trained_it(tmp_path: Path) -> N
     assert manifest["training"]["training_cases_by_base"] == {"synthetic": 96}
     assert "no real image" in manifest["training"]["data"]
     assert (
-        manifest["inference"]["brain"] == "intracranial" and manifest["inference"]["calcification"]
+        manifest["inference"]["brain"] == "intracranial"
+        and manifest["inference"]["calcification"]
         and manifest["inference"]["bone"]
     )
     assert manifest["metrics"]["held_out"]["pooled_dice"] >= MIN_DICE
