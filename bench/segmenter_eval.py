@@ -1,5 +1,5 @@
-"""Held-out evaluation of the learned segmenter (U-Net 2.0.0) beside the threshold baseline
-and the old U-Net (1.0.0), in one run.
+"""Held-out evaluation of the learned segmenter (U-Net 2.1.0 and 2.0.0) beside the threshold
+baseline and the old U-Net (1.0.0), in one run.
 
 Lesions of 45-95 HU and 0.3-80 mL are painted (``pipelines.lesions.insert_lesion``) into
 the real GE head CT (when ../shared is present: evaluation only, never training) and into
@@ -47,7 +47,7 @@ SEED_BASE = 900
 ROWS = 192
 MISSED_FROM_ML = 1.0
 VENTRICLE_MM = (9.0, -2.0, 16.0)  # head-centred lateral ventricle of the generated head
-METHODS = ("threshold", "unet_1", "unet_2")
+METHODS = ("threshold", "unet_1", "unet_2", "unet_2_1")
 TARGETS = {"pooled_dice": 0.85, "missed_from_1ml": 0, "normal_fp_ml": 0.1}
 
 Masks = tuple[NDArray[np.bool_], NDArray[np.bool_]]  # haemorrhage class, calcification
@@ -75,9 +75,10 @@ def emit(line: object) -> None:
 
 
 def methods() -> dict[str, Method]:
-    """The three segmenters, each returning frame masks (haemorrhage class, calcification)."""
+    """The four segmenters, each returning frame masks (haemorrhage class, calcification)."""
     threshold = Threshold(HyperdenseParameters())
     old, new = UNetPipeline("1.0.0", device="cpu"), UNetPipeline("2.0.0", device="cpu")
+    flattened = UNetPipeline("2.1.0", device="cpu")
 
     def by_threshold(series: LoadedSeries) -> Masks:
         return _result_masks(threshold.run(series))
@@ -85,7 +86,12 @@ def methods() -> dict[str, Method]:
     def by_unet(pipeline: UNetPipeline) -> Method:
         return lambda series: _result_masks(pipeline.run(series))
 
-    return {"threshold": by_threshold, "unet_1": by_unet(old), "unet_2": by_unet(new)}
+    return {
+        "threshold": by_threshold,
+        "unet_1": by_unet(old),
+        "unet_2": by_unet(new),
+        "unet_2_1": by_unet(flattened),
+    }
 
 
 def _result_masks(result: object) -> Masks:
@@ -312,19 +318,22 @@ def markdown(report: dict[str, object], command: str) -> str:
         f"Run: `{command}` on the 2-core dev VM shared with other jobs (times inflated).",
         "Methods: threshold = `hyperdense_regions` 1.1.0 parameters; unet_1 = U-Net 1.0.0",
         "(old brain mask, trained on synthetic + GE cases); unet_2 = U-Net 2.0.0 (generated",
-        "heads only, intracranial gating, calcification apart). Targets (issue 8): pooled",
+        "heads only, intracranial gating, calcification apart); unet_2_1 = U-Net 2.1.0 (2.0.0's",
+        "weights with the bone rule of `pipelines/unet/bone.py`: the skull's HU rise flattened",
+        "before the network, the skull's ramps dropped after it). Targets (issue 8): pooled",
         "Dice >= 0.85, no lesion >= 1 mL missed, normal-head FP <= 0.1 mL.",
         "",
         "## Lesion-wise Dice",
         "",
-        "| head | site | HU | mL | threshold | unet_1 | unet_2 | s unet_2 |",
-        "|---|---|---|---|---|---|---|---|",
+        "| head | site | HU | mL | threshold | unet_1 | unet_2 | unet_2_1 | s unet_2_1 |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in report["lesions"]:  # type: ignore[attr-defined]
         d = row["dice"]
         lines.append(
             f"| {row['head']} | {row['site']} | {row['hu']:g} | {row['volume_ml']} | "
-            f"{d['threshold']} | {d['unet_1']} | {d['unet_2']} | {row['seconds']['unet_2']} |"
+            f"{d['threshold']} | {d['unet_1']} | {d['unet_2']} | {d['unet_2_1']} | "
+            f"{row['seconds']['unet_2_1']} |"
         )
     lines += [
         "",

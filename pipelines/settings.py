@@ -136,7 +136,7 @@ class HtAfterMtSettings(StoredModelSettings):
     """
 
     clinical_table: ResolvedPath = None
-    segmenter: SegmenterName = "hyperdense_regions"
+    segmenter: SegmenterName = "hyperdense_unet"
 
 
 class IphVsContrastSettings(StoredModelSettings):
@@ -144,7 +144,7 @@ class IphVsContrastSettings(StoredModelSettings):
     regions are the hyperdense areas it classifies (no network of its own: a learned
     segmenter runs where that segmenter's settings say)."""
 
-    segmenter: SegmenterName = "hyperdense_regions"
+    segmenter: SegmenterName = "hyperdense_unet"
 
 
 class IchExpansionSettings(StoredModelSettings):
@@ -153,7 +153,7 @@ class IchExpansionSettings(StoredModelSettings):
     segmenter and where its networks run."""
 
     clinical_table: ResolvedPath = None
-    segmenter: SegmenterName = "hyperdense_regions"
+    segmenter: SegmenterName = "hyperdense_unet"
     device: Device = "cpu"
 
 
@@ -163,7 +163,7 @@ class IchExpansionHybridSettings(StoredModelSettings):
     packaged ImageNet weights, the ones the bundled model was trained with) and where the
     network runs."""
 
-    segmenter: SegmenterName = "hyperdense_regions"
+    segmenter: SegmenterName = "hyperdense_unet"
     cnn_weights: ResolvedPath = None
     device: Device = "cpu"
 

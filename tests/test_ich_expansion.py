@@ -174,7 +174,7 @@ def test_bundled_model_scores_a_generated_case_and_writes_valid_outputs(
 def test_registry_builds_the_pipeline_from_its_settings() -> None:
     built = get_pipeline("ich_expansion")
     assert isinstance(built, IchExpansionPipeline)
-    assert built.segmenter.name == "hyperdense_regions"
+    assert built.segmenter.name == "hyperdense_unet"  # the learned segmenter by default
 
 
 def test_a_changed_model_file_makes_the_pipeline_unavailable(tmp_path: Path) -> None:

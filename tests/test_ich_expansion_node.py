@@ -105,7 +105,7 @@ def test_admission_ncct_comes_back_with_expansion_sr_seg_and_gradcam(
         next(ds for ds in datasets if ds.Modality == "SEG"), copy=False
     )
     assert seg.ContentDescription == NOTICE
-    assert str(seg.SegmentSequence[0].SegmentLabel).startswith("Haematoma by hyperdense_regions")
+    assert str(seg.SegmentSequence[0].SegmentLabel).startswith("Haematoma by hyperdense_unet")
     source = {str(pydicom.dcmread(p).SOPInstanceUID) for p in case}
     assert seg.StudyInstanceUID == pydicom.dcmread(case[0]).StudyInstanceUID
     referenced = {

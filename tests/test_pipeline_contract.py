@@ -207,7 +207,7 @@ def test_risk_model_settings_reach_the_pipeline_and_its_segmenter(tmp_path: Path
     assert pipeline.profile.segments[0].label == "Scored lesion by hyperdense_unet"
     default = get_pipeline("ht_after_mt")
     assert isinstance(default, HtAfterMtPipeline)
-    assert default.segmenter.name == "hyperdense_regions" and default.clinical_table is None
+    assert default.segmenter.name == "hyperdense_unet" and default.clinical_table is None
     assert segmenter_names() == ["blast_ct", "hyperdense_regions", "hyperdense_unet"]
     with pytest.raises(KeyError, match="unknown segmenter 'ht_after_mt'"):
         get_segmenter("ht_after_mt")

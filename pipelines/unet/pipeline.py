@@ -20,6 +20,11 @@ model taking its lesion from this segmenter never scores one. 3-D connected regi
 the frame stack smaller than ``min_volume_ml`` (planimetric: pixel area times each frame's
 represented thickness) are dropped; the rest are measured as the threshold baseline
 measures its regions.
+
+With ``bone`` (2.1.0 on), what a real scanner does beside the skull is undone
+(:mod:`pipelines.unet.bone`): the series' HU rise toward the inner table above the
+generated heads' is flattened before the network, and found regions that are ramps of the
+skull, lie wholly in its partial-volume band or in a calcification's halo are dropped.
 """
 
 from __future__ import annotations
@@ -58,11 +63,17 @@ from pipelines.hyperdense import (
 from pipelines.measure import connected_regions, measure_region, structure
 from pipelines.series import LoadedSeries
 from pipelines.settings import PipelinesSettings
+from pipelines.unet.bone import (
+    bone_ramps,
+    calcification_halo,
+    flatten_bone_rise,
+    skull_distance,
+)
 from pipelines.unet.bundle import Bundle, load_bundle
 from pipelines.unet.network import UNetConfig, build_unet, predict_probabilities
 
 MODEL_NAME = "hyperdense_unet"
-MODEL_VERSION = "2.0.0"
+MODEL_VERSION = "2.1.0"
 BRAIN_RULES = ("brain_mask", "intracranial")
 DEFAULT_GAP_MM = 5.0  # slice gap assumed for a one-frame series
 
@@ -76,6 +87,7 @@ class InferenceSettings:
     connectivity: int = 26
     brain: str = "intracranial"  # one of BRAIN_RULES; 1.0.0 bundles say "brain_mask"
     calcification: bool = True  # tell calcification apart (1.0.0 bundles: no)
+    bone: bool = False  # flatten the skull's HU rise, drop its ramps (2.1.0 on)
 
     def __post_init__(self) -> None:
         """Refuse settings the pipeline cannot apply."""
@@ -91,13 +103,15 @@ class InferenceSettings:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> InferenceSettings:
         """Settings from a manifest's ``inference`` entry (a 1.0.0 entry has no ``brain``
-        or ``calcification``: it ran on the old brain mask, without calcification)."""
+        or ``calcification``: it ran on the old brain mask, without calcification; before
+        2.1.0 none has ``bone``)."""
         return cls(
             float(values["threshold"]),
             float(values["min_volume_ml"]),
             int(values["connectivity"]),
             str(values.get("brain", "brain_mask")),
             bool(values.get("calcification", False)),
+            bool(values.get("bone", False)),
         )
 
 
@@ -167,27 +181,57 @@ def frame_spacing(series: LoadedSeries) -> tuple[float, float, float]:
     return gap, float(dy), float(dx)
 
 
+@dataclass(frozen=True)
+class FrameRules:
+    """What the bundle's rules make of a frame stack: where the network's pixels may be
+    kept, the calcified pixels, the HU the network is given and (with the ``bone`` rule)
+    each voxel's distance to the skull in mm."""
+
+    allowed: NDArray[np.bool_]
+    calcified: NDArray[np.bool_]
+    network_hu: NDArray[np.float32]
+    skull_mm: NDArray[np.float64] | None = None
+
+    def kept(self, found: NDArray[np.bool_]) -> NDArray[np.bool_]:
+        """``found`` where allowed, calcification out and (with the ``bone`` rule) the
+        skull's ramps (:func:`pipelines.unet.bone.bone_ramps`) dropped."""
+        kept = found & self.allowed & ~self.calcified
+        if self.skull_mm is not None:
+            kept &= ~bone_ramps(kept, self.network_hu, self.skull_mm)
+        return np.asarray(kept)
+
+
 def frame_rules(
     hu: NDArray[np.floating], spacing: tuple[float, float, float], settings: InferenceSettings
-) -> tuple[NDArray[np.bool_], NDArray[np.bool_]]:
-    """Where the network's pixels may be kept, and the calcified pixels, of frames ``hu``
-    (frames in slice-normal order, ``spacing`` as :func:`frame_spacing`) by the bundle's
-    rules (see the module). ``NotHeadCt`` when no intracranial soft tissue is found."""
+) -> FrameRules:
+    """The rules of the bundle (see the module) applied to frames ``hu`` (frames in
+    slice-normal order, ``spacing`` as :func:`frame_spacing`); with ``bone`` the network is
+    given the frames with the skull's HU rise flattened, and the skull's ramps and the
+    calcifications' halos are dropped from what it finds (:mod:`pipelines.unet.bone`).
+    ``NotHeadCt`` when no intracranial soft tissue is found."""
+    plain = hu.astype(np.float32)
+    none = np.zeros(hu.shape, dtype=bool)
     if settings.brain == "brain_mask":
         allowed = brain_mask(hu, spacing)
         if not allowed.any():
             raise NotHeadCt("no intracranial soft tissue found: not a head CT, or no skull")
         beside = np.pad(allowed, ((1, 1), (0, 0), (0, 0)), mode="edge")
         allowed &= beside[:-2] & beside[2:]  # a thick frame cuts the skull obliquely: its rim
-        return allowed, np.zeros(hu.shape, dtype=bool)
+        return FrameRules(allowed, none, plain)
     masks = intracranial_mask(hu, spacing)
     if not masks.brain.any():
         raise NotHeadCt("no intracranial soft tissue found: not a head CT, or no skull")
-    allowed = masks.cavity | masks.brain | (masks.skull & (hu < RIM_PATH_HU))
-    if not settings.calcification:
-        return np.asarray(allowed), np.zeros(hu.shape, dtype=bool)
-    calcified = classify_hyperdense(hu, masks, spacing, HyperdenseParameters())[1]
-    return np.asarray(allowed), np.asarray(calcified)
+    allowed = np.asarray(masks.cavity | masks.brain | (masks.skull & (hu < RIM_PATH_HU)))
+    distance = skull_distance(masks.skull, spacing) if settings.bone else None
+    network_hu = plain if distance is None else flatten_bone_rise(hu, distance, masks.cavity)
+    calcified = (
+        np.asarray(classify_hyperdense(hu, masks, spacing, HyperdenseParameters())[1])
+        if settings.calcification
+        else none
+    )
+    if settings.bone:
+        allowed &= ~calcification_halo(calcified, spacing)
+    return FrameRules(allowed, calcified, network_hu, distance)
 
 
 def classify_frames(
@@ -195,10 +239,10 @@ def classify_frames(
 ) -> FrameClasses:
     """Haemorrhage-class and calcification masks of frames ``hu`` by the network and the
     bundle's rules (:func:`frame_rules`)."""
-    allowed, calcified = frame_rules(hu, spacing, unet.inference)
-    probabilities = predict_probabilities(unet.model, unet.config, hu, spacing[1:])
-    hyperdense = (probabilities >= unet.inference.threshold) & allowed & ~calcified
-    return FrameClasses(np.asarray(hyperdense), calcified)
+    rules = frame_rules(hu, spacing, unet.inference)
+    probabilities = predict_probabilities(unet.model, unet.config, rules.network_hu, spacing[1:])
+    hyperdense = rules.kept(probabilities >= unet.inference.threshold)
+    return FrameClasses(hyperdense, rules.calcified)
 
 
 class UNetPipeline:

@@ -50,6 +50,7 @@ from pipelines.unet.network import (
 from pipelines.unet.pipeline import (
     MODEL_NAME,
     MODEL_VERSION,
+    FrameRules,
     InferenceSettings,
     frame_regions,
     frame_rules,
@@ -197,12 +198,11 @@ def case_spacing(case: LesionCase) -> tuple[float, float, float]:
 
 def _scored(
     model: UNet, config: UNetConfig, case: LesionCase, rules: InferenceSettings
-) -> tuple[NDArray[np.float32], NDArray[np.bool_]]:
-    """A case's probabilities and where the pipeline's rules keep them (calcification out)."""
-    spacing = case_spacing(case)
-    allowed, calcified = frame_rules(case.hu, spacing, rules)
-    probabilities = predict_probabilities(model, config, case.hu, case.spacing)
-    return probabilities, allowed & ~calcified
+) -> tuple[NDArray[np.float32], FrameRules]:
+    """A case's probabilities and the pipeline's rules applied to its frames."""
+    applied = frame_rules(case.hu, case_spacing(case), rules)
+    probabilities = predict_probabilities(model, config, applied.network_hu, case.spacing)
+    return probabilities, applied
 
 
 def _kept(found: NDArray[np.bool_], case: LesionCase, min_volume_ml: float) -> NDArray[np.bool_]:
@@ -222,9 +222,9 @@ def choose_threshold(
     overlap = np.zeros(len(THRESHOLDS))
     total = np.zeros(len(THRESHOLDS))
     for case in cases:
-        probabilities, allowed = _scored(model, config, case, rules)
+        probabilities, applied = _scored(model, config, case, rules)
         for i, threshold in enumerate(THRESHOLDS):
-            found = _kept((probabilities >= threshold) & allowed, case, rules.min_volume_ml)
+            found = _kept(applied.kept(probabilities >= threshold), case, rules.min_volume_ml)
             overlap[i] += (found & case.mask).sum()
             total[i] += found.sum() + case.mask.sum()
     return THRESHOLDS[int(np.argmax(2.0 * overlap / np.maximum(total, 1.0)))]
@@ -238,8 +238,8 @@ def evaluate(
     dices, fps = [], []
     overlap = total = 0
     for case in cases:
-        probabilities, allowed = _scored(model, config, case, rules)
-        found = _kept((probabilities >= rules.threshold) & allowed, case, rules.min_volume_ml)
+        probabilities, applied = _scored(model, config, case, rules)
+        found = _kept(applied.kept(probabilities >= rules.threshold), case, rules.min_volume_ml)
         dices.append(dice(found, case.mask))
         overlap += int((found & case.mask).sum())
         total += int(found.sum()) + int(case.mask.sum())
@@ -300,7 +300,7 @@ def train_unet(
             if step % 100 == 0 or step == settings.steps:
                 report(f"step {step}/{settings.steps}: loss {np.mean(recent):.4f}")
     model = model.cpu().eval()
-    rules = InferenceSettings(min_volume_ml=settings.min_volume_ml)
+    rules = InferenceSettings(min_volume_ml=settings.min_volume_ml, bone=True)
     validation = make_painted_cases(settings.validation, settings.seed, stream=2)
     threshold = choose_threshold(model, config, validation, rules)
     report(f"threshold {threshold:g} chosen on {len(validation)} validation cases")
@@ -372,7 +372,7 @@ def write_unet_bundle(
 ) -> Path:
     """Write the run's weights and manifest to ``out`` (a model-store version folder)."""
     inference = InferenceSettings(
-        threshold=run.threshold, min_volume_ml=run.settings.min_volume_ml
+        threshold=run.threshold, min_volume_ml=run.settings.min_volume_ml, bone=True
     ).to_dict()
     return save_bundle(
         out,

@@ -1,0 +1,125 @@
+"""What the skull does to the HU beside it on a real head CT, and how the U-Net is kept
+from reading it as haemorrhage.
+
+On a real head CT the brain grows denser toward the inner table: beam hardening (cupping)
+and the partial volume of bone in thick, tilted frames lift the cortex by 10-30 HU within
+a centimetre of the skull (the real GE head: median 28 HU deep, 36 HU at 8-12 mm, 49 HU
+at 2-3 mm, 61 HU at 1-2 mm from the skull). The generated heads the network was trained
+on rise only by their grey-matter ribbon (``REFERENCE_RISE_HU``), so on a real head the
+network read that rim as haemorrhage. Two steps, both on the acquired frames:
+
+- :func:`flatten_bone_rise`, before the network: the series' own rise (median HU of the
+  cranial cavity by distance to the skull over the whole series, above the deep brain's
+  median) less the reference is subtracted, so the network sees the rise it was trained
+  on. A median over a shell that wraps the skull is not moved by a lesion covering a
+  minority of it, and a lesion's HU stays above its shell's after the shift. The profile
+  is the whole series' (per slab of three frames, an 18 mL haematoma at the skull base
+  lifted its own slab's medians and was flattened away).
+- :func:`bone_ramps`, after it: a found region that lies within ``RAMP_REACH_MM`` of the
+  skull and whose HU falls away from the skull by at least ``RAMP_SLOPE_HU_PER_MM`` is the
+  skull's partial-volume and beam-hardening ramp, not blood: blood is a plateau whatever
+  its distance to bone, and a lesion reaching deeper than ``RAMP_REACH_MM`` is never
+  tested. A region lying wholly in the skull's partial-volume band (no voxel in the
+  cavity) is bone, not blood, and dropped too.
+- :func:`calcification_halo`: the voxels within ``CALCIFICATION_HALO_MM`` of a
+  calcification carry its blurred edge (the scanner's point spread), not blood.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+from numpy.typing import NDArray
+from scipy import ndimage
+
+SHELL_EDGES_MM = (0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 20.0, 25.0)
+"""Distance-to-skull shells (mm) of the rise profile; deep brain lies beyond the last."""
+
+REFERENCE_RISE_HU = (14.0, 14.0, 12.0, 11.0, 5.0, 2.0, 0.0, 0.0, 0.0, 0.0)
+"""Rise of each shell's median above the deep brain in the generated training heads: the
+90th percentile over 3-frame slabs of four generated heads (1, 3, 5 and 7 mm slices)."""
+
+MIN_SHELL_VOXELS = 200
+"""Fewest voxels a shell needs for its median (a shell with fewer is not flattened)."""
+
+RAMP_REACH_MM = 10.0
+"""Beyond this distance from the skull the real rise has faded (GE: 4 HU above the
+reference at 12-16 mm); a region reaching deeper is no ramp of the skull."""
+
+RAMP_SLOPE_HU_PER_MM = 2.0
+"""A region whose HU falls by this much per mm away from the skull (least squares over its
+voxels) is a ramp; the real rise falls 3-13 HU/mm, noise on a 0.1 mL region moves a
+plateau's slope by well under 1 HU/mm."""
+
+
+CALCIFICATION_HALO_MM = 1.5
+"""A calcification's edge is spread over about this distance by the scanner's point spread
+(a head kernel's FWHM is 0.8-1.2 mm): its halo there reads 60-150 HU."""
+
+
+def calcification_halo(
+    calcified: NDArray[np.bool_], spacing: tuple[float, float, float]
+) -> NDArray[np.bool_]:
+    """Voxels (not calcified) within ``CALCIFICATION_HALO_MM`` of a calcified voxel."""
+    if not calcified.any():
+        return np.zeros(calcified.shape, dtype=bool)
+    distance = ndimage.distance_transform_edt(~calcified, sampling=spacing)
+    return np.asarray((distance > 0) & (distance <= CALCIFICATION_HALO_MM))
+
+
+def skull_distance(
+    skull: NDArray[np.bool_], spacing: tuple[float, float, float]
+) -> NDArray[np.float64]:
+    """Distance (mm) of every voxel of a frame stack to the nearest skull voxel."""
+    return np.asarray(ndimage.distance_transform_edt(~skull, sampling=spacing))
+
+
+def shell_medians(
+    hu: NDArray[np.floating], distance: NDArray[np.floating], inside: NDArray[np.bool_]
+) -> NDArray[np.float64]:
+    """Median HU of ``inside`` voxels in each shell of ``SHELL_EDGES_MM`` (NaN: too few)."""
+    out = np.full(len(SHELL_EDGES_MM) - 1, np.nan)
+    for i in range(len(out)):
+        sel = inside & (distance >= SHELL_EDGES_MM[i]) & (distance < SHELL_EDGES_MM[i + 1])
+        if int(sel.sum()) >= MIN_SHELL_VOXELS:
+            out[i] = float(np.median(hu[sel]))
+    return out
+
+
+def flatten_bone_rise(
+    hu: NDArray[np.floating], distance: NDArray[np.floating], cavity: NDArray[np.bool_]
+) -> NDArray[np.float32]:
+    """``hu`` with the cavity's rise toward the skull above ``REFERENCE_RISE_HU`` removed
+    (``distance`` as :func:`skull_distance`)."""
+    deep = cavity & (distance >= SHELL_EDGES_MM[-1])
+    if int(deep.sum()) < MIN_SHELL_VOXELS:
+        return hu.astype(np.float32)
+    baseline = float(np.median(hu[deep]))
+    excess = shell_medians(hu, distance, cavity) - baseline - np.asarray(REFERENCE_RISE_HU)
+    excess = np.clip(np.nan_to_num(excess, nan=0.0), 0.0, None)
+    centres = [(a + b) / 2.0 for a, b in itertools.pairwise(SHELL_EDGES_MM)]
+    shift = np.interp(distance, centres, excess, right=0.0)
+    return np.asarray(hu - np.where(cavity, shift, 0.0), dtype=np.float32)
+
+
+def bone_ramps(
+    found: NDArray[np.bool_], hu: NDArray[np.floating], distance: NDArray[np.floating]
+) -> NDArray[np.bool_]:
+    """The 3-D connected regions of ``found`` that are ramps of the skull or lie wholly in
+    it (``distance`` 0; see the module)."""
+    labels, count = ndimage.label(found, structure=np.ones((3, 3, 3), dtype=bool))
+    if count == 0:
+        return np.zeros(found.shape, dtype=bool)
+    index = np.arange(1, count + 1)
+    d = distance.astype(np.float64)
+    h = hu.astype(np.float64)
+    n = np.asarray(ndimage.sum(np.ones_like(d), labels, index))
+    mean_d = np.asarray(ndimage.sum(d, labels, index)) / n
+    mean_h = np.asarray(ndimage.sum(h, labels, index)) / n
+    var_d = np.asarray(ndimage.sum(d * d, labels, index)) / n - mean_d**2
+    cov = np.asarray(ndimage.sum(d * h, labels, index)) / n - mean_d * mean_h
+    slope = np.where(var_d > 1e-6, cov / np.maximum(var_d, 1e-6), 0.0)
+    reach = np.asarray(ndimage.maximum(d, labels, index))
+    ramp = (reach <= RAMP_REACH_MM) & ((slope <= -RAMP_SLOPE_HU_PER_MM) | (reach <= 0.0))
+    return np.asarray(np.concatenate([[False], ramp])[labels])
