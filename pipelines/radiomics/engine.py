@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import multiprocessing
-import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor

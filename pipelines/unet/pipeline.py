@@ -63,6 +63,7 @@ from pipelines.hyperdense import (
 from pipelines.measure import connected_regions, measure_region, structure
 from pipelines.series import LoadedSeries
 from pipelines.settings import PipelinesSettings
+from pipelines.stages import charged_to
 from pipelines.unet.bone import (
     bone_ramps,
     calcification_halo,
@@ -299,6 +300,7 @@ class UNetPipeline:
         """The coded class of the regions, as a segmenter of a risk model."""
         return HYPERDENSE_SEGMENT
 
+    @charged_to("segmentation")
     def segment(self, series: LoadedSeries) -> tuple[NDArray[np.int32], int]:
         """The U-Net's haemorrhage-class regions as a segmenter (calcification is never
         among them): its frame mask carried onto ``series.volume``'s grid (linear between
