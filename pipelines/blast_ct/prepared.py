@@ -3,7 +3,8 @@ in eval mode, rearranged for speed, and the volume's background skipped where pr
 constant.
 
 Rearranged: every tensor and weight is channels-last 3-D (oneDNN's fast layout; a
-default-layout weight turns a channels-last input back to the slow layout), batch norm is
+default-layout weight turns a channels-last input back to the slow layout), convolutions
+on the CPU go to oneDNN whatever their size (``convolve``), batch norm is
 one multiply-add with its folded scale and shift, PReLU (one slope) is an in-place leaky
 ReLU, residuals are added in place, and the 1x1x1 head runs as channels-last 1x1x1
 convolutions over slabs of the box. Numbers equal the modules' up to float rounding.
@@ -35,6 +36,8 @@ BACKGROUND = -1.0
 """The windowed value of every voxel below -15 HU."""
 
 CHANNELS_LAST = torch.channels_last_3d
+ONEDNN = torch.backends.mkldnn.is_available()
+ONEDNN_VALID = ([0, 0, 0], [1, 1, 1], [1, 1, 1], 1)  # padding, stride, dilation, groups
 HEAD_VOXELS = 1 << 18  # voxels per z slab of the 1x1x1 head (bounds its 250-channel memory)
 
 Range = tuple[int, int]
@@ -57,12 +60,27 @@ class PreparedBlock:
     def __call__(self, x: Tensor) -> Tensor:
         """The block on a channels-last (1, channels, z, y, x) tensor."""
         y = F.leaky_relu_(torch.addcmul(self.shift, x, self.scale), self.slope)
-        out = F.conv3d(y, self.weight)
+        out = convolve(y, self.weight)
         del y
         if self.crop is not None:
             c = self.crop
             out.add_(x[:, :, c:-c, c:-c, c:-c] if c else x)
         return out
+
+
+def convolve(x: Tensor, weight: Tensor) -> Tensor:
+    """Valid convolution without bias, channels-last out.
+
+    On the CPU oneDNN is called directly: torch's dispatcher sends 3-D inputs with
+    batch x channels x depth x height <= 20480 (the coarse pathways' boxes) to its slow
+    reference kernel, whose output is in the default layout. A one-channel input (the
+    first block) stays with the dispatcher.
+    """
+    if x.device.type == "cpu" and ONEDNN and x.shape[1] > 1:
+        out: Tensor = torch.ops.aten.mkldnn_convolution(x, weight, None, *ONEDNN_VALID)
+    else:
+        out = F.conv3d(x, weight)
+    return out.contiguous(memory_format=CHANNELS_LAST)
 
 
 def prepare_block(block: Block) -> PreparedBlock:
