@@ -161,10 +161,21 @@ def test_prepared_forward_equals_reference_forward() -> None:
         expected = sum(torch.softmax(r, dim=1)[0] for r in references)
     scale = float(references[0].abs().max())
     assert float((prepared - references[0]).abs().max()) <= 1e-5 * scale
-    summed = ensemble_sum(members, image, (8, 16, 20), CPU)
+    summed = ensemble_sum(members, image, (8, 16, 40), CPU)  # x boxes (0, 32), (32, 65)
     assert isinstance(expected, torch.Tensor)
     assert float(np.abs(summed - expected.numpy()).max()) <= 1e-4
     assert float(expected.max()) < 1.95 and expected.argmax(dim=0).unique().numel() > 1
+    blank = np.full((5, 6, 7), BACKGROUND, dtype=np.float32)
+    assert footprint(blank).empty
+    with torch.inference_mode():
+        plain = torch.softmax(
+            box_logits(members[0], torch.from_numpy(blank)[None, None], ((0, 5), (0, 6), (0, 7))),
+            dim=1,
+        )
+    assert (
+        float(np.abs(ensemble_sum(members[:1], blank, (8, 8, 8), CPU) - plain[0].numpy()).max())
+        <= 1e-5
+    )
 
 
 @pytest.mark.shared

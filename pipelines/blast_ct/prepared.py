@@ -150,7 +150,10 @@ def footprint(image: np.ndarray) -> Footprint:
         spans.append((int(hits[0]), int(hits[-1])) if hits.size else (1, 0))
     coarse: dict[int, tuple[Range, Range, Range]] = {}
     for s in FACTORS:
-        r = [coarse_range(lo, hi, n, s) for (lo, hi), n in zip(spans, shape, strict=True)]
+        r = [
+            coarse_range(lo, hi, n, s) if hi >= lo else (0, 0)
+            for (lo, hi), n in zip(spans, shape, strict=True)
+        ]
         coarse[s] = (r[0], r[1], r[2])
     region = []
     for axis, n in enumerate(shape):
