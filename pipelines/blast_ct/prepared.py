@@ -234,7 +234,7 @@ class PreparedMember:
                 torch.arange(a, b, device=volume.device) // s - n0
                 for (a, b), (n0, _) in zip(box, need, strict=True)
             ]
-            coarse.append((output, picks))
+            coarse.append((s, output, picks))
         channels = sum(int(c.shape[1]) for c in self.constants)
         out = torch.empty((1, NUM_CLASSES, *size), device=volume.device)
         step = max(HEAD_VOXELS // (size[1] * size[2]), 1)
@@ -246,10 +246,13 @@ class PreparedMember:
                 memory_format=CHANNELS_LAST,
             )
             channel = 0
-            for output, (pz, py, px) in coarse:
+            for s, output, (pz, py, px) in coarse:
                 width = int(output.shape[1])
-                rows = pz[z : z + depth]
-                gathered = output[:, :, rows[:, None, None], py[:, None], px]
+                if s == 1:  # coarse voxels are the box's own: a slice, no gather
+                    gathered = output[:, :, z : z + depth]
+                else:
+                    rows = pz[z : z + depth]
+                    gathered = output[:, :, rows[:, None, None], py[:, None], px]
                 slab[:, channel : channel + width].copy_(gathered)
                 channel += width
             out[:, :, z : z + depth] = run_blocks(self.head, slab)
