@@ -1,14 +1,20 @@
-"""BLAST-CT v1 inference time and peak memory on the GE head CT (CPU unless told).
+"""BLAST-CT v1 inference time, conv3d efficiency and peak memory on the GE head CT.
 
-Per member: the whole-volume forward pass of that member alone (hash check and loading
-excluded, reported apart). Ensemble: ``--members`` run together as the pipeline does
-(summed softmax). Also the pre- and post-processing time of the pipeline around them, and
+Runs on CUDA when torch sees a GPU (all 12 members by default), else on the CPU (members
+1 and 2); ``--device`` and ``--members`` choose. In one run: the machine's Conv3d limit
+(``bench/conv3d_limit.py``); per member of ``--per-member``, the whole-volume pass of the
+prepared path (``pipelines.blast_ct.prepared``, what the pipeline runs) side by side with
+the plain module-by-module path (``box_logits`` over the same box size, the path before
+the prepared one), each with its time, the multiply-accumulates it executes, GMAC/s, that
+as a fraction of the limit, and the largest probability difference between the two
+(everywhere, and on the head's voxels, windowed value above -1); then the ensemble of
+``--members`` as the pipeline runs it (summed softmax; weights loaded first, apart), with
 the Dice / false-positive volume of the IPH segment for a synthetic 20 mL haematoma.
 Peak memory is the process's resident high-water mark (VmHWM) after each step, so it only
 grows; each step starts from the previous step's peak.
 
-Run: ``.venv/bin/python bench/blast_ct.py [--members 1,2] [--per-member 1,2,3]``;
-prints JSON. Needs ../shared (the GE head CT and the weights).
+Run: ``PYTHONPATH=$PWD .venv/bin/python bench/blast_ct.py [--members 1,2] [--per-member 1]
+[--no-plain] [--no-tiling]``; prints JSON. Needs ../shared (the GE head CT and the weights).
 """
 
 from __future__ import annotations
@@ -25,8 +31,11 @@ import numpy as np
 import pydicom
 import torch
 
+from bench.conv3d_limit import default_device, measure, synchronise
 from pipelines.blast_ct import BlastCtParameters, BlastCtPipeline
 from pipelines.blast_ct.inference import box_logits, ensemble_sum, reference_logits
+from pipelines.blast_ct.network import FACTORS, FEATURE_MAPS, FULLY_CONNECTED, NUM_CLASSES
+from pipelines.blast_ct.prepared import BACKGROUND, Footprint, boxes, footprint
 from pipelines.blast_ct.preprocess import radiological, resample_to_1mm, window
 from pipelines.blast_ct.weights import load_ensemble
 from pipelines.geometry import represented_thickness
@@ -53,10 +62,12 @@ def numbers(text: str) -> tuple[int, ...]:
 def main() -> None:
     """Measure and print a JSON summary."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--members", type=numbers, default=(1, 2))
+    parser.add_argument("--members", type=numbers, default=None, help="default: by device")
     parser.add_argument("--per-member", type=numbers, default=(1,))
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: CUDA if any)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--no-plain", action="store_true", help="skip the plain path")
+    parser.add_argument("--no-tiling", action="store_true", help="skip the tiling check")
     parser.add_argument(
         "--tiling-crop",
         type=numbers,
@@ -66,7 +77,8 @@ def main() -> None:
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device = torch.device(args.device) if args.device else default_device()
+    limit = measure(device, (48, 96, 96), repeats=2)
 
     datasets = [pydicom.dcmread(p) for p in sorted(GE_HEADCT.glob("*.dcm"))]
     radius = (3.0 * 20.0 * 1000.0 / (4.0 * math.pi)) ** (1.0 / 3.0)
@@ -81,27 +93,57 @@ def main() -> None:
     image = window(resample_to_1mm(hu, spacing))
     summary: dict[str, object] = {
         "device": str(device),
+        "conv3d_limit_gmac_s": limit["limit_gmac_s"],
+        "conv3d": limit["convolutions"],
         "threads": args.threads,
         "grid": list(volume.hu.shape),
         "grid_1mm": list(image.shape),
         "preprocess_s": round(time.perf_counter() - start, 2),
         "lesion_ml": round(lesion.volume_ml, 2),
     }
-    pipeline = BlastCtPipeline(BlastCtParameters(members=args.members, device=args.device))
+    pipeline = BlastCtPipeline(BlastCtParameters(members=args.members, device=device.type))
     per_member = {}
     for index in args.per_member:
         start = time.perf_counter()
-        model = load_ensemble([index], device)
-        loaded = time.perf_counter() - start
-        start = time.perf_counter()
-        ensemble_sum([model[0]], image, pipeline.box, device)
-        per_member[str(index)] = {
-            "load_s": round(loaded, 2),
-            "inference_s": round(time.perf_counter() - start, 1),
-            "peak_rss_mb": round(peak_rss_mb()),
-        }
+        model = load_ensemble([index], device)[0]
+        row: dict[str, object] = {"load_s": round(time.perf_counter() - start, 2)}
+        paths = {"prepared": lambda m: ensemble_sum([m], image, pipeline.box, device)}
+        if not args.no_plain:
+            paths["plain"] = lambda m: plain_probabilities(m, image, pipeline.box, device)
+        results = {}
+        for name, run in paths.items():
+            synchronise(device)
+            start = time.perf_counter()
+            results[name] = run(model)
+            synchronise(device)
+            seconds = time.perf_counter() - start
+            macs = executed_macs(image, pipeline.box, prepared=name == "prepared")
+            row[name] = {
+                "inference_s": round(seconds, 1),
+                "gmac": round(macs / 1e9),
+                "gmac_s": round(macs / seconds / 1e9, 1),
+                "fraction_of_limit": round(macs / seconds / 1e9 / float(limit["limit_gmac_s"]), 2),
+                "peak_rss_mb": round(peak_rss_mb()),
+            }
+        if "plain" in results:
+            difference = np.abs(results["prepared"] - results["plain"])
+            head = image > BACKGROUND
+            row["speed_up"] = round(
+                float(row["plain"]["inference_s"]) / float(row["prepared"]["inference_s"]),
+                2,  # type: ignore[index]
+            )
+            row["max_abs_probability_difference"] = float(difference.max())
+            row["max_abs_probability_difference_head"] = float(difference[:, head].max())
+            row["labels_equal"] = bool(
+                np.array_equal(results["prepared"].argmax(0), results["plain"].argmax(0))
+            )
+        per_member[str(index)] = row
     summary["per_member"] = per_member
-    summary["tiling_vs_whole_pass"] = tiling_vs_whole(image, args.tiling_crop, device)
+    if not args.no_tiling:
+        summary["tiling_vs_whole_pass"] = tiling_vs_whole(image, args.tiling_crop, device)
+    start = time.perf_counter()
+    pipeline.check()
+    loaded = time.perf_counter() - start
     start = time.perf_counter()
     result = pipeline.run(series)
     elapsed = time.perf_counter() - start
@@ -117,7 +159,8 @@ def main() -> None:
         return round(float(np.sum(mask.sum(axis=(1, 2)) * thickness)) * pixel_ml, 2)
 
     summary["ensemble"] = {
-        "members": list(args.members),
+        "members": list(pipeline.members),
+        "load_s": round(loaded, 1),
         "pipeline_s": round(elapsed, 1),
         "peak_rss_mb": round(peak_rss_mb()),
         "iph_dice": round(2.0 * np.count_nonzero(iph & inserted) / (iph.sum() + inserted.sum()), 3),
@@ -130,6 +173,64 @@ def main() -> None:
         },
     }
     sys.stdout.write(json.dumps(summary, indent=2) + "\n")
+
+
+def full_footprint(shape: tuple[int, ...]) -> Footprint:
+    """A footprint that skips nothing: every pathway runs everywhere."""
+    z, y, x = shape
+    coarse = {s: ((0, -(-z // s)), (0, -(-y // s)), (0, -(-x // s))) for s in FACTORS}
+    return Footprint((z, y, x), coarse, ((0, z), (0, y), (0, x)))
+
+
+def plain_probabilities(
+    model: torch.nn.Module, image: np.ndarray, box_size: tuple[int, ...], device: torch.device
+) -> np.ndarray:
+    """One member's softmax (5, z, y, x) by ``box_logits`` over boxes of the whole volume:
+    the module-by-module path (default-layout weights, head as matrix products)."""
+    volume = torch.from_numpy(np.ascontiguousarray(image))[None, None].to(device)
+    total = np.empty((NUM_CLASSES, *image.shape), dtype=np.float32)
+    with torch.inference_mode():
+        for box in boxes(full_footprint(image.shape), box_size):
+            p = torch.softmax(box_logits(model, volume, box), dim=1)  # type: ignore[arg-type]
+            total[(slice(None), *(slice(a, b) for a, b in box))] = p[0].cpu().numpy()
+    return total
+
+
+def pathway_macs(sizes: list[int]) -> int:
+    """Multiply-accumulates of one pathway producing coarse output ``sizes`` (z, y, x)."""
+    channels = (1, *FEATURE_MAPS)
+    total = 0
+    for k in range(len(FEATURE_MAPS)):
+        grow = 2 * (len(FEATURE_MAPS) - 1 - k)
+        total += math.prod(n + grow for n in sizes) * channels[k] * channels[k + 1] * 27
+    return total
+
+
+HEAD_MACS = sum(
+    a * b
+    for a, b in zip(
+        (FEATURE_MAPS[-1] * len(FACTORS), *FULLY_CONNECTED),
+        (*FULLY_CONNECTED, NUM_CLASSES),
+        strict=True,
+    )
+)
+
+
+def executed_macs(image: np.ndarray, box_size: tuple[int, ...], prepared: bool) -> int:
+    """Multiply-accumulates a path executes on ``image``: per box, each pathway on the
+    coarse voxels it computes (the footprint's only, when prepared) and the head on every
+    voxel of the box."""
+    area = footprint(image) if prepared else full_footprint(image.shape)
+    total = 0
+    for box in boxes(area, box_size):
+        for s in FACTORS:
+            sizes = []
+            for (a, b), (v0, v1) in zip(box, area.coarse[s], strict=True):
+                sizes.append(max(min(-(-b // s), v1) - max(a // s, v0), 0))
+            if min(sizes) > 0:
+                total += pathway_macs(sizes)
+        total += math.prod(b - a for a, b in box) * HEAD_MACS
+    return total
 
 
 def tiling_vs_whole(

@@ -16,11 +16,11 @@ from dicomnode.processing import JobFailure, run_pipeline
 from pipelines.blast_ct import BlastCtParameters, BlastCtPipeline
 from pipelines.blast_ct.inference import (
     box_logits,
-    boxes,
     ensemble_sum,
     reference_logits,
 )
 from pipelines.blast_ct.network import DeepMedic
+from pipelines.blast_ct.prepared import BACKGROUND, Footprint, PreparedMember, boxes, footprint
 from pipelines.blast_ct.preprocess import (
     nearest_from_1mm,
     radiological,
@@ -111,7 +111,9 @@ def test_whole_volume_equals_reference_tiling(member: DeepMedic) -> None:
         reference = reference_logits(member, image)
         whole = box_logits(member, image, whole_box)
         pieces = torch.zeros_like(whole)
-        for box in boxes((37, 41, 33), (16, 17, 11)):
+        everywhere = ((0, 37), (0, 41), (0, 33))
+        area = Footprint((37, 41, 33), {1: everywhere, 3: everywhere, 5: everywhere}, everywhere)
+        for box in boxes(area, (16, 17, 11)):
             region = tuple(slice(a, b) for a, b in box)
             pieces[(slice(None), slice(None), *region)] = box_logits(member, image, box)
         head_rows = member.head([torch.ones((1, 50, 2, 3, 4)) * k for k in (0.1, -0.2, 0.3)])
@@ -123,6 +125,57 @@ def test_whole_volume_equals_reference_tiling(member: DeepMedic) -> None:
     assert float((pieces - whole).abs().max()) <= 1e-5 * scale
     assert torch.equal(whole.argmax(1), reference.argmax(1))
     assert float((head_rows - head_conv).abs().max()) <= 1e-5 * float(head_conv.abs().max())
+
+
+def random_member(seed: int) -> DeepMedic:
+    """A member with random weights, batch-norm statistics and PReLU slopes (eval mode)."""
+    torch.manual_seed(seed)
+    model = DeepMedic()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm3d):
+                assert module.running_mean is not None and module.running_var is not None
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.2, 0.2)
+            elif isinstance(module, torch.nn.PReLU):
+                module.weight.uniform_(-0.1, 0.3)
+    return model.eval()
+
+
+def test_prepared_forward_equals_reference_forward() -> None:
+    """Random weights, a random 'head' in a background band: the prepared members (channels-
+    last, folded norms, background skipped) against the reference's patch-by-patch forward."""
+    image = np.full((20, 26, 80), BACKGROUND, dtype=np.float32)
+    image[4:16, 3:22, 6:24] = np.random.default_rng(2).uniform(-1, 1, (12, 19, 18))
+    area = footprint(image)
+    assert area.region[2] == (0, 65)  # the last 15 voxels along x are skipped
+    assert area.coarse[1] == ((0, 20), (0, 26), (0, 32))
+    members = [random_member(seed) for seed in (3, 4)]
+    volume = torch.from_numpy(image)[None, None]
+    whole = ((0, 20), (0, 26), (0, 80))
+    with torch.inference_mode():
+        references = [reference_logits(m, volume) for m in members]
+        prepared = PreparedMember(members[0]).logits(volume, whole, area)
+        expected = sum(torch.softmax(r, dim=1)[0] for r in references)
+    scale = float(references[0].abs().max())
+    assert float((prepared - references[0]).abs().max()) <= 1e-5 * scale
+    summed = ensemble_sum(members, image, (8, 16, 40), CPU)  # x boxes (0, 32), (32, 65)
+    assert isinstance(expected, torch.Tensor)
+    assert float(np.abs(summed - expected.numpy()).max()) <= 1e-4
+    assert float(expected.max()) < 1.95 and expected.argmax(dim=0).unique().numel() > 1
+    blank = np.full((5, 6, 7), BACKGROUND, dtype=np.float32)
+    assert footprint(blank).empty
+    with torch.inference_mode():
+        plain = torch.softmax(
+            box_logits(members[0], torch.from_numpy(blank)[None, None], ((0, 5), (0, 6), (0, 7))),
+            dim=1,
+        )
+    assert (
+        float(np.abs(ensemble_sum(members[:1], blank, (8, 8, 8), CPU) - plain[0].numpy()).max())
+        <= 1e-5
+    )
 
 
 @pytest.mark.shared

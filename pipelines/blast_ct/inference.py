@@ -15,7 +15,7 @@ computation, kept to show that both give the same numbers.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -26,36 +26,12 @@ from pipelines.blast_ct.network import (
     NUM_CLASSES,
     OUTPUT,
     PATCH,
-    PATHWAY_DEPTH,
     DeepMedic,
     upsample,
 )
-
-Box = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
-"""Half-open output ranges (start, stop) along (z, y, x)."""
+from pipelines.blast_ct.prepared import Box, PreparedMember, boxes, footprint, lattice
 
 REFERENCE_BATCH = 32
-
-
-def boxes(shape: Sequence[int], size: Sequence[int]) -> Iterator[Box]:
-    """Boxes of at most ``size`` covering ``shape``, z outermost."""
-    ranges = [
-        [(start, min(start + step, n)) for start in range(0, n, step)]
-        for n, step in zip(shape, size, strict=True)
-    ]
-    yield from itertools.product(*ranges)
-
-
-def _lattice(start: int, stop: int, factor: int, length: int, device: torch.device) -> Tensor:
-    """Indices of the factor-s lattice points whose pathway output covers [start, stop).
-
-    Includes the ``PATHWAY_DEPTH`` extra points each side that the valid convolutions
-    consume; indices outside the volume are clamped (edge replication).
-    """
-    first = start // factor - PATHWAY_DEPTH
-    last = -(-stop // factor) + PATHWAY_DEPTH
-    points = torch.arange(first, last, device=device) * factor + factor // 2
-    return points.clamp_(0, length - 1)
 
 
 def box_logits(model: DeepMedic, image: Tensor, box: Box) -> Tensor:
@@ -66,7 +42,8 @@ def box_logits(model: DeepMedic, image: Tensor, box: Box) -> Tensor:
         s = pathway.factor
         sub = image
         for axis, ((start, stop), n) in enumerate(zip(box, shape, strict=True)):
-            sub = sub.index_select(2 + axis, _lattice(start, stop, s, n, image.device))
+            points = lattice(start // s, -(-stop // s), s, n, image.device)
+            sub = sub.index_select(2 + axis, points)
         out = pathway(sub.contiguous(memory_format=torch.channels_last_3d))
         if s > 1:
             out = upsample(out, s)
@@ -112,25 +89,36 @@ def ensemble_sum(
 ) -> NDArray[np.float32]:
     """Sum of the members' softmax probabilities (5, z, y, x) on a normalised image.
 
-    Per box, each member's softmax is added to a float32 running sum in member order, as
-    the reference ensemble does. Its argmax is the reference's label; divided by the
-    number of members it is the reference's probability.
+    Each member's softmax is added to a float32 running sum in member order, as the
+    reference ensemble does. Its argmax is the reference's label; divided by the number
+    of members it is the reference's probability. The members run prepared
+    (``pipelines.blast_ct.prepared``): boxes of at most ``box_size`` tile the image's
+    footprint, the constant-background probabilities fill the rest.
     """
     if not models:
         raise ValueError("an ensemble needs at least one member")
     volume = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
     volume = volume.to(device)
-    total = np.zeros((NUM_CLASSES, *image.shape), dtype=np.float32)
+    area = footprint(image)
+    total = np.empty((NUM_CLASSES, *image.shape), dtype=np.float32)
     with torch.inference_mode(), _deterministic(device):
-        for box in boxes(image.shape, box_size):
-            summed: Tensor | None = None
-            for model in models:
-                p = torch.softmax(box_logits(model, volume, box), dim=1)
-                summed = p if summed is None else summed + p
-            assert summed is not None
-            region = tuple(slice(a, b) for a, b in box)
-            total[(slice(None), *region)] = summed[0].cpu().numpy()
+        members = [PreparedMember(model) for model in models]
+        total[:] = _summed(torch.softmax(m.background_logits, dim=1) for m in members)
+        if area.empty:
+            return total
+        for box in boxes(area, box_size):
+            summed = _summed(torch.softmax(m.logits(volume, box, area), dim=1) for m in members)
+            total[(slice(None), *(slice(a, b) for a, b in box))] = summed
     return total
+
+
+def _summed(probabilities: Iterable[Tensor]) -> NDArray[np.float32]:
+    """Running float32 sum (5, z, y, x) of (1, 5, z, y, x) tensors, in order."""
+    total: Tensor | None = None
+    for p in probabilities:
+        total = p if total is None else total + p
+    assert total is not None
+    return np.asarray(total[0].cpu().numpy(), dtype=np.float32)
 
 
 class _deterministic:
