@@ -34,7 +34,7 @@ from pipelines.ht_after_mt.casedata import features_from_record
 from pipelines.ht_after_mt.model import PRIMARY, HtModel
 from pipelines.registry import pipeline_factory
 from pipelines.retraining.trainable import Cohort, TrainOptions, get_trainable
-from pipelines.settings import PipelinesSettings
+from pipelines.settings import HtAfterMtSettings, PipelinesSettings
 
 SALT = "case-store-test-salt"
 
@@ -53,7 +53,10 @@ def stored(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, CaseStoreSet
     """Two generated pairs (HT, contrast) run through ``ht_after_mt`` with a case store."""
     base = tmp_path_factory.mktemp("casestore")
     settings = CaseStoreSettings(folder=base / "cases", salt=SALT)
-    build, keep = pipeline_factory(PipelinesSettings()), case_keeper(settings)
+    # the threshold segmenter: these 96 px, 2.4 mm heads are below the U-Net's training
+    # sizes (192/256 px), where it calls a 0.14 mL partial-volume line at the skull base
+    segmenter = PipelinesSettings(ht_after_mt=HtAfterMtSettings(segmenter="hyperdense_regions"))
+    build, keep = pipeline_factory(segmenter), case_keeper(settings)
     studies = {}
     for seed, kind in ((5, "ht"), (6, "contrast")):
         pair = generate_pair(seed, kind)

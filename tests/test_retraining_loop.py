@@ -194,6 +194,8 @@ modality = ["CT"]
 [pipelines.ht_after_mt]
 model_store_dir = "{store}"
 clinical_table = "{table}"
+# 96 px generated heads are below the U-Net's training sizes (192/256 px)
+segmenter = "hyperdense_regions"
 
 [case_store]
 folder = "cases"

@@ -35,6 +35,7 @@ from pipelines.contract import OutputProfile, Writer
 from pipelines.measure import connected_regions, measure_segment
 from pipelines.series import LoadedSeries
 from pipelines.settings import PipelinesSettings
+from pipelines.stages import charged_to
 
 if TYPE_CHECKING:
     from pipelines.blast_ct.network import DeepMedic
@@ -151,6 +152,7 @@ class BlastCtPipeline:
         """The coded class of the regions as a segmenter: any haemorrhage class."""
         return HAEMORRHAGE_SEGMENT
 
+    @charged_to("segmentation")
     def segment(self, series: LoadedSeries) -> tuple[NDArray[np.int32], int]:
         """As a segmenter of a risk model: the haemorrhage classes (IPH, EAH, IVH; not
         oedema) together, labelled by connected region, largest first."""
