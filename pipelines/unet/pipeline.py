@@ -30,6 +30,7 @@ skull, lie wholly in its partial-volume band or in a calcification's halo are dr
 from __future__ import annotations
 
 import time
+import weakref
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -266,7 +267,7 @@ class UNetPipeline:
         self.device = "cuda" if device == "cuda" or (device == "auto" and cuda) else "cpu"
         self.version, self.root = version, root
         self.unet = load_unet(version, root, self.device)
-        self._cache: tuple[LoadedSeries, FrameClasses] | None = None
+        self._cache: tuple[weakref.ref[LoadedSeries], FrameClasses] | None = None
         self._algorithm = Algorithm(
             name="dicomnode hyperdense U-Net",
             version=version,
@@ -323,12 +324,13 @@ class UNetPipeline:
 
     def frame_classes(self, series: LoadedSeries) -> FrameClasses:
         """Haemorrhage-class and calcification masks on ``series.frame_hu`` (the last
-        series is cached, so ``segment`` then ``run`` on one series segments it once)."""
+        series is cached, held weakly, so ``segment`` then ``run`` on one series segments it
+        once and a finished job's series can be freed)."""
         cached = self._cache
-        if cached is not None and cached[0] is series:
+        if cached is not None and cached[0]() is series:
             return cached[1]
         classes = classify_frames(self.unet, series.frame_hu, frame_spacing(series))
-        self._cache = (series, classes)
+        self._cache = (weakref.ref(series), classes)
         return classes
 
     def segment_frames(self, series: LoadedSeries) -> NDArray[np.bool_]:
