@@ -40,6 +40,10 @@ REFERENCE_RISE_HU = (14.0, 14.0, 12.0, 11.0, 5.0, 2.0, 0.0, 0.0, 0.0, 0.0)
 """Rise of each shell's median above the deep brain in the generated training heads: the
 90th percentile over 3-frame slabs of four generated heads (1, 3, 5 and 7 mm slices)."""
 
+DISTANCE_CAP_MM = SHELL_EDGES_MM[-1]
+"""Distances to the skull are kept up to here: beyond it lies the deep brain (the shells'
+end), and a region reaching it is no ramp (``RAMP_REACH_MM`` is shorter)."""
+
 MIN_SHELL_VOXELS = 200
 """Fewest voxels a shell needs for its median (a shell with fewer is not flattened)."""
 
@@ -58,21 +62,44 @@ CALCIFICATION_HALO_MM = 1.5
 (a head kernel's FWHM is 0.8-1.2 mm): its halo there reads 60-150 HU."""
 
 
+def _box(mask: NDArray[np.bool_], margin: tuple[int, ...]) -> tuple[slice, ...]:
+    """The bounding box of ``mask``, grown by ``margin`` voxels per axis, as slices."""
+    box = []
+    for axis, grow in enumerate(margin):
+        others = tuple(a for a in range(mask.ndim) if a != axis)
+        where = np.flatnonzero(mask.any(axis=others))
+        box.append(slice(max(int(where[0]) - grow, 0), int(where[-1]) + grow + 1))
+    return tuple(box)
+
+
 def calcification_halo(
     calcified: NDArray[np.bool_], spacing: tuple[float, float, float]
 ) -> NDArray[np.bool_]:
-    """Voxels (not calcified) within ``CALCIFICATION_HALO_MM`` of a calcified voxel."""
+    """Voxels (not calcified) within ``CALCIFICATION_HALO_MM`` of a calcified voxel (the
+    distance is computed on the calcifications' box grown by the halo: no voxel outside it
+    is that close)."""
+    halo = np.zeros(calcified.shape, dtype=bool)
     if not calcified.any():
-        return np.zeros(calcified.shape, dtype=bool)
-    distance = ndimage.distance_transform_edt(~calcified, sampling=spacing)
-    return np.asarray((distance > 0) & (distance <= CALCIFICATION_HALO_MM))
+        return halo
+    box = _box(calcified, tuple(int(np.ceil(CALCIFICATION_HALO_MM / s)) + 1 for s in spacing))
+    distance = ndimage.distance_transform_edt(~calcified[box], sampling=spacing)
+    halo[box] = (distance > 0) & (distance <= CALCIFICATION_HALO_MM)
+    return halo
 
 
 def skull_distance(
     skull: NDArray[np.bool_], spacing: tuple[float, float, float]
-) -> NDArray[np.float64]:
-    """Distance (mm) of every voxel of a frame stack to the nearest skull voxel."""
-    return np.asarray(ndimage.distance_transform_edt(~skull, sampling=spacing))
+) -> NDArray[np.float32]:
+    """Distance (mm) of every voxel of a frame stack to the nearest skull voxel, capped at
+    ``DISTANCE_CAP_MM`` (every use reads distances only up to there). Computed on the
+    skull's bounding box (the cavity lies inside it); voxels outside it get the cap."""
+    distance = np.full(skull.shape, DISTANCE_CAP_MM, dtype=np.float32)
+    if not skull.any():
+        return distance
+    box = _box(skull, (0,) * skull.ndim)
+    inside = ndimage.distance_transform_edt(~skull[box], sampling=spacing)
+    distance[box] = np.minimum(inside, DISTANCE_CAP_MM)
+    return distance
 
 
 def shell_medians(
@@ -92,15 +119,16 @@ def flatten_bone_rise(
 ) -> NDArray[np.float32]:
     """``hu`` with the cavity's rise toward the skull above ``REFERENCE_RISE_HU`` removed
     (``distance`` as :func:`skull_distance`)."""
+    flat = np.array(hu, dtype=np.float32)
     deep = cavity & (distance >= SHELL_EDGES_MM[-1])
     if int(deep.sum()) < MIN_SHELL_VOXELS:
-        return hu.astype(np.float32)
+        return flat
     baseline = float(np.median(hu[deep]))
     excess = shell_medians(hu, distance, cavity) - baseline - np.asarray(REFERENCE_RISE_HU)
     excess = np.clip(np.nan_to_num(excess, nan=0.0), 0.0, None)
     centres = [(a + b) / 2.0 for a, b in itertools.pairwise(SHELL_EDGES_MM)]
-    shift = np.interp(distance, centres, excess, right=0.0)
-    return np.asarray(hu - np.where(cavity, shift, 0.0), dtype=np.float32)
+    flat[cavity] -= np.interp(distance[cavity], centres, excess, right=0.0).astype(np.float32)
+    return flat
 
 
 def bone_ramps(
@@ -111,15 +139,16 @@ def bone_ramps(
     labels, count = ndimage.label(found, structure=np.ones((3, 3, 3), dtype=bool))
     if count == 0:
         return np.zeros(found.shape, dtype=bool)
-    index = np.arange(1, count + 1)
-    d = distance.astype(np.float64)
-    h = hu.astype(np.float64)
-    n = np.asarray(ndimage.sum(np.ones_like(d), labels, index))
-    mean_d = np.asarray(ndimage.sum(d, labels, index)) / n
-    mean_h = np.asarray(ndimage.sum(h, labels, index)) / n
-    var_d = np.asarray(ndimage.sum(d * d, labels, index)) / n - mean_d**2
-    cov = np.asarray(ndimage.sum(d * h, labels, index)) / n - mean_d * mean_h
+    region = labels[found] - 1  # per found voxel, in one order for all three
+    d = distance[found].astype(np.float64)
+    h = hu[found].astype(np.float64)
+    n = np.bincount(region, minlength=count).astype(np.float64)
+    mean_d = np.bincount(region, d, count) / n
+    mean_h = np.bincount(region, h, count) / n
+    var_d = np.bincount(region, d * d, count) / n - mean_d**2
+    cov = np.bincount(region, d * h, count) / n - mean_d * mean_h
     slope = np.where(var_d > 1e-6, cov / np.maximum(var_d, 1e-6), 0.0)
-    reach = np.asarray(ndimage.maximum(d, labels, index))
+    reach = np.full(count, -np.inf)
+    np.maximum.at(reach, region, d)
     ramp = (reach <= RAMP_REACH_MM) & ((slope <= -RAMP_SLOPE_HU_PER_MM) | (reach <= 0.0))
     return np.asarray(np.concatenate([[False], ramp])[labels])

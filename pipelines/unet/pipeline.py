@@ -192,7 +192,7 @@ class FrameRules:
     allowed: NDArray[np.bool_]
     calcified: NDArray[np.bool_]
     network_hu: NDArray[np.float32]
-    skull_mm: NDArray[np.float64] | None = None
+    skull_mm: NDArray[np.float32] | None = None
 
     def kept(self, found: NDArray[np.bool_]) -> NDArray[np.bool_]:
         """``found`` where allowed, calcification out and (with the ``bone`` rule) the
@@ -301,7 +301,6 @@ class UNetPipeline:
         """The coded class of the regions, as a segmenter of a risk model."""
         return HYPERDENSE_SEGMENT
 
-    @charged_to("segmentation")
     def segment(self, series: LoadedSeries) -> tuple[NDArray[np.int32], int]:
         """The U-Net's haemorrhage-class regions as a segmenter (calcification is never
         among them): its frame mask carried onto ``series.volume``'s grid (linear between
@@ -322,6 +321,7 @@ class UNetPipeline:
         except ModelStoreError as exc:
             raise PipelineUnavailable(f"{MODEL_NAME} {self.version} refused: {exc}") from exc
 
+    @charged_to("segmentation")
     def frame_classes(self, series: LoadedSeries) -> FrameClasses:
         """Haemorrhage-class and calcification masks on ``series.frame_hu`` (the last
         series is cached, held weakly, so ``segment`` then ``run`` on one series segments it
