@@ -31,7 +31,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import structlog
@@ -150,7 +150,8 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _prediction(result: PipelineResult) -> dict[str, Any] | None:
+def prediction_of(result: PipelineResult) -> dict[str, Any] | None:
+    """The risk model's prediction of ``result`` as stored in ``case.json`` (None: none)."""
     risk = result.risk
     if risk is None:
         return None
@@ -164,8 +165,8 @@ def _prediction(result: PipelineResult) -> dict[str, Any] | None:
     }
 
 
-def save_arrays(path: Path, arrays: Mapping[str, Any]) -> None:
-    """``arrays`` as an ``.npz`` (``numpy.load`` reads it), deflate level
+def save_arrays(path: Path | IO[bytes], arrays: Mapping[str, Any]) -> None:
+    """``arrays`` as an ``.npz`` file or stream (``numpy.load`` reads it), deflate level
     :data:`DEFLATE_LEVEL`: on a 512 x 512 x 32 noisy head, level 1 took 0.57 s for
     7.8 MB, numpy's default (6) 3.96 s for 7.6 MB."""
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=DEFLATE_LEVEL) as npz:
@@ -191,9 +192,20 @@ def write_case(
 ) -> str | None:
     """Store ``result.case_record`` of a run on the series of ``reference``; returns the
     key (None when the pipeline keeps nothing for retraining)."""
-    record = result.case_record
-    if record is None:
+    if result.case_record is None:
         return None
+    return write_record(settings, pipeline, reference, result.case_record, prediction_of(result))
+
+
+def write_record(
+    settings: CaseStoreSettings,
+    pipeline: str,
+    reference: Dataset,
+    record: CaseRecord,
+    prediction: Mapping[str, Any] | None,
+) -> str:
+    """Store ``record`` and ``prediction`` (:func:`prediction_of`) of a run of
+    ``pipeline`` on the series of ``reference``; returns the key."""
     root = settings.root()
     root.mkdir(parents=True, exist_ok=True)
     key = study_key(str(reference.get("StudyInstanceUID", "")), settings.salt)
@@ -209,7 +221,7 @@ def write_case(
             "stored_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "acquired_at": None if when is None else when.isoformat(),
             "header": header_record(reference),
-            "prediction": _prediction(result),
+            "prediction": None if prediction is None else dict(prediction),
             "features": record.features,
             "inputs": record.inputs,
             "arrays_sha256": _sha256(staging / ARRAYS),

@@ -19,12 +19,20 @@ worker slot at a time: a worker killed mid-job leaves its message unacknowledged
 broker gives it to another worker after ``visibility_timeout_s``. Files travel
 zlib-compressed and base64-encoded in JSON (no pickle crosses the broker); each file's
 SHA-256 is checked on arrival.
+
+A result also carries the job's stage split (``pipelines.stages``, timed on the worker),
+which the node records as for its own jobs, and, only when the message says the node
+has a ``[case_store]``, the case record (features, inputs, prediction and the arrays as
+a deflated ``.npz``, base64); the node stores it with its own settings (salt, folder),
+so workers need no case store and nothing identifying travels beyond the reference
+instance's SOP Instance UID, which names the header the node reads from its spool.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import tempfile
 import uuid
 import zlib
@@ -32,16 +40,22 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pydicom
 import structlog
 from celery import Celery
 from celery.signals import setup_logging, worker_ready
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
 
+from dicomnode.case_store import CaseStoreSettings, prediction_of, save_arrays
 from dicomnode.config import CelerySettings, NodeConfig
 from dicomnode.failures import FailureKind
 from dicomnode.node import JobSpec, Process
-from dicomnode.processing import JobFailure, PipelineFactory, run_pipeline
+from dicomnode.processing import JobFailure, PipelineFactory, run_pipeline, store_case
+from pipelines.base import CaseRecord, PipelineResult
 from pipelines.registry import pipeline_factory
+from pipelines.stages import StageTimer, recording, stage
 
 log = structlog.get_logger(__name__)
 
@@ -89,45 +103,97 @@ def unpack_files(packed: Sequence[Mapping[str, str]], folder: Path) -> list[Path
     return paths
 
 
-def job_payload(job: JobSpec, fallback: str | None) -> Payload:
-    """The task message of ``job``: what a worker needs and nothing that names a patient."""
+def job_payload(job: JobSpec, fallback: str | None, case_record: bool = False) -> Payload:
+    """The task message of ``job``: what a worker needs and nothing that names a patient;
+    ``case_record``: whether the worker returns the job's case record (the node has a
+    case store)."""
     return {
         "format": PAYLOAD_FORMAT,
         "job_id": job.job_id,
         "pipeline": job.pipeline,
         "fallback": fallback,
         "revision": job.revision,
+        "case_record": case_record,
         "files": pack_files(job.instance_paths),
     }
 
 
+def pack_case(pipeline: str, reference: Dataset, result: PipelineResult) -> Payload | None:
+    """The case record of a run as JSON: the arrays as a deflated ``.npz`` (base64) with
+    its SHA-256; None when the pipeline keeps nothing for retraining."""
+    record = result.case_record
+    if record is None:
+        return None
+    buffer = io.BytesIO()
+    save_arrays(buffer, record.arrays)
+    blob = buffer.getvalue()
+    return {
+        "pipeline": pipeline,
+        "reference_uid": str(reference.SOPInstanceUID),
+        "prediction": prediction_of(result),
+        "features": record.features,
+        "inputs": record.inputs,
+        "arrays_sha256": hashlib.sha256(blob).hexdigest(),
+        "arrays": base64.b64encode(blob).decode("ascii"),
+    }
+
+
+def unpack_case(packed: Mapping[str, Any]) -> CaseRecord:
+    """The :class:`CaseRecord` of :func:`pack_case`; ``PayloadError`` when its arrays
+    are damaged."""
+    blob = base64.b64decode(packed["arrays"])
+    if hashlib.sha256(blob).hexdigest() != packed["arrays_sha256"]:
+        raise PayloadError("case record arrays do not match their SHA-256")
+    with np.load(io.BytesIO(blob), allow_pickle=False) as data:
+        arrays = {name: data[name] for name in data.files}
+    return CaseRecord(arrays, dict(packed["features"]), dict(packed["inputs"]))
+
+
 def run_payload(payload: Mapping[str, Any], pipelines: PipelineFactory) -> Payload:
     """Run one task message in a private temporary folder (the worker's side): the output
-    files, or the job failure's reason and kind."""
+    files, or the job failure's reason and kind; the stage split either way, and the case
+    record when the message asks for it."""
     if payload.get("format") != PAYLOAD_FORMAT:
         raise PayloadError(f"task format {payload.get('format')!r} is not {PAYLOAD_FORMAT}")
     job_id = int(payload["job_id"])
     bound = log.bind(job_id=job_id, pipeline=payload["pipeline"])
+    timer = StageTimer()
+    cases: list[Payload | None] = []
+
+    def keep(pipeline: str, reference: Dataset, result: PipelineResult) -> None:
+        with stage("writers"):
+            cases.append(pack_case(pipeline, reference, result))
+
     with tempfile.TemporaryDirectory(prefix=f"dicomnode-job-{job_id}-") as tmp:
         paths = unpack_files(payload["files"], Path(tmp) / "in")
         bound.info("remote job started", instances=len(paths))
         try:
-            outputs = run_pipeline(
-                paths, str(payload["pipeline"]), Path(tmp) / "out", payload.get("fallback"),
-                revision=int(payload["revision"]), pipelines=pipelines,
-            )  # fmt: skip
+            with recording(timer):
+                outputs = run_pipeline(
+                    paths, str(payload["pipeline"]), Path(tmp) / "out", payload.get("fallback"),
+                    revision=int(payload["revision"]), pipelines=pipelines,
+                    keep=keep if payload.get("case_record") else None,
+                )  # fmt: skip
         except JobFailure as exc:
             bound.warning("remote job failed", reason=str(exc), kind=exc.kind.value)
-            return {"format": PAYLOAD_FORMAT, "ok": False, "reason": str(exc), "kind": exc.kind}
-        bound.info("remote job done", outputs=len(outputs))
-        return {"format": PAYLOAD_FORMAT, "ok": True, "outputs": pack_files(outputs)}
+            return {"format": PAYLOAD_FORMAT, "ok": False, "reason": str(exc),
+                    "kind": exc.kind, "stages": timer.seconds()}  # fmt: skip
+        case = cases[0] if cases else None
+        bound.info("remote job done", outputs=len(outputs), case_record=case is not None)
+        return {"format": PAYLOAD_FORMAT, "ok": True, "outputs": pack_files(outputs),
+                "stages": timer.seconds(), "case": case}  # fmt: skip
+
+
+def check_result(result: Mapping[str, Any]) -> None:
+    """``PayloadError`` unless ``result`` is a task result of this version."""
+    if result.get("format") != PAYLOAD_FORMAT:
+        raise PayloadError(f"task result format {result.get('format')!r} is not {PAYLOAD_FORMAT}")
 
 
 def outputs_of(result: Mapping[str, Any], output_dir: Path) -> list[Path]:
     """The output files of a task result written into ``output_dir`` (the node's side);
     a failed job raises its ``JobFailure``."""
-    if result.get("format") != PAYLOAD_FORMAT:
-        raise PayloadError(f"task result format {result.get('format')!r} is not {PAYLOAD_FORMAT}")
+    check_result(result)
     if not result["ok"]:
         raise JobFailure(str(result["reason"]), FailureKind(result["kind"]))
     arrived = output_dir / ".arrived"
@@ -147,6 +213,36 @@ def _output_name(path: Path) -> str:
     if Path(name).name != name:
         raise PayloadError(f"output {path.name} has an unusable SOP Instance UID")
     return name
+
+
+def store_remote_case(
+    settings: CaseStoreSettings, packed: Mapping[str, Any], instance_paths: Sequence[Path]
+) -> None:
+    """Write a returned case record into the node's case store, with the header of its
+    reference instance read from the job's spooled files; a failure is logged, never
+    raised (as for the node's own jobs)."""
+    try:
+        record = unpack_case(packed)
+    except (PayloadError, KeyError, TypeError, ValueError, OSError) as exc:
+        log.error("case not stored", reason=f"returned case record unusable: {exc}")
+        return
+    reference = _instance_header(instance_paths, str(packed["reference_uid"]))
+    if reference is None:
+        log.error("case not stored", reason="its reference instance is not in the job")
+        return
+    store_case(settings, str(packed["pipeline"]), reference, record, packed.get("prediction"))
+
+
+def _instance_header(paths: Sequence[Path], sop_instance_uid: str) -> Dataset | None:
+    """The header (no pixel data) of the file of ``sop_instance_uid`` among ``paths``."""
+    for path in paths:
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except (InvalidDicomError, OSError, ValueError, AttributeError):
+            continue
+        if str(ds.get("SOPInstanceUID", "")) == sop_instance_uid:
+            return ds
+    return None
 
 
 def celery_app(settings: CelerySettings) -> Celery:
@@ -183,7 +279,8 @@ def celery_processor(config: NodeConfig, app: Celery | None = None) -> Process:
     celery = celery_app(settings) if app is None else app
 
     def process_job(job: JobSpec) -> list[Path]:
-        payload = job_payload(job, config.default_pipeline)
+        case_store = config.case_store
+        payload = job_payload(job, config.default_pipeline, case_record=case_store is not None)
         task_id = f"dicomnode-job-{job.job_id}-{uuid.uuid4().hex}"
         log.info("job sent to the Celery workers", job_id=job.job_id, task_id=task_id)
         pending = celery.send_task(TASK_NAME, args=[payload], task_id=task_id,
@@ -196,8 +293,13 @@ def celery_processor(config: NodeConfig, app: Celery | None = None) -> Process:
             raise JobFailure(f"remote job failed: {type(exc).__name__}: {exc}") from exc
         finally:
             pending.forget()
+        check_result(result)
+        job.stages.add(result.get("stages") or {})
         job.output_dir.mkdir(parents=True, exist_ok=True)
-        return outputs_of(result, job.output_dir)
+        written = outputs_of(result, job.output_dir)
+        if case_store is not None and result.get("case") is not None:
+            store_remote_case(case_store, result["case"], job.instance_paths)
+        return written
 
     return process_job
 

@@ -10,8 +10,9 @@ the rejection notes that retract a series' superseded results.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import structlog
@@ -19,7 +20,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from dicomnode import phi
-from dicomnode.case_store import CaseStoreError, CaseStoreSettings, write_case
+from dicomnode.case_store import CaseStoreError, CaseStoreSettings, prediction_of, write_record
 from dicomnode.config import NodeConfig
 from dicomnode.failures import FailureKind, classify_failure, radiologist_sentence
 from dicomnode.node import JobSpec, Process, Reporting
@@ -27,7 +28,7 @@ from dicomnode.pipelines_check import PipelinePlan
 from dicomnode.revisions import Retraction
 from dicomnode.shadow import run_shadow
 from dicomnode.studies import run_study_job, study_rule
-from pipelines.base import Pipeline, PipelineError, PipelineResult, PipelineUnavailable
+from pipelines.base import CaseRecord, Pipeline, PipelineError, PipelineResult, PipelineUnavailable
 from pipelines.outputs import build_outputs
 from pipelines.outputs.failure import FailureNotice, build_failure_outputs
 from pipelines.outputs.rejection import RejectedInstance, build_rejection_note
@@ -140,12 +141,24 @@ def case_keeper(settings: CaseStoreSettings | None) -> Keeper | None:
         return None
 
     def keep(pipeline: str, reference: Dataset, result: PipelineResult) -> None:
-        try:
-            write_case(settings, pipeline, reference, result)
-        except (CaseStoreError, OSError, ValueError) as exc:
-            log.error("case not stored", pipeline=pipeline, reason=f"{type(exc).__name__}: {exc}")
+        if result.case_record is not None:
+            store_case(settings, pipeline, reference, result.case_record, prediction_of(result))
 
     return keep
+
+
+def store_case(
+    settings: CaseStoreSettings,
+    pipeline: str,
+    reference: Dataset,
+    record: CaseRecord,
+    prediction: Mapping[str, Any] | None,
+) -> None:
+    """Write a case record into the store; a failure to store is logged, never raised."""
+    try:
+        write_record(settings, pipeline, reference, record, prediction)
+    except (CaseStoreError, OSError, ValueError) as exc:
+        log.error("case not stored", pipeline=pipeline, reason=f"{type(exc).__name__}: {exc}")
 
 
 def processor(

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Literal, ParamSpec, TypeVar, get_args
@@ -54,6 +54,18 @@ class StageTimer:
         finally:
             self._charge()
             self._open.pop()
+
+    def add(self, seconds: Mapping[str, float]) -> None:
+        """Add seconds per stage timed elsewhere (a job's run on a Celery worker)."""
+        unknown = sorted(set(seconds) - set(self._seconds))
+        if unknown:
+            raise ValueError(f"unknown stage(s) {', '.join(unknown)}; known: {', '.join(STAGES)}")
+        added = {name: float(seconds.get(name, 0.0)) for name in STAGES}
+        for name, value in added.items():
+            if not value >= 0.0:  # also refuses NaN
+                raise ValueError(f"stage {name}: {value!r} is not a duration")
+        for name, value in added.items():
+            self._seconds[name] += value
 
     def seconds(self) -> dict[str, float]:
         """Seconds per stage so far (every stage present, zero when not passed)."""

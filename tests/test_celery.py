@@ -1,27 +1,42 @@
 """Scale-out on Celery with a real Redis broker (Debian's ``redis-server``) and real
 ``dicomnode worker`` processes: a worker killed mid-job leaves its job to another worker,
 which completes it exactly once; jobs spread over two workers; a job that fails on a
-worker reaches PACS as a failure notice, as it does in-process."""
+worker reaches PACS as a failure notice, as it does in-process; a worker's job records
+its stage split on the node and, with ``[case_store]`` on the node, its case record."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import io
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
+import pydicom
 import pytest
 import redis
 from pydicom.dataset import Dataset
 
+from dicomnode.case_store import list_cases, load_record, save_arrays, study_key
 from dicomnode.config import NodeConfig
-from dicomnode.distributed import PayloadError, celery_processor, pack_files, unpack_files
+from dicomnode.distributed import (
+    PayloadError,
+    celery_processor,
+    pack_files,
+    unpack_case,
+    unpack_files,
+)
 from dicomnode.node import Node
 from dicomnode.processing import reporting
 from dicomnode.records import JobState
+from pipelines.followup.pairs import generate_pair
+from pipelines.outputs.sr import RISK_PROBABILITY
 from pipelines.synthetic import synthetic_head_ct, write_series
 from tests.orthanc import Orthanc
 from tests.pacs_reports import node_config, storescu, wait_for
@@ -66,9 +81,12 @@ def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
     pacs.stop()
 
 
-def _config(base: Path, pacs: Orthanc, broker: str) -> tuple[NodeConfig, Path]:
-    """The node's config in Celery mode, and the same config as a TOML file for workers."""
-    data = node_config(base, pacs).model_dump(mode="json")
+def _config(
+    base: Path, pacs: Orthanc, broker: str, extra: dict[str, object] | None = None
+) -> tuple[NodeConfig, Path]:
+    """The node's config in Celery mode (with ``extra`` sections), and the same config as
+    a TOML file for workers (the risk pipeline on the threshold segmenter; no case store)."""
+    data = {**node_config(base, pacs).model_dump(mode="json"), **(extra or {})}
     data["worker"] = {"threads": 4}  # jobs in flight at once, each waiting on a worker
     data["celery"] = {
         "broker_url": broker, "visibility_timeout_s": VISIBILITY_TIMEOUT_S, "job_timeout_s": 120,
@@ -80,6 +98,7 @@ def _config(base: Path, pacs: Orthanc, broker: str) -> tuple[NodeConfig, Path]:
         f'spool_dir = "{base / "worker-spool"}"\nstate_dir = "{base / "worker-state"}"\n'
         '[[allowed_callers]]\nae_title = "STORESCU"\nhost = "127.0.0.1"\n'
         f'[celery]\nbroker_url = "{broker}"\nvisibility_timeout_s = {VISIBILITY_TIMEOUT_S}\n'
+        '[pipelines.ht_after_mt]\nsegmenter = "hyperdense_regions"\n'
     )
     return config, toml
 
@@ -173,6 +192,61 @@ def test_jobs_spread_over_two_workers_and_failures_reach_pacs(
             worker.kill()
 
 
+def _sr_probability(path: Path) -> float:
+    """The risk probability (0-1) in an SR's content tree."""
+    found: list[float] = []
+
+    def walk(items: Sequence[Dataset]) -> None:
+        for item in items:
+            names = item.get("ConceptNameCodeSequence")
+            if (
+                item.get("ValueType") == "NUM"
+                and names
+                and names[0].CodeValue == RISK_PROBABILITY.value
+            ):
+                found.append(float(item.MeasuredValueSequence[0].NumericValue) / 100.0)
+            walk(item.get("ContentSequence", []))
+
+    walk(pydicom.dcmread(path).ContentSequence)
+    assert found, "the SR holds no risk probability"
+    return found[0]
+
+
+def test_a_workers_job_records_stages_and_its_case_on_the_node(
+    tmp_path: Path, orthanc: Orthanc, redis_url: str
+) -> None:
+    cases = tmp_path / "node-cases"
+    route = {"name": "ht", "match": {"modality": "CT"}, "pipeline": "ht_after_mt",
+             "destinations": ["PACS"]}  # fmt: skip
+    config, toml = _config(
+        tmp_path / "node", orthanc, redis_url,
+        {"routes": [route], "case_store": {"folder": str(cases), "salt": "celery-case-salt-16"},
+         "pipelines": {"ht_after_mt": {"segmenter": "hyperdense_regions"}}},
+    )  # fmt: skip
+    baseline = generate_pair(5, "ht").baseline
+    worker = Worker(toml, "cases", tmp_path)
+    try:
+        with Node(config, celery_processor(config), reporting()) as node:
+            storescu(node, write_series(baseline, tmp_path / "in"))
+            wait_for(lambda: node.is_idle() and bool(node.outbox.items()), 90, "the job")
+            [job] = node.jobs.all()
+            assert job.state == JobState.DONE
+            stages = node.jobs.stages(job.id)
+            for name in ("load", "segmentation", "writers"):
+                assert stages[name] > 0.0, stages
+            [sr] = [p for p in (tmp_path / "node").rglob("SR-*.dcm")]
+            probability = _sr_probability(sr)
+        [case] = list_cases(cases)
+        assert case.key == study_key(str(baseline[0].StudyInstanceUID), "celery-case-salt-16")
+        assert case.scored and case.prediction is not None
+        # the SR's percentage has 3 decimals (``ds_value``): 5e-6 as a probability
+        assert case.prediction["probability"] == pytest.approx(probability, abs=5.1e-6)
+        assert load_record(cases, case.key).arrays["volume_hu"].dtype.name == "int16"
+        assert not any((tmp_path / "worker-state").rglob("case.json"))  # nothing kept there
+    finally:
+        worker.kill()
+
+
 def test_a_damaged_file_in_a_message_is_refused(tmp_path: Path) -> None:
     source = tmp_path / "a.dcm"
     source.write_bytes(b"DICM" * 100)
@@ -182,3 +256,21 @@ def test_a_damaged_file_in_a_message_is_refused(tmp_path: Path) -> None:
         unpack_files([{**packed, "sha256": "0" * 64}], tmp_path / "bad")
     with pytest.raises(PayloadError, match="plain"):
         unpack_files([{**packed, "name": "../escape.dcm"}], tmp_path / "bad")
+
+
+def test_a_returned_case_record_round_trips_and_a_damaged_one_is_refused() -> None:
+    buffer = io.BytesIO()
+    volume = np.arange(4 * 6 * 5, dtype=np.int16).reshape(4, 6, 5)
+    save_arrays(buffer, {"volume_hu": volume})
+    blob = buffer.getvalue()
+    packed = {
+        "arrays": base64.b64encode(blob).decode("ascii"),
+        "arrays_sha256": hashlib.sha256(blob).hexdigest(),
+        "features": {"clinical": {"age": 70.0}},
+        "inputs": {"version": "x"},
+    }
+    record = unpack_case(packed)
+    assert np.array_equal(record.arrays["volume_hu"], volume)
+    assert record.features == {"clinical": {"age": 70.0}}
+    with pytest.raises(PayloadError, match="SHA-256"):
+        unpack_case({**packed, "arrays_sha256": "0" * 64})

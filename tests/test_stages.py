@@ -60,6 +60,18 @@ def test_stages_outside_a_recording_cost_nothing_and_unknown_ones_fail() -> None
         pass
 
 
+def test_seconds_timed_elsewhere_add_up_and_bad_ones_are_refused() -> None:
+    timer = StageTimer()
+    timer.add({"load": 1.5, "segmentation": 2.0})
+    timer.add({"load": 0.5})
+    assert timer.seconds() == {**dict.fromkeys(STAGES, 0.0), "load": 2.0, "segmentation": 2.0}
+    with pytest.raises(ValueError, match="unknown stage"):
+        timer.add({"sending": 1.0})
+    with pytest.raises(ValueError, match="not a duration"):
+        timer.add({"load": 1.0, "model": float("nan")})
+    assert timer.seconds()["load"] == 2.0  # a refused split adds nothing
+
+
 def _model_elsewhere() -> None:
     """A stage on a thread where no timer records."""
     with stage("model"):
