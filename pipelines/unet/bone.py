@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import itertools
 
+import edt
 import numpy as np
 from numpy.typing import NDArray
 from scipy import ndimage
@@ -91,26 +92,25 @@ def skull_distance(
     skull: NDArray[np.bool_], spacing: tuple[float, float, float]
 ) -> NDArray[np.float32]:
     """Distance (mm) of every voxel of a frame stack to the nearest skull voxel, capped at
-    ``DISTANCE_CAP_MM`` (every use reads distances only up to there). Computed on the
-    skull's bounding box (the cavity lies inside it); voxels outside it get the cap."""
-    distance = np.full(skull.shape, DISTANCE_CAP_MM, dtype=np.float32)
+    ``DISTANCE_CAP_MM`` (every use reads distances only up to there). The ``edt`` package's
+    float32 transform: on 300 frames of 512 x 512 it adds the 300 MB of its result where
+    scipy's adds 2 GB (its int32 feature transform and float64 distances), in a tenth of
+    the time, equal to 2e-5 mm."""
     if not skull.any():
-        return distance
-    box = _box(skull, (0,) * skull.ndim)
-    inside = ndimage.distance_transform_edt(~skull[box], sampling=spacing)
-    distance[box] = np.minimum(inside, DISTANCE_CAP_MM)
-    return distance
+        return np.full(skull.shape, DISTANCE_CAP_MM, dtype=np.float32)
+    distance = edt.edt(~skull, anisotropy=spacing, black_border=False, parallel=1)
+    return np.asarray(np.minimum(distance, DISTANCE_CAP_MM, out=distance), dtype=np.float32)
 
 
-def shell_medians(
-    hu: NDArray[np.floating], distance: NDArray[np.floating], inside: NDArray[np.bool_]
-) -> NDArray[np.float64]:
-    """Median HU of ``inside`` voxels in each shell of ``SHELL_EDGES_MM`` (NaN: too few)."""
+def shell_medians(hu: NDArray[np.floating], distance: NDArray[np.floating]) -> NDArray[np.float64]:
+    """Median of ``hu`` in each shell of ``SHELL_EDGES_MM`` by ``distance`` (NaN: fewer
+    than ``MIN_SHELL_VOXELS``); both are the cavity's voxels, as flat arrays."""
     out = np.full(len(SHELL_EDGES_MM) - 1, np.nan)
+    shell = np.searchsorted(np.asarray(SHELL_EDGES_MM), distance, side="right") - 1
     for i in range(len(out)):
-        sel = inside & (distance >= SHELL_EDGES_MM[i]) & (distance < SHELL_EDGES_MM[i + 1])
-        if int(sel.sum()) >= MIN_SHELL_VOXELS:
-            out[i] = float(np.median(hu[sel]))
+        values = hu[shell == i]
+        if values.size >= MIN_SHELL_VOXELS:
+            out[i] = float(np.median(values))
     return out
 
 
@@ -118,16 +118,18 @@ def flatten_bone_rise(
     hu: NDArray[np.floating], distance: NDArray[np.floating], cavity: NDArray[np.bool_]
 ) -> NDArray[np.float32]:
     """``hu`` with the cavity's rise toward the skull above ``REFERENCE_RISE_HU`` removed
-    (``distance`` as :func:`skull_distance`)."""
+    (``distance`` as :func:`skull_distance`). Works on the cavity's voxels as flat arrays:
+    no whole-volume temporaries beside the result."""
     flat = np.array(hu, dtype=np.float32)
-    deep = cavity & (distance >= SHELL_EDGES_MM[-1])
-    if int(deep.sum()) < MIN_SHELL_VOXELS:
+    cavity_hu, cavity_mm = flat[cavity], distance[cavity]
+    deep = cavity_hu[cavity_mm >= SHELL_EDGES_MM[-1]]
+    if deep.size < MIN_SHELL_VOXELS:
         return flat
-    baseline = float(np.median(hu[deep]))
-    excess = shell_medians(hu, distance, cavity) - baseline - np.asarray(REFERENCE_RISE_HU)
+    baseline = float(np.median(deep))
+    excess = shell_medians(cavity_hu, cavity_mm) - baseline - np.asarray(REFERENCE_RISE_HU)
     excess = np.clip(np.nan_to_num(excess, nan=0.0), 0.0, None)
     centres = [(a + b) / 2.0 for a, b in itertools.pairwise(SHELL_EDGES_MM)]
-    flat[cavity] -= np.interp(distance[cavity], centres, excess, right=0.0).astype(np.float32)
+    flat[cavity] = cavity_hu - np.interp(cavity_mm, centres, excess, right=0.0).astype(np.float32)
     return flat
 
 

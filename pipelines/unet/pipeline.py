@@ -211,25 +211,25 @@ def frame_rules(
     given the frames with the skull's HU rise flattened, and the skull's ramps and the
     calcifications' halos are dropped from what it finds (:mod:`pipelines.unet.bone`).
     ``NotHeadCt`` when no intracranial soft tissue is found."""
-    plain = hu.astype(np.float32)
-    none = np.zeros(hu.shape, dtype=bool)
     if settings.brain == "brain_mask":
         allowed = brain_mask(hu, spacing)
         if not allowed.any():
             raise NotHeadCt("no intracranial soft tissue found: not a head CT, or no skull")
         beside = np.pad(allowed, ((1, 1), (0, 0), (0, 0)), mode="edge")
         allowed &= beside[:-2] & beside[2:]  # a thick frame cuts the skull obliquely: its rim
-        return FrameRules(allowed, none, plain)
+        return FrameRules(allowed, np.zeros(hu.shape, dtype=bool), hu.astype(np.float32))
     masks = intracranial_mask(hu, spacing)
     if not masks.brain.any():
         raise NotHeadCt("no intracranial soft tissue found: not a head CT, or no skull")
     allowed = np.asarray(masks.cavity | masks.brain | (masks.skull & (hu < RIM_PATH_HU)))
     distance = skull_distance(masks.skull, spacing) if settings.bone else None
-    network_hu = plain if distance is None else flatten_bone_rise(hu, distance, masks.cavity)
+    network_hu = (
+        hu.astype(np.float32) if distance is None else flatten_bone_rise(hu, distance, masks.cavity)
+    )
     calcified = (
         np.asarray(classify_hyperdense(hu, masks, spacing, HyperdenseParameters())[1])
         if settings.calcification
-        else none
+        else np.zeros(hu.shape, dtype=bool)
     )
     if settings.bone:
         allowed &= ~calcification_halo(calcified, spacing)
