@@ -66,7 +66,11 @@ def get_pipeline(name: str, settings: PipelinesSettings = DEFAULT_SETTINGS) -> P
     per distinct settings), and built again when the version in service of its model
     changes (:func:`promotion_stamp`): the running node picks up a promotion or a
     rollback at its next job, without a restart."""
-    return _build_pipeline(name, settings, promotion_stamp(name, settings))
+    pipeline = _build_pipeline(name, settings, promotion_stamp(name, settings))
+    radiomics = sys.modules.get("pipelines.radiomics")
+    if radiomics is not None:  # a pipeline extracts radiomics features: size their pool
+        radiomics.configure(workers=settings.radiomics.workers)
+    return pipeline
 
 
 @lru_cache(maxsize=PIPELINE_CACHE_SIZE)
@@ -78,9 +82,6 @@ def _build_pipeline(name: str, settings: PipelinesSettings, stamp: object) -> Pi
         raise KeyError(f"unknown pipeline {name!r}; known: {', '.join(pipeline_names())}") from None
     factory = getattr(importlib.import_module(module_name), class_name)
     pipeline: Pipeline = factory.from_settings(settings)
-    radiomics = sys.modules.get("pipelines.radiomics")
-    if radiomics is not None:  # a pipeline extracts radiomics features: size their pool
-        radiomics.configure(workers=settings.radiomics.workers)
     return pipeline
 
 
