@@ -39,6 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydicom.dataset import Dataset
 
 from dicomnode.labels import patient_hash
+from model_store.artefacts import fsync_path
 from pipelines.base import CaseRecord, PipelineResult
 from pipelines.retraining.ood import header_facts
 from pipelines.settings import ResolvedPath
@@ -134,22 +135,6 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def prediction_of(result: PipelineResult) -> dict[str, Any] | None:
     """The risk model's prediction of ``result`` as stored in ``case.json`` (None: none)."""
     risk = result.risk
@@ -182,7 +167,7 @@ def _place(staging: Path, target: Path) -> None:
         old = target.with_name(f".{target.name}-old-{os.getpid()}-{time.monotonic_ns()}")
         target.rename(old)
     staging.rename(target)
-    _fsync_dir(target.parent)
+    fsync_path(target.parent)
     if old is not None:
         shutil.rmtree(old)
 
@@ -228,7 +213,7 @@ def write_record(
         }
         (staging / CASE_JSON).write_text(json.dumps(meta, sort_keys=True), encoding="utf-8")
         for name in (ARRAYS, CASE_JSON):
-            _fsync_file(staging / name)
+            fsync_path(staging / name)
             os.chmod(staging / name, 0o644)
         os.chmod(staging, 0o755)
         _place(staging, root / key)

@@ -231,7 +231,7 @@ def _tensor_bytes(key: str, tensors: Mapping[str, torch.Tensor]) -> bytes:
     return bytes(save({str(name): tensor.contiguous() for name, tensor in tensors.items()}))
 
 
-def _fsync_path(path: Path) -> None:
+def fsync_path(path: Path) -> None:
     """fsync a file or folder (a folder: so that its new entries survive a crash)."""
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -244,7 +244,7 @@ def _write_synced(path: Path, data: bytes) -> None:
     """Write ``data`` to a new file, readable by all (0644), and fsync it."""
     path.write_bytes(data)
     os.chmod(path, FILE_MODE)
-    _fsync_path(path)
+    fsync_path(path)
 
 
 def save_model(
@@ -314,11 +314,11 @@ def save_model(
         for filename, data in files.items():
             _write_synced(staging / filename, data)
         os.chmod(write_manifest(staging, manifest), FILE_MODE)
-        _fsync_path(staging / MANIFEST)
+        fsync_path(staging / MANIFEST)
         os.chmod(staging, DIR_MODE)
-        _fsync_path(staging)
+        fsync_path(staging)
         staging.rename(final)
-        _fsync_path(final.parent)
+        fsync_path(final.parent)
     finally:
         if staging.exists():
             shutil.rmtree(staging)
