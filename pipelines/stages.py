@@ -33,6 +33,8 @@ Stage = Literal[
 STAGES: tuple[Stage, ...] = get_args(Stage)
 """Every stage a job reports: the pipeline's, in the order a job passes them, then those
 of a job run on a Celery worker."""
+SCALE_OUT_STAGES: tuple[Stage, ...] = ("dispatch", "broker", "transfer", "result")
+"""The stages only a job run on a Celery worker passes."""
 
 
 class StageTimer:
