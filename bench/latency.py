@@ -71,7 +71,8 @@ from bench.peers import (
     write_results,
 )
 from dicomnode.demo import demo_module, prepare_case, shared_dir
-from pipelines.stages import STAGES as JOB_STAGES
+from pipelines.stages import SCALE_OUT_STAGES
+from pipelines.stages import STAGES as ALL_JOB_STAGES
 
 REPO = Path(__file__).resolve().parents[1]
 PACS_AE = "BENCHPACS"
@@ -85,6 +86,7 @@ MODE_SETTINGS = {
     ],
 }
 RESULT_TIMEOUT_S = 900.0
+JOB_STAGES = tuple(name for name in ALL_JOB_STAGES if name not in SCALE_OUT_STAGES)  # in-process
 STAGES = (
     "completeness_s",
     "queue_s",

@@ -68,7 +68,9 @@ class Assembler:
     def assemble(self, now: float) -> list[Decision]:
         """Route every complete series: queue a job or record why it is ignored."""
         decisions = []
-        for series, verdict in self.judge_series(now):
+        judged = self.judge_series(now)
+        complete = {series.series_instance_uid: (series, verdict) for series, verdict in judged}
+        for series, verdict in judged:
             bound = log.bind(
                 study_uid=series.study_instance_uid, series_uid=series.series_instance_uid
             )
@@ -76,7 +78,7 @@ class Assembler:
             if isinstance(outcome, Routed) and self.studies.handles(outcome.rule):
                 decisions += [
                     Decision(d.series, d.outcome, d.job_id)
-                    for d in self.studies.assemble(series, outcome, now)
+                    for d in self.studies.assemble(series, outcome, now, complete)
                 ]
                 continue
             job_id = None

@@ -27,6 +27,10 @@ Evidence, strongest first, and what each one trusts:
   slice order is contiguous at every moment, and nothing in a CT header gives the scan
   range, so a series cut short at either end still looks contiguous.
 
+A study-level rule's study is whole by its own evidence (``study_related_counts``,
+``study_release``: :mod:`dicomnode.study_completeness`), judged once each of its series
+is complete by the evidence above.
+
 A short grace (``grace_s``) after the last arrival absorbs instances re-ordered across
 concurrent associations. A series that grows after it was judged complete goes back to
 receiving and is processed again as a new revision (:mod:`dicomnode.revisions`).
@@ -53,6 +57,9 @@ class Evidence(StrEnum):
     NUMBER_OF_SLICES = "number_of_slices"
     ASSOCIATION_RELEASE = "association_release"
     STABLE_AGE = "stable_age"
+    # Study level (dicomnode.study_completeness): when a study-level rule's study is whole.
+    STUDY_RELATED_COUNTS = "study_related_counts"
+    STUDY_RELEASE = "study_release"
 
 
 CONTENT_EVIDENCE: tuple[Evidence, ...] = (
@@ -65,6 +72,7 @@ DEFAULT_TRUST: tuple[Evidence, ...] = (
     Evidence.ENHANCED_FRAMES,
     Evidence.IMAGES_IN_ACQUISITION,
     Evidence.NUMBER_OF_SLICES,
+    Evidence.STUDY_RELATED_COUNTS,
 )
 DEFAULT_GRACE_S = 0.5
 

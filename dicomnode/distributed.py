@@ -20,12 +20,15 @@ broker gives it to another worker after ``visibility_timeout_s``. Files travel
 zlib-compressed and base64-encoded in JSON (no pickle crosses the broker); each file's
 SHA-256 is checked on arrival.
 
-A result also carries the job's stage split (``pipelines.stages``, timed on the worker),
-which the node records as for its own jobs, and, only when the message says the node
-has a ``[case_store]``, the case record (features, inputs, prediction and the arrays as
-a deflated ``.npz``, base64); the node stores it with its own settings (salt, folder),
-so workers need no case store and nothing identifying travels beyond the reference
-instance's SOP Instance UID, which names the header the node reads from its spool.
+A result also carries the job's stage split (``pipelines.stages``, timed on the worker,
+with ``transfer``: unpacking the series and packing the outputs), which the node records
+as for its own jobs beside its own side of the job: ``dispatch`` (packing and
+publishing), ``broker`` (its wait less the worker's split) and ``result`` (writing the
+returned objects); and, only when the message says the node has a ``[case_store]``,
+the case record (features, inputs, prediction and the arrays as a deflated ``.npz``,
+base64); the node stores it with its own settings (salt, folder), so workers need no
+case store and nothing identifying travels beyond the reference instance's SOP Instance
+UID, which names the header the node reads from its spool.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import base64
 import hashlib
 import io
 import tempfile
+import time
 import uuid
 import zlib
 from collections.abc import Mapping, Sequence
@@ -60,7 +64,7 @@ from pipelines.stages import StageTimer, recording, stage
 log = structlog.get_logger(__name__)
 
 TASK_NAME = "dicomnode.run_job"
-PAYLOAD_FORMAT = "dicomnode-job/1"
+PAYLOAD_FORMAT = "dicomnode-job/2"  # 2: the worker's split has ``transfer``
 
 Payload = dict[str, Any]
 
@@ -164,23 +168,28 @@ def run_payload(payload: Mapping[str, Any], pipelines: PipelineFactory) -> Paylo
         with stage("writers"):
             cases.append(pack_case(pipeline, reference, result))
 
-    with tempfile.TemporaryDirectory(prefix=f"dicomnode-job-{job_id}-") as tmp:
-        paths = unpack_files(payload["files"], Path(tmp) / "in")
+    with (
+        tempfile.TemporaryDirectory(prefix=f"dicomnode-job-{job_id}-") as tmp,
+        recording(timer),
+    ):
+        with stage("transfer"):
+            paths = unpack_files(payload["files"], Path(tmp) / "in")
         bound.info("remote job started", instances=len(paths))
         try:
-            with recording(timer):
-                outputs = run_pipeline(
-                    paths, str(payload["pipeline"]), Path(tmp) / "out", payload.get("fallback"),
-                    revision=int(payload["revision"]), pipelines=pipelines,
-                    keep=keep if payload.get("case_record") else None,
-                )  # fmt: skip
+            outputs = run_pipeline(
+                paths, str(payload["pipeline"]), Path(tmp) / "out", payload.get("fallback"),
+                revision=int(payload["revision"]), pipelines=pipelines,
+                keep=keep if payload.get("case_record") else None,
+            )  # fmt: skip
         except JobFailure as exc:
             bound.warning("remote job failed", reason=str(exc), kind=exc.kind.value)
             return {"format": PAYLOAD_FORMAT, "ok": False, "reason": str(exc),
                     "kind": exc.kind, "stages": timer.seconds()}  # fmt: skip
         case = cases[0] if cases else None
         bound.info("remote job done", outputs=len(outputs), case_record=case is not None)
-        return {"format": PAYLOAD_FORMAT, "ok": True, "outputs": pack_files(outputs),
+        with stage("transfer"):
+            packed = pack_files(outputs)
+        return {"format": PAYLOAD_FORMAT, "ok": True, "outputs": packed,
                 "stages": timer.seconds(), "case": case}  # fmt: skip
 
 
@@ -270,6 +279,12 @@ def celery_app(settings: CelerySettings) -> Celery:
     return app
 
 
+def broker_seconds(waited_s: float, remote: Mapping[str, float]) -> float:
+    """The node's wait for a task result that the worker's own split does not account
+    for: the queue until a worker is free and the messages' transport (never negative)."""
+    return max(0.0, waited_s - sum(float(v) for v in remote.values()))
+
+
 def celery_processor(config: NodeConfig, app: Celery | None = None) -> Process:
     """The node's job callback in scale-out mode: send the job to the workers, wait for
     its result (at most ``job_timeout_s``) and write the returned objects."""
@@ -280,25 +295,33 @@ def celery_processor(config: NodeConfig, app: Celery | None = None) -> Process:
 
     def process_job(job: JobSpec) -> list[Path]:
         case_store = config.case_store
-        payload = job_payload(job, config.default_pipeline, case_record=case_store is not None)
         task_id = f"dicomnode-job-{job.job_id}-{uuid.uuid4().hex}"
+        with stage("dispatch"):
+            payload = job_payload(job, config.default_pipeline, case_record=case_store is not None)
+            pending = celery.send_task(TASK_NAME, args=[payload], task_id=task_id,
+                                       queue=settings.queue)  # fmt: skip
         log.info("job sent to the Celery workers", job_id=job.job_id, task_id=task_id)
-        pending = celery.send_task(TASK_NAME, args=[payload], task_id=task_id,
-                                   queue=settings.queue)  # fmt: skip
+        del payload  # the packed series is the job's largest object: not kept while waiting
+        sent = time.perf_counter()
         try:
             result = pending.get(timeout=settings.job_timeout_s, propagate=True)
-        except JobFailure:
-            raise
         except Exception as exc:  # the worker's unexpected error or the wait's timeout
+            job.stages.add({"broker": time.perf_counter() - sent})
+            if isinstance(exc, JobFailure):
+                raise
             raise JobFailure(f"remote job failed: {type(exc).__name__}: {exc}") from exc
         finally:
             pending.forget()
+        waited = time.perf_counter() - sent
         check_result(result)
-        job.stages.add(result.get("stages") or {})
-        job.output_dir.mkdir(parents=True, exist_ok=True)
-        written = outputs_of(result, job.output_dir)
-        if case_store is not None and result.get("case") is not None:
-            store_remote_case(case_store, result["case"], job.instance_paths)
+        remote: Mapping[str, float] = result.get("stages") or {}
+        job.stages.add(remote)
+        job.stages.add({"broker": broker_seconds(waited, remote)})
+        with stage("result"):
+            job.output_dir.mkdir(parents=True, exist_ok=True)
+            written = outputs_of(result, job.output_dir)
+            if case_store is not None and result.get("case") is not None:
+                store_remote_case(case_store, result["case"], job.instance_paths)
         return written
 
     return process_job

@@ -94,7 +94,7 @@ class StageCollector(Collector):
         family = SummaryMetricFamily(
             "dicomnode_job_stage_seconds",
             "Seconds jobs spent per stage (load, segmentation, features, model, writers, "
-            "other, sending)",
+            "other; on Celery dispatch, broker, transfer, result; sending)",
             labels=["pipeline", "stage"],
         )
         for pipeline, stage, count, seconds in sorted(self.totals()):

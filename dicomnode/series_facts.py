@@ -121,6 +121,17 @@ class SeriesFactsStore:
             instances=tuple(_facts(row) for row in rows),
         )
 
+    def release_times(self, series_uids: list[str]) -> dict[str, float]:
+        """When an association that sent each of these series was last released (series
+        never released are absent)."""
+        with self.store.transaction() as db:
+            rows = db.execute(
+                "SELECT series_instance_uid, released_at FROM series_releases "
+                f"WHERE series_instance_uid IN ({','.join('?' * len(series_uids))})",
+                series_uids,
+            ).fetchall()
+        return {str(row[0]): float(row[1]) for row in rows}
+
     def mark_released(self, series_uids: list[str], at: float) -> None:
         """Record that the associations sending these series were released at ``at``."""
         if not series_uids:

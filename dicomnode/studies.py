@@ -6,10 +6,13 @@ instance (``config.StudyRole``: SeriesDescription or SequenceName regex, ImageTy
 values, DiffusionBValue). Assembly (:class:`StudyAssembler`) sees each complete series
 routed to such a rule and waits, leaving it ``receiving``, until:
 
-- every required role is filled by a complete series (no instance for ``stable_age_s``),
-  and every role is filled, or the study has received nothing for the rule's
-  ``study_stable_age_s`` (optional roles are then left out): ONE job is queued, on the
-  series of the first required role (the anchor), and every role's series is routed;
+- every required role is filled by a complete series (complete by its content or its
+  stable age, under the rule's trust: :mod:`dicomnode.completeness`) and the study is
+  whole (:mod:`dicomnode.study_completeness`: every role filled, its declared size
+  reached, the sender's release, or nothing received for the rule's
+  ``study_stable_age_s``; optional roles are then left out): ONE job is queued, on the
+  series of the first required role (the anchor), and every role's series is routed,
+  with the evidence that completed it;
 - or the study has been quiet for ``study_stable_age_s`` with a required role missing:
   its series are ignored, the reason naming the missing roles.
 
@@ -22,7 +25,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pydicom
@@ -30,12 +33,15 @@ import structlog
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
+from dicomnode.completeness import Verdict
 from dicomnode.config import NodeConfig, RouteRule, StudyRole
 from dicomnode.failures import FailureKind, classify_failure
 from dicomnode.jobs import JobQueue
 from dicomnode.records import Job, SeriesInfo, SeriesState
 from dicomnode.routing import Ignored, Routed, matches
+from dicomnode.series_facts import SeriesFactsStore
 from dicomnode.state import StateStore
+from dicomnode.study_completeness import StudyFacts, StudySeries, declared_count, judge_study
 from pipelines.base import Pipeline, PipelineError
 from pipelines.contract import StudyPipeline, is_study_pipeline
 from pipelines.outputs import build_outputs
@@ -156,6 +162,7 @@ class StudyAssembler:
         self.config = config
         self.store = store
         self.jobs = jobs
+        self.facts = SeriesFactsStore(store)
         self._headers: dict[str, Dataset] = {}
         self._waiting: dict[str, str] = {}  # study UID -> what it waits for (logged once)
 
@@ -172,8 +179,16 @@ class StudyAssembler:
             self._headers[series_uid] = header
         return self._headers[series_uid]
 
-    def assemble(self, series: SeriesInfo, routed: Routed, now: float) -> list[StudyOutcome]:
-        """Consider the study of the complete ``series`` routed to a study rule."""
+    def assemble(
+        self,
+        series: SeriesInfo,
+        routed: Routed,
+        now: float,
+        complete: Mapping[str, tuple[SeriesInfo, Verdict]],
+    ) -> list[StudyOutcome]:
+        """Consider the study of the complete ``series`` routed to a study rule;
+        ``complete``: every series found complete (by its content or its stable age) in
+        this pass, as judged, with its verdict, by series UID."""
         rule = study_rule(self.config, routed.rule)
         if rule is None:
             raise KeyError(f"no study-level rule {routed.rule!r}")
@@ -198,13 +213,13 @@ class StudyAssembler:
             return []
         required = [name for name, r in rule.roles.items() if r.required]
         missing = [name for name in required if name not in roles]
-        stable_before = now - self.config.stable_age_s
-        unstable = [n for n, uid in roles.items() if receiving[uid].last_arrival > stable_before]
+        facts = self._facts(rule, roles, receiving, headers, complete)
+        trust = (rule.completeness or self.config.completeness).policy(self.config.stable_age_s)
+        verdict = judge_study(facts, trust.trust, now, rule.study_stable_age_s)
+        if verdict.complete:
+            return self._queue(rule, routed, facts, receiving, verdict.detail, now, bound)
         last = max(info.last_arrival for info in receiving.values())
         quiet = last <= now - rule.study_stable_age_s
-        complete = not missing and not unstable
-        if complete and (len(roles) == len(rule.roles) or quiet):
-            return self._queue(rule, routed, roles, receiving, required[0], now, bound)
         if quiet and missing:
             reason = (
                 f"study incomplete: required role(s) {', '.join(missing)} missing after "
@@ -218,26 +233,67 @@ class StudyAssembler:
             self._forget(roles.values())
             self._waiting.pop(study_uid, None)
             return outcomes
-        waiting_for = ", ".join(missing + unstable) or "optional roles " + ", ".join(
-            name for name in rule.roles if name not in roles
-        )
+        waiting_for = ", ".join(verdict.waiting_for)
         if self._waiting.get(study_uid) != waiting_for:
             self._waiting[study_uid] = waiting_for
             bound.info("study waiting", waiting_for=waiting_for, roles=sorted(roles))
         return []
 
+    def _facts(
+        self,
+        rule: RouteRule,
+        roles: Mapping[str, str],
+        receiving: Mapping[str, SeriesInfo],
+        headers: Mapping[str, Dataset],
+        complete: Mapping[str, tuple[SeriesInfo, Verdict]],
+    ) -> StudyFacts:
+        """What study completeness needs to know of the study of ``receiving``; a series
+        that received an instance since it was judged complete counts as incomplete."""
+
+        def verdict(info: SeriesInfo) -> Verdict | None:
+            judged, found = complete.get(info.series_instance_uid, (None, None))
+            if judged is None or (judged.last_arrival, judged.instance_count) != (
+                info.last_arrival,
+                info.instance_count,
+            ):
+                return None
+            return found
+
+        study_uid = next(iter(receiving.values())).study_instance_uid
+        held = [
+            info
+            for uid in study_series_uids(self.store, study_uid)
+            if (info := self.store.get_series(uid)) is not None
+        ]
+        released = self.facts.release_times(list(receiving))
+        return StudyFacts(
+            rule_roles=tuple(rule.roles),
+            required=tuple(name for name, r in rule.roles.items() if r.required),
+            roles=dict(roles),
+            series={
+                uid: StudySeries(uid, verdict(info), info.last_arrival, released.get(uid))
+                for uid, info in receiving.items()
+            },
+            declared_series=declared_count(headers.values(), "NumberOfStudyRelatedSeries"),
+            declared_instances=declared_count(headers.values(), "NumberOfStudyRelatedInstances"),
+            held_series=len(held),
+            held_instances=sum(info.instance_count for info in held),
+        )
+
     def _queue(
         self,
         rule: RouteRule,
         routed: Routed,
-        roles: Mapping[str, str],
+        facts: StudyFacts,
         receiving: Mapping[str, SeriesInfo],
-        anchor_role: str,
+        why: str,
         now: float,
         bound: structlog.typing.FilteringBoundLogger,
     ) -> list[StudyOutcome]:
-        """Queue the study's one job on the anchor series; route every role's series."""
-        anchor = receiving[roles[anchor_role]]
+        """Queue the study's one job on the anchor series (the first required role's);
+        route every role's series and keep the evidence that completed each."""
+        roles = facts.roles
+        anchor = receiving[roles[facts.required[0]]]
         job_id = self.jobs.enqueue_for_series(
             anchor, rule.name, routed.pipeline, routed.destinations, now
         )
@@ -246,11 +302,22 @@ class StudyAssembler:
         outcomes = [StudyOutcome(anchor, routed, job_id)]
         for uid in roles.values():
             if uid != anchor.series_instance_uid:
-                self.store.conclude_series(receiving[uid], SeriesState.ROUTED, None)
+                if not self.store.conclude_series(receiving[uid], SeriesState.ROUTED, None):
+                    continue  # an instance arrived meanwhile: it is judged again
                 outcomes.append(StudyOutcome(receiving[uid], routed, job_id))
+        verdicts = {uid: v for uid in roles.values() if (v := facts.series[uid].verdict)}
+        for outcome in outcomes:
+            info = outcome.series
+            verdict = verdicts[info.series_instance_uid]
+            self.facts.record_completion(
+                info.series_instance_uid,
+                replace(verdict, detail=f"{verdict.detail}; study: {why}"),
+                info.last_arrival, info.instance_count, now,
+            )  # fmt: skip
         bound.info(
-            "study routed", pipeline=routed.pipeline, job_id=job_id,
+            "study routed", pipeline=routed.pipeline, job_id=job_id, study_complete=why,
             roles={name: receiving[uid].instance_count for name, uid in roles.items()},
+            completed_by={name: verdicts[uid].evidence for name, uid in roles.items()},
         )  # fmt: skip
         self._forget(roles.values())
         self._waiting.pop(anchor.study_instance_uid, None)

@@ -6,6 +6,13 @@ no timer records (a pipeline run outside a job, a test). Time is charged exclusi
 innermost open stage, so nested stages (a risk model's segmenter inside its features)
 never count twice and the stages of a job add up to at most its wall time. Time inside the
 pipeline that no stage claims is charged to ``other``.
+
+A job run on a Celery worker (``dicomnode.distributed``) adds the node-side stages of
+scale-out: ``dispatch`` (the node packs the series into the task message and publishes
+it), ``broker`` (the node's wait for the result less the worker's own split: the queue
+until a worker is free and the messages' transport), ``transfer`` (on the worker:
+unpacking the series and packing the outputs) and ``result`` (the node verifies and
+writes the returned objects and the case record).
 """
 
 from __future__ import annotations
@@ -19,9 +26,15 @@ from typing import Literal, ParamSpec, TypeVar, get_args
 
 P = ParamSpec("P")
 R = TypeVar("R")
-Stage = Literal["load", "segmentation", "features", "model", "writers", "other"]
+Stage = Literal[
+    "load", "segmentation", "features", "model", "writers", "other",
+    "dispatch", "broker", "transfer", "result",
+]  # fmt: skip
 STAGES: tuple[Stage, ...] = get_args(Stage)
-"""Every stage a job reports, in the order a job passes them."""
+"""Every stage a job reports: the pipeline's, in the order a job passes them, then those
+of a job run on a Celery worker."""
+SCALE_OUT_STAGES: tuple[Stage, ...] = ("dispatch", "broker", "transfer", "result")
+"""The stages only a job run on a Celery worker passes."""
 
 
 class StageTimer:

@@ -14,11 +14,14 @@ import pydicom
 import pytest
 from pydicom import uid
 from pydicom.sr.codedict import codes
+from pydicom.uid import generate_uid
 
+from dicomnode.completeness import Evidence
 from dicomnode.config import NodeConfig, StudyRole
 from dicomnode.node import Node
 from dicomnode.processing import processor
 from dicomnode.records import JobState, SeriesState
+from dicomnode.series_facts import SeriesFactsStore
 from dicomnode.studies import assign_roles, first_header
 from pipelines.ais_prognosis_mri.cohort import draw_case
 from pipelines.ais_prognosis_mri.synthetic_mri import StudySpec, write_study
@@ -36,7 +39,15 @@ ROLES = {
 }
 
 
-def _config(base: Path, pacs: Orthanc, study_stable_age_s: float) -> NodeConfig:
+def _config(
+    base: Path,
+    pacs: Orthanc,
+    study_stable_age_s: float,
+    stable_age_s: float = 0.8,
+    trust: list[str] | None = None,
+) -> NodeConfig:
+    """A node with the study-level MRI rule; ``trust``: the rule's own completeness trust."""
+    rule_completeness = {} if trust is None else {"completeness": {"trust": trust}}
     return NodeConfig.model_validate(
         {
             "node": {"ae_title": "DICOMNODE", "host": "127.0.0.1", "port": free_port()},
@@ -53,9 +64,10 @@ def _config(base: Path, pacs: Orthanc, study_stable_age_s: float) -> NodeConfig:
                     "level": "study",
                     "roles": ROLES,
                     "study_stable_age_s": study_stable_age_s,
+                    **rule_completeness,
                 }
             ],
-            "stable_age_s": 0.8,
+            "stable_age_s": stable_age_s,
             "poll_interval_s": 0.1,
             "spool_dir": str(base / "spool"),
             "state_dir": str(base / "state"),
@@ -193,3 +205,83 @@ def test_enhanced_mr_instances_are_received_and_fill_their_roles(
         assert roles["dwi"] == dwi.SeriesInstanceUID and set(roles) == {"dwi", "adc"}
         time.sleep(3 * config.stable_age_s)
         assert node.jobs.all() == []  # waits for the optional FLAIR and T1 (600 s)
+
+
+def _declare_counts(
+    study: dict[str, list[Path]], folder: Path, **study_wide: int
+) -> dict[str, list[Path]]:
+    """A copy of ``study`` under new UIDs in which every series is one acquisition that
+    declares its ImagesInAcquisition (as a scanner's series may), with ``study_wide``
+    attributes (e.g. NumberOfStudyRelatedSeries) on every instance; the files by role."""
+    written: dict[str, list[Path]] = {}
+    study_uid = generate_uid()
+    for role, paths in study.items():
+        series_uid = generate_uid()
+        written[role] = []
+        for path in paths:
+            ds = pydicom.dcmread(path)
+            ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+            ds.AcquisitionNumber = 1
+            ds.ImagesInAcquisition = len(paths)
+            for keyword, value in study_wide.items():
+                setattr(ds, keyword, value)
+            target = folder / role / path.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            ds.save_as(target, enforce_file_format=True)
+            written[role].append(target)
+    return written
+
+
+def _queued_after(node: Node) -> float:
+    """Seconds from the study's last instance recorded to its one job queued."""
+    assert node.store is not None
+    with node.store.transaction() as db:
+        (last,) = db.execute("SELECT max(last_arrival) FROM series").fetchone()
+        (created,) = db.execute("SELECT created_at FROM jobs").fetchone()
+    return float(created) - float(last)
+
+
+def test_a_study_complete_by_content_is_processed_without_waiting_the_stable_age(
+    tmp_path: Path, orthanc: Orthanc, study: dict[str, list[Path]]
+) -> None:
+    files = _declare_counts(study, tmp_path / "declared")
+    config = _config(tmp_path, orthanc, study_stable_age_s=600.0, stable_age_s=30.0)
+    with Node(config, processor(config)) as node:
+        _storescu(node, [path for paths in files.values() for path in paths])
+        dwi = pydicom.dcmread(files["dwi"][0], stop_before_pixels=True)
+        study_uid = str(dwi.StudyInstanceUID)
+
+        def delivered() -> bool:
+            stored = [t for t in orthanc.instances() if t.get("StudyInstanceUID") == study_uid]
+            return node.is_idle() and len(stored) >= 6
+
+        _wait(delivered, 25, "the results before the 30 s stable age", node)
+        [job] = node.jobs.all()
+        assert job.state is JobState.DONE and job.series_instance_uid == dwi.SeriesInstanceUID
+        assert _queued_after(node) < 5.0
+        assert node.store is not None
+        for series in node.store.all_series():
+            [completion] = SeriesFactsStore(node.store).completions(series.series_instance_uid)
+            assert completion.evidence is Evidence.IMAGES_IN_ACQUISITION
+            assert completion.detail.endswith("study: every role filled")
+
+
+def test_a_study_without_optional_roles_is_whole_by_its_declared_size_or_the_release(
+    tmp_path: Path, orthanc: Orthanc, study: dict[str, list[Path]]
+) -> None:
+    required = {role: study[role] for role in ("dwi", "adc")}
+    cases = [  # (the rule's trust, the study's own attributes)
+        (None, {"NumberOfStudyRelatedSeries": 2}),
+        (["images_in_acquisition", "study_release"], {}),
+    ]
+    for index, (trust, study_wide) in enumerate(cases):
+        files = _declare_counts(required, tmp_path / f"case{index}", **study_wide)
+        config = _config(
+            tmp_path / f"node{index}", orthanc, study_stable_age_s=600.0, stable_age_s=30.0,
+            trust=trust,
+        )  # fmt: skip
+        with Node(config, processor(config)) as node:
+            _storescu(node, files["dwi"] + files["adc"])
+            _wait(lambda n=node: len(n.jobs.all()) == 1, 10, "the study's job", node)
+            assert _queued_after(node) < 5.0

@@ -2,7 +2,8 @@
 ``dicomnode worker`` processes: a worker killed mid-job leaves its job to another worker,
 which completes it exactly once; jobs spread over two workers; a job that fails on a
 worker reaches PACS as a failure notice, as it does in-process; a worker's job records
-its stage split on the node and, with ``[case_store]`` on the node, its case record."""
+its stage split on the node, with the node's own side of it (dispatch, broker, transfer,
+result), and, with ``[case_store]`` on the node, its case record."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -44,6 +46,7 @@ from tests.support import free_port, require_tool
 
 REPO = Path(__file__).resolve().parents[1]
 VISIBILITY_TIMEOUT_S = 3.0
+NODE_SIDE = ("dispatch", "broker", "transfer", "result")  # the stages of scale-out
 
 
 @pytest.fixture()
@@ -212,7 +215,7 @@ def _sr_probability(path: Path) -> float:
     return found[0]
 
 
-def test_a_workers_job_records_stages_and_its_case_on_the_node(
+def test_a_workers_job_records_its_node_side_stages_and_its_case_on_the_node(
     tmp_path: Path, orthanc: Orthanc, redis_url: str
 ) -> None:
     cases = tmp_path / "node-cases"
@@ -221,7 +224,8 @@ def test_a_workers_job_records_stages_and_its_case_on_the_node(
     config, toml = _config(
         tmp_path / "node", orthanc, redis_url,
         {"routes": [route], "case_store": {"folder": str(cases), "salt": "celery-case-salt-16"},
-         "pipelines": {"ht_after_mt": {"segmenter": "hyperdense_regions"}}},
+         "pipelines": {"ht_after_mt": {"segmenter": "hyperdense_regions"}},
+         "http": {"host": "127.0.0.1", "port": free_port()}},
     )  # fmt: skip
     baseline = generate_pair(5, "ht").baseline
     worker = Worker(toml, "cases", tmp_path)
@@ -232,8 +236,20 @@ def test_a_workers_job_records_stages_and_its_case_on_the_node(
             [job] = node.jobs.all()
             assert job.state == JobState.DONE
             stages = node.jobs.stages(job.id)
-            for name in ("load", "segmentation", "writers"):
+            for name in ("load", "segmentation", "writers", *NODE_SIDE):
                 assert stages[name] > 0.0, stages
+            assert node.store is not None
+            with node.store.transaction() as db:
+                started, finished = db.execute(
+                    "SELECT started_at, finished_at FROM jobs WHERE id = ?", (job.id,)
+                ).fetchone()
+            assert sum(stages.values()) <= finished - started + 0.01  # two clocks' rounding
+            assert config.http is not None
+            metrics = (
+                urllib.request.urlopen(f"http://127.0.0.1:{config.http.port}/metrics", timeout=5)
+                .read()
+                .decode()
+            )
             [sr] = [p for p in (tmp_path / "node").rglob("SR-*.dcm")]
             probability = _sr_probability(sr)
         [case] = list_cases(cases)
@@ -243,6 +259,9 @@ def test_a_workers_job_records_stages_and_its_case_on_the_node(
         assert case.prediction["probability"] == pytest.approx(probability, abs=5.1e-6)
         assert load_record(cases, case.key).arrays["volume_hu"].dtype.name == "int16"
         assert not any((tmp_path / "worker-state").rglob("case.json"))  # nothing kept there
+        for name in NODE_SIDE:  # the node's side of a Celery job, exported like the others
+            label = f'dicomnode_job_stage_seconds_count{{pipeline="ht_after_mt",stage="{name}"}}'
+            assert f"{label} 1.0" in metrics
     finally:
         worker.kill()
 
