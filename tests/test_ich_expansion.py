@@ -167,6 +167,9 @@ def test_bundled_model_scores_a_generated_case_and_writes_valid_outputs(
         assert dciodvfy_errors(path) == [], ds.Modality
     seg = next(ds for ds in outputs if ds.Modality == "SEG")
     assert seg.ContentDescription == NOTICE
+    saliency = [ds for ds in outputs if ds.SeriesDescription.startswith("SALIENCY")]
+    assert len(saliency) == len(result.heatmaps)
+    assert all("colour scale low" in ds.DerivationDescription for ds in saliency)
     sr = next(ds for ds in outputs if ds.Modality == "SR")
     report = hd.sr.Comprehensive3DSR.from_dataset(sr).content
     assert isinstance(report, hd.sr.MeasurementReport)
