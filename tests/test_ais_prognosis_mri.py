@@ -16,11 +16,12 @@ from dicomnode.config import StudyRole
 from dicomnode.studies import assign_roles, b_values, role_matches
 from model_store.registry import artefact_dir, select_version
 from pipelines.ais_prognosis_mri import synthetic_mri as sm
-from pipelines.ais_prognosis_mri.cohort import draw_case, linear_predictor
+from pipelines.ais_prognosis_mri.cohort import draw_case, draw_cohort, linear_predictor
 from pipelines.ais_prognosis_mri.demo import demo_case
-from pipelines.ais_prognosis_mri.imaging import n4_correct, prepare_study
+from pipelines.ais_prognosis_mri.features import CNN_INPUT
+from pipelines.ais_prognosis_mri.imaging import ROLE_ADC, ROLE_DWI, n4_correct, prepare_study
 from pipelines.ais_prognosis_mri.model import CNN_KEY, MODEL_NAME, MriModel
-from pipelines.ais_prognosis_mri.pipeline import AisPrognosisMriPipeline
+from pipelines.ais_prognosis_mri.pipeline import HEATMAP_LAYER, AisPrognosisMriPipeline
 from pipelines.ais_prognosis_mri.synthetic_mri import (
     Infarct,
     StudySpec,
@@ -28,7 +29,7 @@ from pipelines.ais_prognosis_mri.synthetic_mri import (
     study_datasets,
 )
 from pipelines.base import PipelineError
-from pipelines.cnn import BackboneName
+from pipelines.cnn import BackboneName, largest_frame, lesion_grad_cams, peak_distance_mm
 from pipelines.contract import is_study_pipeline
 from pipelines.lesions import plane_points
 from pipelines.outputs import build_outputs
@@ -155,14 +156,14 @@ def test_bundled_model_reports_probability_nomogram_and_grad_cam(
     assert result.risk.imputed == ("nihss", "ich")  # no clinical table configured
     assert result.risk.explanation[0].startswith("Nomogram (CRD) points: NIHSS")
     assert "not for clinical use" in result.risk.notice  # ASCII-fied in every output
-    assert len(result.heatmaps) == 3
-    assert all("ResNet-10" in heatmap.label for heatmap in result.heatmaps)
+    assert 1 <= len(result.heatmaps) <= 3
+    assert all("relative to no infarct" in h.label and "ResNet-10" in h.label
+               for h in result.heatmaps)  # fmt: skip
     key = result.segments[0].total
-    assert key is not None and {h.frame for h in result.heatmaps} == {
-        key.key_frame - 2,
-        key.key_frame,
-        key.key_frame + 2,
-    }
+    roi = result.segments[0].frame_mask
+    frames = [h.frame for h in result.heatmaps]
+    assert key is not None and key.key_frame in frames  # and only frames holding the ROI:
+    assert all(roi[f].any() and abs(f - key.key_frame) <= 2 for f in frames)
     with pytest.raises(PipelineError, match="study-level"):
         pipeline.run(loaded["dwi"])  # type: ignore[arg-type]
     outputs = build_outputs(
@@ -171,7 +172,7 @@ def test_bundled_model_reports_probability_nomogram_and_grad_cam(
         pipeline_name=pipeline.name,
         profile=pipeline.profile,  # type: ignore[arg-type]
     )
-    assert [ds.Modality for ds in outputs] == ["SEG", "OT", "SR", "OT", "OT", "OT"]
+    assert [ds.Modality for ds in outputs] == ["SEG", "OT", "SR"] + ["OT"] * len(frames)
     for index, ds in enumerate(outputs):
         path = tmp_path / f"{index}.dcm"
         ds.save_as(path, enforce_file_format=True)
@@ -219,3 +220,41 @@ required = false
     classes = [str(pydicom.dcmread(p).SOPClassUID) for p in outputs]
     assert classes.count(uid.Comprehensive3DSRStorage) == 1
     assert classes.count(uid.SegmentationStorage) == 1
+
+
+PLACEMENT_SEED, PLACEMENT_CASES = 9401, 6  # the bundled model was trained on seed 2026
+PEAK_NEAR_MM = 5.0
+PEAK_NEAR_SHARE = {"key frame": 0.8, "all": 0.7}
+"""Raw Grad-CAM peaks within 5 mm of the infarct ROI; ``bench/gradcam_placement.py
+--pipeline ais_prognosis_mri`` (40 held-out studies): relative to no infarct at
+``layer1``: 88% (key frames 95%); plain Grad-CAM at ``layer4`` (the method before) 1%,
+so this test fails on it."""
+
+
+def test_raw_grad_cam_peak_lies_on_the_infarct_in_held_out_studies() -> None:
+    """The maps before the SC's display margin, on generated studies the model never saw:
+    each one's peak is measured against the ROI on its slice (an empty map counts as off
+    the ROI); maps are drawn only on slices holding the ROI."""
+    model = MriModel.load()
+    near: dict[str, list[bool]] = {"key frame": [], "all": []}
+    for case in draw_cohort(PLACEMENT_SEED, PLACEMENT_CASES):
+        roles = (ROLE_DWI, ROLE_ADC)
+        study = prepare_study({r: load_datasets(sm.series_datasets(case.spec, r)) for r in roles})
+        assert study.count > 0, case.case_id
+        spacing = (study.spacing[1], study.spacing[2])
+        key = largest_frame(study.roi)
+        cams = lesion_grad_cams(
+            model.cnn, study.zscored[ROLE_DWI], study.roi, spacing, CNN_INPUT, layer=HEATMAP_LAYER
+        )
+        assert all(study.roi[cam.frame_index].any() for cam in cams)
+        for cam in cams:
+            ok = bool(cam.heat_frame.any()) and (
+                peak_distance_mm(cam.heat_frame, study.roi[cam.frame_index], spacing)
+                <= PEAK_NEAR_MM
+            )
+            near["all"].append(ok)
+            if cam.frame_index == key:
+                near["key frame"].append(ok)
+    assert len(near["key frame"]) == PLACEMENT_CASES
+    for maps, floor in PEAK_NEAR_SHARE.items():
+        assert np.mean(near[maps]) >= floor, (maps, near[maps])

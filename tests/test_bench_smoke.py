@@ -1,6 +1,6 @@
 """The bench harnesses (``bench/kill9.py``, ``bench/fuzz.py``) in a tiny configuration,
 so that they cannot rot: each runs against the real node process, DCMTK and Orthanc;
-``bench/gradcam_placement.py`` runs the ``ht_after_mt`` pipeline on two generated cases."""
+``bench/gradcam_placement.py`` runs each pipeline's lesion finding on two generated cases."""
 
 from __future__ import annotations
 
@@ -109,19 +109,26 @@ def test_fuzz_sender_leaves_pynetdicom_settings_as_it_found_them(tmp_path: Path)
     assert _config.STORE_SEND_CHUNKED_DATASET is False
 
 
-def test_gradcam_placement_two_cases_both_methods(tmp_path: Path) -> None:
-    """Two generated cases through ``ht_after_mt``: every raw map measured for both
-    methods, the summary table and the CNN's own AUC written."""
-    placements, extra = gradcam_placement.measure(2, 9301, 96, tmp_path / "cohort")
-    assert {p.method for p in placements} == set(gradcam_placement.METHODS)
-    maps = [p for p in placements if p.method == "relative@_blocks.2"]
-    no_risk = extra["cases_without_risk"]
-    assert isinstance(no_risk, list)
-    assert sum(p.frame_offset == 0 for p in maps) == 2 - len(no_risk)
+@pytest.mark.parametrize("pipeline", sorted(gradcam_placement.METHODS))
+def test_gradcam_placement_two_cases_every_method(pipeline: str, tmp_path: Path) -> None:
+    """Two generated cases through each pipeline's lesion finding: every raw map measured
+    for every method, the summary table written (with the CNN's own AUC for
+    ``ht_after_mt``)."""
+    rows = 96 if pipeline == "ht_after_mt" else gradcam_placement.ROWS[pipeline]
+    placements, extra = gradcam_placement.measure(pipeline, 2, 9301, rows, tmp_path / "cohort")
+    methods = list(gradcam_placement.METHODS[pipeline])
+    assert {p.method for p in placements} == set(methods)
+    missed = extra["cases_without_lesion"]
+    assert isinstance(missed, list)
+    for method in methods:
+        maps = [p for p in placements if p.method == method]
+        assert sum(p.frame_offset == 0 for p in maps) == 2 - len(missed)
     assert all(0.0 <= p.near_share <= 1.0 and p.peak_mm >= 0.0 for p in placements)
-    summaries = gradcam_placement.summarise(placements)
+    summaries = gradcam_placement.summarise(pipeline, placements)
     assert [(s.method, s.maps) for s in summaries][:2] == [
-        ("plain@_blocks.4", "all"),
-        ("plain@_blocks.4", "key frame"),
+        (methods[0], "all"),
+        (methods[0], "key frame"),
     ]
-    assert "CNN's own AUC" in gradcam_placement.table(summaries, extra)
+    text = gradcam_placement.table(summaries, extra)
+    assert f"{pipeline} model" in text
+    assert ("CNN's own AUC" in text) == (pipeline == "ht_after_mt")

@@ -22,13 +22,14 @@ from pipelines.cnn import (
     CnnClassifier,
     EpochProgress,
     InputConfig,
-    background_input,
     build_classifier,
     case_features,
     fine_tune,
     fit_pca,
     grad_cam,
     largest_frame,
+    lesion_free_samples,
+    lesion_heat_maps,
     load_backbone_weights,
     load_classifier,
     predict_proba,
@@ -36,7 +37,13 @@ from pipelines.cnn import (
     prepare_frames,
     save_classifier,
 )
-from pipelines.cnn.inputs import IMAGENET_MEAN, IMAGENET_STD, clamped_frames, square_crop
+from pipelines.cnn.inputs import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    clamped_frames,
+    fill_lesion,
+    square_crop,
+)
 from pipelines.synthetic import synthetic_head_ct
 from pipelines.volume import load_datasets
 
@@ -375,16 +382,18 @@ def test_backbone_weights_load_without_their_imagenet_head(tmp_path: Path) -> No
 
 
 def test_grad_cam_relative_to_no_lesion_is_zero_where_the_input_is_the_reference() -> None:
-    """A lesion-only input equals the no-lesion reference away from the lesion, so the
-    relative map of an input that is the reference is zero, and a lesion-only case's map
-    peaks on (or next to) its lesion."""
+    """A lesion-only input equals the no-lesion reference (all black) away from the
+    lesion, so the relative map of an input that is the reference is zero, and a
+    lesion-only case's map peaks on (or next to) its lesion."""
     hu = np.full((5, 96, 96), 35.0, dtype=np.float32)
     mask = _disk_mask(5, (96, 96), (40, 56), {1: 5, 2: 7, 3: 5})
     hu[mask] = 75.0
     config = InputConfig(size=64, margin_mm=4.0, min_side_mm=80.0, lesion_margin_mm=2.0)
     case = prepare_frames(hu, mask, (1.0, 1.0), config)
-    reference = background_input(config)
+    reference = lesion_free_samples(hu, mask, (1.0, 1.0), case, config)
     assert reference.shape == (1, 3, 64, 64)
+    black = (0.0 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
+    assert torch.allclose(reference, black.view(1, 3, 1, 1).expand_as(reference))
     assert torch.allclose(case.samples[0, :, 0, 0], reference[0, :, 0, 0])  # a far corner
     model = build_classifier(BackboneName.EFFICIENTNET_LITE0, pretrained=True)
     layer = "features._blocks.2"
@@ -394,6 +403,49 @@ def test_grad_cam_relative_to_no_lesion_is_zero_where_the_input_is_the_reference
     assert relative.max() > 0.9  # scaled to 1, then resized to the crop
     peak = np.unravel_index(int(np.argmax(relative)), relative.shape)
     assert np.hypot(peak[0] - 40, peak[1] - 56) <= 7 + 5  # lesion radius + one 5 mm cell
+
+
+def test_lesion_free_input_fills_the_lesion_with_the_tissue_around_it() -> None:
+    """A whole-crop input's reference is the same crop with the lesion (and 1 mm around
+    it) replaced by the median of the ring beyond it; everything else is unchanged."""
+    rng = np.random.default_rng(3)
+    hu = rng.normal(30.0, 2.0, size=(5, 80, 80))
+    hu[:, :, :10] = 1000.0  # bone far from the lesion: not in the ring
+    mask = _disk_mask(5, (80, 80), (40, 40), {1: 4, 2: 6, 3: 4})
+    hu[mask] = 80.0
+    filled = fill_lesion(hu, mask, (1.0, 1.0))
+    assert np.array_equal(filled[0], hu[0]) and np.array_equal(filled[4], hu[4])
+    assert abs(filled[2, 40, 40] - 30.0) < 1.0 and filled[2, 40, 47] == filled[2, 40, 40]
+    assert np.array_equal(filled[2, :, :30], hu[2, :, :30])
+    config = InputConfig(size=64, window=(0.0, 100.0), margin_mm=4.0, min_side_mm=60.0)
+    case = prepare_frames(hu, mask, (1.0, 1.0), config)
+    reference = lesion_free_samples(hu, mask, (1.0, 1.0), case, config)
+    assert reference.shape == case.samples.shape
+    changed = (reference != case.samples).any(dim=1)[0]
+    rows, cols = torch.nonzero(changed, as_tuple=True)  # only around the lesion's centre
+    assert changed.any() and (rows - 31.5).abs().max() < 16 and (cols - 31.5).abs().max() < 16
+
+
+def test_lesion_heat_maps_lie_on_lesion_frames_near_the_lesion() -> None:
+    """On a whole-crop input (the network sees the tissue around the lesion), the maps are
+    drawn only on frames holding lesion, each kept within the margin and labelled with
+    the share kept and where its raw peak lies."""
+    rng = np.random.default_rng(4)
+    hu = rng.normal(32.0, 3.0, size=(7, 96, 96))
+    mask = _disk_mask(7, (96, 96), (44, 52), {1: 5, 3: 8, 4: 6})
+    hu[mask] = 75.0
+    config = InputConfig(size=64, window=(0.0, 100.0), margin_mm=10.0, min_side_mm=60.0,
+                         channel_offsets=(0, 0, 0))  # fmt: skip
+    model = build_classifier(BackboneName.EFFICIENTNET_LITE0, pretrained=True)
+    maps = lesion_heat_maps(
+        model, hu, mask, (1.0, 1.0), config, "Grad-CAM test", layer="features._blocks.2"
+    )
+    assert [m.frame for m in maps] == [1, 3, 4]  # key 3; frame 2 holds no lesion, 1 does
+    for heat_map in maps:
+        assert heat_map.label.startswith("Grad-CAM test, shown within 2 mm of the lesion (")
+        assert "% of the map's heat lies there; its peak" in heat_map.label
+        far = ~np.asarray(_disk_mask(1, (96, 96), (44, 52), {0: 8 + 2 + 1})[0])
+        assert heat_map.heat.max() > 0 and not heat_map.heat[far].any()
 
 
 @pytest.mark.parametrize("name", [BackboneName.RESNET50, BackboneName.SERESNEXT50])

@@ -25,18 +25,21 @@ from pydicom.dataset import Dataset
 
 from model_store.registry import load_manifest, promoted_version
 from pipelines.base import PipelineResult
-from pipelines.cnn import NEGATIVE, POSITIVE, peak_distance_mm, restrict_to_region
+from pipelines.cnn import (
+    NEGATIVE,
+    POSITIVE,
+    largest_frame,
+    lesion_frame_offsets,
+    lesion_grad_cams,
+    peak_distance_mm,
+    restrict_to_region,
+)
 from pipelines.cnn.inputs import frame_pixel_spacing, lesion_only
 from pipelines.cohort import generate_cohort
 from pipelines.ht_after_mt import HtAfterMtPipeline
 from pipelines.ht_after_mt.model import MODEL_NAME
-from pipelines.ht_after_mt.pipeline import lesion_grad_cams
-from pipelines.ht_after_mt.scoring import (
-    NO_LESION,
-    choose_lesion,
-    lesion_frame_offsets,
-    relabel_without,
-)
+from pipelines.ht_after_mt.pipeline import HEATMAP_LAYER
+from pipelines.ht_after_mt.scoring import NO_LESION, choose_lesion, relabel_without
 from pipelines.ht_after_mt.train import read_report
 from pipelines.hyperdense import CALCIFICATION_SEGMENT, HYPERDENSE_SEGMENT
 from pipelines.lesions import insert_lesion
@@ -362,9 +365,13 @@ def test_raw_grad_cam_peak_lies_on_the_lesion_in_held_out_cases(
         mask = result.segments[0].frame_mask
         key = result.segments[0].total.key_frame if result.segments[0].total else -1
         class_index = POSITIVE if result.risk.high_risk else NEGATIVE
-        for cam in lesion_grad_cams(series, mask, pipeline.model, class_index):
+        model = pipeline.model
+        spacing = frame_pixel_spacing(series, largest_frame(mask))
+        for cam in lesion_grad_cams(
+            model.cnn, series.frame_hu, mask, spacing, model.cnn_input, class_index,
+            layer=HEATMAP_LAYER,
+        ):  # fmt: skip
             frame = cam.frame_index
-            spacing = frame_pixel_spacing(series, frame)
             ok = bool(cam.heat_frame.any()) and (
                 peak_distance_mm(cam.heat_frame, mask[frame], spacing) <= RAW_PEAK_NEAR_MM
             )

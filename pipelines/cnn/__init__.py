@@ -1,11 +1,12 @@
 """CNN features and Grad-CAM for the risk models: input preparation from a lesion mask,
 MONAI 2-D backbones by name, fine-tuning with a binary head, pooled-feature export with
 PCA, Grad-CAM on the source frame (plain, or relative to a no-lesion reference input),
-and weights as safetensors.
+the lesion heat maps every risk pipeline draws, and weights as safetensors.
 
 Data flow: ``inputs.prepare_case`` -> ``networks.build_classifier`` ->
 ``training.fine_tune`` -> ``features.case_features`` -> ``features.fit_pca``;
-``gradcam.grad_cam`` for the Secondary Capture; ``weights`` to store the network.
+``lesion_maps.lesion_heat_maps`` (on ``gradcam.grad_cam``) for the Secondary Captures;
+``weights`` to store the network.
 """
 
 from pipelines.cnn.features import case_features, fit_pca, sample_features
@@ -24,10 +25,17 @@ from pipelines.cnn.inputs import (
     CaseInput,
     CropBox,
     InputConfig,
-    background_input,
     largest_frame,
+    lesion_free_samples,
     prepare_case,
     prepare_frames,
+)
+from pipelines.cnn.lesion_maps import (
+    HEAT_MARGIN_MM,
+    HEATMAP_REACH,
+    lesion_frame_offsets,
+    lesion_grad_cams,
+    lesion_heat_maps,
 )
 from pipelines.cnn.networks import (
     SPECS,
@@ -40,6 +48,8 @@ from pipelines.cnn.training import EpochProgress, OptimizerName, fine_tune, pred
 from pipelines.cnn.weights import load_backbone_weights, load_classifier, save_classifier
 
 __all__ = [
+    "HEATMAP_REACH",
+    "HEAT_MARGIN_MM",
     "NEGATIVE",
     "POSITIVE",
     "SLICES_AROUND_LARGEST",
@@ -54,7 +64,6 @@ __all__ = [
     "InputConfig",
     "OptimizerName",
     "RegionHeat",
-    "background_input",
     "build_classifier",
     "case_features",
     "default_device",
@@ -62,6 +71,10 @@ __all__ = [
     "fit_pca",
     "grad_cam",
     "largest_frame",
+    "lesion_frame_offsets",
+    "lesion_free_samples",
+    "lesion_grad_cams",
+    "lesion_heat_maps",
     "load_backbone_weights",
     "load_classifier",
     "peak_distance_mm",

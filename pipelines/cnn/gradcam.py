@@ -8,12 +8,12 @@ the frame as acquired. :func:`restrict_to_region` keeps a map near the lesion it
 (a risk model shows heat only on and around the lesion it scored) and says how much of
 the map's heat lay there.
 
-With a ``reference`` input (:func:`pipelines.cnn.inputs.background_input`: the crop
-with no lesion, every pixel at the window's low end), the map is Grad-CAM relative to
-that reference: the layer's activations minus those the reference gives, weighted by
-the class gradients as usual. A lesion-only input (``InputConfig.lesion_margin_mm``)
-equals the reference away from the lesion, so the map holds only what the lesion
-changes in the layer (the black surround adds nothing by itself, with no clipping):
+With a ``reference`` input (:func:`pipelines.cnn.inputs.lesion_free_samples`: the
+same input without the lesion), the map is Grad-CAM relative to that reference: the
+layer's activations minus those the reference gives, weighted by the class gradients as
+usual. The input equals the reference away from the lesion, so the map holds only what
+the lesion changes in the layer (for a lesion-only input, ``InputConfig.lesion_margin_mm``,
+the reference is all black and the black surround adds nothing by itself):
 plain Grad-CAM credits the surround with the activations every input shares (biases,
 padding edges), and its peak lay a median 5.4 mm, up to 50 mm, from the lesion
 (``bench/gradcam_placement.py``).

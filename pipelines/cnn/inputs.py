@@ -200,6 +200,26 @@ def to_network_input(
     return (x - m) / s
 
 
+def crop_samples(
+    frame_hu: NDArray[np.floating],
+    mask: NDArray[np.bool_],
+    pixel_spacing_mm: tuple[float, float],
+    crop: CropBox,
+    sample_frames: tuple[tuple[int, ...], ...],
+    config: InputConfig,
+) -> torch.Tensor:
+    """(n_samples, 3, size, size): each sample's frames (its channels) cropped to ``crop``,
+    kept near the lesion when ``config.lesion_margin_mm`` is set, windowed, resized and
+    normalised."""
+    stack = np.stack([frame_hu[list(f), crop.rows, crop.cols] for f in sample_frames])
+    if config.lesion_margin_mm is not None:
+        masks = np.stack([mask[list(f), crop.rows, crop.cols] for f in sample_frames])
+        stack = lesion_only(
+            stack, masks, pixel_spacing_mm, config.lesion_margin_mm, config.window[0]
+        )
+    return to_network_input(window_unit(stack, config.window), config.size, config.mean, config.std)
+
+
 def prepare_frames(
     frame_hu: NDArray[np.floating],
     mask: NDArray[np.bool_],
@@ -216,17 +236,8 @@ def prepare_frames(
     sample_frames = tuple(
         tuple(clamped_frames(c, config.channel_offsets, n_frames)) for c in centres
     )
-    stack = np.stack([frame_hu[list(f), crop.rows, crop.cols] for f in sample_frames])
-    if config.lesion_margin_mm is not None:
-        masks = np.stack([mask[list(f), crop.rows, crop.cols] for f in sample_frames])
-        stack = lesion_only(
-            stack, masks, pixel_spacing_mm, config.lesion_margin_mm, config.window[0]
-        )
-    samples = to_network_input(
-        window_unit(stack, config.window), config.size, config.mean, config.std
-    )
     return CaseInput(
-        samples=samples,
+        samples=crop_samples(frame_hu, mask, pixel_spacing_mm, crop, sample_frames, config),
         key_frame=key,
         key_sample=list(centres).index(key),
         sample_centres=tuple(centres),
@@ -236,12 +247,54 @@ def prepare_frames(
     )
 
 
-def background_input(config: InputConfig) -> torch.Tensor:
-    """(1, 3, size, size): the network input of a crop with every pixel at the window's
-    low end, which is what a lesion-only input (``lesion_margin_mm``) shows away from the
-    lesion; the reference of Grad-CAM relative to no lesion."""
-    unit = np.zeros((1, 3, config.size, config.size), dtype=np.float32)
-    return to_network_input(unit, config.size, config.mean, config.std)
+FILL_MARGIN_MM = 1.0
+"""Pixels within this distance of the lesion are filled too (its partial-volume rim)."""
+FILL_RING_MM = 5.0
+"""The fill is the median of the tissue in this ring beyond the filled pixels."""
+
+
+def fill_lesion(
+    hu: NDArray[np.floating], mask: NDArray[np.bool_], pixel_spacing_mm: tuple[float, float]
+) -> NDArray[np.float64]:
+    """``hu`` (frames, rows, columns) with each frame's lesion, and the pixels within
+    ``FILL_MARGIN_MM`` of it, set to the median of the ring ``FILL_RING_MM`` wide around
+    them on that frame (the tissue the lesion lies in); frames without lesion, or with
+    no ring left inside the image, unchanged."""
+    if hu.shape != mask.shape:
+        raise ValueError(f"images {hu.shape} and masks {mask.shape} differ in shape")
+    out = hu.astype(np.float64, copy=True)
+    for k in np.flatnonzero(mask.reshape(mask.shape[0], -1).any(axis=1)):
+        distance = distance_transform_edt(~mask[k], sampling=pixel_spacing_mm)
+        fill = distance <= FILL_MARGIN_MM
+        ring = ~fill & (distance <= FILL_MARGIN_MM + FILL_RING_MM)
+        if ring.any():
+            out[k][fill] = np.median(out[k][ring])
+    return out
+
+
+def lesion_free_samples(
+    frame_hu: NDArray[np.floating],
+    mask: NDArray[np.bool_],
+    pixel_spacing_mm: tuple[float, float],
+    case: CaseInput,
+    config: InputConfig,
+) -> torch.Tensor:
+    """The samples of ``case`` (made from these frames and ``mask`` with ``config``) as
+    they would be without the lesion: same crop and frames, the lesion filled with the
+    tissue around it (:func:`fill_lesion`), and, for a lesion-only input
+    (``lesion_margin_mm``), nothing kept, so every pixel is at the window's low end. The
+    reference of Grad-CAM relative to no lesion."""
+    frames = sorted({f for channels in case.sample_frames for f in channels})
+    crop = case.crop
+    hu = np.asarray(frame_hu[frames, crop.rows, crop.cols])
+    lesion = np.asarray(mask[frames, crop.rows, crop.cols], dtype=bool)
+    filled = fill_lesion(hu, lesion, pixel_spacing_mm)
+    local = {f: i for i, f in enumerate(frames)}
+    sample_frames = tuple(tuple(local[f] for f in channels) for channels in case.sample_frames)
+    whole = CropBox(0, 0, crop.side)
+    return crop_samples(
+        filled, np.zeros_like(lesion), pixel_spacing_mm, whole, sample_frames, config
+    )
 
 
 def frame_pixel_spacing(series: LoadedSeries, frame: int) -> tuple[float, float]:

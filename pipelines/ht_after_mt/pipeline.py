@@ -19,15 +19,15 @@ The scored lesion is described by its radiomics, the fine-tuned CNN's features o
 imputed and listed with their reasons: the table fails open, an unreadable table never
 removes the imaging results); the combined model of the configured (default: promoted)
 version in the configured model store gives the probability, classified at its training
-cut-off. Grad-CAM of the CNN (:func:`lesion_grad_cams`) is computed on the lesion crop the
-network sees, relative to the same crop without lesion (so the map holds only what the
-lesion changes, not the black surround), mapped back to the frame and shown within
-``HEAT_MARGIN_MM`` of the lesion (its label states how much of the map's heat lay there
-and where the raw peak lies), on the lesion's largest cross-section and its nearest
-neighbours that hold lesion only. The model is loaded and hash-checked once, by
-:meth:`HtAfterMtPipeline.check` at start-up (a model or segmenter that fails its checks
-there makes the pipeline unavailable: the node runs its default instead) or on the first
-run.
+cut-off. Grad-CAM of the CNN (:func:`pipelines.cnn.lesion_heat_maps`, the method every
+risk pipeline draws) is computed on the lesion crop the network sees, relative to the
+same crop without lesion (so the map holds only what the lesion changes, not the black
+surround), mapped back to the frame and shown within ``HEAT_MARGIN_MM`` of the lesion (its
+label states how much of the map's heat lay there and where the raw peak lies), on the
+lesion's largest cross-section and its nearest neighbours that hold lesion only. The
+model is loaded and hash-checked once, by :meth:`HtAfterMtPipeline.check` at start-up (a
+model or segmenter that fails its checks there makes the pipeline unavailable: the node
+runs its default instead) or on the first run.
 """
 
 from __future__ import annotations
@@ -51,17 +51,7 @@ from pipelines.base import (
     RiskPrediction,
     SegmentResult,
 )
-from pipelines.cnn import (
-    NEGATIVE,
-    POSITIVE,
-    CamResult,
-    background_input,
-    grad_cam,
-    largest_frame,
-    peak_distance_mm,
-    prepare_case,
-    restrict_to_region,
-)
+from pipelines.cnn import HEATMAP_REACH, NEGATIVE, POSITIVE, largest_frame, lesion_heat_maps
 from pipelines.cnn.inputs import frame_pixel_spacing
 from pipelines.contract import OutputProfile, Segmenter
 from pipelines.geometry import grid_to_frames
@@ -80,7 +70,6 @@ from pipelines.ht_after_mt.model import MODEL_NAME, OUTCOME, PRIMARY, HtModel
 from pipelines.ht_after_mt.scoring import (
     LesionChoice,
     choose_lesion,
-    lesion_frame_offsets,
     relabel_without,
     scored_reason,
 )
@@ -94,12 +83,6 @@ from pipelines.settings import PipelinesSettings
 from pipelines.stages import charged_to
 
 CLINICAL_TABLE_SETTING = "[pipelines.ht_after_mt] clinical_table"
-HEATMAP_REACH = 2
-"""Heat maps: the lesion's largest cross-section and, on each side, the nearest frame
-within this many frames that holds lesion."""
-HEAT_MARGIN_MM = 2.0
-"""Grad-CAM heat is shown within this distance of the scored lesion (a display choice;
-the label states the share of the map's heat kept and where the raw peak lies)."""
 HEATMAP_LAYER = "features._blocks.2"
 """Grad-CAM layer: Lite0's last stride-8 stage, 16 x 16 cells (5 mm on the 80 mm crop).
 Relative to the no-lesion input, its raw peak lay a median 0 mm from the lesion, 84% of
@@ -361,28 +344,24 @@ class HtAfterMtPipeline:
     def _heatmaps(
         self, series: LoadedSeries, case: CaseFeatures, model: HtModel, high_risk: bool
     ) -> list[HeatMap]:
-        """Grad-CAM of the CNN for the class it leans to (evidence for the outcome when
-        the risk is high, against it when low): :func:`lesion_grad_cams`, shown within
-        ``HEAT_MARGIN_MM`` of the scored lesion (a display choice the label states, with
-        the share of the map's heat kept and the raw peak's distance to the lesion); not
-        drawn where no heat lies on the lesion."""
+        """Grad-CAM of the CNN relative to no lesion (``pipelines.cnn.lesion_heat_maps``)
+        for the class it leans to: evidence for the outcome when the risk is high, against
+        it when low; on the scored lesion's frames only."""
         mask = case.lesion.frame_mask
         class_index, evidence = (POSITIVE, "for") if high_risk else (NEGATIVE, "against")
-        maps = []
-        for cam in lesion_grad_cams(series, mask, model, class_index, self.heatmap_reach):
-            frame = cam.frame_index
-            spacing = frame_pixel_spacing(series, frame)
-            on_lesion = restrict_to_region(cam.heat_frame, mask[frame], spacing, HEAT_MARGIN_MM)
-            peak = peak_distance_mm(cam.heat_frame, mask[frame], spacing)
-            label = (
-                f"Grad-CAM relative to no lesion (EfficientNet-Lite0, fine-tuned), evidence "
-                f"{evidence} {OUTCOME}, shown within {HEAT_MARGIN_MM:g} mm of the scored "
-                f"lesion ({100 * on_lesion.share:.0f}% of the map's heat lies there; "
-                f"its peak {'inside' if peak == 0 else f'{peak:.1f} mm from'} the lesion)"
-            )
-            if on_lesion.share > 0:  # no evidence on the lesion here: nothing to show
-                maps.append(HeatMap(frame=frame, heat=on_lesion.heat, label=label))
-        return maps
+        return lesion_heat_maps(
+            model.cnn,
+            series.frame_hu,
+            mask,
+            frame_pixel_spacing(series, largest_frame(mask)),
+            model.cnn_input,
+            f"Grad-CAM relative to no lesion (EfficientNet-Lite0, fine-tuned), evidence "
+            f"{evidence} {OUTCOME}",
+            class_index,
+            lesion="scored lesion",
+            reach=self.heatmap_reach,
+            layer=HEATMAP_LAYER,
+        )
 
     @staticmethod
     def _clinical_note(source: str, imputed: tuple[str, ...]) -> str:
@@ -392,36 +371,3 @@ class HtAfterMtPipeline:
         whole = set(TABLE_VARIABLES) <= set(imputed)
         what = "all table variables" if whole else ", ".join(imputed)
         return f"{source}; imputed with training medians/modes: {what}"
-
-
-def lesion_grad_cams(
-    series: LoadedSeries,
-    mask: NDArray[np.bool_],
-    model: HtModel,
-    class_index: int,
-    reach: int = HEATMAP_REACH,
-    *,
-    layer: str = HEATMAP_LAYER,
-    relative: bool = True,
-) -> list[CamResult]:
-    """The CNN's raw Grad-CAM maps of the scored lesion ``mask`` (on the frames): one per
-    heat-map frame (the lesion's largest cross-section and its nearest neighbours within
-    ``reach`` that hold lesion, ``scoring.lesion_frame_offsets``), each computed on the
-    2.5-D lesion crop the network sees centred on that frame, at ``layer``, relative to
-    the no-lesion input (``relative``; else plain Grad-CAM), mapped back to the frame."""
-    key = largest_frame(mask)
-    offsets = lesion_frame_offsets(mask, key, reach)
-    config = replace(model.cnn_input, sample_offsets=offsets)
-    inputs = prepare_case(series, mask, config)
-    reference = background_input(config) if relative else None
-    return [
-        grad_cam(
-            model.cnn,
-            inputs,
-            sample=sample,
-            class_index=class_index,
-            target_layer=layer,
-            reference=reference,
-        )
-        for sample in range(len(inputs.sample_centres))
-    ]

@@ -113,21 +113,3 @@ def relabel_without(
     lookup = np.zeros(count + 1, dtype=np.int32)
     lookup[kept] = np.arange(1, len(kept) + 1, dtype=np.int32)
     return lookup[np.asarray(labels, dtype=np.int64)], len(kept)
-
-
-def lesion_frame_offsets(
-    frame_mask: NDArray[np.bool_], key: int, reach: int = 2
-) -> tuple[int, ...]:
-    """Offsets from the key frame of the frames a heat map may be drawn on: the key frame
-    (the lesion's largest cross-section) and, on each side, the nearest frame within
-    ``reach`` that holds lesion pixels. Never a frame without lesion."""
-    if not frame_mask[key].any():
-        raise ValueError(f"the key frame {key} holds no lesion pixel")
-    offsets = [0]
-    for direction in (-1, 1):
-        for step in range(1, reach + 1):
-            frame = key + direction * step
-            if 0 <= frame < frame_mask.shape[0] and frame_mask[frame].any():
-                offsets.append(direction * step)
-                break
-    return tuple(sorted(offsets))

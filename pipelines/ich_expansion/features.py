@@ -72,6 +72,16 @@ class Haematoma:
         return ABC_FACTOR * d1 * d2 * d3 / MM3_PER_ML
 
 
+def scored_frame_mask(haematoma: Haematoma) -> NDArray[np.bool_]:
+    """The haematoma on the frames the model scores (``haematoma.frames``), empty on the
+    others: where its heat maps may be drawn."""
+    mask = haematoma.segment.frame_mask.copy()
+    unscored = np.ones(len(mask), dtype=bool)
+    unscored[list(haematoma.frames)] = False
+    mask[unscored] = False
+    return mask
+
+
 def slice_spacing_mm(series: LoadedSeries) -> float:
     """Distance between consecutive acquired frames (median), in mm."""
     offsets = np.sort(np.asarray(series.stack.offsets[:, 0], dtype=np.float64))

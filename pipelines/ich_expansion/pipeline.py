@@ -11,9 +11,11 @@ and implausible ones imputed and listed: the table fails open) enter the forward
 clinical model; the integrated model (nDL + clinical) gives the probability, classified
 at its training cut-off. The SR's haematoma group holds the planimetric volume, the
 ABC/2 volume (0.523 x D1 x D2 x D3) and its diameters, nDL, the probability and the
-category; Grad-CAM of the expansion network on the largest cross-section and the
-haematoma frames two below and above gives the saliency SCs. Every object carries the
-model's notice ("trained on synthetic data - not for clinical use").
+category; Grad-CAM of the expansion network relative to no haematoma
+(``pipelines.cnn.lesion_heat_maps``, the method every risk pipeline draws) on the
+largest cross-section and the nearest scored haematoma frame within two on each side
+gives the saliency SCs. Every object carries the model's notice ("trained on synthetic
+data - not for clinical use").
 """
 
 from __future__ import annotations
@@ -37,12 +39,18 @@ from pipelines.base import (
     RiskPrediction,
     SegmentClass,
 )
-from pipelines.cnn import grad_cam
+from pipelines.cnn import HEATMAP_REACH, lesion_heat_maps
+from pipelines.cnn.inputs import frame_pixel_spacing
 from pipelines.contract import OutputProfile, Segmenter
 from pipelines.ht_after_mt.clinical import NO_TABLE, ClinicalTable, ClinicalTableError, RowLookup
 from pipelines.hyperdense import HyperdenseThresholdPipeline
 from pipelines.ich_expansion.clinical import screen_clinical
-from pipelines.ich_expansion.features import CNN_INPUT, Haematoma, find_haematoma, frame_inputs
+from pipelines.ich_expansion.features import (
+    CNN_INPUT,
+    Haematoma,
+    find_haematoma,
+    scored_frame_mask,
+)
 from pipelines.ich_expansion.model import MODEL_NAME, OUTCOME, PRIMARY, ExpansionModel, Prediction
 from pipelines.measure import measure_segment
 from pipelines.registry import get_segmenter
@@ -52,7 +60,11 @@ from pipelines.slice_classifier.classifier import SliceClassifier, load_slice_cl
 from pipelines.stages import charged_to
 
 CLINICAL_TABLE_SETTING = "[pipelines.ich_expansion] clinical_table"
-HEATMAP_OFFSETS = (-2, 0, 2)
+HEATMAP_LAYER = "features._blocks.2"
+"""Grad-CAM layer: Lite0's last stride-8 stage, 16 x 16 cells on the 128 px input.
+Relative to no haematoma, every raw peak lay within 5 mm of the haematoma on 40 held-out
+cases (``bench/gradcam_placement.py --pipeline ich_expansion``), 82% of the heat; plain
+Grad-CAM at the head (the method before) 28%, with 42 of 104 maps empty."""
 PRIVATE_SCHEME = "99DCMNODE"
 UNIT_ML = CodedConcept("ml", "UCUM", "milliliter")
 UNIT_MM = CodedConcept("mm", "UCUM", "millimeter")
@@ -104,7 +116,7 @@ class IchExpansionPipeline:
         clinical_table: Path | None = None,
         segmenter: Segmenter | None = None,
         device: str = "cpu",
-        heatmap_offsets: tuple[int, ...] = HEATMAP_OFFSETS,
+        heatmap_reach: int = HEATMAP_REACH,
     ) -> None:
         """Use ``version`` (default: promoted) of the model in ``root``; only the manifest
         is read here."""
@@ -112,7 +124,7 @@ class IchExpansionPipeline:
         manifest = load_manifest(MODEL_NAME, self.version, root)
         self.root = root
         self.clinical_table = clinical_table
-        self.heatmap_offsets = heatmap_offsets
+        self.heatmap_reach = heatmap_reach
         self.device = torch.device(
             ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
         )
@@ -258,13 +270,18 @@ class IchExpansionPipeline:
     def _heatmaps(
         self, series: LoadedSeries, haematoma: Haematoma, model: ExpansionModel
     ) -> list[HeatMap]:
-        """Grad-CAM (expansion) on the key frame and the haematoma frames at the offsets."""
-        inputs = frame_inputs(series, haematoma, CNN_INPUT)
-        wanted = {haematoma.key_frame + o for o in self.heatmap_offsets}
-        label = "Grad-CAM (EfficientNet-Lite0 ImageNet, expansion head), evidence for " + OUTCOME
-        maps = []
-        for sample, centre in enumerate(inputs.sample_centres):
-            if centre in wanted:
-                cam = grad_cam(model.network, inputs, sample=sample)
-                maps.append(HeatMap(frame=cam.frame_index, heat=cam.heat_frame, label=label))
-        return maps
+        """Grad-CAM of the expansion network relative to no haematoma (evidence for
+        expansion) on the haematoma frames the model scores: the largest cross-section and
+        the nearest scored frame within ``heatmap_reach`` on each side."""
+        return lesion_heat_maps(
+            model.network,
+            series.frame_hu,
+            scored_frame_mask(haematoma),
+            frame_pixel_spacing(series, haematoma.key_frame),
+            CNN_INPUT,
+            f"Grad-CAM relative to no haematoma (EfficientNet-Lite0 ImageNet, expansion "
+            f"head), evidence for {OUTCOME}",
+            lesion="haematoma",
+            reach=self.heatmap_reach,
+            layer=HEATMAP_LAYER,
+        )
