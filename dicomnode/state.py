@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -146,6 +146,9 @@ class StateStore:
         self._conn.executescript(SCHEMA)
         self._conn.executescript(FACTS_SCHEMA)
         self._migrate()
+        # Whether a series has acknowledged instances not recorded here yet (set by the
+        # receiver to its journal's): such a series is not concluded.
+        self.unrecorded: Callable[[str], bool] = lambda series_uid: False
 
     def _migrate(self) -> None:
         """Add the columns of :data:`MIGRATIONS` missing from an older database."""
@@ -262,18 +265,21 @@ class StateStore:
         return Path(row["path"]) if row else None
 
     def conclude_series(self, series: SeriesInfo, state: SeriesState, reason: str | None) -> bool:
-        """Move a series out of ``receiving`` unless an instance arrived meanwhile.
+        """Move a series out of ``receiving`` unless an instance arrived meanwhile (or is
+        acknowledged and not recorded yet).
 
         Returns whether it moved. Call inside :meth:`transaction` to enqueue atomically.
         """
         with self.transaction() as db:
             return self.conclude_in(db, series, state, reason)
 
-    @staticmethod
     def conclude_in(
-        db: sqlite3.Connection, series: SeriesInfo, state: SeriesState, reason: str | None
+        self, db: sqlite3.Connection, series: SeriesInfo, state: SeriesState, reason: str | None
     ) -> bool:
-        """The conditional UPDATE behind :meth:`conclude_series`."""
+        """The conditional UPDATE behind :meth:`conclude_series`; no update while the
+        series has instances acknowledged and not recorded yet (:attr:`unrecorded`)."""
+        if self.unrecorded(series.series_instance_uid):
+            return False
         cursor = db.execute(
             "UPDATE series SET state = ?, reason = ? WHERE series_instance_uid = ? "
             "AND state = ? AND last_arrival = ?",
