@@ -32,7 +32,7 @@ import struct
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from itertools import islice, takewhile
 from pathlib import Path
@@ -222,15 +222,14 @@ class Journal:
 
     # -- receiving ---------------------------------------------------------------------
 
-    def stored_instance(self, sop_uid: str) -> StoredInstance | None:
-        """Where a UID is stored: its latest queued record, else the state's row."""
-        with self._cond:
-            entry = self._by_sop.get(sop_uid)
-        return _stored(entry.record) if entry is not None else self.store.stored_instance(sop_uid)
-
-    def append(self, rec: InstanceRecord, meta: bytes, dataset: bytes) -> RecordOutcome:
-        """Journal one instance and return once it is durable (:meth:`classify` decides
-        against the queued records and the state, atomically with the append).
+    def append(
+        self, rec: InstanceRecord, meta: bytes, dataset: bytes,
+        check: Callable[[], None] | None = None,
+    ) -> RecordOutcome:  # fmt: skip
+        """Journal one instance and return once it is durable. :func:`classify` decides
+        against the queued records and the state, atomically with the append; an
+        unchanged instance is not written; ``check`` (the free-space watermark) runs
+        before a new or different one is, and may raise to refuse it.
 
         Raises :class:`InstanceConflict`, or ``OSError`` when it cannot be written or
         flushed (nothing is then acknowledged).
@@ -255,6 +254,8 @@ class Journal:
                 )  # fmt: skip
                 if outcome is RecordOutcome.UNCHANGED:
                     return outcome
+                if check is not None:
+                    check()
                 if self._broken is not None:
                     raise JournalBroken(self._broken.errno, f"journal: {self._broken.strerror}")
                 segment = self._segment_for(length)
@@ -363,6 +364,7 @@ class Journal:
 
     def start(self) -> None:
         """Start the mover thread."""
+        self.folder.mkdir(parents=True, exist_ok=True)
         self._stopping = False
         self._mover = threading.Thread(target=self._move_loop, name="dicomnode-journal-mover",
                                        daemon=True)  # fmt: skip

@@ -352,12 +352,9 @@ class Receiver:
         ident = identify(ds, context.abstract_syntax or "")
         _raise_for(validation.check_instance(ds, syntax, ident.sop_class, limits.max_decoded_bytes))
         digest = hashlib.sha256(sent).hexdigest()
-        if self._is_unchanged(ident, digest):
+        if not self._journaling and self._is_unchanged(ident, digest):
             return
         bound = log.bind(study_uid=ident.study, series_uid=ident.series)
-        low = low_space_reason(self._free_bytes(), limits.min_free_bytes)
-        if low is not None:
-            raise StoreRefused(Status.OUT_OF_RESOURCES, low)
         meta = spool.FILE_PREAMBLE + _file_meta(event)
         rec = InstanceRecord(
             sop_instance_uid=ident.sop, series_instance_uid=ident.series,
@@ -371,10 +368,11 @@ class Receiver:
             facts=instance_facts(ds, ident.sop, ident.sop_class),
         )  # fmt: skip
         try:
-            outcome = (
-                self.journal.append(rec, meta, sent) if self._journaling
-                else self._spool_and_record(rec, meta, sent)
-            )  # fmt: skip
+            if self._journaling:  # decides unchanged/conflict itself, atomically
+                outcome = self.journal.append(rec, meta, sent, self._check_space)
+            else:
+                self._check_space()
+                outcome = self._spool_and_record(rec, meta, sent)
         except InstanceConflict as exc:
             raise _duplicate() from exc
         except OSError as exc:
@@ -394,6 +392,12 @@ class Receiver:
         if outcome is RecordOutcome.REPLACED:
             bound.info("instance replaced by different content", sop_uid=ident.sop)
 
+    def _check_space(self) -> None:
+        """Refuse an instance to store while free space is below the watermark."""
+        low = low_space_reason(self._free_bytes(), self.config.limits.min_free_bytes)
+        if low is not None:
+            raise StoreRefused(Status.OUT_OF_RESOURCES, low)
+
     def _spool_and_record(self, rec: InstanceRecord, meta: bytes, sent: bytes) -> RecordOutcome:
         """Without the journal: write and fsync the file, then fsync its folder and record
         it with what other associations store meanwhile (:mod:`dicomnode.group_commit`)."""
@@ -406,9 +410,9 @@ class Receiver:
             raise
 
     def _is_unchanged(self, ident: _Identity, digest: str) -> bool:
-        """Whether the UID is stored (or journaled) with these bytes already; refuse it if
-        it is stored in another series or study."""
-        existing = self.journal.stored_instance(ident.sop)
+        """Whether the UID is stored with these bytes already; refuse it if it is stored
+        in another series or study."""
+        existing = self.store.stored_instance(ident.sop)
         if existing is None:
             return False
         try:

@@ -143,6 +143,10 @@ class StateStore:
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=FULL")
         self._conn.execute("PRAGMA foreign_keys=ON")
+        # Point reads of the ingest path: WAL lets them run while a commit flushes.
+        self._reader = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._reader.row_factory = sqlite3.Row
+        self._reader_lock = threading.Lock()
         self._conn.executescript(SCHEMA)
         self._conn.executescript(FACTS_SCHEMA)
         self._migrate()
@@ -162,8 +166,9 @@ class StateStore:
 
     def close(self) -> None:
         """Close the connection."""
-        with self._lock:
+        with self._lock, self._reader_lock:
             self._conn.close()
+            self._reader.close()
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
@@ -178,9 +183,10 @@ class StateStore:
             self._conn.execute("COMMIT")
 
     def stored_instance(self, sop_uid: str) -> StoredInstance | None:
-        """Where a SOP Instance UID is stored and its content hash, or ``None``."""
-        with self._lock:
-            row = self._conn.execute(
+        """Where a SOP Instance UID is stored and its content hash, or ``None`` (committed
+        state: read on its own connection, not held up by a commit in flight)."""
+        with self._reader_lock:
+            row = self._reader.execute(
                 "SELECT series_instance_uid, study_instance_uid, path, sha256 FROM instances "
                 "WHERE sop_instance_uid = ?",
                 (sop_uid,),
