@@ -33,7 +33,7 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from itertools import islice, takewhile
 from pathlib import Path
 from typing import Any
@@ -97,7 +97,7 @@ def encode_header(rec: InstanceRecord, meta_bytes: int) -> bytes:
         "modality": rec.modality, "body_part": rec.body_part_examined,
         "description": rec.series_description, "protocol": rec.protocol_name,
         "image_type": list(rec.image_type), "sha256": rec.sha256, "meta": meta_bytes,
-        "facts": None if rec.facts is None else asdict(rec.facts),
+        "facts": None if rec.facts is None else vars(rec.facts),  # flat: asdict is 5x slower
     }  # fmt: skip
     return json.dumps(body, separators=(",", ":")).encode()
 
@@ -184,12 +184,17 @@ def scan(path: Path, spool_dir: Path) -> Iterator[ScannedRecord]:
 
 
 def _write_at(fd: int, parts: list[bytes], offset: int) -> None:
-    """Write ``parts`` one after the other at ``offset`` (all of them)."""
-    for part in parts:
-        view = memoryview(part)
-        while view:
-            written = os.pwrite(fd, view, offset)
-            view, offset = view[written:], offset + written
+    """Write ``parts`` one after the other at ``offset`` (all of them; one system call
+    unless the kernel writes less than asked)."""
+    views = [memoryview(part) for part in parts]
+    while views:
+        written = os.pwritev(fd, views, offset)
+        offset += written
+        while views and written >= len(views[0]):
+            written -= len(views[0])
+            views.pop(0)
+        if views:
+            views[0] = views[0][written:]
 
 
 class Journal:
@@ -253,7 +258,8 @@ class Journal:
                     rec.series_instance_uid, rec.study_instance_uid, rec.sha256,
                 )  # fmt: skip
                 if outcome is RecordOutcome.UNCHANGED:
-                    return outcome
+                    seq = entry.seq if entry else 0  # identical to a record maybe in flight
+                    break
                 if check is not None:
                     check()
                 if self._broken is not None:
