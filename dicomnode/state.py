@@ -165,7 +165,7 @@ class StateStore:
                 db.execute(statement)
 
     def close(self) -> None:
-        """Close the connection."""
+        """Close the connections."""
         with self._lock, self._reader_lock:
             self._conn.close()
             self._reader.close()
