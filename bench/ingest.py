@@ -18,7 +18,9 @@ from ``/proc``), and the median latency of one fsync of a 0.5 MB file on the spo
 system, measured during the run (the node does three in a row per instance on one
 association: file, folder, SQLite WAL; storescp none).
 
-Run: ``.venv/bin/python -m bench.ingest [--series 4] [--rounds 3] [--json out.json]``.
+Run: ``.venv/bin/python -m bench.ingest [--series 4] [--rounds 3] [--json out.json]
+[--before /tmp/main]``; ``--before`` runs another checkout's node (e.g. ``git archive main``
+unpacked) in the same rounds, for a before/after ratio from one run.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from bench.peers import NodeProcess, free_port, node_config_toml, storescu_command
+from bench.peers import REPO, NodeProcess, free_port, node_config_toml, storescu_command
 from pipelines.synthetic import synthetic_head_ct, write_series
 
 STORESCP = "/usr/bin/storescp"
@@ -113,13 +115,16 @@ def _send(port: int, files: Sequence[Path], associations: int, called: str) -> f
     return len(files) / elapsed
 
 
-def _node_rate(files: Sequence[Path], associations: int, folder: Path) -> tuple[float, float]:
-    """Instances/s into a fresh node (no rule: ingest only), and its CPU ms per instance."""
+def _node_rate(
+    files: Sequence[Path], associations: int, folder: Path, repo: Path = REPO
+) -> tuple[float, float]:
+    """Instances/s into a fresh node of the checkout ``repo`` (no rule: ingest only), and
+    its CPU ms per instance."""
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     port = free_port()
     config = node_config_toml(folder, port, None, stable_age_s=3600.0, route=False)
-    node = NodeProcess(config, port, folder / "node.log")
+    node = NodeProcess(config, port, folder / "node.log", repo=repo)
     node.start()
     try:
         cpu = _cpu_seconds(node.pid)
@@ -155,17 +160,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--series", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", type=Path)
+    parser.add_argument(
+        "--before", type=Path,
+        help="another checkout (e.g. main, from git archive) whose node runs in the same rounds",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     rows = []
     with tempfile.TemporaryDirectory(prefix="ingest-bench-") as tmp:
         root = Path(tmp)
         files = _instances(root / "in", args.series)
         for associations in (1, 4):
-            node, reference, fsync_ms = [], [], []
+            node, before, reference, fsync_ms = [], [], [], []
             for _ in range(args.rounds):
                 fsync_ms.append(_fsync_ms(root / "probe"))
                 reference.append(_storescp_rate(files, associations, root / "storescp"))
                 node.append(_node_rate(files, associations, root / "node"))
+                if args.before is not None:
+                    before.append(_node_rate(files, associations, root / "node", args.before))
             node_rate = statistics.median(rate for rate, _ in node)
             reference_rate = statistics.median(rate for rate, _ in reference)
             rows.append({
@@ -179,6 +190,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "fsync_ms": round(statistics.median(fsync_ms), 2),
                 "load_average": round(os.getloadavg()[0], 1),
             })  # fmt: skip
+            if before:
+                before_rate = statistics.median(rate for rate, _ in before)
+                rows[-1].update({
+                    "before_per_s": round(before_rate, 1),
+                    "before_ratio": round(before_rate / reference_rate, 2),
+                    "before_runs": [round(rate, 1) for rate, _ in before],
+                    "before_cpu_ms": round(statistics.median(cpu for _, cpu in before), 2),
+                })  # fmt: skip
     for row in rows:
         sys.stdout.write(json.dumps(row) + "\n")
     if args.json:

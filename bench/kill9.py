@@ -6,9 +6,11 @@ Each kill point sends its own generated head CT series (``pipelines.synthetic``)
 DCMTK storescu and kills the node at a point of one phase, in turn:
 
 - ``ingest``: right after the association is accepted, right after the k-th instance was
-  acknowledged (between instances), or a few milliseconds later (while the next instance
-  is written, fsynced and renamed); after the restart the instances storescu did not see
-  acknowledged are sent again, as a modality would;
+  acknowledged (between instances), a few milliseconds later (while the next instance
+  is journaled), or a few milliseconds after the last one (while the journal's mover
+  puts the series into the spool and state, before the release is answered); after the
+  restart the instances storescu did not see acknowledged are sent again, as a modality
+  would;
 - ``processing``: while the series' job is ``running`` in the node's state;
 - ``sending``: once the job's results are in the outbox, while they go to Orthanc.
 
@@ -67,7 +69,7 @@ from bench.peers import (
 from pipelines.synthetic import synthetic_head_ct, write_series
 
 PHASES = ("ingest", "processing", "sending")
-INGEST_VARIANTS = ("after_association", "between_instances", "mid_instance")
+INGEST_VARIANTS = ("after_association", "between_instances", "mid_instance", "mid_move")
 RESULTS_DIR = REPO / "bench" / "results"
 
 
@@ -153,8 +155,13 @@ def _kill_during_ingest(
     node: NodeProcess, series: SentSeries, variant: str, rng: np.random.Generator
 ) -> tuple[float, int]:
     """Send the series with storescu and SIGKILL the node at the chosen point of it."""
-    target = 0 if variant == "after_association" else int(rng.integers(1, len(series.files)))
-    delay = float(rng.uniform(0.0, 0.02)) if variant == "mid_instance" else 0.0
+    if variant == "after_association":
+        target = 0
+    elif variant == "mid_move":  # the last instance acknowledged, its journal being moved
+        target = len(series.files)
+    else:
+        target = int(rng.integers(1, len(series.files)))
+    delay = float(rng.uniform(0.0, 0.02)) if variant in ("mid_instance", "mid_move") else 0.0
     sender = subprocess.Popen(
         storescu_command(node.port, series.files),
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, bufsize=1,

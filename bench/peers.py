@@ -134,6 +134,7 @@ class NodeProcess:
     port: int
     log_path: Path
     process: subprocess.Popen[bytes] | None = None
+    repo: Path = REPO  # the checkout whose node runs (another one for a before/after run)
     starts: int = 0
     start_seconds: list[float] = field(default_factory=list)
 
@@ -145,8 +146,8 @@ class NodeProcess:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "dicomnode.cli", "--log-level", "INFO",
                  "serve", "--config", str(self.config)],
-                cwd=REPO, stdout=out, stderr=log,
-                env=dict(os.environ, PYTHONPATH=str(REPO), TCP_NODELAY="1"),
+                cwd=self.repo, stdout=out, stderr=log,
+                env=dict(os.environ, PYTHONPATH=str(self.repo), TCP_NODELAY="1"),
             )  # fmt: skip
         self.starts += 1
         while time.monotonic() - began < timeout_s:

@@ -26,6 +26,7 @@ from pydantic import (
 from dicomnode.case_store import CaseStoreSettings
 from dicomnode.completeness import CompletenessSettings
 from dicomnode.door import AssociationLimits
+from dicomnode.journal import JournalSettings
 from dicomnode.retraining_settings import RetrainingSettings
 from dicomnode.tls import ClientTls, ServerTls
 from pipelines.settings import PipelinesSettings
@@ -85,6 +86,7 @@ class NodeSettings(_Model):
     max_pdu: int = Field(default=131072, ge=0)
     connections: AssociationLimits = AssociationLimits()
     tls: ServerTls | None = None
+    journal: JournalSettings = JournalSettings()
 
 
 class AllowedCaller(_Model):

@@ -59,7 +59,7 @@ class JobQueue:
         Returns the job id, or ``None`` when an instance arrived meanwhile.
         """
         with self.store.transaction() as db:
-            if not StateStore.conclude_in(db, series, SeriesState.ROUTED, None):
+            if not self.store.conclude_in(db, series, SeriesState.ROUTED, None):
                 return None
             cursor = db.execute(
                 "INSERT INTO jobs (series_instance_uid, study_instance_uid, rule, pipeline, "

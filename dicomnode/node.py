@@ -411,11 +411,14 @@ class Node:
         )
 
     def is_idle(self) -> bool:
-        """No series receiving, no job queued or running, nothing waiting to be sent."""
+        """Nothing journaled and not recorded, no series receiving, no job queued or
+        running, nothing waiting to be sent."""
         if self.store is None:
             return True
+        receiver = self._receiver
         return (
-            self.store.count_receiving() == 0
+            (receiver is None or receiver.journal.pending() == 0)
+            and self.store.count_receiving() == 0
             and self.jobs.count_active() == 0
             and self.outbox.count_pending() == 0
         )

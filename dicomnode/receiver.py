@@ -1,7 +1,9 @@
 """Storage SCP: accepts C-ECHO and C-STORE from allowed peers and spools what they send.
 
 The C-STORE handler is thin: it reads only identifying and routing attributes (never
-pixels), writes the bytes exactly as sent to the spool, records them, then answers.
+pixels), makes the bytes exactly as sent durable, then answers: in the ingest journal
+(:mod:`dicomnode.journal`, the default), which moves them into the spool and the state
+afterwards, or (``[node.journal] enabled = false``) in the spool and the state directly.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pynetdicom.association import Association as PynetAssociation
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.events import Event, EventHandlerType
+from pynetdicom.pdu_primitives import A_RELEASE
 
 from dicomnode import phi, spool, validation
 from dicomnode.completeness import instance_facts
@@ -36,6 +39,7 @@ from dicomnode.door import (
     start_guarded_server,
 )
 from dicomnode.group_commit import GroupCommit
+from dicomnode.journal import Journal, classify
 from dicomnode.records import Association, InstanceRecord, RecordOutcome
 from dicomnode.series_facts import ReleaseTracker, SeriesFactsStore
 from dicomnode.startup import listen_error
@@ -48,6 +52,7 @@ from dicomnode.watermark import low_space_reason, lowest_free_bytes, space_rejec
 log = structlog.get_logger(__name__)
 
 VERIFICATION_SOP_CLASS = uid.UID("1.2.840.10008.1.1")  # PS3.4 Annex A
+RELEASE_WAIT_S = 10.0  # a release is answered once its instances are recorded, or after this
 
 STORAGE_CLASSES: tuple[str, ...] = (
     uid.CTImageStorage,
@@ -158,6 +163,9 @@ class Receiver:
         self.releases = ReleaseTracker()  # which open association sent which series
         self.facts = SeriesFactsStore(store)
         self.commits = GroupCommit(store)
+        self.journal = Journal(config.state_dir / "journal", config.spool_dir, store,
+                               config.node.journal)  # fmt: skip
+        self._journaling = config.node.journal.enabled
         self._server: GuardedAssociationServer | None = None
 
     def build_ae(self) -> AE:
@@ -170,7 +178,12 @@ class Receiver:
         return ae
 
     def start(self) -> None:
-        """Listen on the configured address in background threads."""
+        """Replay what a previous run left in the journal, then listen on the configured
+        address in background threads."""
+        self.journal.recover()
+        if self._journaling:
+            self.journal.start()
+            self.store.unrecorded = self.journal.has_pending
         handlers: list[EventHandlerType] = [
             (evt.EVT_CONN_OPEN, self._on_conn_open),
             (evt.EVT_REQUESTED, self._on_requested),
@@ -197,6 +210,7 @@ class Receiver:
         if self._server is not None:
             self._server.shutdown()
             self._server = None
+        self.journal.close()
 
     @staticmethod
     def _on_conn_open(event: Event) -> None:
@@ -252,10 +266,21 @@ class Receiver:
         )  # fmt: skip
 
     def _on_acse_recv(self, event: Event) -> None:
-        """Keep the reason of an incoming A-ABORT / A-P-ABORT for the abort's log line."""
+        """Keep the reason of an incoming A-ABORT / A-P-ABORT for the abort's log line;
+        hold a release request until the journal recorded what was acknowledged."""
         primitive = getattr(event, "primitive", None)  # set by pynetdicom for this event
         if isinstance(primitive, ABORT_PRIMITIVES):
             self.door.note_abort(event.assoc, primitive)
+        elif (
+            isinstance(primitive, A_RELEASE)
+            and primitive.result is None  # the peer's request
+            and self._journaling
+            and not self.journal.wait_moved(RELEASE_WAIT_S)
+        ):
+            log.warning(
+                "release answered before its instances were recorded",
+                pending=self.journal.pending(),
+            )
 
     def _on_aborted(self, event: Event) -> None:
         """Log an association aborted by either side or by the network layer."""
@@ -304,10 +329,11 @@ class Receiver:
     def _store(self, event: Event, who: Association) -> None:
         """Check, identify, spool and record; raise :class:`StoreRefused` on any failure.
 
-        Nothing is acknowledged before the bytes and their folder are fsynced and the
-        record committed (together with what other associations store at the same time:
-        :mod:`dicomnode.group_commit`). A SOP Instance UID stored in another series or
-        study is refused and left where it is; re-sent with identical bytes it is a no-op.
+        Nothing is acknowledged before it is durable: flushed in the journal, or (without
+        it) the file and its folder fsynced and the record committed. Instances that other
+        associations store at the same time share those flushes. A SOP Instance UID stored
+        in another series or study is refused and left where it is; re-sent with identical
+        bytes it is a no-op.
         """
         context = event.context
         syntax = uid.UID(context.transfer_syntax or "")
@@ -326,33 +352,28 @@ class Receiver:
         ident = identify(ds, context.abstract_syntax or "")
         _raise_for(validation.check_instance(ds, syntax, ident.sop_class, limits.max_decoded_bytes))
         digest = hashlib.sha256(sent).hexdigest()
-        if self._is_unchanged(ident, digest):
+        if not self._journaling and self._is_unchanged(ident, digest):
             return
         bound = log.bind(study_uid=ident.study, series_uid=ident.series)
-        low = low_space_reason(self._free_bytes(), limits.min_free_bytes)
-        if low is not None:
-            raise StoreRefused(Status.OUT_OF_RESOURCES, low)
+        meta = spool.FILE_PREAMBLE + _file_meta(event)
+        rec = InstanceRecord(
+            sop_instance_uid=ident.sop, series_instance_uid=ident.series,
+            study_instance_uid=ident.study, sop_class_uid=ident.sop_class,
+            transfer_syntax_uid=context.transfer_syntax or "",
+            path=spool.instance_path(self.config.spool_dir, ident.study, ident.series, ident.sop),
+            received_at=time.time(), association=who, modality=ident.modality,
+            body_part_examined=ident.body_part,
+            series_description=ident.description, protocol_name=ident.protocol,
+            image_type=ident.image_type, sha256=digest,
+            facts=instance_facts(ds, ident.sop, ident.sop_class),
+        )  # fmt: skip
         try:
-            path = spool.store_instance(
-                self.config.spool_dir, ident.study, ident.series, ident.sop,
-                (spool.FILE_PREAMBLE + _file_meta(event), sent),
-                sync_folder=False,  # the group commit fsyncs the folder
-            )  # fmt: skip
-            outcome = self.commits.record(
-                InstanceRecord(
-                    sop_instance_uid=ident.sop, series_instance_uid=ident.series,
-                    study_instance_uid=ident.study, sop_class_uid=ident.sop_class,
-                    transfer_syntax_uid=context.transfer_syntax or "", path=path,
-                    received_at=time.time(), association=who, modality=ident.modality,
-                    body_part_examined=ident.body_part,
-                    series_description=ident.description, protocol_name=ident.protocol,
-                    image_type=ident.image_type, sha256=digest,
-                    facts=instance_facts(ds, ident.sop, ident.sop_class),
-                )
-            )  # fmt: skip
+            if self._journaling:  # decides unchanged/conflict itself, atomically
+                outcome = self.journal.append(rec, meta, sent, self._check_space)
+            else:
+                self._check_space()
+                outcome = self._spool_and_record(rec, meta, sent)
         except InstanceConflict as exc:
-            if exc.existing.path != path:
-                path.unlink(missing_ok=True)
             raise _duplicate() from exc
         except OSError as exc:
             full = is_disk_full_error(exc)
@@ -364,9 +385,29 @@ class Receiver:
             bound.error("cannot record instance", error=str(exc), disk_full=full)
             status = Status.OUT_OF_RESOURCES if full else Status.PROCESSING_FAILURE
             raise StoreRefused(status, f"cannot record: {exc}") from exc
+        if outcome is RecordOutcome.UNCHANGED:
+            _log_unchanged(ident)
+            return
         self.releases.stored(event.assoc, ident.series)
         if outcome is RecordOutcome.REPLACED:
             bound.info("instance replaced by different content", sop_uid=ident.sop)
+
+    def _check_space(self) -> None:
+        """Refuse an instance to store while free space is below the watermark."""
+        low = low_space_reason(self._free_bytes(), self.config.limits.min_free_bytes)
+        if low is not None:
+            raise StoreRefused(Status.OUT_OF_RESOURCES, low)
+
+    def _spool_and_record(self, rec: InstanceRecord, meta: bytes, sent: bytes) -> RecordOutcome:
+        """Without the journal: write and fsync the file, then fsync its folder and record
+        it with what other associations store meanwhile (:mod:`dicomnode.group_commit`)."""
+        spool.write_atomic(rec.path, (meta, sent), sync_folder=False)
+        try:
+            return self.commits.record(rec)
+        except InstanceConflict as exc:
+            if exc.existing.path != rec.path:
+                rec.path.unlink(missing_ok=True)
+            raise
 
     def _is_unchanged(self, ident: _Identity, digest: str) -> bool:
         """Whether the UID is stored with these bytes already; refuse it if it is stored
@@ -374,20 +415,22 @@ class Receiver:
         existing = self.store.stored_instance(ident.sop)
         if existing is None:
             return False
-        if (existing.series_instance_uid, existing.study_instance_uid) != (
-            ident.series, ident.study,
-        ):  # fmt: skip
-            raise _duplicate()
-        stored = existing.sha256
-        if stored is None and existing.path.is_file():
-            stored = spool.dataset_sha256(existing.path)
-        if stored != digest:
+        try:
+            outcome = classify(existing, ident.series, ident.study, digest)
+        except InstanceConflict as exc:
+            raise _duplicate() from exc
+        if outcome is not RecordOutcome.UNCHANGED:
             return False
-        log.info(
-            "identical instance re-sent, nothing written", study_uid=ident.study,
-            series_uid=ident.series, sop_uid=ident.sop,
-        )  # fmt: skip
+        _log_unchanged(ident)
         return True
+
+
+def _log_unchanged(ident: _Identity) -> None:
+    """Log an instance re-sent with the bytes already stored."""
+    log.info(
+        "identical instance re-sent, nothing written", study_uid=ident.study,
+        series_uid=ident.series, sop_uid=ident.sop,
+    )  # fmt: skip
 
 
 def _file_meta(event: Event) -> bytes:

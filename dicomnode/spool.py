@@ -60,13 +60,17 @@ def _write_fully(fd: int, data: bytes) -> None:
         view = view[written:]
 
 
-def write_atomic(path: Path, data: bytes | Sequence[bytes], sync_folder: bool = True) -> None:
+def write_atomic(
+    path: Path, data: bytes | Sequence[bytes], sync_folder: bool = True, durable: bool = True
+) -> None:
     """Write ``data`` (or its parts, one after the other) to ``path`` durably; on any
     error no partial file is left.
 
     With ``sync_folder`` false the folder is not fsynced: the file's new name is not
     durable until the caller runs :func:`fsync_dir` on ``path.parent`` (the receiver's
-    group commit does, once for all the instances stored at the same time).
+    group commit does, once for all the instances stored at the same time). With
+    ``durable`` false neither is fsynced: the caller holds the bytes elsewhere until a
+    later ``os.sync`` (the ingest journal, :mod:`dicomnode.journal`).
     """
     parts = (data,) if isinstance(data, bytes) else data
     ensure_dir(path.parent)
@@ -75,14 +79,15 @@ def write_atomic(path: Path, data: bytes | Sequence[bytes], sync_folder: bool = 
         try:
             for part in parts:
                 _write_fully(fd, part)
-            os.fsync(fd)
+            if durable:
+                os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(temp_name, path)
     except BaseException:
         Path(temp_name).unlink(missing_ok=True)
         raise
-    if sync_folder:
+    if sync_folder and durable:
         fsync_dir(path.parent)
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -143,9 +143,16 @@ class StateStore:
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=FULL")
         self._conn.execute("PRAGMA foreign_keys=ON")
+        # Point reads of the ingest path: WAL lets them run while a commit flushes.
+        self._reader = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._reader.row_factory = sqlite3.Row
+        self._reader_lock = threading.Lock()
         self._conn.executescript(SCHEMA)
         self._conn.executescript(FACTS_SCHEMA)
         self._migrate()
+        # Whether a series has acknowledged instances not recorded here yet (set by the
+        # receiver to its journal's): such a series is not concluded.
+        self.unrecorded: Callable[[str], bool] = lambda series_uid: False
 
     def _migrate(self) -> None:
         """Add the columns of :data:`MIGRATIONS` missing from an older database."""
@@ -158,9 +165,10 @@ class StateStore:
                 db.execute(statement)
 
     def close(self) -> None:
-        """Close the connection."""
-        with self._lock:
+        """Close the connections."""
+        with self._lock, self._reader_lock:
             self._conn.close()
+            self._reader.close()
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
@@ -175,9 +183,10 @@ class StateStore:
             self._conn.execute("COMMIT")
 
     def stored_instance(self, sop_uid: str) -> StoredInstance | None:
-        """Where a SOP Instance UID is stored and its content hash, or ``None``."""
-        with self._lock:
-            row = self._conn.execute(
+        """Where a SOP Instance UID is stored and its content hash, or ``None`` (committed
+        state: read on its own connection, not held up by a commit in flight)."""
+        with self._reader_lock:
+            row = self._reader.execute(
                 "SELECT series_instance_uid, study_instance_uid, path, sha256 FROM instances "
                 "WHERE sop_instance_uid = ?",
                 (sop_uid,),
@@ -262,18 +271,21 @@ class StateStore:
         return Path(row["path"]) if row else None
 
     def conclude_series(self, series: SeriesInfo, state: SeriesState, reason: str | None) -> bool:
-        """Move a series out of ``receiving`` unless an instance arrived meanwhile.
+        """Move a series out of ``receiving`` unless an instance arrived meanwhile (or is
+        acknowledged and not recorded yet).
 
         Returns whether it moved. Call inside :meth:`transaction` to enqueue atomically.
         """
         with self.transaction() as db:
             return self.conclude_in(db, series, state, reason)
 
-    @staticmethod
     def conclude_in(
-        db: sqlite3.Connection, series: SeriesInfo, state: SeriesState, reason: str | None
+        self, db: sqlite3.Connection, series: SeriesInfo, state: SeriesState, reason: str | None
     ) -> bool:
-        """The conditional UPDATE behind :meth:`conclude_series`."""
+        """The conditional UPDATE behind :meth:`conclude_series`; no update while the
+        series has instances acknowledged and not recorded yet (:attr:`unrecorded`)."""
+        if self.unrecorded(series.series_instance_uid):
+            return False
         cursor = db.execute(
             "UPDATE series SET state = ?, reason = ? WHERE series_instance_uid = ? "
             "AND state = ? AND last_arrival = ?",

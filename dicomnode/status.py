@@ -40,8 +40,9 @@ DESTINATION_WARNING = "Not answered; read in responses from destinations (warnin
 
 STATUS_MEANINGS: dict[Status, str] = {
     Status.SUCCESS: (
-        "Stored: spooled, fsynced and recorded. Also answered, without rewriting anything, "
-        "when the same SOP Instance UID is re-sent with identical bytes"
+        "Stored: flushed to disk in the ingest journal (spooled and recorded right after), "
+        "or without the journal spooled, fsynced and recorded. Also answered, without "
+        "rewriting anything, when the same SOP Instance UID is re-sent with identical bytes"
     ),
     Status.PROCESSING_FAILURE: "The spool or the database failed for a reason other than space",
     Status.DUPLICATE_SOP_INSTANCE: (

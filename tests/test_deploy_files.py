@@ -74,7 +74,7 @@ def _keys(model: type[BaseModel], prefix: str) -> list[tuple[str, str]]:
         if name in OTHER_SECTIONS:
             continue
         if nested:
-            found += _keys(nested[0], name)
+            found += _keys(nested[0], f"{prefix}.{name}" if prefix else name)
         else:
             found.append((prefix, name))
     return found

@@ -14,6 +14,7 @@ from pydicom import dcmread, uid
 from pydicom.dataset import Dataset
 from pynetdicom import AE
 
+from dicomnode import journal as journal_module
 from dicomnode import spool
 from dicomnode.config import AllowedCaller, NodeConfig, RouteMatch, RouteRule, default_config
 from dicomnode.echo import echo
@@ -174,20 +175,29 @@ def _send(node: Node, ds: Dataset) -> int:
         assoc.release()
 
 
+@pytest.mark.parametrize("journal", [True, False], ids=["journal", "spool"])
 def test_disk_full_answers_out_of_resources(
-    node: Node, ge_headct_dir: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, ge_headct_dir: Path, monkeypatch: pytest.MonkeyPatch, journal: bool
 ) -> None:
-    """ENOSPC while spooling answers 0xA700 and records nothing."""
+    """ENOSPC while journaling (or, without the journal, spooling) answers 0xA700 and
+    records nothing."""
 
-    def disk_full(fd: int, data: bytes) -> None:
+    def disk_full(*args: object) -> None:
         """Fail as a full disk does."""
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(spool, "_write_fully", disk_full)
-    ds = dcmread(ge_headct_dir / "01.dcm")
-    assert _send(node, ds) == Status.OUT_OF_RESOURCES
-    assert node.store is not None and node.store.all_series() == []
-    assert not list(node.config.spool_dir.rglob("*.dcm"))
+    if journal:
+        monkeypatch.setattr(journal_module, "_write_at", disk_full)
+    else:
+        monkeypatch.setattr(spool, "_write_fully", disk_full)
+    config = _config(tmp_path)
+    config.node.journal.enabled = journal
+    with Node(config, copy_first) as node:
+        ds = dcmread(ge_headct_dir / "01.dcm")
+        assert _send(node, ds) == Status.OUT_OF_RESOURCES
+        assert node.store is not None and node.store.all_series() == []
+        assert node.is_idle()
+    assert not list(config.spool_dir.rglob("*.dcm"))
 
 
 @pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
