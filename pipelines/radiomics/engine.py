@@ -13,9 +13,10 @@ step calls the pyradiomics function stock ``execute`` calls, so values are the s
 from __future__ import annotations
 
 import functools
+import logging
 import multiprocessing
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -28,10 +29,13 @@ from numpy.typing import NDArray
 from radiomics import getFeatureClasses, imageoperations
 
 from pipelines.radiomics.lbp3d import lbp3d_maps
+from pipelines.radiomics.log import exact_spacing, log_box
 from pipelines.radiomics.params import RadiomicsError, image_count
 
 LBP3D = "LBP3D"
 WAVELET_SHARES = 2  # wavelet decompositions are split in this many tasks when pooled
+Derived = tuple[sitk.Image, str, dict[str, Any]]  # image on the ROI's box, name, settings
+_logger = logging.getLogger("radiomics.imageoperations")  # where pyradiomics logs these
 
 
 @dataclass(frozen=True)
@@ -109,6 +113,18 @@ def tasks_for(
 def run_task(task: Task) -> dict[str, float]:
     """Features of the task's derived images, named as pyradiomics names them."""
     image, mask = task.image.image(), task.mask.image()
+    cropped_mask = crop_to_box(mask, task.box)
+    out: dict[str, float] = {}
+    try:
+        for cropped, name, options in _derived_crops(task, image, mask):
+            out |= texture_features(cropped, cropped_mask, name, options, task.features)
+    except ValueError as error:
+        raise RadiomicsError(f"pyradiomics rejected the {task.kind} image: {error}") from error
+    return out
+
+
+def _derived_crops(task: Task, image: sitk.Image, mask: sitk.Image) -> Iterator[Derived]:
+    """The task's derived images on the ROI's box, with their names and settings."""
     if task.kind == LBP3D:
         maps = lbp3d_maps(
             image,
@@ -118,19 +134,33 @@ def run_task(task: Task) -> dict[str, float]:
             radius=float(task.options.get("lbp3DIcosphereRadius", 1)),
             subdivision=int(task.options.get("lbp3DIcosphereSubdivision", 1)),
         )
-        derived: Any = [(m, name, task.options) for m, name in maps]
+        for derived, name in maps:
+            yield crop_to_box(derived, task.box), name, task.options
+    elif task.kind == "LoG" and exact_spacing(image.GetSpacing()):
+        yield from _log_crops(task, image)
     else:  # pyradiomics' generator: one filtered image at a time
         make = getattr(imageoperations, f"get{task.kind}Image")
-        derived = _share(make(image, mask, **task.options), task)
-    cropped_mask = crop_to_box(mask, task.box)
-    out: dict[str, float] = {}
-    try:
-        for derived_image, name, options in derived:
-            cropped = crop_to_box(derived_image, task.box)
-            out |= texture_features(cropped, cropped_mask, name, options, task.features)
-    except ValueError as error:
-        raise RadiomicsError(f"pyradiomics rejected the {task.kind} image: {error}") from error
-    return out
+        for derived, name, options in _share(make(image, mask, **task.options), task):
+            yield crop_to_box(derived, task.box), name, options
+
+
+def _log_crops(task: Task, image: sitk.Image) -> Iterator[Derived]:
+    """``imageoperations.getLoGImage`` (same checks, names, warnings), computed on the box."""
+    size = np.array(image.GetSize())
+    if np.min(size) < 4:
+        _logger.warning("Image too small to apply LoG filter, size: %s", size)
+        return
+    low, high = task.box[0::2], task.box[1::2]
+    box = [(lo, hi + 1) for lo, hi in zip(low[::-1], high[::-1], strict=True)]
+    for sigma in task.options.get("sigma", []):
+        if sigma <= 0.0:
+            _logger.warning("applyLoG: sigma must be greater than 0.0: %g", sigma)
+        elif not np.all(size >= np.ceil(sigma / np.array(image.GetSpacing())) + 1):
+            _logger.warning("applyLoG: sigma(%g) too large for the image size %s", sigma, size)
+        else:
+            values = log_box(task.image.array, float(sigma), box)
+            name = f"log-sigma-{str(sigma).replace('.', '-')}-mm-3D"
+            yield _on_box(values, image, low), name, task.options
 
 
 def crop_to_box(image: sitk.Image, box: tuple[int, ...]) -> sitk.Image:
@@ -141,7 +171,12 @@ def crop_to_box(image: sitk.Image, box: tuple[int, ...]) -> sitk.Image:
     """
     low, high = box[0::2], box[1::2]
     index = tuple(slice(lo, hi + 1) for lo, hi in zip(low[::-1], high[::-1], strict=True))
-    out = sitk.GetImageFromArray(sitk.GetArrayViewFromImage(image)[index])
+    return _on_box(sitk.GetArrayViewFromImage(image)[index], image, low)
+
+
+def _on_box(values: NDArray[Any], image: sitk.Image, low: tuple[int, ...]) -> sitk.Image:
+    """``values``, the part of ``image`` whose first voxel is at index ``low`` (x, y, z)."""
+    out = sitk.GetImageFromArray(values)
     out.SetSpacing(image.GetSpacing())
     out.SetDirection(image.GetDirection())
     out.SetOrigin(image.TransformIndexToPhysicalPoint([int(i) for i in low]))
