@@ -23,11 +23,13 @@ from pipelines.radiomics import (
     extract_series,
     study_feature_counts,
 )
-from pipelines.radiomics.engine import _Pool, bin_edges
+from pipelines.radiomics.engine import _Pool
 from pipelines.radiomics.extract import _filter_margin, _resampling_margin
 from pipelines.radiomics.images import bounding_box, grow
 from pipelines.radiomics.lbp3d import icosphere, lbp3d_maps
 from pipelines.radiomics.log import log_box
+from pipelines.radiomics.matrices import ANGLES, Matrices
+from pipelines.radiomics.texture import bin_edges
 from pipelines.synthetic import insert_lesion, synthetic_head_ct
 from pipelines.volume import load_datasets
 from tests.support import SHARED_DIR, shared_path
@@ -412,3 +414,41 @@ def test_matrix_log_is_itks_to_the_bit(sigma: float, shape: tuple[int, int, int]
     ours = log_box(block, sigma, box)
     assert ours.dtype == expected.dtype == np.float32
     assert np.array_equal(ours, expected[tuple(slice(lo, hi) for lo, hi in box)])
+
+
+@pytest.mark.parametrize(
+    ("shape", "levels", "fill", "gldm_a"),
+    [
+        ((5, 6, 7), 3, 0.8, 0),
+        ((10, 12, 9), 2, 0.9, 0),
+        ((20, 20, 20), 5, 0.7, 1),
+        ((8, 30, 30), 1, 0.95, 0),
+        ((12, 12, 12), 40, 0.6, 0),
+        ((2, 7, 8), 4, 1.0, 2),
+    ],
+)
+def test_shared_matrices_are_pyradiomics_c(
+    shape: tuple[int, int, int], levels: int, fill: float, gldm_a: int
+) -> None:
+    """The one-walk matrices equal pyradiomics' C ones, count for count, on varied ROIs."""
+    from radiomics import cMatrices
+
+    rng = np.random.default_rng(levels)
+    roi = rng.random(shape) < fill
+    binned = np.where(roi, rng.integers(1, levels + 1, shape), 0)
+    ng = int(binned.max())
+    ours = Matrices(binned, roi, ng, float(gldm_a))
+    one = np.array([1])
+    glcm, angles = cMatrices.calculate_glcm(binned, roi, one, ng, False, 0)
+    glrlm, _ = cMatrices.calculate_glrlm(binned, roi, ng, max(shape), False, 0)
+    assert np.array_equal(angles, ANGLES)
+    stock = {
+        "glcm": glcm,
+        "glrlm": glrlm,
+        "glszm": cMatrices.calculate_glszm(binned, roi, ng, int(roi.sum()), False, 0),
+        "gldm": cMatrices.calculate_gldm(binned, roi, one, ng, gldm_a, False, 0),
+        "ngtdm": cMatrices.calculate_ngtdm(binned, roi, one, ng, False, 0),
+    }
+    for name, matrix in stock.items():
+        assert ours.get(name).shape == matrix.shape, name
+        assert np.allclose(ours.get(name), matrix, rtol=1e-12, atol=0), name

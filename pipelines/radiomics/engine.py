@@ -12,7 +12,6 @@ step calls the pyradiomics function stock ``execute`` calls, so values are the s
 
 from __future__ import annotations
 
-import functools
 import logging
 import multiprocessing
 import threading
@@ -26,15 +25,15 @@ import numpy as np
 import radiomics
 import SimpleITK as sitk
 from numpy.typing import NDArray
-from radiomics import getFeatureClasses, imageoperations
+from radiomics import imageoperations
 
 from pipelines.radiomics.lbp3d import lbp3d_maps
 from pipelines.radiomics.log import exact_spacing, log_box
 from pipelines.radiomics.params import RadiomicsError, image_count
+from pipelines.radiomics.texture import Derived, image_features
 
 LBP3D = "LBP3D"
 WAVELET_SHARES = 2  # wavelet decompositions are split in this many tasks when pooled
-Derived = tuple[sitk.Image, str, dict[str, Any]]  # image on the ROI's box, name, settings
 _logger = logging.getLogger("radiomics.imageoperations")  # where pyradiomics logs these
 
 
@@ -113,14 +112,11 @@ def tasks_for(
 def run_task(task: Task) -> dict[str, float]:
     """Features of the task's derived images, named as pyradiomics names them."""
     image, mask = task.image.image(), task.mask.image()
-    cropped_mask = crop_to_box(mask, task.box)
-    out: dict[str, float] = {}
     try:
-        for cropped, name, options in _derived_crops(task, image, mask):
-            out |= texture_features(cropped, cropped_mask, name, options, task.features)
+        derived = list(_derived_crops(task, image, mask))
+        return image_features(derived, crop_to_box(mask, task.box), task.features)
     except ValueError as error:
         raise RadiomicsError(f"pyradiomics rejected the {task.kind} image: {error}") from error
-    return out
 
 
 def _derived_crops(task: Task, image: sitk.Image, mask: sitk.Image) -> Iterator[Derived]:
@@ -194,88 +190,6 @@ def _share(images: Any, task: Task) -> Any:
     for position, item in enumerate(images):
         if low <= position < high:
             yield item
-
-
-def texture_features(
-    image: sitk.Image,
-    mask: sitk.Image,
-    name: str,
-    options: dict[str, Any],
-    features: dict[str, Any],
-) -> dict[str, float]:
-    """pyradiomics' ``computeFeatures``, with one discretisation for all classes."""
-    classes = getFeatureClasses()
-    bins = SharedBins(options)
-    out: dict[str, float] = {}
-    for class_name, names in features.items():
-        if class_name.startswith("shape"):
-            continue
-        cls = _sharing(classes[class_name])
-        instance: Any = object.__new__(cls)
-        instance.shared_bins = bins
-        instance.__init__(image, mask, **options)
-        for feature in names or ():
-            instance.enableFeatureByName(feature)
-        for feature, value in instance.execute().items():
-            out[f"{name}_{class_name}_{feature}"] = float(value)
-    return out
-
-
-class SharedBins:
-    """One derived image's discretisation, made by the first class that asks for it."""
-
-    def __init__(self, options: dict[str, Any]) -> None:
-        self.options = options
-        self.matrix: NDArray[np.int_] | None = None
-        self.levels: NDArray[np.int_] | None = None
-
-    def binned(
-        self, matrix: NDArray[Any], roi: NDArray[np.bool_]
-    ) -> tuple[NDArray[np.int_], NDArray[np.int_]]:
-        """``imageoperations.binImage(matrix, roi)`` and the grey levels in the ROI."""
-        if self.matrix is None or self.levels is None:
-            values = matrix[roi]
-            binned = np.zeros(matrix.shape, dtype=int)
-            binned[roi] = np.digitize(values, bin_edges(values, self.options))
-            self.matrix, self.levels = binned, np.unique(binned[roi])
-        return self.matrix.copy(), self.levels
-
-
-def bin_edges(values: NDArray[Any], options: dict[str, Any]) -> NDArray[Any]:
-    """``imageoperations.getBinEdges`` with numpy's min and max (pyradiomics loops in Python)."""
-    if options.get("binCount") is not None:
-        return np.asarray(imageoperations.getBinEdges(values, **options))
-    width = options.get("binWidth", 25)
-    minimum, maximum = values.min(), values.max()
-    edges = np.arange(minimum - (minimum % width), maximum + 2 * width, width)
-    if len(edges) == 1:  # a flat region: one bin, as pyradiomics makes it
-        edges = np.array([edges[0] - 0.5, edges[0] + 0.5])
-    return edges
-
-
-@functools.cache
-def _sharing(cls: type) -> type:
-    """``cls`` taking its discretisation from the instance's ``shared_bins``."""
-    names = cls.getFeatureNames()  # type: ignore[attr-defined]
-
-    def apply_binning(self: Any, matrix: NDArray[Any]) -> NDArray[np.int_]:
-        binned, levels = self.shared_bins.binned(matrix, self.maskArray)
-        self.coefficients["grayLevels"] = levels
-        self.coefficients["Ng"] = int(np.max(levels))
-        return binned
-
-    def feature_names(_: type) -> dict[str, bool]:
-        return dict(names)
-
-    return type(
-        cls.__name__,
-        (cls,),
-        {
-            "__module__": cls.__module__,  # pyradiomics names each class's logger after it
-            "_applyBinning": apply_binning,
-            "getFeatureNames": classmethod(feature_names),
-        },
-    )
 
 
 _configured_workers: int | None = None
