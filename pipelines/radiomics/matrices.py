@@ -13,13 +13,13 @@ have the layout, angle order and size of pyradiomics' C functions for distance 1
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
-from scipy.sparse import csr_array
-from scipy.sparse.csgraph import connected_components
+from scipy import ndimage
 
 # pyradiomics' 13 angles for distance 1 in 3-D (array axes z, y, x), in its order.
 ANGLES = np.array(
@@ -78,79 +78,95 @@ def _all_matrices(
     count = int(roi.sum())
     longest = max(roi.shape)
     inner = tuple(slice(1, -1) for _ in roi.shape)
-    padded = np.zeros(tuple(n + 2 for n in roi.shape), dtype=np.int64)  # 0: outside the ROI
+    padded = np.zeros(tuple(n + 2 for n in roi.shape), dtype=np.int32)  # 0: outside the ROI
     padded[inner][roi] = binned[roi]
-    number = np.full(padded.shape, -1, dtype=np.int64)  # ROI voxel number, -1 outside
-    number[inner][roi] = np.arange(count)
-    levels, numbers = padded.ravel(), number.ravel()
-    where = np.flatnonzero(number >= 0)  # the ROI's voxels in the padded volume, in order
+    levels = padded.ravel()
+    where = np.flatnonzero(np.pad(roi, 1)).astype(np.int32)  # the ROI's voxels, padded index
     strides = np.array(padded.strides) // padded.itemsize
     level = levels[where]
-    pairs = np.empty((len(ANGLES), count), dtype=np.int64)  # level * (ng + 1) + neighbour's
-    glrlm = np.empty((ng, longest, len(ANGLES)))
-    dependence = np.zeros(count, dtype=np.int64)
-    neighbour_sum = np.zeros(count, dtype=np.int64)
-    neighbour_count = np.zeros(count, dtype=np.int64)
-    zones: list[NDArray[np.int64]] = []  # same-level links (voxel, neighbour)
-    voxels = np.arange(count)
+    pairs = np.empty((len(ANGLES), count), dtype=np.int32)  # level * (ng + 1) + neighbour's
+    dependence = np.zeros(count, dtype=np.int32)
+    neighbour_sum = np.zeros(count, dtype=np.int32)
+    neighbour_count = np.zeros(count, dtype=np.int32)
     for a, offset in enumerate(ANGLES):
         step = int(offset @ strides)
         ahead, behind = levels[where + step], levels[where - step]
         pairs[a] = level * (ng + 1) + ahead
-        for other in (ahead, behind):
-            dependence += (other > 0) & (np.abs(other - level) <= gldm_a)
-            neighbour_sum += other
-            neighbour_count += other > 0
-        linked = ahead == level
-        zones.append(np.stack([voxels[linked], numbers[where[linked] + step]]))
-        previous = np.where(behind == level, numbers[where - step], voxels)
-        glrlm[:, :, a] = _runs(previous, level, ng, longest)
+        if gldm_a == 0:  # (0, outside the ROI, never equals a level)
+            dependence += ahead == level
+            dependence += behind == level
+        else:
+            for other in (ahead, behind):
+                dependence += (other > 0) & (np.abs(other - level) <= gldm_a)
+        neighbour_sum += ahead
+        neighbour_sum += behind
+        neighbour_count += ahead > 0
+        neighbour_count += behind > 0
     glcm = np.stack([np.bincount(p, minlength=(ng + 1) ** 2) for p in pairs], axis=-1).reshape(
         ng + 1, ng + 1, len(ANGLES)
     )[1:, 1:]
     return {
         "glcm": glcm[None].astype(np.float64),
-        "glrlm": glrlm[None],
-        "glszm": _zones(level, np.concatenate(zones, axis=1), ng, count)[None],
+        "glrlm": _runs(levels[_lines(padded.shape)], ng, longest)[None],
+        "glszm": _zones(padded, ng)[None],
         "gldm": _dependence(level, dependence, ng)[None],
         "ngtdm": _neighbourhood(level, neighbour_sum, neighbour_count, ng)[None],
     }
 
 
-def _runs(
-    previous: NDArray[np.int64], level: NDArray[np.int64], ng: int, longest: int
-) -> NDArray[np.float64]:
-    """Run-length matrix along one direction: ``previous`` is each voxel's predecessor in
-    its run (itself at a run's start); pointer jumping finds every run's start."""
-    start = previous
-    while True:
-        further = start[start]
-        if np.array_equal(further, start):
-            break
-        start = further
-    lengths = np.bincount(start, minlength=len(level))
-    first = np.flatnonzero(lengths)
-    flat = (level[first] - 1) * longest + lengths[first] - 1
-    return np.bincount(flat, minlength=ng * longest).reshape(ng, longest).astype(np.float64)
+def _runs(along: NDArray[np.int32], ng: int, longest: int) -> NDArray[np.float64]:
+    """Run-length matrix of every angle from the levels ``along`` the lines of ``_lines``:
+    runs are the stretches of one level > 0 (separators and outside voxels are 0)."""
+    starts = np.concatenate([[0], np.flatnonzero(along[1:] != along[:-1]) + 1])
+    lengths = np.diff(starts, append=len(along))
+    values = along[starts]
+    keep = values > 0
+    angle = starts[keep] // (len(along) // len(ANGLES))
+    flat = ((values[keep] - 1) * longest + lengths[keep] - 1) * len(ANGLES) + angle
+    counts = np.bincount(flat, minlength=ng * longest * len(ANGLES))
+    return counts.reshape(ng, longest, len(ANGLES)).astype(np.float64)
 
 
-def _zones(
-    level: NDArray[np.int64], links: NDArray[np.int64], ng: int, count: int
-) -> NDArray[np.float64]:
-    """Size-zone matrix: 26-connected zones of one level, as connected components."""
-    ones = np.ones(links.shape[1], dtype=np.int8)
-    graph = csr_array((ones, (links[0], links[1])), shape=(count, count))
-    _, labels = connected_components(graph, directed=True, connection="weak")
-    sizes = np.bincount(labels)
-    zone_level = np.zeros(len(sizes), dtype=np.int64)
-    zone_level[labels] = level
-    largest = int(sizes.max())  # pyradiomics' C trims the sizes past the largest zone
-    flat = (zone_level - 1) * largest + sizes - 1
-    return np.bincount(flat, minlength=ng * largest).reshape(ng, largest).astype(np.float64)
+@functools.lru_cache(maxsize=8)
+def _lines(shape: tuple[int, ...]) -> NDArray[np.int64]:
+    """Flat indices into a padded volume of ``shape`` (1-voxel border) that walk, for each
+    angle in turn, every line of the inner box along that angle, voxel after voxel, each
+    line followed by a border voxel (level 0). Each angle's block has the same length
+    (padded with border voxels)."""
+    inner = tuple(n - 2 for n in shape)
+    voxel = np.indices(inner).reshape(3, -1)
+    strides = np.array([shape[1] * shape[2], shape[2], 1])
+    size = voxel.shape[1]
+    blocks = []
+    for offset in ANGLES:
+        back = [voxel[k] if d == 1 else inner[k] - 1 - voxel[k] for k, d in enumerate(offset) if d]
+        steps = np.min(back, axis=0)  # steps back to the line's first voxel
+        first = voxel - steps * offset[:, None]
+        line = np.ravel_multi_index(tuple(first), inner)
+        order = np.lexsort((steps, line))
+        flat = (voxel[:, order] + 1).T @ strides  # padded index, walking the lines
+        ends = np.flatnonzero(np.diff(line[order]) != 0) + 1
+        blocks.append(np.insert(flat, np.append(ends, size), 0))  # 0: a border voxel
+    width = max(len(b) for b in blocks)  # every angle's block padded to one length
+    return np.concatenate([np.pad(b, (0, width - len(b))) for b in blocks])
+
+
+def _zones(padded: NDArray[np.int32], ng: int) -> NDArray[np.float64]:
+    """Size-zone matrix: the 26-connected zones of each level (``ndimage.label``)."""
+    connected = np.ones((3, 3, 3), dtype=bool)
+    sizes: list[NDArray[np.int64]] = []
+    for g in range(1, ng + 1):
+        labels, found = ndimage.label(padded == g, structure=connected)
+        sizes.append(np.bincount(labels.ravel(), minlength=found + 1)[1:])
+    largest = max((int(z.max()) for z in sizes if len(z)), default=1)  # pyradiomics' C trims
+    out = np.zeros((ng, largest))  # the sizes past the largest zone
+    for g, found in enumerate(sizes):
+        out[g] = np.bincount(found - 1, minlength=largest)
+    return out
 
 
 def _dependence(
-    level: NDArray[np.int64], dependence: NDArray[np.int64], ng: int
+    level: NDArray[np.int32], dependence: NDArray[np.int32], ng: int
 ) -> NDArray[np.float64]:
     """Dependence matrix: voxels by level and number of dependent neighbours."""
     flat = (level - 1) * _DEPENDENCE_COLUMNS + dependence
@@ -162,9 +178,9 @@ def _dependence(
 
 
 def _neighbourhood(
-    level: NDArray[np.int64],
-    neighbour_sum: NDArray[np.int64],
-    neighbour_count: NDArray[np.int64],
+    level: NDArray[np.int32],
+    neighbour_sum: NDArray[np.int32],
+    neighbour_count: NDArray[np.int32],
     ng: int,
 ) -> NDArray[np.float64]:
     """Neighbourhood grey-tone difference matrix: per level the voxels with a neighbour,
