@@ -76,6 +76,19 @@ class _Batch(RadiomicsFirstOrder):
         out[50.0] = np.median(self.targetVoxelArray, axis=1)
         return out
 
+    @functools.cached_property
+    def _deviations(self) -> NDArray[np.float64]:
+        """Each voxel's value less its image's mean (pyradiomics' ``_moment`` computes it
+        for every moment)."""
+        target = self.targetVoxelArray
+        return np.asarray(target - np.mean(target, axis=1, keepdims=True), dtype=np.float64)
+
+    def _moment(self, a: NDArray[np.float64], moment: int = 1) -> Any:
+        """pyradiomics' central moment of each image (``a`` is always the ROI's voxels)."""
+        if moment == 1:
+            return np.float64(0.0)
+        return np.mean(np.power(self._deviations, moment), axis=1)
+
     def get10PercentileFeatureValue(self) -> NDArray[np.float64]:
         return self._order[10.0]
 
