@@ -26,7 +26,7 @@ from pipelines.radiomics import (
 from pipelines.radiomics.engine import _Pool
 from pipelines.radiomics.extract import _filter_margin, _resampling_margin
 from pipelines.radiomics.images import bounding_box, grow
-from pipelines.radiomics.lbp3d import icosphere, lbp3d_maps
+from pipelines.radiomics.lbp3d import icosphere, lbp3d_maps, sphere_samples
 from pipelines.radiomics.log import log_box
 from pipelines.radiomics.matrices import ANGLES, Matrices
 from pipelines.radiomics.texture import bin_edges
@@ -481,3 +481,24 @@ def test_generated_lesions_match_stock(
     ours = extract(volume.hu, volume.spacing, lesion.masks, params, workers=1)
     assert len(stock) == 14 + 93 * 4
     assert_same(ours, stock, rel=1e-6)
+
+
+@pytest.mark.parametrize("case", ["noisy", "flat", "at the edge"])
+def test_sphere_samples_are_map_coordinates(case: str) -> None:
+    """The LBP-3D samples by separable taps are scipy's cubic ``map_coordinates`` values;
+    ties with the centre voxel (a flat image) and ROIs at the image edge take scipy's own."""
+    from scipy.ndimage import map_coordinates
+
+    rng = np.random.default_rng(3)
+    image = rng.normal(40.0, 30.0, (20, 24, 26)) if case == "noisy" else np.full((20, 24, 26), 40.0)
+    roi = np.zeros(image.shape, bool)
+    roi[(slice(0, 6) if case == "at the edge" else slice(5, 14)), 6:18, 7:20] = True
+    voxels = np.nonzero(roi)
+    vertices = icosphere(1, 1.0)
+    expected = map_coordinates(image, (np.array(voxels).T[None] + vertices[:, None]).T, order=3)
+    ours = sphere_samples(image, voxels, vertices)
+    if case == "noisy":
+        assert np.allclose(ours, expected, rtol=1e-12, atol=1e-10)
+    else:
+        assert np.array_equal(ours >= image[voxels][:, None], expected >= image[voxels][:, None])
+        assert np.allclose(ours, expected, rtol=1e-12, atol=1e-10)

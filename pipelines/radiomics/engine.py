@@ -1,13 +1,16 @@
 """Filtered images and their features, as pyradiomics 3.0.1's ``execute`` computes them, faster.
 
 After the image and mask are loaded (resampled, checked), stock pyradiomics walks the
-enabled image types one derived image at a time and lets each feature class discretise
-the image again. Here the derived images are split into tasks (one per LoG sigma, the
-wavelet decompositions in shares, one per other type, the LBP-3D maps together) that run
-in a small pool of worker processes (forkserver: no fork of a process holding torch or
-threads), and the six texture classes of one derived image share one discretisation,
-computed with numpy's reductions instead of pyradiomics' Python ``min``/``max``. Every
-step calls the pyradiomics function stock ``execute`` calls, so values are the same.
+enabled image types one derived image at a time, filters the whole padded block and lets
+each feature class discretise the image and build its matrix again. Here the derived
+images are split into tasks (one per image type, or, pooled, one per LoG sigma and the
+wavelet decompositions in shares) that can run in a small pool of worker processes
+(forkserver: no fork of a process holding torch or threads). LoG images on 1 mm voxels
+are computed on the ROI's box only (``log``: ITK's recursive filter as matrices, equal to
+the bit); ``texture`` measures each task's images with one discretisation per image,
+first-order features batched over the task's images (``firstorder``) and the five texture
+matrices from one walk over the neighbour offsets (``matrices``), each equal to
+pyradiomics' own; where a setting is not covered, pyradiomics' own code runs.
 """
 
 from __future__ import annotations
