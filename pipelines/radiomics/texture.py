@@ -173,16 +173,44 @@ def _sharing(cls: type) -> type:
     def feature_names(_: type) -> dict[str, bool]:
         return dict(names)
 
-    return type(
-        cls.__name__,
-        (cls,),
-        {
-            "__module__": cls.__module__,  # pyradiomics names each class's logger after it
-            "_applyBinning": apply_binning,
-            "_calculateMatrix": calculate_matrix,
-            "getFeatureNames": classmethod(feature_names),
-        },
-    )
+    methods: dict[str, Any] = {
+        "__module__": cls.__module__,  # pyradiomics names each class's logger after it
+        "_applyBinning": apply_binning,
+        "_calculateMatrix": calculate_matrix,
+        "getFeatureNames": classmethod(feature_names),
+    }
+    if cls.__name__ == "RadiomicsGLCM":
+        methods["_calculateCoefficients"] = _glcm_coefficients
+    return type(cls.__name__, (cls,), methods)
+
+
+def _glcm_coefficients(self: Any) -> None:
+    """``RadiomicsGLCM._calculateCoefficients`` with the sum and difference distributions
+    (p_x+y, p_x-y) as one product with a 0/1 matrix each, not a Python loop over k."""
+    ng = self.coefficients["Ng"]
+    eps = np.spacing(1)
+    levels = self.coefficients["grayLevels"].astype("float")
+    i, j = np.meshgrid(levels, levels, indexing="ij", sparse=True)
+    k_sum = np.arange(2, (ng * 2) + 1, dtype="float")
+    k_diff = np.arange(0, ng, dtype="float")
+    p = self.P_glcm
+    cells = p.reshape(p.shape[0], -1, p.shape[3])  # (images, i x j, angles)
+    at_sum = (np.add(i, j).ravel()[None, :] == k_sum[:, None]).astype(float)
+    at_diff = (np.abs(i - j).ravel()[None, :] == k_diff[:, None]).astype(float)
+    self.coefficients |= {
+        "eps": eps,
+        "i": i,
+        "j": j,
+        "kValuesSum": k_sum,
+        "kValuesDiff": k_diff,
+        "px": p.sum(2, keepdims=True),
+        "py": p.sum(1, keepdims=True),
+        "ux": np.sum(i[None, :, :, None] * p, (1, 2), keepdims=True),
+        "uy": np.sum(j[None, :, :, None] * p, (1, 2), keepdims=True),
+        "pxAddy": np.matmul(at_sum, cells),
+        "pxSuby": np.matmul(at_diff, cells),
+        "HXY": (-1) * np.sum((p * np.log2(p + eps)), (1, 2)),
+    }
 
 
 class _SharedC:
