@@ -83,11 +83,24 @@ class _Batch(RadiomicsFirstOrder):
         target = self.targetVoxelArray
         return np.asarray(target - np.mean(target, axis=1, keepdims=True), dtype=np.float64)
 
+    @functools.cached_property
+    def _squares(self) -> NDArray[np.float64]:
+        return np.asarray(self._deviations * self._deviations, dtype=np.float64)
+
     def _moment(self, a: NDArray[np.float64], moment: int = 1) -> Any:
-        """pyradiomics' central moment of each image (``a`` is always the ROI's voxels)."""
+        """pyradiomics' central moment of each image (``a`` is always the ROI's voxels),
+        by products (``numpy.power`` calls ``pow`` per voxel: same value to the last bits)."""
         if moment == 1:
             return np.float64(0.0)
-        return np.mean(np.power(self._deviations, moment), axis=1)
+        if moment == 2:
+            power = self._squares
+        elif moment == 3:
+            power = self._squares * self._deviations
+        elif moment == 4:
+            power = self._squares * self._squares
+        else:
+            power = self._deviations**moment
+        return np.mean(power, axis=1)
 
     def get10PercentileFeatureValue(self) -> NDArray[np.float64]:
         return self._order[10.0]
