@@ -134,21 +134,45 @@ def _lines(shape: tuple[int, ...]) -> NDArray[np.int64]:
     line followed by a border voxel (level 0). Each angle's block has the same length
     (padded with border voxels)."""
     inner = tuple(n - 2 for n in shape)
-    voxel = np.indices(inner).reshape(3, -1)
-    strides = np.array([shape[1] * shape[2], shape[2], 1])
-    size = voxel.shape[1]
-    blocks = []
-    for offset in ANGLES:
-        back = [voxel[k] if d == 1 else inner[k] - 1 - voxel[k] for k, d in enumerate(offset) if d]
-        steps = np.min(back, axis=0)  # steps back to the line's first voxel
-        first = voxel - steps * offset[:, None]
-        line = np.ravel_multi_index(tuple(first), inner)
-        order = np.lexsort((steps, line))
-        flat = (voxel[:, order] + 1).T @ strides  # padded index, walking the lines
-        ends = np.flatnonzero(np.diff(line[order]) != 0) + 1
-        blocks.append(np.insert(flat, np.append(ends, size), 0))  # 0: a border voxel
+    strides = (shape[1] * shape[2], shape[2], 1)
+    blocks = [_walk(offset, inner, strides) for offset in ANGLES]
     width = max(len(b) for b in blocks)  # every angle's block padded to one length
     return np.concatenate([np.pad(b, (0, width - len(b))) for b in blocks])
+
+
+def _walk(
+    offset: NDArray[np.int_], inner: tuple[int, ...], strides: tuple[int, ...]
+) -> NDArray[np.int64]:
+    """The lines along ``offset`` (first non-zero component +1) through the inner box:
+    each line is indexed by where it meets the first moving axis' 0 plane (which may lie
+    outside the box) and walked along that axis; cells outside the box are dropped, but
+    one border voxel (flat index 0) ends every line."""
+    moving = int(np.flatnonzero(offset)[0])
+    steps = inner[moving]
+    others = [k for k in range(3) if k != moving]
+    starts = [
+        np.arange(
+            -(steps - 1) if offset[k] > 0 else 0, inner[k] + (steps - 1 if offset[k] < 0 else 0)
+        )
+        for k in others
+    ]
+    grid = np.meshgrid(*starts, np.arange(steps), indexing="ij", sparse=True)
+    time = grid[2]
+    flat = np.zeros(1, dtype=np.int64)
+    valid = np.ones(1, dtype=bool)
+    for k, start in zip(others, grid[:2], strict=True):
+        position = start + offset[k] * time
+        valid = valid & (position >= 0) & (position < inner[k])
+        flat = flat + (position + 1) * strides[k]
+    flat = flat + (time + 1) * strides[moving]
+    shape = np.broadcast_shapes(flat.shape, valid.shape)
+    flat = np.broadcast_to(flat, shape)
+    valid = np.broadcast_to(valid, shape)
+    end = np.zeros((*shape[:2], 1), dtype=np.int64)
+    walk = np.concatenate([np.where(valid, flat, 0), end], axis=-1)
+    keep = np.concatenate([valid, np.ones_like(end, dtype=bool)], axis=-1)
+    keep &= np.concatenate([valid.any(axis=-1, keepdims=True)] * (shape[2] + 1), axis=-1)
+    return walk[keep]
 
 
 def _zones(padded: NDArray[np.int32], ng: int) -> NDArray[np.float64]:
