@@ -1,21 +1,24 @@
 """Filtered images and their features, as pyradiomics 3.0.1's ``execute`` computes them, faster.
 
 After the image and mask are loaded (resampled, checked), stock pyradiomics walks the
-enabled image types one derived image at a time and lets each feature class discretise
-the image again. Here the derived images are split into tasks (one per LoG sigma, the
-wavelet decompositions in shares, one per other type, the LBP-3D maps together) that run
-in a small pool of worker processes (forkserver: no fork of a process holding torch or
-threads), and the six texture classes of one derived image share one discretisation,
-computed with numpy's reductions instead of pyradiomics' Python ``min``/``max``. Every
-step calls the pyradiomics function stock ``execute`` calls, so values are the same.
+enabled image types one derived image at a time, filters the whole padded block and lets
+each feature class discretise the image and build its matrix again. Here the derived
+images are split into tasks (one per image type, or, pooled, one per LoG sigma and the
+wavelet decompositions in shares) that can run in a small pool of worker processes
+(forkserver: no fork of a process holding torch or threads). LoG images on 1 mm voxels
+are computed on the ROI's box only (``log``: ITK's recursive filter as matrices, equal to
+the bit); ``texture`` measures each task's images with one discretisation per image,
+first-order features batched over the task's images (``firstorder``) and the five texture
+matrices from one walk over the neighbour offsets (``matrices``), each equal to
+pyradiomics' own; where a setting is not covered, pyradiomics' own code runs.
 """
 
 from __future__ import annotations
 
-import functools
+import logging
 import multiprocessing
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -25,13 +28,16 @@ import numpy as np
 import radiomics
 import SimpleITK as sitk
 from numpy.typing import NDArray
-from radiomics import getFeatureClasses, imageoperations
+from radiomics import imageoperations
 
 from pipelines.radiomics.lbp3d import lbp3d_maps
+from pipelines.radiomics.log import exact_spacing, log_box
 from pipelines.radiomics.params import RadiomicsError, image_count
+from pipelines.radiomics.texture import Derived, image_features
 
 LBP3D = "LBP3D"
 WAVELET_SHARES = 2  # wavelet decompositions are split in this many tasks when pooled
+_logger = logging.getLogger("radiomics.imageoperations")  # where pyradiomics logs these
 
 
 @dataclass(frozen=True)
@@ -109,6 +115,15 @@ def tasks_for(
 def run_task(task: Task) -> dict[str, float]:
     """Features of the task's derived images, named as pyradiomics names them."""
     image, mask = task.image.image(), task.mask.image()
+    try:
+        derived = list(_derived_crops(task, image, mask))
+        return image_features(derived, crop_to_box(mask, task.box), task.features)
+    except ValueError as error:
+        raise RadiomicsError(f"pyradiomics rejected the {task.kind} image: {error}") from error
+
+
+def _derived_crops(task: Task, image: sitk.Image, mask: sitk.Image) -> Iterator[Derived]:
+    """The task's derived images on the ROI's box, with their names and settings."""
     if task.kind == LBP3D:
         maps = lbp3d_maps(
             image,
@@ -118,19 +133,33 @@ def run_task(task: Task) -> dict[str, float]:
             radius=float(task.options.get("lbp3DIcosphereRadius", 1)),
             subdivision=int(task.options.get("lbp3DIcosphereSubdivision", 1)),
         )
-        derived: Any = [(m, name, task.options) for m, name in maps]
+        for derived, name in maps:
+            yield crop_to_box(derived, task.box), name, task.options
+    elif task.kind == "LoG" and exact_spacing(image.GetSpacing()):
+        yield from _log_crops(task, image)
     else:  # pyradiomics' generator: one filtered image at a time
         make = getattr(imageoperations, f"get{task.kind}Image")
-        derived = _share(make(image, mask, **task.options), task)
-    cropped_mask = crop_to_box(mask, task.box)
-    out: dict[str, float] = {}
-    try:
-        for derived_image, name, options in derived:
-            cropped = crop_to_box(derived_image, task.box)
-            out |= texture_features(cropped, cropped_mask, name, options, task.features)
-    except ValueError as error:
-        raise RadiomicsError(f"pyradiomics rejected the {task.kind} image: {error}") from error
-    return out
+        for derived, name, options in _share(make(image, mask, **task.options), task):
+            yield crop_to_box(derived, task.box), name, options
+
+
+def _log_crops(task: Task, image: sitk.Image) -> Iterator[Derived]:
+    """``imageoperations.getLoGImage`` (same checks, names, warnings), computed on the box."""
+    size = np.array(image.GetSize())
+    if np.min(size) < 4:
+        _logger.warning("Image too small to apply LoG filter, size: %s", size)
+        return
+    low, high = task.box[0::2], task.box[1::2]
+    box = [(lo, hi + 1) for lo, hi in zip(low[::-1], high[::-1], strict=True)]
+    for sigma in task.options.get("sigma", []):
+        if sigma <= 0.0:
+            _logger.warning("applyLoG: sigma must be greater than 0.0: %g", sigma)
+        elif not np.all(size >= np.ceil(sigma / np.array(image.GetSpacing())) + 1):
+            _logger.warning("applyLoG: sigma(%g) too large for the image size %s", sigma, size)
+        else:
+            values = log_box(task.image.array, float(sigma), box)
+            name = f"log-sigma-{str(sigma).replace('.', '-')}-mm-3D"
+            yield _on_box(values, image, low), name, task.options
 
 
 def crop_to_box(image: sitk.Image, box: tuple[int, ...]) -> sitk.Image:
@@ -141,7 +170,12 @@ def crop_to_box(image: sitk.Image, box: tuple[int, ...]) -> sitk.Image:
     """
     low, high = box[0::2], box[1::2]
     index = tuple(slice(lo, hi + 1) for lo, hi in zip(low[::-1], high[::-1], strict=True))
-    out = sitk.GetImageFromArray(sitk.GetArrayViewFromImage(image)[index])
+    return _on_box(sitk.GetArrayViewFromImage(image)[index], image, low)
+
+
+def _on_box(values: NDArray[Any], image: sitk.Image, low: tuple[int, ...]) -> sitk.Image:
+    """``values``, the part of ``image`` whose first voxel is at index ``low`` (x, y, z)."""
+    out = sitk.GetImageFromArray(values)
     out.SetSpacing(image.GetSpacing())
     out.SetDirection(image.GetDirection())
     out.SetOrigin(image.TransformIndexToPhysicalPoint([int(i) for i in low]))
@@ -159,88 +193,6 @@ def _share(images: Any, task: Task) -> Any:
     for position, item in enumerate(images):
         if low <= position < high:
             yield item
-
-
-def texture_features(
-    image: sitk.Image,
-    mask: sitk.Image,
-    name: str,
-    options: dict[str, Any],
-    features: dict[str, Any],
-) -> dict[str, float]:
-    """pyradiomics' ``computeFeatures``, with one discretisation for all classes."""
-    classes = getFeatureClasses()
-    bins = SharedBins(options)
-    out: dict[str, float] = {}
-    for class_name, names in features.items():
-        if class_name.startswith("shape"):
-            continue
-        cls = _sharing(classes[class_name])
-        instance: Any = object.__new__(cls)
-        instance.shared_bins = bins
-        instance.__init__(image, mask, **options)
-        for feature in names or ():
-            instance.enableFeatureByName(feature)
-        for feature, value in instance.execute().items():
-            out[f"{name}_{class_name}_{feature}"] = float(value)
-    return out
-
-
-class SharedBins:
-    """One derived image's discretisation, made by the first class that asks for it."""
-
-    def __init__(self, options: dict[str, Any]) -> None:
-        self.options = options
-        self.matrix: NDArray[np.int_] | None = None
-        self.levels: NDArray[np.int_] | None = None
-
-    def binned(
-        self, matrix: NDArray[Any], roi: NDArray[np.bool_]
-    ) -> tuple[NDArray[np.int_], NDArray[np.int_]]:
-        """``imageoperations.binImage(matrix, roi)`` and the grey levels in the ROI."""
-        if self.matrix is None or self.levels is None:
-            values = matrix[roi]
-            binned = np.zeros(matrix.shape, dtype=int)
-            binned[roi] = np.digitize(values, bin_edges(values, self.options))
-            self.matrix, self.levels = binned, np.unique(binned[roi])
-        return self.matrix.copy(), self.levels
-
-
-def bin_edges(values: NDArray[Any], options: dict[str, Any]) -> NDArray[Any]:
-    """``imageoperations.getBinEdges`` with numpy's min and max (pyradiomics loops in Python)."""
-    if options.get("binCount") is not None:
-        return np.asarray(imageoperations.getBinEdges(values, **options))
-    width = options.get("binWidth", 25)
-    minimum, maximum = values.min(), values.max()
-    edges = np.arange(minimum - (minimum % width), maximum + 2 * width, width)
-    if len(edges) == 1:  # a flat region: one bin, as pyradiomics makes it
-        edges = np.array([edges[0] - 0.5, edges[0] + 0.5])
-    return edges
-
-
-@functools.cache
-def _sharing(cls: type) -> type:
-    """``cls`` taking its discretisation from the instance's ``shared_bins``."""
-    names = cls.getFeatureNames()  # type: ignore[attr-defined]
-
-    def apply_binning(self: Any, matrix: NDArray[Any]) -> NDArray[np.int_]:
-        binned, levels = self.shared_bins.binned(matrix, self.maskArray)
-        self.coefficients["grayLevels"] = levels
-        self.coefficients["Ng"] = int(np.max(levels))
-        return binned
-
-    def feature_names(_: type) -> dict[str, bool]:
-        return dict(names)
-
-    return type(
-        cls.__name__,
-        (cls,),
-        {
-            "__module__": cls.__module__,  # pyradiomics names each class's logger after it
-            "_applyBinning": apply_binning,
-            "getFeatureNames": classmethod(feature_names),
-        },
-    )
 
 
 _configured_workers: int | None = None

@@ -1,0 +1,218 @@
+"""pyradiomics' texture matrices (GLCM, GLRLM, GLSZM, GLDM, NGTDM) of one binned image,
+all from one walk over the 13 neighbour directions.
+
+pyradiomics' C extension builds each class's matrix in a loop of its own. Here each
+neighbour offset is gathered once, as whole-array numpy operations over the ROI's voxels,
+and serves every class: GLCM pairs (one ``bincount``), GLDM dependence and NGTDM
+neighbour sums (counts over both senses of the offset), GLRLM runs (each voxel linked to
+its predecessor in the run, run starts found by pointer jumping), and GLSZM zones
+(connected components of the same-level links, ``scipy.sparse.csgraph``). The matrices
+have the layout, angle order and size of pyradiomics' C functions for distance 1 in 3-D;
+``covers`` says which settings that is.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+from scipy import ndimage
+
+# pyradiomics' 13 angles for distance 1 in 3-D (array axes z, y, x), in its order.
+ANGLES = np.array(
+    [
+        (1, 1, 1),
+        (1, 1, 0),
+        (1, 1, -1),
+        (1, 0, 1),
+        (1, 0, 0),
+        (1, 0, -1),
+        (1, -1, 1),
+        (1, -1, 0),
+        (1, -1, -1),
+        (0, 1, 1),
+        (0, 1, 0),
+        (0, 1, -1),
+        (0, 0, 1),
+    ]
+)
+_DEPENDENCE_COLUMNS = 2 * 26 + 1  # the width of pyradiomics' GLDM for 26 neighbours
+
+
+def covers(options: dict[str, Any], shape: tuple[int, ...]) -> bool:
+    """Whether these matrices are pyradiomics' for these settings and this image."""
+    distances = list(options.get("distances", [1]))
+    return (
+        distances == [1]
+        and not options.get("force2D", False)
+        and not options.get("voxelBased", False)
+        and len(shape) == 3
+        and min(shape) > 1
+    )
+
+
+@dataclass
+class Matrices:
+    """Every texture matrix of one binned image, made on first use of any of them."""
+
+    binned: NDArray[np.int_]  # grey level per voxel (1..Ng inside the ROI)
+    roi: NDArray[np.bool_]
+    ng: int
+    gldm_a: float = 0.0
+    _made: dict[str, NDArray[np.float64]] = field(default_factory=dict)
+
+    def get(self, name: str) -> NDArray[np.float64]:
+        """pyradiomics' C output for class ``name`` (glcm, glrlm, glszm, gldm, ngtdm)."""
+        if not self._made:
+            self._made = _all_matrices(self.binned, self.roi, self.ng, self.gldm_a)
+        return self._made[name]
+
+
+def _all_matrices(
+    binned: NDArray[np.int_], roi: NDArray[np.bool_], ng: int, gldm_a: float
+) -> dict[str, NDArray[np.float64]]:
+    """The five matrices, each with pyradiomics' leading batch axis of 1."""
+    count = int(roi.sum())
+    longest = max(roi.shape)
+    inner = tuple(slice(1, -1) for _ in roi.shape)
+    padded = np.zeros(tuple(n + 2 for n in roi.shape), dtype=np.int32)  # 0: outside the ROI
+    padded[inner][roi] = binned[roi]
+    levels = padded.ravel()
+    where = np.flatnonzero(np.pad(roi, 1)).astype(np.int32)  # the ROI's voxels, padded index
+    strides = np.array(padded.strides) // padded.itemsize
+    level = levels[where]
+    pairs = np.empty((len(ANGLES), count), dtype=np.int32)  # level * (ng + 1) + neighbour's
+    dependence = np.zeros(count, dtype=np.int32)
+    neighbour_sum = np.zeros(count, dtype=np.int32)
+    neighbour_count = np.zeros(count, dtype=np.int32)
+    for a, offset in enumerate(ANGLES):
+        step = int(offset @ strides)
+        ahead, behind = levels[where + step], levels[where - step]
+        pairs[a] = level * (ng + 1) + ahead
+        if gldm_a == 0:  # (0, outside the ROI, never equals a level)
+            dependence += ahead == level
+            dependence += behind == level
+        else:
+            for other in (ahead, behind):
+                dependence += (other > 0) & (np.abs(other - level) <= gldm_a)
+        neighbour_sum += ahead
+        neighbour_sum += behind
+        neighbour_count += ahead > 0
+        neighbour_count += behind > 0
+    glcm = np.stack([np.bincount(p, minlength=(ng + 1) ** 2) for p in pairs], axis=-1).reshape(
+        ng + 1, ng + 1, len(ANGLES)
+    )[1:, 1:]
+    return {
+        "glcm": glcm[None].astype(np.float64),
+        "glrlm": _runs(levels[_lines(padded.shape)], ng, longest)[None],
+        "glszm": _zones(padded, ng)[None],
+        "gldm": _dependence(level, dependence, ng)[None],
+        "ngtdm": _neighbourhood(level, neighbour_sum, neighbour_count, ng)[None],
+    }
+
+
+def _runs(along: NDArray[np.int32], ng: int, longest: int) -> NDArray[np.float64]:
+    """Run-length matrix of every angle from the levels ``along`` the lines of ``_lines``:
+    runs are the stretches of one level > 0 (separators and outside voxels are 0)."""
+    starts = np.concatenate([[0], np.flatnonzero(along[1:] != along[:-1]) + 1])
+    lengths = np.diff(starts, append=len(along))
+    values = along[starts]
+    keep = values > 0
+    angle = starts[keep] // (len(along) // len(ANGLES))
+    flat = ((values[keep] - 1) * longest + lengths[keep] - 1) * len(ANGLES) + angle
+    counts = np.bincount(flat, minlength=ng * longest * len(ANGLES))
+    return counts.reshape(ng, longest, len(ANGLES)).astype(np.float64)
+
+
+@functools.lru_cache(maxsize=8)
+def _lines(shape: tuple[int, ...]) -> NDArray[np.int64]:
+    """Flat indices into a padded volume of ``shape`` (1-voxel border) that walk, for each
+    angle in turn, every line of the inner box along that angle, voxel after voxel, each
+    line followed by a border voxel (level 0). Each angle's block has the same length
+    (padded with border voxels)."""
+    inner = tuple(n - 2 for n in shape)
+    strides = (shape[1] * shape[2], shape[2], 1)
+    blocks = [_walk(offset, inner, strides) for offset in ANGLES]
+    width = max(len(b) for b in blocks)  # every angle's block padded to one length
+    return np.concatenate([np.pad(b, (0, width - len(b))) for b in blocks])
+
+
+def _walk(
+    offset: NDArray[np.int_], inner: tuple[int, ...], strides: tuple[int, ...]
+) -> NDArray[np.int64]:
+    """The lines along ``offset`` (first non-zero component +1) through the inner box:
+    each line is indexed by where it meets the first moving axis' 0 plane (which may lie
+    outside the box) and walked along that axis; cells outside the box are dropped, but
+    one border voxel (flat index 0) ends every line."""
+    moving = int(np.flatnonzero(offset)[0])
+    steps = inner[moving]
+    others = [k for k in range(3) if k != moving]
+    starts = [
+        np.arange(
+            -(steps - 1) if offset[k] > 0 else 0, inner[k] + (steps - 1 if offset[k] < 0 else 0)
+        )
+        for k in others
+    ]
+    grid = np.meshgrid(*starts, np.arange(steps), indexing="ij", sparse=True)
+    time = grid[2]
+    flat = np.zeros(1, dtype=np.int64)
+    valid = np.ones(1, dtype=bool)
+    for k, start in zip(others, grid[:2], strict=True):
+        position = start + offset[k] * time
+        valid = valid & (position >= 0) & (position < inner[k])
+        flat = flat + (position + 1) * strides[k]
+    flat = flat + (time + 1) * strides[moving]
+    shape = np.broadcast_shapes(flat.shape, valid.shape)
+    flat = np.broadcast_to(flat, shape)
+    valid = np.broadcast_to(valid, shape)
+    end = np.zeros((*shape[:2], 1), dtype=np.int64)
+    walk = np.concatenate([np.where(valid, flat, 0), end], axis=-1)
+    keep = np.concatenate([valid, np.ones_like(end, dtype=bool)], axis=-1)
+    keep &= np.concatenate([valid.any(axis=-1, keepdims=True)] * (shape[2] + 1), axis=-1)
+    return walk[keep]
+
+
+def _zones(padded: NDArray[np.int32], ng: int) -> NDArray[np.float64]:
+    """Size-zone matrix: the 26-connected zones of each level (``ndimage.label``)."""
+    connected = np.ones((3, 3, 3), dtype=bool)
+    sizes: list[NDArray[np.int64]] = []
+    for g in range(1, ng + 1):
+        labels, found = ndimage.label(padded == g, structure=connected)
+        sizes.append(np.bincount(labels.ravel(), minlength=found + 1)[1:])
+    largest = max((int(z.max()) for z in sizes if len(z)), default=1)  # pyradiomics' C trims
+    out = np.zeros((ng, largest))  # the sizes past the largest zone
+    for g, found in enumerate(sizes):
+        out[g] = np.bincount(found - 1, minlength=largest)
+    return out
+
+
+def _dependence(
+    level: NDArray[np.int32], dependence: NDArray[np.int32], ng: int
+) -> NDArray[np.float64]:
+    """Dependence matrix: voxels by level and number of dependent neighbours."""
+    flat = (level - 1) * _DEPENDENCE_COLUMNS + dependence
+    return (
+        np.bincount(flat, minlength=ng * _DEPENDENCE_COLUMNS)
+        .reshape(ng, _DEPENDENCE_COLUMNS)
+        .astype(np.float64)
+    )
+
+
+def _neighbourhood(
+    level: NDArray[np.int32],
+    neighbour_sum: NDArray[np.int32],
+    neighbour_count: NDArray[np.int32],
+    ng: int,
+) -> NDArray[np.float64]:
+    """Neighbourhood grey-tone difference matrix: per level the voxels with a neighbour,
+    the sum of |level - mean neighbour level| and the level."""
+    has = neighbour_count > 0
+    difference = np.abs(level[has] - neighbour_sum[has] / neighbour_count[has])
+    out = np.zeros((ng, 3))
+    out[:, 0] = np.bincount(level[has] - 1, minlength=ng)
+    out[:, 1] = np.bincount(level[has] - 1, weights=difference, minlength=ng)
+    out[:, 2] = np.arange(1, ng + 1)
+    return out
