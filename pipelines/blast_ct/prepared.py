@@ -373,8 +373,8 @@ class PreparedMember:
                 for _, blocks in self.pathways
             ]
             self.background_logits = run_blocks(self.head, torch.cat(self.constants, dim=1))
-        self.widths = [int(c.shape[1]) for c in self.constants]
-        self.channels = [0, *itertools.accumulate(self.widths)]  # each pathway's first, total
+        widths = (int(c.shape[1]) for c in self.constants)
+        self.channels = [0, *itertools.accumulate(widths)]  # pathways' channel edges in the head
         (index,) = (i for i, (s, _) in enumerate(self.pathways) if s == 1)
         self.fine = (self.pathways[index][1], self.constants[index])
 
@@ -412,10 +412,10 @@ class PreparedMember:
                     device=volume.device,
                     memory_format=CHANNELS_LAST,
                 )
-                for (s, _), channel, width in zip(
-                    self.pathways, self.channels, self.widths, strict=False
+                for (s, _), (first, stop) in zip(
+                    self.pathways, itertools.pairwise(self.channels), strict=True
                 ):
-                    target = slab[:, channel : channel + width]
+                    target = slab[:, first:stop]
                     if s == 1:
                         fine.fill(target, planes, (frame[0][0], frame[1][0]))
                     else:
