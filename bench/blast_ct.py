@@ -4,8 +4,8 @@ Runs on CUDA when torch sees a GPU (all 12 members by default), else on the CPU 
 1 and 2); ``--device`` and ``--members`` choose. In one run: the machine's Conv3d limit
 (``bench/conv3d_limit.py``); per member of ``--per-member``, the whole-volume pass of the
 prepared path (``pipelines.blast_ct.prepared``, what the pipeline runs) side by side with
-the plain module-by-module path (``box_logits`` over the same box size, the path before
-the prepared one), each with its time, the multiply-accumulates it executes, GMAC/s, that
+the plain module-by-module path (``box_logits`` over boxes of ``PLAIN_BOX``, the path
+before the prepared one), each with its time, the multiply-accumulates it executes, GMAC/s, that
 as a fraction of the limit, and the largest probability difference between the two
 (everywhere, and on the head's voxels, windowed value above -1); then the ensemble of
 ``--members`` as the pipeline runs it (summed softmax; weights loaded first, apart), with
@@ -35,7 +35,7 @@ from bench.conv3d_limit import default_device, measure, synchronise
 from pipelines.blast_ct import BlastCtParameters, BlastCtPipeline
 from pipelines.blast_ct.inference import box_logits, ensemble_sum, reference_logits
 from pipelines.blast_ct.network import FACTORS, FEATURE_MAPS, FULLY_CONNECTED, NUM_CLASSES
-from pipelines.blast_ct.prepared import BACKGROUND, Footprint, boxes, footprint
+from pipelines.blast_ct.prepared import ALIGN, BACKGROUND, Footprint, boxes, footprint, split
 from pipelines.blast_ct.preprocess import radiological, resample_to_1mm, window
 from pipelines.blast_ct.weights import load_ensemble
 from pipelines.geometry import represented_thickness
@@ -44,6 +44,7 @@ from pipelines.volume import load_series
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 GE_HEADCT = SHARED / "data" / "headct_ge_tilt"
+PLAIN_BOX = ((64, 128, 128), (192, 384, 384))  # the plain path's boxes: CPU, CUDA
 
 
 def peak_rss_mb() -> float:
@@ -102,6 +103,7 @@ def main() -> None:
         "lesion_ml": round(lesion.volume_ml, 2),
     }
     pipeline = BlastCtPipeline(BlastCtParameters(members=args.members, device=device.type))
+    plain_box = PLAIN_BOX[device.type == "cuda"]
     per_member = {}
     for index in args.per_member:
         start = time.perf_counter()
@@ -109,29 +111,30 @@ def main() -> None:
         row: dict[str, object] = {"load_s": round(time.perf_counter() - start, 2)}
         paths = {"prepared": lambda m: ensemble_sum([m], image, pipeline.box, device)}
         if not args.no_plain:
-            paths["plain"] = lambda m: plain_probabilities(m, image, pipeline.box, device)
+            paths["plain"] = lambda m: plain_probabilities(m, image, plain_box, device)
         results = {}
+        timings: dict[str, float] = {}
         for name, run in paths.items():
             synchronise(device)
             start = time.perf_counter()
             results[name] = run(model)
             synchronise(device)
-            seconds = time.perf_counter() - start
-            macs = executed_macs(image, pipeline.box, prepared=name == "prepared")
+            seconds = timings[name] = time.perf_counter() - start
+            prepared = name == "prepared"
+            macs = executed_macs(image, pipeline.box if prepared else plain_box, prepared)
             row[name] = {
                 "inference_s": round(seconds, 1),
                 "gmac": round(macs / 1e9),
                 "gmac_s": round(macs / seconds / 1e9, 1),
-                "fraction_of_limit": round(macs / seconds / 1e9 / float(limit["limit_gmac_s"]), 2),
+                "fraction_of_limit": round(
+                    macs / seconds / 1e9 / float(str(limit["limit_gmac_s"])), 2
+                ),
                 "peak_rss_mb": round(peak_rss_mb()),
             }
         if "plain" in results:
             difference = np.abs(results["prepared"] - results["plain"])
             head = image > BACKGROUND
-            row["speed_up"] = round(
-                float(row["plain"]["inference_s"]) / float(row["prepared"]["inference_s"]),
-                2,  # type: ignore[index]
-            )
+            row["speed_up"] = round(timings["plain"] / timings["prepared"], 2)
             row["max_abs_probability_difference"] = float(difference.max())
             row["max_abs_probability_difference_head"] = float(difference[:, head].max())
             row["labels_equal"] = bool(
@@ -216,21 +219,38 @@ HEAD_MACS = sum(
 )
 
 
-def executed_macs(image: np.ndarray, box_size: tuple[int, ...], prepared: bool) -> int:
-    """Multiply-accumulates a path executes on ``image``: per box, each pathway on the
-    coarse voxels it computes (the footprint's only, when prepared) and the head on every
-    voxel of the box."""
-    area = footprint(image) if prepared else full_footprint(image.shape)
+def executed_macs(image: np.ndarray, size: tuple[int, ...], prepared: bool) -> int:
+    """Multiply-accumulates a path executes on ``image``.
+
+    Plain (``box_logits`` over boxes of ``size`` tiling the volume): per box, each
+    pathway on the coarse voxels the box needs, plus its valid-convolution margins, and
+    the head on every voxel of the box. Prepared: each pathway once over its footprint
+    (the factor-1 one per y-x column of at most ``size[1:]``), streamed along z without
+    recomputed margins, and the head on the region's planes over its frame widened to
+    multiples of ``ALIGN`` in y and x.
+    """
+    if not prepared:
+        total = 0
+        area = full_footprint(image.shape)
+        for box in boxes(area, size):
+            for s in FACTORS:
+                total += pathway_macs([-(-b // s) - a // s for a, b in box])
+            total += math.prod(b - a for a, b in box) * HEAD_MACS
+        return total
+    area = footprint(image)
+    if area.empty:
+        return 0
     total = 0
-    for box in boxes(area, box_size):
-        for s in FACTORS:
-            sizes = []
-            for (a, b), (v0, v1) in zip(box, area.coarse[s], strict=True):
-                sizes.append(max(min(-(-b // s), v1) - max(a // s, v0), 0))
-            if min(sizes) > 0:
-                total += pathway_macs(sizes)
-        total += math.prod(b - a for a, b in box) * HEAD_MACS
-    return total
+    for s in FACTORS:
+        z, y, x = area.coarse[s]
+        columns = (
+            [(y, x)] if s > 1 else [(a, b) for a in split(y, size[1]) for b in split(x, size[2])]
+        )
+        for ry, rx in columns:
+            total += pathway_macs([b - a for a, b in (z, ry, rx)])
+    (z0, z1), *plane = area.region
+    frame = math.prod(-(-b // ALIGN) * ALIGN - (a - a % ALIGN) for a, b in plane)
+    return total + (z1 - z0) * frame * HEAD_MACS
 
 
 def tiling_vs_whole(

@@ -3,6 +3,7 @@ determinism, and the IPH segment on the real GE head CT with a synthetic haemato
 
 from __future__ import annotations
 
+import itertools
 import math
 import shutil
 from pathlib import Path
@@ -128,7 +129,8 @@ def test_whole_volume_equals_reference_tiling(member: DeepMedic) -> None:
 
 
 def random_member(seed: int) -> DeepMedic:
-    """A member with random weights, batch-norm statistics and PReLU slopes (eval mode)."""
+    """A member with random weights, batch-norm statistics and PReLU slopes (eval mode);
+    as in the published members, some norms scale channels by a negative number or zero."""
     torch.manual_seed(seed)
     model = DeepMedic()
     with torch.no_grad():
@@ -138,6 +140,8 @@ def random_member(seed: int) -> DeepMedic:
                 module.running_mean.uniform_(-0.5, 0.5)
                 module.running_var.uniform_(0.5, 2.0)
                 module.weight.uniform_(0.5, 1.5)
+                module.weight[1::4] *= -1.0
+                module.weight[2::7] = 0.0
                 module.bias.uniform_(-0.2, 0.2)
             elif isinstance(module, torch.nn.PReLU):
                 module.weight.uniform_(-0.1, 0.3)
@@ -146,24 +150,36 @@ def random_member(seed: int) -> DeepMedic:
 
 def test_prepared_forward_equals_reference_forward() -> None:
     """Random weights, a random 'head' in a background band: the prepared members (channels-
-    last, folded norms, background skipped) against the reference's patch-by-patch forward."""
+    last, norms folded, streamed along z in chunks and columns, background skipped)
+    against the reference's patch-by-patch forward."""
     image = np.full((20, 26, 80), BACKGROUND, dtype=np.float32)
     image[4:16, 3:22, 6:24] = np.random.default_rng(2).uniform(-1, 1, (12, 19, 18))
     area = footprint(image)
-    assert area.region[2] == (0, 65)  # the last 15 voxels along x are skipped
+    assert area.region == ((0, 20), (0, 26), (0, 65))  # the last 15 voxels along x skipped
     assert area.coarse[1] == ((0, 20), (0, 26), (0, 32))
     members = [random_member(seed) for seed in (3, 4)]
     volume = torch.from_numpy(image)[None, None]
-    whole = ((0, 20), (0, 26), (0, 80))
     with torch.inference_mode():
         references = [reference_logits(m, volume) for m in members]
-        prepared = PreparedMember(members[0]).logits(volume, whole, area)
+        prepared = PreparedMember(members[0])
+        scale = float(references[0].abs().max())
+        for size in ((1, 26, 80), (3, 10, 12), (7, 13, 32), (20, 64, 64)):
+            chunks = list(prepared.logit_chunks(volume, area, size))
+            assert [z for z, _ in chunks] == list(itertools.pairwise([*range(0, 20, size[0]), 20]))
+            logits = torch.cat([c for _, c in chunks], dim=2)
+            error = float((logits - references[0][..., :65]).abs().max())
+            assert error <= 1e-5 * scale, size
+        background = prepared.background_logits.flatten()
+        assert (
+            float((references[0][0, :, :, :, 65:] - background[:, None, None, None]).abs().max())
+            <= 1e-5 * scale
+        )
         expected = sum(torch.softmax(r, dim=1)[0] for r in references)
-    scale = float(references[0].abs().max())
-    assert float((prepared - references[0]).abs().max()) <= 1e-5 * scale
-    summed = ensemble_sum(members, image, (8, 16, 40), CPU)  # x boxes (0, 32), (32, 65)
     assert isinstance(expected, torch.Tensor)
-    assert float(np.abs(summed - expected.numpy()).max()) <= 1e-4
+    for size in ((8, 16, 40), (5, 7, 9), (64, 320, 320)):
+        summed = ensemble_sum(members, image, size, CPU)
+        assert float(np.abs(summed - expected.numpy()).max()) <= 1e-4, size
+        assert np.array_equal(summed.argmax(axis=0), expected.argmax(dim=0).numpy()), size
     assert float(expected.max()) < 1.95 and expected.argmax(dim=0).unique().numel() > 1
     blank = np.full((5, 6, 7), BACKGROUND, dtype=np.float32)
     assert footprint(blank).empty

@@ -29,7 +29,7 @@ from pipelines.blast_ct.network import (
     DeepMedic,
     upsample,
 )
-from pipelines.blast_ct.prepared import Box, PreparedMember, boxes, footprint, lattice
+from pipelines.blast_ct.prepared import Box, PreparedMember, footprint, lattice
 
 REFERENCE_BATCH = 32
 
@@ -84,7 +84,7 @@ def reference_logits(model: DeepMedic, image: Tensor, batch: int = REFERENCE_BAT
 def ensemble_sum(
     models: Sequence[DeepMedic],
     image: NDArray[np.float32],
-    box_size: Sequence[int],
+    size: Sequence[int],
     device: torch.device,
 ) -> NDArray[np.float32]:
     """Sum of the members' softmax probabilities (5, z, y, x) on a normalised image.
@@ -92,8 +92,9 @@ def ensemble_sum(
     Each member's softmax is added to a float32 running sum in member order, as the
     reference ensemble does. Its argmax is the reference's label; divided by the number
     of members it is the reference's probability. The members run prepared
-    (``pipelines.blast_ct.prepared``): boxes of at most ``box_size`` tile the image's
-    footprint, the constant-background probabilities fill the rest.
+    (``pipelines.blast_ct.prepared``) over the image's footprint, in z chunks of
+    ``size[0]`` planes and y-x columns of at most ``size[1]`` x ``size[2]``; the
+    constant-background probabilities fill the rest.
     """
     if not models:
         raise ValueError("an ensemble needs at least one member")
@@ -106,9 +107,15 @@ def ensemble_sum(
         total[:] = _summed(torch.softmax(m.background_logits, dim=1) for m in members)
         if area.empty:
             return total
-        for box in boxes(area, box_size):
-            summed = _summed(torch.softmax(m.logits(volume, box, area), dim=1) for m in members)
-            total[(slice(None), *(slice(a, b) for a, b in box))] = summed
+        (_, _), (y0, y1), (x0, x1) = area.region
+        for index, member in enumerate(members):
+            for (z0, z1), logits in member.logit_chunks(volume, area, size):
+                p = torch.softmax(logits, dim=1)[0].cpu().numpy()
+                target = total[:, z0:z1, y0:y1, x0:x1]
+                if index == 0:
+                    target[...] = p
+                else:
+                    target += p
     return total
 
 

@@ -43,8 +43,8 @@ if TYPE_CHECKING:
 MODEL_VERSION = "1.0.0"
 SOURCE = "biomedia-mira/blast-ct commit 361e8c7 (v1 weights)"
 CPU_MEMBERS = (1, 2)
-CPU_BOX = (64, 128, 128)
-CUDA_BOX = (192, 384, 384)
+CPU_BOX = (8, 320, 320)  # z chunks of 8 planes, columns wider than a head
+CUDA_BOX = (192, 384, 384)  # the whole 1 mm head in one chunk
 
 BLAST_CT_PROFILE = OutputProfile(
     seg_title="HAEMORRHAGE SEG BLAST-CT",
@@ -62,8 +62,9 @@ class BlastCtParameters:
     """Run-time choices; ``None`` picks by device.
 
     ``members``: 1-based member numbers in summation order (default all 12 on CUDA,
-    ``CPU_MEMBERS`` on CPU). ``box``: output box (z, y, x) computed per pass, which bounds
-    memory and does not change the numbers. Regions (``connectivity``-connected) smaller
+    ``CPU_MEMBERS`` on CPU). ``box``: (z, y, x), the planes of each streamed z chunk and
+    the largest y-x column of the full-resolution pathway; it bounds memory and does not
+    change the numbers beyond float rounding. Regions (``connectivity``-connected) smaller
     than ``min_volume_ml`` are dropped; with ``largest_only`` only each class's largest
     region is kept.
     """

@@ -1,13 +1,22 @@
 """A BLAST-CT member prepared for inference on a volume: the arithmetic of ``DeepMedic``
-in eval mode, rearranged for speed, and the volume's background skipped where provably
-constant.
+in eval mode, rearranged for speed, streamed along z, and the volume's background skipped
+where provably constant.
 
 Rearranged: every tensor and weight is channels-last 3-D (oneDNN's fast layout; a
 default-layout weight turns a channels-last input back to the slow layout), convolutions
-on the CPU go to oneDNN whatever their size (``convolve``), batch norm is
-one multiply-add with its folded scale and shift, PReLU (one slope) is an in-place leaky
-ReLU, residuals are added in place, and the 1x1x1 head runs as channels-last 1x1x1
-convolutions over slabs of the box. Numbers equal the modules' up to float rounding.
+on the CPU go to oneDNN whatever their size (``convolve``), batch norm is one multiply-add
+with its folded scale and shift, PReLU (one slope) is an in-place leaky ReLU, and the
+1x1x1 head runs as channels-last 1x1x1 convolutions over slabs. A batch norm whose input
+is a convolution's output and nothing else (the head's first one, after each pathway's
+last block; the head's last one, after its residual block) is folded into that
+convolution: its scale multiplies the weights' output channels and the residual, its
+shift becomes the bias (``fold_norm``). Numbers equal the modules' up to float rounding.
+
+Streamed: each pathway runs once over its whole footprint, plane chunk by plane chunk
+along z (``PathwayStream``): every block keeps the last two planes of its activated input
+(and one plane of its residual input), so consecutive chunks share them instead of
+recomputing 2 x 8 planes of valid-convolution margin per box edge. Along y and x a pathway
+covers its footprint whole (tiled into columns only where it is wider than ``size``).
 
 Skipped: the window maps everything below -15 HU to ``BACKGROUND`` (-1), so air and fat
 around the head are one constant. The factor-s pathway's coarse voxel m reads lattice
@@ -15,15 +24,15 @@ points s (m - 8) + s // 2 .. s (m + 8) + s // 2 (clamped to the volume); where n
 them lies in the bounding box of the non-background voxels, every input it reads is the
 background and its output is the pathway's output on a constant background, computed
 once (``Footprint``). Where all three pathways are constant, so are the logits. Each
-pathway therefore runs only on its coarse footprint, and only the footprint of the three
-is tiled with boxes; the rest takes the constant values.
+pathway therefore runs only on its coarse footprint, the head only on the footprints'
+union; the rest takes the constant values.
 """
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -39,6 +48,7 @@ CHANNELS_LAST = torch.channels_last_3d
 ONEDNN = torch.backends.mkldnn.is_available()
 ONEDNN_VALID = ([0, 0, 0], [1, 1, 1], [1, 1, 1], 1)  # padding, stride, dilation, groups
 HEAD_VOXELS = 1 << 18  # voxels per z slab of the 1x1x1 head (bounds its 250-channel memory)
+ALIGN = 15  # the head's y-x frame starts and ends on multiples of every factor (5, 3, 1)
 
 Range = tuple[int, int]
 """Half-open index range (start, stop) along one axis."""
@@ -49,54 +59,111 @@ Box = tuple[Range, Range, Range]
 
 @dataclass(frozen=True)
 class PreparedBlock:
-    """One pre-activation block in eval mode: scale-shift, leaky ReLU, convolution, residual."""
+    """One pre-activation block in eval mode: scale-shift (``None``: folded away into the
+    previous convolution), leaky ReLU, convolution (plus a bias where the next batch norm
+    is folded in), residual (times ``residual_scale`` where that norm is folded in)."""
 
-    scale: Tensor
-    shift: Tensor
+    scale: Tensor | None
+    shift: Tensor | None
     slope: float
     weight: Tensor
+    bias: Tensor | None
     crop: int | None  # residual centre crop; None: no residual
+    residual_scale: Tensor | None = None
+
+    def activate(self, x: Tensor, out: Tensor | None = None) -> Tensor:
+        """Scale-shift and leaky ReLU of ``x`` into ``out`` (a new tensor if ``None``)."""
+        if self.scale is not None and self.shift is not None:
+            return F.leaky_relu_(torch.addcmul(self.shift, x, self.scale, out=out), self.slope)
+        if out is None:
+            return F.leaky_relu(x, self.slope)
+        return torch._C._nn.leaky_relu(x, self.slope, out=out)
+
+    def add_residual(self, out: Tensor, x: Tensor) -> None:
+        """Add the (cropped) residual input ``x`` to the convolution's output in place."""
+        if self.residual_scale is None:
+            out.add_(x)
+        else:
+            out.addcmul_(x, self.residual_scale)
 
     def __call__(self, x: Tensor) -> Tensor:
-        """The block on a channels-last (1, channels, z, y, x) tensor."""
-        y = F.leaky_relu_(torch.addcmul(self.shift, x, self.scale), self.slope)
-        out = convolve(y, self.weight)
+        """The block on a whole channels-last (1, channels, z, y, x) tensor."""
+        if self.crop is None and self.scale is None:
+            y = F.leaky_relu_(x, self.slope)  # x is not needed again: activate in place
+        else:
+            y = self.activate(x)
+        out = convolve(y, self.weight, self.bias)
         del y
         if self.crop is not None:
             c = self.crop
-            out.add_(x[:, :, c:-c, c:-c, c:-c] if c else x)
+            self.add_residual(out, x[:, :, c:-c, c:-c, c:-c] if c else x)
         return out
 
 
-def convolve(x: Tensor, weight: Tensor) -> Tensor:
-    """Valid convolution without bias, channels-last out.
+def convolve(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """Valid convolution, channels-last out.
 
     On the CPU oneDNN is called directly: torch's dispatcher sends 3-D inputs with
-    batch x channels x depth x height <= 20480 (the coarse pathways' boxes) to its slow
-    reference kernel, whose output is in the default layout. A one-channel input (the
-    first block) stays with the dispatcher.
+    batch x channels x depth x height <= 20480 (the coarse pathways' boxes) and
+    one-channel inputs to its slow reference kernel, whose output is in the default layout.
     """
-    if x.device.type == "cpu" and ONEDNN and x.shape[1] > 1:
-        out: Tensor = torch.ops.aten.mkldnn_convolution(x, weight, None, *ONEDNN_VALID)
+    if x.device.type == "cpu" and ONEDNN:
+        out: Tensor = torch.ops.aten.mkldnn_convolution(x, weight, bias, *ONEDNN_VALID)
     else:
-        out = F.conv3d(x, weight)
+        out = F.conv3d(x, weight, bias)
     return out.contiguous(memory_format=CHANNELS_LAST)
 
 
-def prepare_block(block: Block) -> PreparedBlock:
-    """Fold a block's batch norm into scale and shift; its weight channels-last."""
+def norm_affine(block: Block) -> tuple[Tensor, Tensor]:
+    """A block's batch norm (eval mode) as per-channel scale and shift, shape (channels,)."""
     bn = block.bn
     assert bn.running_mean is not None and bn.running_var is not None
     scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
     shift = bn.bias - bn.running_mean * scale
+    return scale.detach(), shift.detach()
+
+
+def prepare_block(block: Block) -> PreparedBlock:
+    """Fold a block's batch norm into scale and shift; its weight channels-last."""
+    scale, shift = norm_affine(block)
     shape = (1, -1, 1, 1, 1)
     return PreparedBlock(
-        scale=scale.detach().reshape(shape).clone(),
-        shift=shift.detach().reshape(shape).clone(),
+        scale=scale.reshape(shape).clone(),
+        shift=shift.reshape(shape).clone(),
         slope=float(block.prelu.weight),
         weight=block.conv.weight.detach().contiguous(memory_format=CHANNELS_LAST),
+        bias=None,
         crop=block.crop if block.residual else None,
     )
+
+
+def fold_norm(block: PreparedBlock, scale: Tensor, shift: Tensor) -> PreparedBlock:
+    """``block`` followed by the per-channel affine ``scale`` x + ``shift`` of its output,
+    as one block: exact, since the affine is applied to the convolution's output (plus the
+    residual) and nothing reads the unscaled output."""
+    if block.bias is not None or block.residual_scale is not None:
+        raise ValueError("a block takes one folded norm")
+    weight = flushed(block.weight * scale.reshape(-1, 1, 1, 1, 1))
+    residual = None if block.crop is None else flushed(scale.reshape(1, -1, 1, 1, 1))
+    return replace(
+        block,
+        weight=weight.contiguous(memory_format=CHANNELS_LAST),
+        bias=flushed(shift),
+        residual_scale=residual,
+    )
+
+
+def flushed(values: Tensor) -> Tensor:
+    """A copy with subnormal floats (|v| < 1.18e-38) set to zero: a folded product of two
+    small numbers can be subnormal, and the CPU computes with subnormals up to 50 times
+    slower (a coarse pathway's last convolution took 4x as long); zeroing them changes no
+    result beyond float32 rounding."""
+    return values.masked_fill(values.abs() < torch.finfo(values.dtype).tiny, 0.0)
+
+
+def unnormed(block: PreparedBlock) -> PreparedBlock:
+    """``block`` whose batch norm has been folded into the previous convolution."""
+    return replace(block, scale=None, shift=None)
 
 
 def _prepared(blocks: torch.nn.Sequential) -> list[PreparedBlock]:
@@ -109,6 +176,64 @@ def run_blocks(blocks: Sequence[PreparedBlock], x: Tensor) -> Tensor:
     for block in blocks:
         x = block(x)
     return x
+
+
+class BlockStream:
+    """One block applied to consecutive plane chunks of its input along z.
+
+    The first chunk (at least 3 planes) gives 2 planes fewer; every later chunk as many
+    planes as it has: the last two activated planes and the last input plane (for the
+    residual) are carried over, which is exactly the margin the valid 3x3x3 convolution
+    and the centre-cropped residual read across the chunk border.
+    """
+
+    def __init__(self, block: PreparedBlock) -> None:
+        """A stream of ``block`` that has seen no plane yet."""
+        self.block = block
+        self.activated: Tensor | None = None  # last 2 activated planes
+        self.last_input: Tensor | None = None  # last input plane (residual blocks)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """Output planes of the next input chunk (1, channels, planes, y, x)."""
+        block = self.block
+        carried = 0 if self.activated is None else 2
+        _, channels, planes, rows, cols = x.shape
+        y = torch.empty(
+            (1, channels, carried + planes, rows, cols),
+            dtype=x.dtype,
+            device=x.device,
+            memory_format=CHANNELS_LAST,
+        )
+        if self.activated is not None:
+            y[:, :, :2].copy_(self.activated)
+        block.activate(x, out=y[:, :, carried:])
+        out = convolve(y, block.weight, block.bias)
+        self.activated = y[:, :, -2:].clone(memory_format=CHANNELS_LAST)
+        del y
+        if block.crop is not None:
+            centre = (slice(None), slice(None), slice(None), slice(1, -1), slice(1, -1))
+            if self.last_input is None:
+                block.add_residual(out, x[:, :, 1:-1, 1:-1, 1:-1])
+            else:
+                block.add_residual(out[:, :, :1], self.last_input[centre])
+                block.add_residual(out[:, :, 1:], x[:, :, : planes - 1, 1:-1, 1:-1])
+            self.last_input = x[:, :, -1:].clone(memory_format=CHANNELS_LAST)
+        return out
+
+
+class PathwayStream:
+    """A pathway's blocks streamed along z: the first chunk gives ``2 PATHWAY_DEPTH``
+    planes fewer than it has, every later chunk as many as it has."""
+
+    def __init__(self, blocks: Sequence[PreparedBlock]) -> None:
+        """Streams of every block, none fed yet."""
+        self.streams = [BlockStream(block) for block in blocks]
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """Output planes of the next input chunk."""
+        for stream in self.streams:
+            x = stream(x)
+        return x
 
 
 @dataclass(frozen=True)
@@ -194,14 +319,52 @@ def lattice(first: int, stop: int, factor: int, length: int, device: torch.devic
     return (points * factor + factor // 2).clamp_(0, length - 1)
 
 
+def split(span: Range, most: int) -> list[Range]:
+    """``span`` cut into the fewest even pieces of at most ``most`` indices."""
+    start, stop = span
+    count = max(-(-(stop - start) // most), 1)
+    edges = [start + round(i * (stop - start) / count) for i in range(count + 1)]
+    return list(itertools.pairwise(edges))
+
+
+def fold_chain(
+    blocks: Sequence[PreparedBlock], following: tuple[Tensor, Tensor] | None = None
+) -> list[PreparedBlock]:
+    """Blocks with every foldable batch norm folded into the convolution before it.
+
+    Block i + 1's norm folds into block i where block i + 1 has no residual (then block
+    i's output is read by that norm alone); ``following`` (scale, shift) is the norm
+    that alone reads the last block's output.
+    """
+    out = list(blocks)
+    for i in range(len(out) - 1):
+        after = out[i + 1]
+        if after.crop is None and after.scale is not None and after.shift is not None:
+            out[i] = fold_norm(out[i], after.scale.flatten(), after.shift.flatten())
+            out[i + 1] = unnormed(after)
+    if following is not None:
+        out[-1] = fold_norm(out[-1], *following)
+    return out
+
+
 class PreparedMember:
-    """One member ready to compute logits of any box of a volume (see the module text)."""
+    """One member ready to compute the logits of a volume's footprint (see the module text)."""
 
     def __init__(self, model: DeepMedic) -> None:
-        """Prepare the blocks and compute the constant-background outputs."""
-        self.pathways = [(p.factor, _prepared(p.path)) for p in model.pathways]
-        self.head = _prepared(model.fully_connected)
-        device = self.head[0].weight.device
+        """Prepare and fold the blocks and compute the constant-background outputs."""
+        head = _prepared(model.fully_connected)
+        first = head[0]
+        assert first.scale is not None and first.shift is not None and first.crop is None
+        scale, shift = first.scale.flatten(), first.shift.flatten()
+        self.pathways: list[tuple[int, list[PreparedBlock]]] = []
+        start = 0
+        for pathway in model.pathways:
+            blocks = _prepared(pathway.path)
+            part = slice(start, start + int(blocks[-1].weight.shape[0]))
+            start = part.stop
+            self.pathways.append((pathway.factor, fold_chain(blocks, (scale[part], shift[part]))))
+        self.head = fold_chain([unnormed(first), *head[1:]])
+        device = first.weight.device
         side = 2 * PATHWAY_DEPTH + 1
         flat = torch.full((1, 1, side, side, side), BACKGROUND, device=device)
         with torch.inference_mode():
@@ -209,84 +372,188 @@ class PreparedMember:
                 run_blocks(blocks, flat.contiguous(memory_format=CHANNELS_LAST))
                 for _, blocks in self.pathways
             ]
-            self.background_logits = self.head_logits(torch.cat(self.constants, dim=1))
+            self.background_logits = run_blocks(self.head, torch.cat(self.constants, dim=1))
+        widths = (int(c.shape[1]) for c in self.constants)
+        self.channels = [0, *itertools.accumulate(widths)]  # pathways' channel edges in the head
+        (index,) = (i for i, (s, _) in enumerate(self.pathways) if s == 1)
+        self.fine = (self.pathways[index][1], self.constants[index])
 
-    def head_logits(self, features: Tensor) -> Tensor:
-        """Logits (1, 5, z, y, x) of concatenated channels-last features, in z slabs."""
-        _, _, depth, rows, cols = features.shape
-        out = torch.empty((1, NUM_CLASSES, depth, rows, cols), device=features.device)
-        step = max(HEAD_VOXELS // max(rows * cols, 1), 1)
-        for z in range(0, depth, step):
-            out[:, :, z : z + step] = run_blocks(self.head, features[:, :, z : z + step])
-        return out
+    def logit_chunks(
+        self, volume: Tensor, area: Footprint, size: Sequence[int]
+    ) -> Iterator[tuple[Range, Tensor]]:
+        """Logits of the footprint's region of a windowed volume (1, 1, z, y, x), in order
+        of z chunks of at most ``size[0]`` planes: ((start, stop), (1, 5, planes, region's
+        rows, region's columns)).
 
-    def logits(self, volume: Tensor, box: Box, area: Footprint) -> Tensor:
-        """Logits (1, 5, *box size) on a windowed volume (1, 1, z, y, x).
-
-        Each pathway runs once on the coarse voxels the box needs; the head then runs on
-        z slabs, each gathering its voxels' coarse values (voxel x: coarse floor(x / s))."""
-        size = [b - a for a, b in box]
-        coarse = []
-        for (s, blocks), constant in zip(self.pathways, self.constants, strict=True):
-            need = [(a // s, -(-b // s)) for a, b in box]
-            output = self._pathway(volume, blocks, constant, s, need, area.coarse[s])
-            picks = [
-                torch.arange(a, b, device=volume.device) // s - n0
-                for (a, b), (n0, _) in zip(box, need, strict=True)
-            ]
-            coarse.append((s, output, picks))
-        channels = sum(int(c.shape[1]) for c in self.constants)
-        out = torch.empty((1, NUM_CLASSES, *size), device=volume.device)
-        step = max(HEAD_VOXELS // (size[1] * size[2]), 1)
-        for z in range(0, size[0], step):
-            depth = min(step, size[0] - z)
-            slab = torch.empty(
-                (1, channels, depth, size[1], size[2]),
-                device=volume.device,
-                memory_format=CHANNELS_LAST,
-            )
-            channel = 0
-            for s, output, (pz, py, px) in coarse:
-                width = int(output.shape[1])
-                if s == 1:  # coarse voxels are the box's own: a slice, no gather
-                    gathered = output[:, :, z : z + depth]
-                else:
-                    rows = pz[z : z + depth]
-                    gathered = output[:, :, rows[:, None, None], py[:, None], px]
-                slab[:, channel : channel + width].copy_(gathered)
-                channel += width
-            out[:, :, z : z + depth] = run_blocks(self.head, slab)
-        return out
-
-    def _pathway(
-        self,
-        volume: Tensor,
-        blocks: Sequence[PreparedBlock],
-        constant: Tensor,
-        s: int,
-        need: Sequence[Range],
-        varying: Sequence[Range],
-    ) -> Tensor:
-        """Coarse output (1, 50, *need sizes) of the factor-s pathway: computed where it
-        reads non-background voxels, the constant elsewhere."""
-        run = [(max(a, v0), min(b, v1)) for (a, b), (v0, v1) in zip(need, varying, strict=True)]
-        sizes = [b - a for a, b in need]
-        if run == list(need):
-            return run_blocks(blocks, self._lattice_input(volume, s, run))
-        if any(b <= a for a, b in run):
-            return constant.expand(1, -1, *sizes)
-        out = constant.expand(1, -1, *sizes).contiguous(memory_format=CHANNELS_LAST)
-        region = tuple(slice(a - n0, b - n0) for (a, b), (n0, _) in zip(run, need, strict=True))
-        out[(slice(None), slice(None), *region)] = run_blocks(
-            blocks, self._lattice_input(volume, s, run)
-        )
-        return out
+        The coarse pathways run first over their whole footprints; the factor-1 pathway is
+        streamed chunk by chunk, in columns of at most ``size[1]`` x ``size[2]``, and the
+        head runs on each chunk's slab. The head's frame in y and x is the region widened
+        to multiples of ``ALIGN``, so that each coarse value fills s x s voxels by a
+        broadcast copy.
+        """
+        (z0, z1), (y0, y1), (x0, x1) = area.region
+        frame = [(a - a % ALIGN, -(-b // ALIGN) * ALIGN) for a, b in ((y0, y1), (x0, x1))]
+        rows, cols = (b - a for a, b in frame)
+        coarse = {
+            s: self._coarse(volume, area, s, blocks, constant, frame)
+            for (s, blocks), constant in zip(self.pathways, self.constants, strict=True)
+            if s > 1
+        }
+        fine = FineStreams(volume, area, *self.fine, size[1:])
+        step = max(HEAD_VOXELS // (rows * cols), 1)
+        for za in range(z0, z1, size[0]):
+            zb = min(za + size[0], z1)
+            fine.advance(za, zb)
+            out = torch.empty((1, NUM_CLASSES, zb - za, y1 - y0, x1 - x0), device=volume.device)
+            for j in range(0, zb - za, step):
+                planes = range(za + j, min(za + j + step, zb))
+                slab = torch.empty(
+                    (1, self.channels[-1], len(planes), rows, cols),
+                    device=volume.device,
+                    memory_format=CHANNELS_LAST,
+                )
+                for (s, _), (first, stop) in zip(
+                    self.pathways, itertools.pairwise(self.channels), strict=True
+                ):
+                    target = slab[:, first:stop]
+                    if s == 1:
+                        fine.fill(target, planes, (frame[0][0], frame[1][0]))
+                    else:
+                        _upsample_planes(target, coarse[s], planes, s)
+                logits = run_blocks(self.head, slab)
+                crop = (
+                    slice(y0 - frame[0][0], y1 - frame[0][0]),
+                    slice(x0 - frame[1][0], x1 - frame[1][0]),
+                )
+                out[:, :, j : j + len(planes)] = logits[
+                    (slice(None), slice(None), slice(None), *crop)
+                ]
+            yield (za, zb), out
 
     @staticmethod
-    def _lattice_input(volume: Tensor, s: int, run: Sequence[Range]) -> Tensor:
-        """The lattice samples that coarse ranges ``run`` of the factor-s pathway read."""
-        sub = volume
-        for axis, (a, b) in enumerate(run):
-            n = int(volume.shape[2 + axis])
-            sub = sub.index_select(2 + axis, lattice(a, b, s, n, volume.device))
-        return sub.contiguous(memory_format=CHANNELS_LAST)
+    def _coarse(
+        volume: Tensor,
+        area: Footprint,
+        s: int,
+        blocks: Sequence[PreparedBlock],
+        constant: Tensor,
+        frame: Sequence[Range],
+    ) -> tuple[int, Tensor]:
+        """(first coarse plane, output (1, channels, planes, frame rows / s, frame cols / s))
+        of the factor-s pathway: the region's coarse planes, the head frame's coarse rows
+        and columns; computed on the pathway's footprint, the constant elsewhere."""
+        z0, z1 = area.region[0]
+        need = [(z0 // s, -(-z1 // s)), *((a // s, b // s) for a, b in frame)]
+        sizes = [b - a for a, b in need]
+        out = constant.expand(1, -1, *sizes).contiguous(memory_format=CHANNELS_LAST)
+        run = [
+            (max(a, v0), min(b, v1)) for (a, b), (v0, v1) in zip(need, area.coarse[s], strict=True)
+        ]
+        if all(b > a for a, b in run):
+            stream = PathwayStream(blocks)
+            source = lattice_input(volume, s, run)
+            chunk = max(HEAD_VOXELS // max(int(source.shape[3] * source.shape[4]), 1), 1)
+            fed = 0
+            for za, zb in split(run[0], chunk):
+                stop = zb - run[0][0] + 2 * PATHWAY_DEPTH
+                planes = stream(source[:, :, fed:stop])
+                fed = stop
+                region = [(za, zb), *run[1:]]
+                place = tuple(
+                    slice(a - n0, b - n0) for (a, b), (n0, _) in zip(region, need, strict=True)
+                )
+                out[(slice(None), slice(None), *place)] = planes
+        return need[0][0], out
+
+
+def _upsample_planes(target: Tensor, coarse: tuple[int, Tensor], planes: range, s: int) -> None:
+    """Fill ``target`` (1, channels, len(planes), rows, cols) with the nearest coarse
+    values: plane z takes coarse plane floor(z / s), each coarse value an s x s patch."""
+    first, values = coarse
+    for k, z in enumerate(planes):
+        source = values[0, :, z // s - first].permute(1, 2, 0)  # (coarse rows, cols, channels)
+        plane = target[0, :, k].permute(1, 2, 0)  # (rows, cols, channels), a strided view
+        blocks = plane.unflatten(1, (-1, s)).unflatten(0, (-1, s))
+        blocks.copy_(source[:, None, :, None, :])
+
+
+class FineStreams:
+    """The factor-1 pathway on its footprint, streamed along z in y-x columns of at most
+    ``most`` (rows, columns), one z chunk at a time."""
+
+    def __init__(
+        self,
+        volume: Tensor,
+        area: Footprint,
+        blocks: Sequence[PreparedBlock],
+        constant: Tensor,
+        most: Sequence[int],
+    ) -> None:
+        """Streams of every column, none fed yet."""
+        self.constant = constant
+        self.span = area.coarse[1][0]
+        ys, xs = area.coarse[1][1:]
+        self.span_yx = (ys, xs)
+        self.columns = (
+            []
+            if min(b - a for a, b in area.coarse[1]) <= 0
+            else [(ry, rx) for ry in split(ys, most[0]) for rx in split(xs, most[1])]
+        )
+        self.sources = [lattice_input(volume, 1, (self.span, ry, rx)) for ry, rx in self.columns]
+        self.streams = [PathwayStream(blocks) for _ in self.columns]
+        self.fed = 0
+        self.planes: Range = (0, 0)
+        self.outputs: list[Tensor] = []
+
+    def advance(self, start: int, stop: int) -> None:
+        """Compute the output planes ``start`` .. ``stop`` - 1 within the footprint; every
+        call continues where the last one stopped."""
+        first, last = max(start, self.span[0]), min(stop, self.span[1])
+        self.planes, self.outputs = (first, last), []
+        if last > first and self.columns:
+            end = last - self.span[0] + 2 * PATHWAY_DEPTH
+            self.outputs = [
+                stream(source[:, :, self.fed : end])
+                for stream, source in zip(self.streams, self.sources, strict=True)
+            ]
+            self.fed = end
+
+    def fill(self, target: Tensor, planes: range, origin: tuple[int, int]) -> None:
+        """Write planes ``planes`` of the pathway's output into ``target`` (1, channels,
+        len(planes), rows, cols) whose first row and column are ``origin``: the computed
+        values within the footprint, the constant elsewhere."""
+        low, high = max(planes.start, self.planes[0]), min(planes.stop, self.planes[1])
+        if high <= low or not self.columns:
+            target.copy_(self.constant.expand_as(target))
+            return
+        rows, cols = (int(n) for n in target.shape[3:])
+        (ya, yb), (xa, xb) = (
+            (a - o, b - o) for (a, b), o in zip(self.span_yx, origin, strict=True)
+        )
+        inside = slice(low - planes.start, high - planes.start)
+        for z, y, x in (
+            (slice(0, inside.start), slice(0, rows), slice(0, cols)),
+            (slice(inside.stop, len(planes)), slice(0, rows), slice(0, cols)),
+            (inside, slice(0, ya), slice(0, cols)),
+            (inside, slice(yb, rows), slice(0, cols)),
+            (inside, slice(ya, yb), slice(0, xa)),
+            (inside, slice(ya, yb), slice(xb, cols)),
+        ):
+            band = target[:, :, z, y, x]
+            band.copy_(self.constant.expand_as(band))
+        oy, ox = origin
+        for ((ya, yb), (xa, xb)), output in zip(self.columns, self.outputs, strict=True):
+            source = output[:, :, low - self.planes[0] : high - self.planes[0]]
+            place = (inside, slice(ya - oy, yb - oy), slice(xa - ox, xb - ox))
+            target[(slice(None), slice(None), *place)] = source
+
+
+def lattice_input(volume: Tensor, s: int, run: Sequence[Range]) -> Tensor:
+    """The lattice samples that coarse ranges ``run`` of the factor-s pathway read, by one
+    gather (``index_select`` along each axis of a 5-D tensor is orders of magnitude
+    slower on the CPU)."""
+    z, y, x = (
+        lattice(a, b, s, int(n), volume.device)
+        for (a, b), n in zip(run, volume.shape[2:], strict=True)
+    )
+    return volume[0, 0][z[:, None, None], y[None, :, None], x[None, None, :]][None, None]
