@@ -13,7 +13,6 @@ scores a calcification. Nothing is trained: every parameter is a fixed threshold
 from __future__ import annotations
 
 import json
-import weakref
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -37,6 +36,7 @@ from pipelines.base import (
 from pipelines.brain import RIM_PATH_HU, Intracranial, intracranial_mask
 from pipelines.contract import OutputProfile, Writer
 from pipelines.measure import measure_segment, structure
+from pipelines.run_scope import per_run, run_scope
 from pipelines.series import LoadedSeries
 from pipelines.settings import PipelinesSettings
 from pipelines.stages import stage
@@ -307,8 +307,6 @@ class HyperdenseThresholdPipeline:
         (hash-checked)."""
         self._stored = parameters is None
         self.root = root
-        # The last series segmented (held weakly: a finished job's series is freed).
-        self._cache: tuple[weakref.ref[LoadedSeries], SegmentedClasses] | None = None
         self.parameters = parameters or HyperdenseParameters.from_mapping(
             load_parameters(MODEL_NAME, version, root)
         )
@@ -365,11 +363,13 @@ class HyperdenseThresholdPipeline:
         return classes.hyperdense, classes.hyperdense_count
 
     def segment_classes(self, series: LoadedSeries) -> SegmentedClasses:
-        """Hyperdense and calcification regions on the grid (the last series is cached,
-        so ``segment`` then ``run`` on one series segments it once)."""
-        cached = self._cache
-        if cached is not None and cached[0]() is series:
-            return cached[1]
+        """Hyperdense and calcification regions on the grid (kept for the run,
+        ``pipelines.run_scope``, so ``segment`` then ``run`` on one series segments it
+        once)."""
+        return per_run(self, series, lambda: self._segment_classes(series))
+
+    def _segment_classes(self, series: LoadedSeries) -> SegmentedClasses:
+        """:meth:`segment_classes`, computed."""
         with stage("segmentation"):
             volume = series.volume
             masks = intracranial_mask(volume.hu, volume.spacing)
@@ -384,9 +384,7 @@ class HyperdenseThresholdPipeline:
             )
             labels, count = drop_skull_band(labels, count, masks, volume.spacing, self.parameters)
             calc_labels, calc_count = label_regions(calcified, voxel_ml, 0.0, 26)
-        classes = SegmentedClasses(labels, count, calc_labels, calc_count)
-        self._cache = (weakref.ref(series), classes)
-        return classes
+        return SegmentedClasses(labels, count, calc_labels, calc_count)
 
     def run(
         self, series: LoadedSeries, segmented: tuple[NDArray[np.int32], int] | None = None
@@ -397,12 +395,13 @@ class HyperdenseThresholdPipeline:
         A region that no acquired frame crosses (it exists only between two planes, by
         interpolation) cannot be shown or measured on the images and is dropped.
         """
-        labels, count = segmented if segmented is not None else self.segment(series)
-        segment = measure_segment(series, HYPERDENSE_SEGMENT, labels, count)
-        classes = self.segment_classes(series)
-        calcification = measure_segment(
-            series, CALCIFICATION_SEGMENT, classes.calcification, classes.calcification_count
-        )
+        with run_scope():  # one segmentation for the regions and the calcifications
+            labels, count = segmented if segmented is not None else self.segment(series)
+            segment = measure_segment(series, HYPERDENSE_SEGMENT, labels, count)
+            classes = self.segment_classes(series)
+            calcification = measure_segment(
+                series, CALCIFICATION_SEGMENT, classes.calcification, classes.calcification_count
+            )
         regions, total = segment.regions, segment.total
         notes = [
             f"{len(regions)} hyperdense region(s) of at least "

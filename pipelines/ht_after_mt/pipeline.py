@@ -89,6 +89,7 @@ from pipelines.measure import measure_segment
 from pipelines.registry import get_pipeline, get_segmenter
 from pipelines.retraining.card import model_card
 from pipelines.retraining.ood import manifest_input_check
+from pipelines.run_scope import cases_kept, run_scope
 from pipelines.series import LoadedSeries
 from pipelines.settings import PipelinesSettings
 from pipelines.stages import charged_to
@@ -287,7 +288,13 @@ class HtAfterMtPipeline:
         return segments
 
     def run(self, series: LoadedSeries) -> PipelineResult:
-        """Segment, choose the scored lesion (``scoring``), describe it, predict, explain."""
+        """Segment, choose the scored lesion (``scoring``), describe it, predict, explain;
+        the case record only for a job that keeps it (``pipelines.run_scope``)."""
+        with run_scope():  # the segmenter's regions and calcifications: one segmentation
+            return self._run(series)
+
+    def _run(self, series: LoadedSeries) -> PipelineResult:
+        """:meth:`run` inside its run scope."""
         model = self.model
         found, source = self._lookup(series.reference)
         labels, count = self.segmenter.segment(series)
@@ -310,7 +317,8 @@ class HtAfterMtPipeline:
         key_frame = lesion_total.key_frame if lesion_total else len(series.frames) // 2
         imaging = PipelineResult(self.algorithm, segments, key_frame, segmented)
         if choice.label is None or lesion_total is None:
-            return replace(imaging, statements=(reason,), case_record=case_record(series, labels))
+            record = case_record(series, labels) if cases_kept() else None
+            return replace(imaging, statements=(reason,), case_record=record)
         scored = ((labels == choice.label).astype(np.int32), 1)
         case = case_features(
             series, found, self.segmenter, model.radiomics_params, model.cnn_input, scored
@@ -352,8 +360,12 @@ class HtAfterMtPipeline:
             self._clinical_note(source, prediction.imputed),
             model.notice,
         ]
-        record = case_record(
-            series, labels, case, model.radiomics_params, input_config_to_dict(model.cnn_input)
+        record = (
+            case_record(
+                series, labels, case, model.radiomics_params, input_config_to_dict(model.cnn_input)
+            )
+            if cases_kept()
+            else None
         )
         return replace(imaging, notes=notes, risk=risk, heatmaps=heatmaps, case_record=record)
 

@@ -30,7 +30,6 @@ skull, lie wholly in its partial-volume band or in a calcification's halo are dr
 from __future__ import annotations
 
 import time
-import weakref
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -62,6 +61,7 @@ from pipelines.hyperdense import (
     classify_hyperdense,
 )
 from pipelines.measure import connected_regions, measure_region, structure
+from pipelines.run_scope import per_run
 from pipelines.series import LoadedSeries
 from pipelines.settings import PipelinesSettings
 from pipelines.stages import charged_to
@@ -267,7 +267,6 @@ class UNetPipeline:
         self.device = "cuda" if device == "cuda" or (device == "auto" and cuda) else "cpu"
         self.version, self.root = version, root
         self.unet = load_unet(version, root, self.device)
-        self._cache: tuple[weakref.ref[LoadedSeries], FrameClasses] | None = None
         self._algorithm = Algorithm(
             name="dicomnode hyperdense U-Net",
             version=version,
@@ -323,15 +322,12 @@ class UNetPipeline:
 
     @charged_to("segmentation")
     def frame_classes(self, series: LoadedSeries) -> FrameClasses:
-        """Haemorrhage-class and calcification masks on ``series.frame_hu`` (the last
-        series is cached, held weakly, so ``segment`` then ``run`` on one series segments it
-        once and a finished job's series can be freed)."""
-        cached = self._cache
-        if cached is not None and cached[0]() is series:
-            return cached[1]
-        classes = classify_frames(self.unet, series.frame_hu, frame_spacing(series))
-        self._cache = (weakref.ref(series), classes)
-        return classes
+        """Haemorrhage-class and calcification masks on ``series.frame_hu`` (kept for the
+        run, ``pipelines.run_scope``, so ``segment`` then ``run`` on one series segments it
+        once)."""
+        return per_run(
+            self, series, lambda: classify_frames(self.unet, series.frame_hu, frame_spacing(series))
+        )
 
     def segment_frames(self, series: LoadedSeries) -> NDArray[np.bool_]:
         """Thresholded U-Net probabilities where the brain rule allows, calcification out,
