@@ -37,7 +37,7 @@ from pipelines.brain import RIM_PATH_HU, Intracranial, intracranial_mask
 from pipelines.contract import OutputProfile, Writer
 from pipelines.measure import measure_segment, structure
 from pipelines.run_scope import per_run, run_scope
-from pipelines.series import LoadedSeries
+from pipelines.series import LoadedSeries, label_dtype
 from pipelines.settings import PipelinesSettings
 from pipelines.stages import stage
 
@@ -165,7 +165,7 @@ class SegmentedClasses:
 
     hyperdense: NDArray[np.int32]
     hyperdense_count: int
-    calcification: NDArray[np.int32]
+    calcification: NDArray[np.unsignedinteger]  # the smallest type holding the count
     calcification_count: int
 
 
@@ -384,7 +384,8 @@ class HyperdenseThresholdPipeline:
             )
             labels, count = drop_skull_band(labels, count, masks, volume.spacing, self.parameters)
             calc_labels, calc_count = label_regions(calcified, voxel_ml, 0.0, 26)
-        return SegmentedClasses(labels, count, calc_labels, calc_count)
+        compact = calc_labels.astype(label_dtype(calc_count))  # kept for the run: 1/4 size
+        return SegmentedClasses(labels, count, compact, calc_count)
 
     def run(
         self, series: LoadedSeries, segmented: tuple[NDArray[np.int32], int] | None = None

@@ -256,7 +256,7 @@ class HtAfterMtPipeline:
             return found, f"{found.reason} ({table.source})"
         return found, f"clinical variables from {table.source}"
 
-    def _calcifications(self, series: LoadedSeries) -> tuple[NDArray[np.int32], int]:
+    def _calcifications(self, series: LoadedSeries) -> tuple[NDArray[np.integer], int]:
         """Calcified foci on the volume grid (the threshold baseline's rule: dense cores
         above its calcification threshold), found apart from the lesions, never scored."""
         classes = self.calcification_finder.segment_classes(series)
@@ -268,15 +268,15 @@ class HtAfterMtPipeline:
         labels: NDArray[np.int32],
         count: int,
         choice: LesionChoice,
-        calcified: tuple[NDArray[np.int32], int],
+        calcified: tuple[NDArray[np.integer], int],
     ) -> list[SegmentResult]:
         """The scored lesion (its own segment), the other regions, the calcifications;
         with nothing scored, one empty lesion segment and the calcifications."""
         if choice.label is None:
-            empty = np.zeros(labels.shape, dtype=np.int32)
+            empty = np.zeros(labels.shape, dtype=np.uint8)
             segments = [measure_segment(series, self._no_lesion_class, empty, 0)]
         else:
-            scored = (labels == choice.label).astype(np.int32)
+            scored = (labels == choice.label).view(np.uint8)  # label 1, no copy
             others = relabel_without(labels, count, (choice.label, *choice.calcified))
             segments = [measure_segment(series, self._lesion_class, scored, 1)]
             rest = measure_segment(series, self._other_class, *others)
@@ -319,7 +319,7 @@ class HtAfterMtPipeline:
         if choice.label is None or lesion_total is None:
             record = case_record(series, labels) if cases_kept() else None
             return replace(imaging, statements=(reason,), case_record=record)
-        scored = ((labels == choice.label).astype(np.int32), 1)
+        scored = ((labels == choice.label).view(np.uint8), 1)
         case = case_features(
             series, found, self.segmenter, model.radiomics_params, model.cnn_input, scored
         )
