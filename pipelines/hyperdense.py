@@ -184,6 +184,50 @@ def _grow(seeds: NDArray[np.bool_], within: NDArray[np.bool_], steps: int) -> ND
     return np.asarray(grown | seeds)
 
 
+def _in_hu_window(hu: NDArray[np.floating], p: HyperdenseParameters) -> NDArray[np.bool_]:
+    """Voxels whose in-plane median (``median_size_px``) lies in ``low_hu``-``high_hu``."""
+    denoised = ndimage.median_filter(hu, size=(1, p.median_size_px, p.median_size_px))
+    return np.asarray((denoised >= p.low_hu) & (denoised <= p.high_hu))
+
+
+def _large_enough(
+    mask: NDArray[np.bool_], voxel_ml: float, min_volume_ml: float
+) -> NDArray[np.bool_]:
+    """The 26-connected parts of ``mask`` of at least ``min_volume_ml``."""
+    labels, count = ndimage.label(mask, structure=structure(26))
+    sizes = np.bincount(labels.ravel(), minlength=count + 1) * voxel_ml
+    sizes[0] = 0.0
+    return np.asarray((sizes >= min_volume_ml)[labels])
+
+
+def _calcified(
+    hu: NDArray[np.floating],
+    brain: NDArray[np.bool_],
+    window: NDArray[np.bool_],
+    pixel: float,
+    voxel_ml: float,
+    p: HyperdenseParameters,
+) -> NDArray[np.bool_]:
+    """Dense brain cores (in-plane mean over ``CALCIFICATION_WINDOW_MM`` of at least
+    ``calcification_hu``) of at most ``calcification_core_max_ml`` and at least
+    ``CALCIFICATION_MIN_VOXELS``, with their halo through ``window``."""
+    side = max(1, 2 * round((CALCIFICATION_WINDOW_MM / pixel - 1) / 2) + 1)
+    local_mean = ndimage.uniform_filter(hu.astype(np.float32), size=(1, side, side))
+    dense = brain & (local_mean >= p.calcification_hu)
+    del local_mean
+    labels, count = ndimage.label(dense, structure=structure(26))
+    if not count:
+        return np.zeros(dense.shape, dtype=bool)
+    voxels = np.bincount(labels.ravel(), minlength=count + 1)
+    accepted = (voxels * voxel_ml <= p.calcification_core_max_ml) & (
+        voxels >= CALCIFICATION_MIN_VOXELS
+    )
+    accepted[0] = False
+    cores = accepted[labels]
+    del labels
+    return _grow(cores, cores | window, _steps(p.calcification_halo_mm, pixel))
+
+
 def classify_hyperdense(
     hu: NDArray[np.floating],
     masks: Intracranial,
@@ -202,37 +246,23 @@ def classify_hyperdense(
     through hyperdense voxels; the two classes never overlap.
     """
     brain = masks.brain
-    empty = np.zeros(hu.shape, dtype=bool)
+    out_hyper, out_calc = np.zeros(hu.shape, dtype=bool), np.zeros(hu.shape, dtype=bool)
     if not brain.any():
-        return empty, empty
+        return out_hyper, out_calc
     box = ndimage.find_objects((brain | masks.cavity).astype(np.uint8))[0]
     sub_brain, sub_core, sub_cavity = brain[box], masks.core[box], masks.cavity[box]
-    size = (1, p.median_size_px, p.median_size_px)
-    denoised = ndimage.median_filter(hu[box], size=size)
-    in_range = (denoised >= p.low_hu) & (denoised <= p.high_hu)
-    window = sub_brain & in_range
     pixel = min(spacing[1], spacing[2])
     voxel_ml = float(np.prod(spacing)) / 1000.0
-    seed_labels, seed_count = ndimage.label(window & sub_core, structure=structure(26))
-    seed_sizes = np.bincount(seed_labels.ravel(), minlength=seed_count + 1) * voxel_ml
-    seed_sizes[0] = 0.0
-    seeds = (seed_sizes >= p.min_volume_ml)[seed_labels]
+    # Each step is a function, so that its box-sized temporaries (float32 filtered HU,
+    # int32 labels) are freed when it returns, not held to the end.
+    in_range = _in_hu_window(hu[box], p)
+    window = sub_brain & in_range
+    seeds = _large_enough(window & sub_core, voxel_ml, p.min_volume_ml)
     reclaimable = (sub_cavity | (masks.skull[box] & (hu[box] < RIM_PATH_HU))) & in_range
+    del in_range
     candidates = _grow(seeds, reclaimable, _steps(p.regrow_mm, pixel)) | (window & sub_core)
-    side = max(1, 2 * round((CALCIFICATION_WINDOW_MM / pixel - 1) / 2) + 1)
-    local_mean = ndimage.uniform_filter(hu[box].astype(np.float32), size=(1, side, side))
-    dense = sub_brain & (local_mean >= p.calcification_hu)
-    labels, count = ndimage.label(dense, structure=structure(26))
-    calcified = np.zeros(dense.shape, dtype=bool)
-    if count:
-        voxels = np.bincount(labels.ravel(), minlength=count + 1)
-        accepted = (voxels * voxel_ml <= p.calcification_core_max_ml) & (
-            voxels >= CALCIFICATION_MIN_VOXELS
-        )
-        accepted[0] = False
-        cores = accepted[labels]
-        calcified = _grow(cores, cores | window, _steps(p.calcification_halo_mm, pixel))
-    out_hyper, out_calc = empty.copy(), empty.copy()
+    del seeds, reclaimable
+    calcified = _calcified(hu[box], sub_brain, window, pixel, voxel_ml, p)
     out_hyper[box] = candidates & ~calcified
     out_calc[box] = calcified
     return out_hyper, out_calc
