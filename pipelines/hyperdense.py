@@ -163,9 +163,9 @@ class SegmentedClasses:
     """Labelled regions on the grid: hyperdense (haemorrhage class) and calcification,
     each 0 for background and 1..count largest first."""
 
-    hyperdense: NDArray[np.int32]
+    hyperdense: NDArray[np.unsignedinteger]  # each in the smallest type holding its count
     hyperdense_count: int
-    calcification: NDArray[np.unsignedinteger]  # the smallest type holding the count
+    calcification: NDArray[np.unsignedinteger]
     calcification_count: int
 
 
@@ -390,7 +390,7 @@ class HyperdenseThresholdPipeline:
         """Labelled haemorrhage-class hyperdense regions on ``series.volume``'s grid,
         largest first; calcifications are not among them (:meth:`segment_classes`)."""
         classes = self.segment_classes(series)
-        return classes.hyperdense, classes.hyperdense_count
+        return classes.hyperdense.astype(np.int32), classes.hyperdense_count
 
     def segment_classes(self, series: LoadedSeries) -> SegmentedClasses:
         """Hyperdense and calcification regions on the grid (kept for the run,
@@ -414,8 +414,12 @@ class HyperdenseThresholdPipeline:
             )
             labels, count = drop_skull_band(labels, count, masks, volume.spacing, self.parameters)
             calc_labels, calc_count = label_regions(calcified, voxel_ml, 0.0, 26)
-        compact = calc_labels.astype(label_dtype(calc_count))  # kept for the run: 1/4 size
-        return SegmentedClasses(labels, count, compact, calc_count)
+        return SegmentedClasses(  # kept for the run: a quarter of int32's size
+            labels.astype(label_dtype(count)),
+            count,
+            calc_labels.astype(label_dtype(calc_count)),
+            calc_count,
+        )
 
     def run(
         self, series: LoadedSeries, segmented: tuple[NDArray[np.int32], int] | None = None

@@ -242,8 +242,11 @@ def classify_frames(
     """Haemorrhage-class and calcification masks of frames ``hu`` by the network and the
     bundle's rules (:func:`frame_rules`)."""
     rules = frame_rules(hu, spacing, unet.inference)
-    probabilities = predict_probabilities(unet.model, unet.config, rules.network_hu, spacing[1:])
-    hyperdense = rules.kept(probabilities >= unet.inference.threshold)
+    found = (  # the float32 probabilities are not held while the rules run
+        predict_probabilities(unet.model, unet.config, rules.network_hu, spacing[1:])
+        >= unet.inference.threshold
+    )
+    hyperdense = rules.kept(found)
     return FrameClasses(hyperdense, rules.calcified)
 
 
