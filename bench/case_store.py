@@ -18,6 +18,7 @@ from pathlib import Path
 from dicomnode.case_store import ARRAYS, CaseStoreSettings, write_case
 from pipelines.lesions import insert_lesion
 from pipelines.registry import pipeline_factory
+from pipelines.run_scope import keeping_cases
 from pipelines.settings import PipelinesSettings
 from pipelines.synthetic import synthetic_head_ct
 from pipelines.volume import load_datasets
@@ -40,7 +41,8 @@ def main() -> None:
         settings = CaseStoreSettings(folder=Path(folder), salt="bench-salt-0123456789")
         for repeat in range(args.repeats):
             start = time.perf_counter()
-            result = pipeline.run(series)
+            with keeping_cases():  # as a job whose node has a case store
+                result = pipeline.run(series)
             run_s = time.perf_counter() - start
             start = time.perf_counter()
             key = write_case(settings, "ht_after_mt", series.reference, result)

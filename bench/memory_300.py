@@ -88,13 +88,22 @@ def child(pipeline: str, case: Path, out: Path) -> dict[str, Any]:
         detail = run_study(case, out, marks, timer)
     else:
         from dicomnode.processing import run_pipeline
-        from pipelines.registry import get_pipeline
+        from pipelines.base import PipelineUnavailable
+        from pipelines.registry import pipeline_factory
+        from pipelines.settings import BlastCtSettings, PipelinesSettings
 
-        get_pipeline(pipeline).check()  # imports and model loading
+        # BLAST-CT with one member (the CPU default runs two, one after the other)
+        build = pipeline_factory(PipelinesSettings(blast_ct=BlastCtSettings(members=(1,))))
+        try:
+            build(pipeline).check()  # imports and model loading
+        except PipelineUnavailable as exc:  # e.g. no BLAST-CT weights here
+            return {"pipeline": pipeline, "skipped": str(exc)}
         marks["built"] = vm_hwm_mib()
         with recording(timer):
-            written = run_pipeline(sorted(case.glob("*.dcm")), pipeline, out, fallback=None)
-        detail = f"{len(written)} outputs"
+            written = run_pipeline(
+                sorted(case.glob("*.dcm")), pipeline, out, fallback=None, pipelines=build
+            )
+        detail = f"{len(written)} outputs" + (", member 1" if pipeline == "blast_ct" else "")
     marks["done"] = vm_hwm_mib()
     return {
         "pipeline": pipeline,
@@ -150,8 +159,9 @@ def table(rows: list[dict[str, Any]]) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for row in rows:
-        if "error" in row:
-            lines.append(f"| {row['pipeline']} | - | - | - | - | - | failed: {row['error']} |")
+        if "error" in row or "skipped" in row:
+            why = f"failed: {row['error']}" if "error" in row else f"skipped: {row['skipped']}"
+            lines.append(f"| {row['pipeline']} | - | - | - | - | - | {why} |")
             continue
         marks, stages = row["peak_mib"], row["stages_s"]
         split = " / ".join(f"{v:.2f}" for v in stages.values())

@@ -33,6 +33,8 @@ from pipelines.outputs import build_outputs
 from pipelines.outputs.failure import FailureNotice, build_failure_outputs
 from pipelines.outputs.rejection import RejectedInstance, build_rejection_note
 from pipelines.registry import get_pipeline, pipeline_factory, pipeline_names
+from pipelines.run_scope import keeping_cases, run_scope
+from pipelines.series import LoadedSeries
 from pipelines.stages import stage
 from pipelines.volume import VolumeLoadError, load_series
 
@@ -91,8 +93,7 @@ def run_pipeline(
     try:
         try:
             pipeline = pipelines(pipeline_name)
-            with stage("other"):  # what the pipeline does not charge to its own stages
-                result = pipeline.run(series)
+            result = run_once(pipeline, series, keep is not None)
         except PipelineUnavailable as exc:
             if fallback is None or fallback == pipeline_name:
                 raise
@@ -102,8 +103,7 @@ def run_pipeline(
             )  # fmt: skip
             pipeline_name = fallback
             pipeline = pipelines(fallback)
-            with stage("other"):
-                result = pipeline.run(series)
+            result = run_once(pipeline, series, keep is not None)
     except Exception as exc:  # every pipeline failure becomes a JobFailure with its kind
         kind = classify_failure(exc)
         if not isinstance(exc, PipelineError) and kind is FailureKind.PIPELINE_ERROR:
@@ -132,6 +132,15 @@ def run_pipeline(
     if keep is not None:
         keep(pipeline_name, series.reference, result)
     return written
+
+
+def run_once(pipeline: Pipeline, series: LoadedSeries, keep_case: bool) -> PipelineResult:
+    """``pipeline.run(series)`` in its own run scope (``pipelines.run_scope``), whose cached
+    segmentations are released when it returns, before the writers; the case record is
+    built only when ``keep_case`` (a case store keeps it). Stage ``other`` takes what the
+    pipeline does not charge to its own stages."""
+    with run_scope(), keeping_cases(keep_case), stage("other"):
+        return pipeline.run(series)
 
 
 def case_keeper(settings: CaseStoreSettings | None) -> Keeper | None:

@@ -189,7 +189,8 @@ class HeatMap:
 class CaseRecord:
     """What retraining needs from one run, for the node's case store
     (``dicomnode.case_store``): the image and regions every run has, and, when the model
-    scored a lesion, its inputs and features.
+    scored a lesion, its inputs and features. Built only for a job that keeps it
+    (``pipelines.run_scope.keeping_cases``).
 
     ``arrays``: named arrays (e.g. ``volume_hu`` int16 and ``volume_affine`` of the
     resampled volume, ``regions`` the segmenter's candidate lesions on its grid, the
@@ -219,7 +220,8 @@ class PipelineResult:
     # Lines every output states beside the measurements (SC panel, SR TEXT, saliency SC),
     # e.g. "no lesion: no risk computed (...)" from a risk model that scored nothing.
     statements: Sequence[str] = field(default_factory=tuple)
-    # What retraining needs from this run (a trainable risk model fills it in).
+    # What retraining needs from this run: a trainable risk model fills it in when the
+    # job keeps it (``pipelines.run_scope.keeping_cases``: a case store is configured).
     case_record: CaseRecord | None = None
 
 

@@ -219,4 +219,5 @@ def grid_to_frames(series: LoadedSeries, mask: NDArray[np.bool_]) -> NDArray[np.
     if mask.shape != series.volume.hu.shape:
         raise ValueError(f"mask shape {mask.shape} is not the volume's {series.volume.hu.shape}")
     frame_shape = (int(series.frame_hu.shape[1]), int(series.frame_hu.shape[2]))
-    return sample_grid_on_frames(mask, series.stack, series.grid, frame_shape).astype(bool)
+    sampled = sample_grid_on_frames(mask, series.stack, series.grid, frame_shape)
+    return sampled.astype(bool, copy=False)  # no copy of a boolean mask

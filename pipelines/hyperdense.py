@@ -13,7 +13,6 @@ scores a calcification. Nothing is trained: every parameter is a fixed threshold
 from __future__ import annotations
 
 import json
-import weakref
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -37,7 +36,8 @@ from pipelines.base import (
 from pipelines.brain import RIM_PATH_HU, Intracranial, intracranial_mask
 from pipelines.contract import OutputProfile, Writer
 from pipelines.measure import measure_segment, structure
-from pipelines.series import LoadedSeries
+from pipelines.run_scope import per_run, run_scope
+from pipelines.series import LoadedSeries, label_dtype
 from pipelines.settings import PipelinesSettings
 from pipelines.stages import stage
 
@@ -163,9 +163,9 @@ class SegmentedClasses:
     """Labelled regions on the grid: hyperdense (haemorrhage class) and calcification,
     each 0 for background and 1..count largest first."""
 
-    hyperdense: NDArray[np.int32]
+    hyperdense: NDArray[np.unsignedinteger]  # each in the smallest type holding its count
     hyperdense_count: int
-    calcification: NDArray[np.int32]
+    calcification: NDArray[np.unsignedinteger]
     calcification_count: int
 
 
@@ -182,6 +182,50 @@ def _grow(seeds: NDArray[np.bool_], within: NDArray[np.bool_], steps: int) -> ND
         seeds, structure=ndimage.generate_binary_structure(3, 1), iterations=steps, mask=within
     )
     return np.asarray(grown | seeds)
+
+
+def _in_hu_window(hu: NDArray[np.floating], p: HyperdenseParameters) -> NDArray[np.bool_]:
+    """Voxels whose in-plane median (``median_size_px``) lies in ``low_hu``-``high_hu``."""
+    denoised = ndimage.median_filter(hu, size=(1, p.median_size_px, p.median_size_px))
+    return np.asarray((denoised >= p.low_hu) & (denoised <= p.high_hu))
+
+
+def _large_enough(
+    mask: NDArray[np.bool_], voxel_ml: float, min_volume_ml: float
+) -> NDArray[np.bool_]:
+    """The 26-connected parts of ``mask`` of at least ``min_volume_ml``."""
+    labels, count = ndimage.label(mask, structure=structure(26))
+    sizes = np.bincount(labels.ravel(), minlength=count + 1) * voxel_ml
+    sizes[0] = 0.0
+    return np.asarray((sizes >= min_volume_ml)[labels])
+
+
+def _calcified(
+    hu: NDArray[np.floating],
+    brain: NDArray[np.bool_],
+    window: NDArray[np.bool_],
+    pixel: float,
+    voxel_ml: float,
+    p: HyperdenseParameters,
+) -> NDArray[np.bool_]:
+    """Dense brain cores (in-plane mean over ``CALCIFICATION_WINDOW_MM`` of at least
+    ``calcification_hu``) of at most ``calcification_core_max_ml`` and at least
+    ``CALCIFICATION_MIN_VOXELS``, with their halo through ``window``."""
+    side = max(1, 2 * round((CALCIFICATION_WINDOW_MM / pixel - 1) / 2) + 1)
+    local_mean = ndimage.uniform_filter(hu.astype(np.float32), size=(1, side, side))
+    dense = brain & (local_mean >= p.calcification_hu)
+    del local_mean
+    labels, count = ndimage.label(dense, structure=structure(26))
+    if not count:
+        return np.zeros(dense.shape, dtype=bool)
+    voxels = np.bincount(labels.ravel(), minlength=count + 1)
+    accepted = (voxels * voxel_ml <= p.calcification_core_max_ml) & (
+        voxels >= CALCIFICATION_MIN_VOXELS
+    )
+    accepted[0] = False
+    cores = accepted[labels]
+    del labels
+    return _grow(cores, cores | window, _steps(p.calcification_halo_mm, pixel))
 
 
 def classify_hyperdense(
@@ -202,37 +246,23 @@ def classify_hyperdense(
     through hyperdense voxels; the two classes never overlap.
     """
     brain = masks.brain
-    empty = np.zeros(hu.shape, dtype=bool)
+    out_hyper, out_calc = np.zeros(hu.shape, dtype=bool), np.zeros(hu.shape, dtype=bool)
     if not brain.any():
-        return empty, empty
+        return out_hyper, out_calc
     box = ndimage.find_objects((brain | masks.cavity).astype(np.uint8))[0]
     sub_brain, sub_core, sub_cavity = brain[box], masks.core[box], masks.cavity[box]
-    size = (1, p.median_size_px, p.median_size_px)
-    denoised = ndimage.median_filter(hu[box], size=size)
-    in_range = (denoised >= p.low_hu) & (denoised <= p.high_hu)
-    window = sub_brain & in_range
     pixel = min(spacing[1], spacing[2])
     voxel_ml = float(np.prod(spacing)) / 1000.0
-    seed_labels, seed_count = ndimage.label(window & sub_core, structure=structure(26))
-    seed_sizes = np.bincount(seed_labels.ravel(), minlength=seed_count + 1) * voxel_ml
-    seed_sizes[0] = 0.0
-    seeds = (seed_sizes >= p.min_volume_ml)[seed_labels]
+    # Each step is a function, so that its box-sized temporaries (float32 filtered HU,
+    # int32 labels) are freed when it returns, not held to the end.
+    in_range = _in_hu_window(hu[box], p)
+    window = sub_brain & in_range
+    seeds = _large_enough(window & sub_core, voxel_ml, p.min_volume_ml)
     reclaimable = (sub_cavity | (masks.skull[box] & (hu[box] < RIM_PATH_HU))) & in_range
+    del in_range
     candidates = _grow(seeds, reclaimable, _steps(p.regrow_mm, pixel)) | (window & sub_core)
-    side = max(1, 2 * round((CALCIFICATION_WINDOW_MM / pixel - 1) / 2) + 1)
-    local_mean = ndimage.uniform_filter(hu[box].astype(np.float32), size=(1, side, side))
-    dense = sub_brain & (local_mean >= p.calcification_hu)
-    labels, count = ndimage.label(dense, structure=structure(26))
-    calcified = np.zeros(dense.shape, dtype=bool)
-    if count:
-        voxels = np.bincount(labels.ravel(), minlength=count + 1)
-        accepted = (voxels * voxel_ml <= p.calcification_core_max_ml) & (
-            voxels >= CALCIFICATION_MIN_VOXELS
-        )
-        accepted[0] = False
-        cores = accepted[labels]
-        calcified = _grow(cores, cores | window, _steps(p.calcification_halo_mm, pixel))
-    out_hyper, out_calc = empty.copy(), empty.copy()
+    del seeds, reclaimable
+    calcified = _calcified(hu[box], sub_brain, window, pixel, voxel_ml, p)
     out_hyper[box] = candidates & ~calcified
     out_calc[box] = calcified
     return out_hyper, out_calc
@@ -307,8 +337,6 @@ class HyperdenseThresholdPipeline:
         (hash-checked)."""
         self._stored = parameters is None
         self.root = root
-        # The last series segmented (held weakly: a finished job's series is freed).
-        self._cache: tuple[weakref.ref[LoadedSeries], SegmentedClasses] | None = None
         self.parameters = parameters or HyperdenseParameters.from_mapping(
             load_parameters(MODEL_NAME, version, root)
         )
@@ -362,14 +390,16 @@ class HyperdenseThresholdPipeline:
         """Labelled haemorrhage-class hyperdense regions on ``series.volume``'s grid,
         largest first; calcifications are not among them (:meth:`segment_classes`)."""
         classes = self.segment_classes(series)
-        return classes.hyperdense, classes.hyperdense_count
+        return classes.hyperdense.astype(np.int32), classes.hyperdense_count
 
     def segment_classes(self, series: LoadedSeries) -> SegmentedClasses:
-        """Hyperdense and calcification regions on the grid (the last series is cached,
-        so ``segment`` then ``run`` on one series segments it once)."""
-        cached = self._cache
-        if cached is not None and cached[0]() is series:
-            return cached[1]
+        """Hyperdense and calcification regions on the grid (kept for the run,
+        ``pipelines.run_scope``, so ``segment`` then ``run`` on one series segments it
+        once)."""
+        return per_run(self, series, lambda: self._segment_classes(series))
+
+    def _segment_classes(self, series: LoadedSeries) -> SegmentedClasses:
+        """:meth:`segment_classes`, computed."""
         with stage("segmentation"):
             volume = series.volume
             masks = intracranial_mask(volume.hu, volume.spacing)
@@ -384,9 +414,12 @@ class HyperdenseThresholdPipeline:
             )
             labels, count = drop_skull_band(labels, count, masks, volume.spacing, self.parameters)
             calc_labels, calc_count = label_regions(calcified, voxel_ml, 0.0, 26)
-        classes = SegmentedClasses(labels, count, calc_labels, calc_count)
-        self._cache = (weakref.ref(series), classes)
-        return classes
+        return SegmentedClasses(  # kept for the run: a quarter of int32's size
+            labels.astype(label_dtype(count)),
+            count,
+            calc_labels.astype(label_dtype(calc_count)),
+            calc_count,
+        )
 
     def run(
         self, series: LoadedSeries, segmented: tuple[NDArray[np.int32], int] | None = None
@@ -397,12 +430,13 @@ class HyperdenseThresholdPipeline:
         A region that no acquired frame crosses (it exists only between two planes, by
         interpolation) cannot be shown or measured on the images and is dropped.
         """
-        labels, count = segmented if segmented is not None else self.segment(series)
-        segment = measure_segment(series, HYPERDENSE_SEGMENT, labels, count)
-        classes = self.segment_classes(series)
-        calcification = measure_segment(
-            series, CALCIFICATION_SEGMENT, classes.calcification, classes.calcification_count
-        )
+        with run_scope():  # one segmentation for the regions and the calcifications
+            labels, count = segmented if segmented is not None else self.segment(series)
+            segment = measure_segment(series, HYPERDENSE_SEGMENT, labels, count)
+            classes = self.segment_classes(series)
+            calcification = measure_segment(
+                series, CALCIFICATION_SEGMENT, classes.calcification, classes.calcification_count
+            )
         regions, total = segment.regions, segment.total
         notes = [
             f"{len(regions)} hyperdense region(s) of at least "

@@ -66,9 +66,11 @@ class LoadedSeries:
     """One series as loaded: its datasets, its acquired frames and its resampled volume.
 
     ``frames`` and ``frame_hu`` follow the slice-normal order (ascending position along the
-    normal); ``datasets`` are the image instances kept (localizers excluded), pixel data
-    included: one per frame, in frame order, for single-frame series; the one instance for
-    an enhanced multi-frame series. ``stack`` and ``grid`` relate frames and volume.
+    normal); ``datasets`` are the image instances kept (localizers excluded): one per
+    frame, in frame order, for single-frame series; the one instance for an enhanced
+    multi-frame series. Loaded from files (``pipelines.volume.load_series``) they hold no
+    pixel data: it was decoded into ``frame_hu``; the writers reference them by their
+    headers. ``stack`` and ``grid`` relate frames and volume.
     """
 
     datasets: Sequence[Dataset]

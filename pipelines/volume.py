@@ -77,17 +77,24 @@ def is_localizer(ds: Dataset) -> bool:
 
 
 def load_series(paths: Sequence[Path], slice_spacing_mm: float | None = None) -> LoadedSeries:
-    """Load the files of one series; see ``load_datasets``."""
-    return load_datasets(read_datasets(paths), slice_spacing_mm)
+    """Load the files of one series; see ``load_datasets``. The datasets read are the
+    series' own: their encoded pixel data is dropped once decoded."""
+    return load_datasets(read_datasets(paths), slice_spacing_mm, drop_pixel_data=True)
 
 
 def load_datasets(
-    datasets: Sequence[Dataset], slice_spacing_mm: float | None = None
+    datasets: Sequence[Dataset],
+    slice_spacing_mm: float | None = None,
+    *,
+    drop_pixel_data: bool = False,
 ) -> LoadedSeries:
     """Turn the instances of one series into frames and an orthogonal HU volume.
 
     ``slice_spacing_mm`` is the grid spacing along the slice normal; by default the
     smallest gap between frames (so no acquired plane is undersampled).
+    ``drop_pixel_data``: delete each image's PixelData once it is decoded (the series
+    then holds its pixels once, as ``frame_hu``; the writers read only the headers); the
+    caller's datasets are changed, so only for datasets the caller does not reuse.
     """
     check_one_series(datasets)
     images = [ds for ds in datasets if not is_localizer(ds)]
@@ -110,7 +117,7 @@ def load_datasets(
         raise InconsistentSeries(
             "two frames lie on the same plane (duplicate or mixed acquisitions)"
         )
-    frame_hu = _hounsfield(frames, len(images))
+    frame_hu = _hounsfield(frames, len(images), drop_pixel_data)
     sources = [(f.dataset, f.frame_number, f.position) for f in frames]
     spacing = slice_spacing_mm or default_slice_spacing(stack)
     grid = orthogonal_grid(stack, frame_hu.shape[1:], spacing)
@@ -293,11 +300,13 @@ def _rescale(slope: float | str, intercept: float | str) -> tuple[np.float32, np
     return rescale
 
 
-def _hounsfield(frames: Sequence[_Frame], instances: int) -> NDArray[np.float32]:
+def _hounsfield(
+    frames: Sequence[_Frame], instances: int, drop_pixel_data: bool
+) -> NDArray[np.float32]:
     """The frames' HU values in their order: each instance decoded once and each of its
     frames rescaled straight into its place (``stored.astype(float32) * slope +
-    intercept``); refuses the series naming each instance that cannot be decoded or
-    whose values overflow."""
+    intercept``), its PixelData then deleted when ``drop_pixel_data``; refuses the series
+    naming each instance that cannot be decoded or whose values overflow."""
     hu = np.empty((len(frames), *frames[0].shape), dtype=np.float32)
     places: dict[int, list[tuple[int, _Frame]]] = {}
     for place, frame in enumerate(frames):
@@ -310,6 +319,8 @@ def _hounsfield(frames: Sequence[_Frame], instances: int) -> NDArray[np.float32]
             stored = stored[np.newaxis] if stored.ndim == 2 else stored
             for place, frame in placed:
                 _rescale_into(hu[place], stored[(frame.frame_number or 1) - 1], frame.rescale)
+            if drop_pixel_data:
+                del ds.PixelData
         except (VolumeLoadError, IndexError) as exc:
             failed.append((ds, str(exc) if isinstance(exc, VolumeLoadError) else "too few frames"))
     if failed:

@@ -10,10 +10,12 @@ import os
 import shutil
 import tarfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
+from pydicom.dataset import Dataset
 
 from dicomnode.case_exchange import export_cases, import_cases
 from dicomnode.case_labels import derive_store_labels, labelled_cases
@@ -28,13 +30,18 @@ from dicomnode.case_store import (
 from dicomnode.labels import audit_trail, labels
 from dicomnode.processing import case_keeper, run_pipeline
 from model_store.registry import STORE_ROOT, load_manifest
+from pipelines.base import Algorithm, CaseRecord, Pipeline, PipelineResult
 from pipelines.cohort import generate_cohort
+from pipelines.contract import OutputProfile
 from pipelines.followup.pairs import generate_pair
 from pipelines.ht_after_mt.casedata import features_from_record
 from pipelines.ht_after_mt.model import PRIMARY, HtModel
 from pipelines.registry import pipeline_factory
 from pipelines.retraining.trainable import Cohort, TrainOptions, get_trainable
+from pipelines.run_scope import keeping_cases
+from pipelines.series import LoadedSeries
 from pipelines.settings import HtAfterMtSettings, PipelinesSettings
+from pipelines.volume import load_series
 
 SALT = "case-store-test-salt"
 
@@ -92,6 +99,66 @@ def test_a_run_keeps_features_inputs_and_prediction_without_identifiers(
     # a follow-up without lesion (the stain cleared) is kept, unscored, for the labels
     cleared = study_key(str(studies[("contrast", "followup")].StudyInstanceUID), SALT)
     assert not cases[cleared].scored and not load_record(root, cleared).arrays["regions"].any()
+
+
+@dataclass
+class Recorded:
+    """A real pipeline whose results the test keeps (what ``run_pipeline`` got from it)."""
+
+    pipeline: Pipeline
+    results: list[PipelineResult]
+
+    @property
+    def name(self) -> str:
+        """The pipeline's name."""
+        return self.pipeline.name
+
+    @property
+    def algorithm(self) -> Algorithm:
+        """The pipeline's algorithm."""
+        return self.pipeline.algorithm
+
+    @property
+    def profile(self) -> OutputProfile:
+        """The pipeline's profile."""
+        return self.pipeline.profile
+
+    def check(self) -> None:
+        """The pipeline's check."""
+        self.pipeline.check()
+
+    def run(self, series: LoadedSeries) -> PipelineResult:
+        """The pipeline's result, kept."""
+        self.results.append(self.pipeline.run(series))
+        return self.results[-1]
+
+
+def test_a_job_without_a_case_store_builds_no_case_record(tmp_path: Path) -> None:
+    """The record (an int16 copy of the volume, the regions, the model inputs: ~240 MB on
+    a 300-slice series) is built only for a job whose node keeps it."""
+    build = pipeline_factory(
+        PipelinesSettings(ht_after_mt=HtAfterMtSettings(segmenter="hyperdense_regions"))
+    )
+    results: list[PipelineResult] = []
+    paths = _write(generate_pair(5, "ht").baseline, tmp_path / "in")
+    kept: list[CaseRecord | None] = []
+
+    def keep(pipeline: str, reference: Dataset, result: PipelineResult) -> None:
+        kept.append(result.case_record)
+
+    for keeper in (None, keep):
+        run_pipeline(
+            paths, "ht_after_mt", tmp_path / "out", keep=keeper,
+            pipelines=lambda name: Recorded(build(name), results),
+        )  # fmt: skip
+    without, with_store = results
+    assert without.risk is not None and without.case_record is None
+    assert with_store.case_record is not None and kept == [with_store.case_record]
+    assert "volume_hu" in with_store.case_record.arrays and with_store.risk == without.risk
+    series = load_series(paths)  # a pipeline run outside a job keeps nothing either
+    assert build("ht_after_mt").run(series).case_record is None
+    with keeping_cases():
+        assert build("ht_after_mt").run(series).case_record is not None
 
 
 def test_labels_derived_from_stored_follow_ups(

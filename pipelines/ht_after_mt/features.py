@@ -204,7 +204,7 @@ class Lesion:
 def find_lesion(
     series: LoadedSeries,
     segmenter: Segmenter,
-    labels: tuple[NDArray[np.int32], int] | None = None,
+    labels: tuple[NDArray[np.integer], int] | None = None,
 ) -> Lesion:
     """The largest haemorrhage-class hyperdense region that an acquired frame crosses.
 
@@ -264,7 +264,7 @@ def case_features(
     segmenter: Segmenter,
     radiomics_params: str | Path,
     cnn_config: InputConfig = CNN_INPUT,
-    labels: tuple[NDArray[np.int32], int] | None = None,
+    labels: tuple[NDArray[np.integer], int] | None = None,
 ) -> CaseFeatures:
     """Lesion, radiomics, CNN input and clinical values of one case (``row``: its table
     row, or the :class:`RowLookup` saying why there is none)."""

@@ -78,6 +78,7 @@ from pipelines.measure import measure_segment
 from pipelines.registry import get_pipeline, get_segmenter
 from pipelines.retraining.card import model_card
 from pipelines.retraining.ood import manifest_input_check
+from pipelines.run_scope import cases_kept, run_scope
 from pipelines.series import LoadedSeries
 from pipelines.settings import PipelinesSettings
 from pipelines.stages import charged_to
@@ -238,7 +239,7 @@ class HtAfterMtPipeline:
             return found, f"{found.reason} ({table.source})"
         return found, f"clinical variables from {table.source}"
 
-    def _calcifications(self, series: LoadedSeries) -> tuple[NDArray[np.int32], int]:
+    def _calcifications(self, series: LoadedSeries) -> tuple[NDArray[np.integer], int]:
         """Calcified foci on the volume grid (the threshold baseline's rule: dense cores
         above its calcification threshold), found apart from the lesions, never scored."""
         classes = self.calcification_finder.segment_classes(series)
@@ -250,15 +251,15 @@ class HtAfterMtPipeline:
         labels: NDArray[np.int32],
         count: int,
         choice: LesionChoice,
-        calcified: tuple[NDArray[np.int32], int],
+        calcified: tuple[NDArray[np.integer], int],
     ) -> list[SegmentResult]:
         """The scored lesion (its own segment), the other regions, the calcifications;
         with nothing scored, one empty lesion segment and the calcifications."""
         if choice.label is None:
-            empty = np.zeros(labels.shape, dtype=np.int32)
+            empty = np.zeros(labels.shape, dtype=np.uint8)
             segments = [measure_segment(series, self._no_lesion_class, empty, 0)]
         else:
-            scored = (labels == choice.label).astype(np.int32)
+            scored = (labels == choice.label).view(np.uint8)  # label 1, no copy
             others = relabel_without(labels, count, (choice.label, *choice.calcified))
             segments = [measure_segment(series, self._lesion_class, scored, 1)]
             rest = measure_segment(series, self._other_class, *others)
@@ -270,7 +271,13 @@ class HtAfterMtPipeline:
         return segments
 
     def run(self, series: LoadedSeries) -> PipelineResult:
-        """Segment, choose the scored lesion (``scoring``), describe it, predict, explain."""
+        """Segment, choose the scored lesion (``scoring``), describe it, predict, explain;
+        the case record only for a job that keeps it (``pipelines.run_scope``)."""
+        with run_scope():  # the segmenter's regions and calcifications: one segmentation
+            return self._run(series)
+
+    def _run(self, series: LoadedSeries) -> PipelineResult:
+        """:meth:`run` inside its run scope."""
         model = self.model
         found, source = self._lookup(series.reference)
         labels, count = self.segmenter.segment(series)
@@ -293,8 +300,9 @@ class HtAfterMtPipeline:
         key_frame = lesion_total.key_frame if lesion_total else len(series.frames) // 2
         imaging = PipelineResult(self.algorithm, segments, key_frame, segmented)
         if choice.label is None or lesion_total is None:
-            return replace(imaging, statements=(reason,), case_record=case_record(series, labels))
-        scored = ((labels == choice.label).astype(np.int32), 1)
+            record = case_record(series, labels) if cases_kept() else None
+            return replace(imaging, statements=(reason,), case_record=record)
+        scored = ((labels == choice.label).view(np.uint8), 1)
         case = case_features(
             series, found, self.segmenter, model.radiomics_params, model.cnn_input, scored
         )
@@ -335,8 +343,12 @@ class HtAfterMtPipeline:
             self._clinical_note(source, prediction.imputed),
             model.notice,
         ]
-        record = case_record(
-            series, labels, case, model.radiomics_params, input_config_to_dict(model.cnn_input)
+        record = (
+            case_record(
+                series, labels, case, model.radiomics_params, input_config_to_dict(model.cnn_input)
+            )
+            if cases_kept()
+            else None
         )
         return replace(imaging, notes=notes, risk=risk, heatmaps=heatmaps, case_record=record)
 

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
+from pipelines.series import label_dtype
+
 NO_LESION = "no lesion: no risk computed"
 """What the SC and SR say when the segmenter found no lesion to score."""
 
@@ -106,10 +108,10 @@ def scored_reason(choice: LesionChoice, segmenter: str, n_calcifications: int) -
 
 def relabel_without(
     labels: NDArray[np.integer], count: int, removed: Sequence[int]
-) -> tuple[NDArray[np.int32], int]:
+) -> tuple[NDArray[np.unsignedinteger], int]:
     """``labels`` with the regions ``removed`` cleared and the rest renumbered 1..n in
-    their order (largest first stays largest first)."""
+    their order (largest first stays largest first), in the smallest type holding n."""
     kept = [k for k in range(1, count + 1) if k not in set(removed)]
-    lookup = np.zeros(count + 1, dtype=np.int32)
-    lookup[kept] = np.arange(1, len(kept) + 1, dtype=np.int32)
-    return lookup[np.asarray(labels, dtype=np.int64)], len(kept)
+    lookup = np.zeros(count + 1, dtype=label_dtype(len(kept)))
+    lookup[kept] = np.arange(1, len(kept) + 1)
+    return lookup[labels], len(kept)

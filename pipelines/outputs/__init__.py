@@ -17,6 +17,7 @@ from pydicom.dataset import Dataset
 from pipelines.base import PipelineResult
 from pipelines.contract import GENERIC_PROFILE, OutputProfile, Writer
 from pipelines.outputs.common import OutputIdentity, output_identity, revision_suffix
+from pipelines.outputs.regions import segment_plan
 from pipelines.outputs.saliency import build_saliency_sc
 from pipelines.outputs.sc import build_sc
 from pipelines.outputs.seg import build_seg
@@ -77,12 +78,14 @@ def build_outputs(
 
     outputs: list[Dataset] = []
     if profile.writes(Writer.SEG):
-        seg = build_seg(series, result, identity("seg", 1, profile.seg_title))
+        plan = segment_plan(result)  # one plan for the SEG and the SR's groups
+        seg = build_seg(series, result, identity("seg", 1, profile.seg_title), plan=plan)
         outputs.append(seg)
     if profile.writes(Writer.SC):
         outputs.append(build_sc(series, result, identity("sc-1", 2, profile.sc_title)))
     if profile.writes(Writer.SR):  # the profile guarantees the SEG it references
-        outputs.append(build_sr(series, result, seg, identity("sr", 3, profile.sr_title)))
+        sr_identity = identity("sr", 3, profile.sr_title)
+        outputs.append(build_sr(series, result, seg, sr_identity, plan=plan))
     if profile.writes(Writer.SALIENCY):
         outputs += [
             build_saliency_sc(

@@ -72,13 +72,24 @@ class PlannedSegment:
     labels: NDArray[np.integer] | None
     colour: Rgb
     shape: tuple[int, ...]  # (n_frames, rows, columns) on LoadedSeries.frames
+    # The region's bounding box in ``labels``; None when it has no voxel (or no region).
+    box: tuple[slice, ...] | None = None
 
     @property
     def mask(self) -> NDArray[np.bool_]:
         """The segment's mask on the source frames, (n_frames, rows, columns)."""
-        if self.labels is None or self.region_index is None:
-            return np.zeros(self.shape, dtype=bool)
-        return np.asarray(self.labels == self.region_index + 1)
+        mask = np.zeros(self.shape, dtype=bool)
+        if self.labels is not None and self.region_index is not None and self.box is not None:
+            mask[self.box] = self.labels[self.box] == self.region_index + 1
+        return mask
+
+    def voxels(self) -> tuple[NDArray[np.intp], ...]:
+        """(frames, rows, columns) indices of the segment's voxels, as ``np.nonzero(mask)``
+        gives them, found within its box."""
+        if self.labels is None or self.region_index is None or self.box is None:
+            return tuple(np.zeros(0, dtype=np.intp) for _ in self.shape)
+        found = np.nonzero(self.labels[self.box] == self.region_index + 1)
+        return tuple(index + int(part.start) for index, part in zip(found, self.box, strict=True))
 
     @property
     def finding(self) -> CodedConcept:
@@ -166,6 +177,7 @@ def segment_plan(result: PipelineResult) -> list[PlannedSegment]:
             )
             continue
         labels = region_label_array(segment)
+        boxes = ndimage.find_objects(labels, max_label=len(segment.regions))
         for region_index, measurements in enumerate(segment.regions):
             planned.append(
                 PlannedSegment(
@@ -178,18 +190,20 @@ def segment_plan(result: PipelineResult) -> list[PlannedSegment]:
                     labels=labels,
                     colour=colour,
                     shape=segment.frame_mask.shape,
+                    box=boxes[region_index],
                 )
             )
     return planned
 
 
-def laterality(series: LoadedSeries, mask: NDArray[np.bool_], key_frame: int) -> int:
+def laterality(series: LoadedSeries, voxels: tuple[NDArray[np.intp], ...], key_frame: int) -> int:
     """-1 (patient right), +1 (patient left) or 0 (within the midline margin, or unknown).
 
-    The region's centroid and the head's midline are both in patient x (LPS: +x is the
-    patient's left); the midline is the mean x of the head's tissue on ``key_frame``.
+    ``voxels``: the region's (frames, rows, columns) indices on the frames. The region's
+    centroid and the head's midline are both in patient x (LPS: +x is the patient's
+    left); the midline is the mean x of the head's tissue on ``key_frame``.
     """
-    frames, rows, cols = np.nonzero(mask)
+    frames, rows, cols = voxels
     head_rows, head_cols = np.nonzero(series.frame_hu[key_frame] > HEAD_TISSUE_HU)
     if frames.size == 0 or head_rows.size == 0:
         return 0
@@ -207,7 +221,7 @@ def finding_site(series: LoadedSeries, planned: PlannedSegment) -> hd.sr.Finding
     """Intracranial structure, with the laterality of the region when it has one."""
     if planned.measurements is None:
         return hd.sr.FindingSite(anatomic_location=SITE_INTRACRANIAL)
-    side = laterality(series, planned.mask, planned.measurements.key_frame)
+    side = laterality(series, planned.voxels(), planned.measurements.key_frame)
     if side == 0:
         return hd.sr.FindingSite(anatomic_location=SITE_INTRACRANIAL)
     return hd.sr.FindingSite(

@@ -7,6 +7,8 @@ colour (RecommendedDisplayCIELabValue, the colour the Secondary Capture draws it
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import highdicom as hd
 import numpy as np
 from numpy.typing import NDArray
@@ -24,7 +26,7 @@ from pipelines.outputs.common import (
     shallow_copy,
 )
 from pipelines.outputs.regions import PlannedSegment, segment_plan
-from pipelines.series import LoadedSeries
+from pipelines.series import LoadedSeries, label_dtype
 
 
 def source_frame_keys(series: LoadedSeries) -> list[tuple[str, int | None]]:
@@ -43,25 +45,72 @@ def source_frame_keys(series: LoadedSeries) -> list[tuple[str, int | None]]:
     return keys
 
 
-def seg_pixel_array(series: LoadedSeries, planned: list[PlannedSegment]) -> NDArray[np.uint8]:
-    """Masks as (source frames, rows, columns, segments), in the source datasets' order.
+def seg_pixel_array(
+    series: LoadedSeries, planned: Sequence[PlannedSegment]
+) -> NDArray[np.unsignedinteger]:
+    """The SEG's pixels in the source datasets' frame order: segment numbers as a label
+    array (source frames, rows, columns) when no two segments overlap, else a stack of
+    masks (source frames, rows, columns, segments).
 
-    The planned masks follow ``series.frames``; a source frame that the loader did not
-    keep stays empty.
+    highdicom writes the same binary frames and SegmentsOverlap from either; the label
+    array spares the stack (one byte per voxel and segment) and highdicom's overlap sum
+    over it (eight bytes per voxel). The planned masks follow ``series.frames``; a source
+    frame that the loader did not keep stays empty.
     """
     if not planned:
         raise ValueError("a DICOM SEG needs at least one segment; the result has none")
-    index = {(f.sop_instance_uid, f.frame_number): i for i, f in enumerate(series.frames)}
     for p in planned:
         if p.shape != series.frame_hu.shape:
             raise ValueError(
                 f"segment masks {p.shape} do not match the frames {series.frame_hu.shape}"
             )
+    places = source_places(series)
+    shape = (len(source_frame_keys(series)), *series.frame_hu.shape[1:])
+    labels = np.zeros(shape, dtype=label_dtype(len(planned)))
+    for class_labels, first, count in class_label_arrays(planned):
+        for row, frame in places:
+            plane = class_labels[frame]
+            found = (plane > 0) & (plane <= count)
+            if not found.any():
+                continue
+            target = labels[row]
+            if target[found].any():  # segments of two classes overlap
+                return seg_mask_stack(series, planned)
+            target[found] = plane[found] + (first - 1)
+    return labels
+
+
+def source_places(series: LoadedSeries) -> list[tuple[int, int]]:
+    """(source frame, frame of ``series.frames``) of every source frame the loader kept."""
+    index = {(f.sop_instance_uid, f.frame_number): i for i, f in enumerate(series.frames)}
     keys = source_frame_keys(series)
-    rows = [row for row, key in enumerate(keys) if key in index]
-    frames = [index[keys[row]] for row in rows]
-    pixels = np.zeros((len(keys), *series.frame_hu.shape[1:], len(planned)), dtype=np.uint8)
-    for number, p in enumerate(planned):  # one segment at a time: no stack of every mask
+    return [(row, index[key]) for row, key in enumerate(keys) if key in index]
+
+
+def class_label_arrays(
+    planned: Sequence[PlannedSegment],
+) -> list[tuple[NDArray[np.integer], int, int]]:
+    """Per class with regions: its frame labels (region k as k), the segment number of its
+    first region and its number of regions (segments numbered consecutively per class)."""
+    classes: dict[int, tuple[NDArray[np.integer], int, int]] = {}
+    for p in planned:
+        if p.labels is None or p.region_index is None:
+            continue
+        labels, first, count = classes.get(p.class_index, (p.labels, p.number, 0))
+        classes[p.class_index] = (labels, first, count + 1)
+    return list(classes.values())
+
+
+def seg_mask_stack(series: LoadedSeries, planned: Sequence[PlannedSegment]) -> NDArray[np.uint8]:
+    """Masks as (source frames, rows, columns, segments), in the source datasets' order,
+    filled one segment at a time (for segments that overlap)."""
+    places = source_places(series)
+    rows = [row for row, _ in places]
+    frames = [frame for _, frame in places]
+    pixels = np.zeros(
+        (len(source_frame_keys(series)), *series.frame_hu.shape[1:], len(planned)), dtype=np.uint8
+    )
+    for number, p in enumerate(planned):
         pixels[rows, :, :, number] = p.mask[frames]
     return pixels
 
@@ -117,13 +166,14 @@ def build_seg(
     result: PipelineResult,
     identity: OutputIdentity,
     content_label: str = "HYPERDENSE",
+    plan: Sequence[PlannedSegment] | None = None,
 ) -> hd.seg.Segmentation:
-    """Binary SEG, one segment per region (``regions.segment_plan``), every source frame
-    kept.
+    """Binary SEG, one segment per region (``regions.segment_plan``, or ``plan`` when the
+    caller made it already), every source frame kept.
 
     highdicom adds the source scanner and itself as Contributing Equipment.
     """
-    planned = segment_plan(result)
+    planned = segment_plan(result) if plan is None else plan
     descriptions = [
         segment_description(p, result.algorithm, identity.sop_instance_uid) for p in planned
     ]

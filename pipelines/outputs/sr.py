@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 
 import highdicom as hd
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
@@ -284,10 +285,14 @@ def total_group(
 
 
 def measurement_groups(
-    series: LoadedSeries, result: PipelineResult, seg: hd.seg.Segmentation
+    series: LoadedSeries,
+    result: PipelineResult,
+    seg: hd.seg.Segmentation,
+    plan: Sequence[PlannedSegment] | None = None,
 ) -> list[Group]:
-    """Per class: one TID 1411 group per region (or its empty segment), then its total."""
-    planned = segment_plan(result)
+    """Per class: one TID 1411 group per region (or its empty segment), then its total
+    (segments as ``plan``, the SEG's, or ``regions.segment_plan``)."""
+    planned = segment_plan(result) if plan is None else plan
     groups: list[Group] = []
     for class_index, segment in enumerate(result.segments):
         groups += [
@@ -376,17 +381,19 @@ def build_sr(
     result: PipelineResult,
     seg: hd.seg.Segmentation,
     identity: OutputIdentity,
+    plan: Sequence[PlannedSegment] | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """Comprehensive 3D SR (TID 1500) of ``result``, referencing ``seg`` and key frames.
 
     ``seg`` must be the SEG that ``build_seg`` wrote for ``result`` (one segment per
-    region, numbered as ``regions.segment_plan`` numbers them).
+    region, numbered as ``regions.segment_plan`` numbers them; ``plan``: that plan, when
+    the caller made it already).
 
     Completion COMPLETE, verification UNVERIFIED, preliminary flag PRELIMINARY: nobody has
     reviewed an automatic result.
     """
     check_classifications(result)
-    groups = measurement_groups(series, result, seg)
+    groups = measurement_groups(series, result, seg, plan)
     report = hd.sr.MeasurementReport(
         observation_context=observation_context(result, identity),
         procedure_reported=codes.LN.HeadCT,

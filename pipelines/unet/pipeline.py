@@ -30,7 +30,6 @@ skull, lie wholly in its partial-volume band or in a calcification's halo are dr
 from __future__ import annotations
 
 import time
-import weakref
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -62,6 +61,7 @@ from pipelines.hyperdense import (
     classify_hyperdense,
 )
 from pipelines.measure import connected_regions, measure_region, structure
+from pipelines.run_scope import per_run
 from pipelines.series import LoadedSeries
 from pipelines.settings import PipelinesSettings
 from pipelines.stages import charged_to
@@ -242,8 +242,11 @@ def classify_frames(
     """Haemorrhage-class and calcification masks of frames ``hu`` by the network and the
     bundle's rules (:func:`frame_rules`)."""
     rules = frame_rules(hu, spacing, unet.inference)
-    probabilities = predict_probabilities(unet.model, unet.config, rules.network_hu, spacing[1:])
-    hyperdense = rules.kept(probabilities >= unet.inference.threshold)
+    found = (  # the float32 probabilities are not held while the rules run
+        predict_probabilities(unet.model, unet.config, rules.network_hu, spacing[1:])
+        >= unet.inference.threshold
+    )
+    hyperdense = rules.kept(found)
     return FrameClasses(hyperdense, rules.calcified)
 
 
@@ -267,7 +270,6 @@ class UNetPipeline:
         self.device = "cuda" if device == "cuda" or (device == "auto" and cuda) else "cpu"
         self.version, self.root = version, root
         self.unet = load_unet(version, root, self.device)
-        self._cache: tuple[weakref.ref[LoadedSeries], FrameClasses] | None = None
         self._algorithm = Algorithm(
             name="dicomnode hyperdense U-Net",
             version=version,
@@ -323,15 +325,12 @@ class UNetPipeline:
 
     @charged_to("segmentation")
     def frame_classes(self, series: LoadedSeries) -> FrameClasses:
-        """Haemorrhage-class and calcification masks on ``series.frame_hu`` (the last
-        series is cached, held weakly, so ``segment`` then ``run`` on one series segments it
-        once and a finished job's series can be freed)."""
-        cached = self._cache
-        if cached is not None and cached[0]() is series:
-            return cached[1]
-        classes = classify_frames(self.unet, series.frame_hu, frame_spacing(series))
-        self._cache = (weakref.ref(series), classes)
-        return classes
+        """Haemorrhage-class and calcification masks on ``series.frame_hu`` (kept for the
+        run, ``pipelines.run_scope``, so ``segment`` then ``run`` on one series segments it
+        once)."""
+        return per_run(
+            self, series, lambda: classify_frames(self.unet, series.frame_hu, frame_spacing(series))
+        )
 
     def segment_frames(self, series: LoadedSeries) -> NDArray[np.bool_]:
         """Thresholded U-Net probabilities where the brain rule allows, calcification out,
