@@ -466,21 +466,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=Path,
         action="append",
         default=[],
-        help="an earlier report (JSON) whose figures of the methods not run here are kept",
+        help="an earlier report (JSON) whose figures of the methods not run here are kept "
+        "(repeatable; with --methods '' the reports are merged, the first giving the rows)",
     )
     args = parser.parse_args(argv)
     run = methods([m for m in args.methods.split(",") if m])
-    normals = evaluate_normals(args.quick, run)
-    calcifications = evaluate_calcifications(args.quick, run)
-    contrast = evaluate_contrast(run)
-    rows = evaluate_lesions(args.quick, run)
-    report: dict[str, Any] = {
-        "targets": TARGETS,
-        "normals": normals,
-        "calcifications": calcifications,
-        "contrast": contrast,
-        "lesions": [asdict(r) for r in rows],
-    }
+    report: dict[str, Any]
+    if run:
+        normals = evaluate_normals(args.quick, run)
+        calcifications = evaluate_calcifications(args.quick, run)
+        contrast = evaluate_contrast(run)
+        rows = evaluate_lesions(args.quick, run)
+        report = {
+            "targets": TARGETS,
+            "normals": normals,
+            "calcifications": calcifications,
+            "contrast": contrast,
+            "lesions": [asdict(r) for r in rows],
+        }
+    elif args.reuse:  # merge only: the first report's rows, the others' figures added
+        first = json.loads(args.reuse[0].read_text(encoding="utf-8"))
+        report = {k: first[k] for k in ("targets", "normals", "calcifications", "contrast")}
+        report["lesions"] = first["lesions"]
+    else:
+        parser.error("--methods is empty: give the reports to merge with --reuse")
     for path in args.reuse:
         earlier = json.loads(path.read_text(encoding="utf-8"))
         reuse(report, earlier, [m for m in METHODS if m not in run])

@@ -24,7 +24,7 @@ from pipelines.lesions import insert_lesion, radius_for_volume, skull_base_centr
 from pipelines.series import LoadedSeries
 from pipelines.synthetic import CALCIFICATION_SITES_MM, site_mm, synthetic_head_ct
 from pipelines.unet import UNetPipeline
-from pipelines.unet.cases import make_painted_case
+from pipelines.unet.cases import ge_like_rise, make_painted_case, render_rise
 from pipelines.volume import load_datasets
 from tests.support import GE_HEADCT, shared_path
 
@@ -113,6 +113,22 @@ def test_normal_head_has_no_false_positive(unet: UNetPipeline) -> None:
     total = result.segments[0].total
     volume = 0.0 if total is None else total.volume_ml
     assert volume <= NORMAL_FP_LIMIT_ML, f"{volume:.3f} mL called hyperdense on a normal head"
+
+
+@pytest.mark.parametrize(("thickness", "n_slices"), [(5.0, 32), (1.0, 40)])
+def test_normal_head_with_a_scanner_rise_has_no_false_positive(
+    unet: UNetPipeline, thickness: float, n_slices: int
+) -> None:
+    """A held-out generated head rendered with a rise toward the skull of the real GE
+    head's size (what U-Net 2.0.0 called haemorrhage on real heads)."""
+    datasets = synthetic_head_ct(
+        SEED + 7, rows=ROWS, n_slices=n_slices, slice_thickness_mm=thickness
+    )
+    render_rise(datasets, ge_like_rise(thickness), thickness)
+    result = unet.run(load_datasets(datasets))
+    total = result.segments[0].total
+    volume = 0.0 if total is None else total.volume_ml
+    assert volume <= NORMAL_FP_LIMIT_ML, f"{volume:.3f} mL called hyperdense ({thickness:g} mm)"
 
 
 def test_calcified_choroid_plexus_is_calcification_not_haemorrhage(unet: UNetPipeline) -> None:

@@ -24,8 +24,9 @@ table's partial volume, spread further through-plane by thick frames, and beam h
 cupping. The generated heads are flat there, so a case draws a rise (:class:`BoneRise`,
 :func:`draw_rise`: none for ``FLAT_FRACTION`` of the cases, else amplitudes and lengths
 over ranges that hold the GE profile and flatter scanners) and adds it by distance to the
-skull (3-D, on the acquired frames: the skull base and vertex rise through-plane) to every
-voxel of the cranial cavity, normal heads and lesion-free frames included. Blood carries
+skull (the partial volume in 3-D on the acquired frames, so the skull base and vertex rise
+through-plane; the cupping in each frame's plane) to every voxel of the cranial cavity,
+normal heads and lesion-free frames included. Blood carries
 the rise as brain does (lesions painted first, the rise added over them); in
 ``REPLACE_FRACTION`` of the cases the lesions keep their painted HU instead, as a lesion
 painted into a real head lacks the rise. Version 2.0.0 was trained without the rise.
@@ -118,20 +119,26 @@ class PaintedCase(LesionCase):
 
 @dataclass(frozen=True)
 class BoneRise:
-    """A scanner's HU rise toward the inner table, as a function of the distance to the
-    skull: the partial volume of the inner table (exponential, ``partial_mm`` long, longer
-    in thick frames) and beam hardening's cupping (Gaussian, ``cupping_mm`` long)."""
+    """A scanner's HU rise toward the inner table: the partial volume of the inner table,
+    by 3-D distance to the skull (exponential, ``partial_mm`` long, longer in thick frames:
+    the skull base and vertex rise through-plane), and beam hardening's cupping, by
+    distance to the skull in the frame's own plane (Gaussian, ``cupping_mm`` long: each
+    frame is reconstructed from its own projections)."""
 
     partial_hu: float
     partial_mm: float
     cupping_hu: float
     cupping_mm: float
 
-    def __call__(self, distance_mm: NDArray[np.floating]) -> NDArray[np.float32]:
-        """The rise (HU) at ``distance_mm`` from the skull."""
+    def __call__(
+        self, distance_mm: NDArray[np.floating], in_plane_mm: NDArray[np.floating]
+    ) -> NDArray[np.float32]:
+        """The rise (HU) at ``distance_mm`` from the skull (3-D) and ``in_plane_mm`` from
+        it in the frame's plane."""
         d = np.asarray(distance_mm, dtype=np.float32)
+        planar = np.asarray(in_plane_mm, dtype=np.float32)
         partial = self.partial_hu * np.exp(-d / self.partial_mm)
-        cupping = self.cupping_hu * np.exp(-((d / self.cupping_mm) ** 2))
+        cupping = self.cupping_hu * np.exp(-((planar / self.cupping_mm) ** 2))
         return np.asarray(partial + cupping, dtype=np.float32)
 
     def describe(self) -> str:
@@ -162,14 +169,27 @@ def ge_like_rise(thickness_mm: float) -> BoneRise:
     return BoneRise(6.0, 1.0 + PARTIAL_PER_THICKNESS * thickness_mm, 11.0, 13.0)
 
 
+def skull_distances(
+    skull: NDArray[np.bool_], spacing: tuple[float, float, float]
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """Distance (mm) of every voxel to the skull in 3-D and within its own frame (a frame
+    without skull: infinitely far)."""
+    distance = np.asarray(ndimage.distance_transform_edt(~skull, sampling=spacing))
+    in_plane = np.full(skull.shape, np.inf)
+    for k, frame in enumerate(skull):
+        if frame.any():
+            in_plane[k] = ndimage.distance_transform_edt(~frame, sampling=spacing[1:])
+    return distance, in_plane
+
+
 def render_rise(datasets: Sequence[Dataset], rise: BoneRise, thickness_mm: float) -> None:
     """Add ``rise`` to the cranial cavity of a series in place (single frames in slice
     order, ``thickness_mm`` apart), by each voxel's 3-D distance to the skull."""
     frames, hu = HeadFrames.from_datasets(datasets)
     spacing = (thickness_mm, frames.spacing[0], frames.spacing[1])
     masks = intracranial_mask(hu, spacing)
-    distance = np.asarray(ndimage.distance_transform_edt(~masks.skull, sampling=spacing))
-    hu[masks.cavity] += rise(distance[masks.cavity])
+    distance, in_plane = skull_distances(masks.skull, spacing)
+    hu[masks.cavity] += rise(distance[masks.cavity], in_plane[masks.cavity])
     for ds, frame in zip(datasets, hu, strict=True):
         write_hu(ds, frame)
 
@@ -182,6 +202,7 @@ class Template:
     frames: HeadFrames
     masks: Intracranial
     skull_distance_mm: NDArray[np.float64]  # (frames, rows, cols) distance to the skull
+    in_plane_distance_mm: NDArray[np.float64]  # the same within each frame
     spacing: tuple[float, float, float]  # (slice gap, row, column) mm
     scale: tuple[float, float, float]
     description: str
@@ -236,13 +257,21 @@ def make_template(seed: int, stream: int, index: int) -> Template:
     frames, hu = HeadFrames.from_datasets(datasets)
     spacing = (spec.thickness, frames.spacing[0], frames.spacing[1])
     masks = intracranial_mask(hu, spacing)
-    distance = np.asarray(ndimage.distance_transform_edt(~masks.skull, sampling=spacing))
+    distance, in_plane = skull_distances(masks.skull, spacing)
     description = (
         f"{spec.thickness:g} mm x {spec.n_slices}, tilt {spec.tilt:g}, {spec.rows} px, "
         f"noise {spec.noise:g} HU, scale {spec.scale}, offset {spec.offset:g} mm"
     )
     return Template(
-        tuple(datasets), frames, masks, distance, spacing, spec.scale, description, spec.thickness
+        tuple(datasets),
+        frames,
+        masks,
+        distance,
+        in_plane,
+        spacing,
+        spec.scale,
+        description,
+        spec.thickness,
     )
 
 
@@ -397,7 +426,7 @@ def make_painted_case(seed: int, stream: int, index: int) -> PaintedCase:
     if rise is not None:
         replace = bool(rng.random() < REPLACE_FRACTION)
         risen = template.masks.cavity & ~mask if replace else template.masks.cavity
-        hu[risen] += rise(template.skull_distance_mm[risen])
+        hu[risen] += rise(template.skull_distance_mm[risen], template.in_plane_distance_mm[risen])
         described.append(rise.describe() + (", lesions replace it" if replace else ""))
     if mask.any():
         labels, count = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
