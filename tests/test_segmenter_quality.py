@@ -1,10 +1,11 @@
-"""The learned segmenter (U-Net 2.1.0) on held-out lesions: skull base, 45-50 HU, small,
+"""The learned segmenter (U-Net 3.0.0) on held-out lesions: skull base, 45-50 HU, small,
 thick and thin slices, the real GE head CT (skipped without ../shared); no false positive
-on a normal generated head; a calcified choroid plexus labelled calcification, never
-haemorrhage. On the real GE head (skipped without ../shared) the skull-base haematoma is
-found whole, and the skull's HU rise that U-Net 2.0.0 called 180 mL of haemorrhage on the
-normal head is cut below ``GE_NORMAL_FP_LIMIT_ML`` by the bone rule (the issue's 0.1 mL is
-not reached there: bench/segmenter_eval_results.md).
+on a normal generated head, flat or rendered with a scanner's rise toward the skull of the
+GE head's size; a calcified choroid plexus labelled calcification, never haemorrhage. On
+the real GE head (skipped without ../shared) the skull-base haematoma is found whole, and
+the skull's HU rise that U-Net 2.0.0 called 180 mL of haemorrhage on the normal head is
+cut below ``GE_NORMAL_FP_LIMIT_ML`` (3.0.0 with the bone rule: 0.13 mL; 2.1.0: 0.80 mL;
+the issue's 0.1 mL is not reached there: bench/segmenter_eval_results.md).
 
 Held-out: generated heads and lesions of seeds 900 and up (training templates use seeds
 0-299 of ``pipelines.synthetic`` and lesions of the (0, stream, i) seed streams).
@@ -30,7 +31,7 @@ from tests.support import GE_HEADCT, shared_path
 
 ROWS = 192
 NORMAL_FP_LIMIT_ML = 0.1
-GE_NORMAL_FP_LIMIT_ML = 1.0  # measured 0.80 mL with 2.1.0 (2.0.0: 180 mL)
+GE_NORMAL_FP_LIMIT_ML = 0.15  # measured 0.13 mL with 3.0.0 (2.1.0: 0.80; 2.0.0: 180 mL)
 SEED = 930
 
 
