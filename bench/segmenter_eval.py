@@ -1,5 +1,5 @@
-"""Held-out evaluation of the learned segmenter (U-Net 2.1.0 and 2.0.0) beside the threshold
-baseline and the old U-Net (1.0.0), in one run.
+"""Held-out evaluation of the learned segmenter (U-Net 3.0.0, 2.1.0 and 2.0.0) beside the
+threshold baseline and the old U-Net (1.0.0), in one run.
 
 Lesions of 45-95 HU and 0.3-80 mL are painted (``pipelines.lesions.insert_lesion``) into
 the real GE head CT (when ../shared is present: evaluation only, never training) and into
@@ -12,7 +12,12 @@ it was missed; pooled Dice (voxels summed over lesions); per normal head: haemor
 false-positive volume; per calcification: the fraction labelled calcification and whether
 any of it was called haemorrhage.
 
+3.0.0 runs as bundled (no bone rule) and, to decide whether the rules still help, with the
+calcification halo only (``unet_3_halo``) and with 2.1.0's whole bone rule
+(``unet_3_bone``: rise flattened, ramps and halos dropped).
+
     python -m bench.segmenter_eval [--out FILE.json] [--markdown FILE.md] [--quick]
+        [--methods threshold,unet_3,...]
 """
 
 from __future__ import annotations
@@ -22,8 +27,10 @@ import json
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -37,6 +44,7 @@ from pipelines.lesions import insert_lesion, radius_for_volume, skull_base_centr
 from pipelines.series import LoadedSeries
 from pipelines.synthetic import CALCIFICATION_SITES_MM, site_mm, synthetic_head_ct
 from pipelines.unet import UNetPipeline
+from pipelines.unet.cases import ge_like_rise, render_rise
 from pipelines.volume import load_datasets
 
 GE_HEADCT = Path(__file__).resolve().parents[2] / "shared" / "data" / "headct_ge_tilt"
@@ -47,7 +55,15 @@ SEED_BASE = 900
 ROWS = 192
 MISSED_FROM_ML = 1.0
 VENTRICLE_MM = (9.0, -2.0, 16.0)  # head-centred lateral ventricle of the generated head
-METHODS = ("threshold", "unet_1", "unet_2", "unet_2_1")
+METHODS = (
+    "threshold",
+    "unet_1",
+    "unet_2",
+    "unet_2_1",
+    "unet_3",
+    "unet_3_halo",
+    "unet_3_bone",
+)
 TARGETS = {"pooled_dice": 0.85, "missed_from_1ml": 0, "normal_fp_ml": 0.1}
 
 Masks = tuple[NDArray[np.bool_], NDArray[np.bool_]]  # haemorrhage class, calcification
@@ -74,24 +90,45 @@ def emit(line: object) -> None:
     sys.stdout.flush()
 
 
-def methods() -> dict[str, Method]:
-    """The four segmenters, each returning frame masks (haemorrhage class, calcification)."""
+def _unet(version: str, *, bone: bool | None = None, halo: bool | None = None) -> UNetPipeline:
+    """The bundled U-Net of ``version``, its ``bone`` and ``halo`` rules overridden where
+    given (to measure what a rule adds to the same weights)."""
+    pipeline = UNetPipeline(version, device="cpu")
+    rules = pipeline.unet.inference
+    rules = replace(
+        rules,
+        bone=rules.bone if bone is None else bone,
+        halo=rules.halo if halo is None else halo,
+    )
+    pipeline.unet = replace(pipeline.unet, inference=rules)
+    return pipeline
+
+
+def methods(chosen: Sequence[str] = METHODS) -> dict[str, Method]:
+    """The ``chosen`` segmenters, each returning frame masks (haemorrhage class,
+    calcification)."""
     threshold = Threshold(HyperdenseParameters())
-    old, new = UNetPipeline("1.0.0", device="cpu"), UNetPipeline("2.0.0", device="cpu")
-    flattened = UNetPipeline("2.1.0", device="cpu")
 
     def by_threshold(series: LoadedSeries) -> Masks:
         return _result_masks(threshold.run(series))
 
-    def by_unet(pipeline: UNetPipeline) -> Method:
+    def by_unet(make: Callable[[], UNetPipeline]) -> Method:
+        pipeline = make()
         return lambda series: _result_masks(pipeline.run(series))
 
-    return {
-        "threshold": by_threshold,
-        "unet_1": by_unet(old),
-        "unet_2": by_unet(new),
-        "unet_2_1": by_unet(flattened),
+    builders: dict[str, Callable[[], Method]] = {
+        "threshold": lambda: by_threshold,
+        "unet_1": lambda: by_unet(lambda: _unet("1.0.0")),
+        "unet_2": lambda: by_unet(lambda: _unet("2.0.0")),
+        "unet_2_1": lambda: by_unet(lambda: _unet("2.1.0")),
+        "unet_3": lambda: by_unet(lambda: _unet("3.0.0", bone=False, halo=False)),
+        "unet_3_halo": lambda: by_unet(lambda: _unet("3.0.0", bone=False, halo=True)),
+        "unet_3_bone": lambda: by_unet(lambda: _unet("3.0.0", bone=True, halo=True)),
     }
+    unknown = sorted(set(chosen) - set(builders))
+    if unknown:
+        raise SystemExit(f"unknown methods {unknown}; choose from {sorted(builders)}")
+    return {name: builders[name]() for name in chosen}
 
 
 def _result_masks(result: object) -> Masks:
@@ -205,10 +242,29 @@ def evaluate_lesions(quick: bool, run: dict[str, Method]) -> list[LesionRow]:
     return rows
 
 
+def risen_head(seed: int, thickness: float, n_slices: int) -> list[Dataset]:
+    """A generated normal head rendered with a rise toward the skull of the GE head's size
+    (``pipelines.unet.cases.ge_like_rise``)."""
+    datasets = synthetic_head_ct(seed, rows=ROWS, n_slices=n_slices, slice_thickness_mm=thickness)
+    render_rise(datasets, ge_like_rise(thickness), thickness)
+    return datasets
+
+
+def risen_heads(quick: bool) -> list[tuple[str, Callable[[], list[Dataset]]]]:
+    """:func:`risen_head` of held-out seeds, 5 mm and (unless ``quick``) 1 mm slices."""
+    out: list[tuple[str, Callable[[], list[Dataset]]]] = [
+        ("generated 5 mm, GE-like rise", partial(risen_head, SEED_BASE + 2, 5.0, 32))
+    ]
+    if not quick:
+        out.append(("generated 1 mm, GE-like rise", partial(risen_head, SEED_BASE + 3, 1.0, 150)))
+    return out
+
+
 def evaluate_normals(quick: bool, run: dict[str, Method]) -> list[dict[str, object]]:
-    """Haemorrhage-class false-positive volume on heads without a lesion."""
+    """Haemorrhage-class false-positive volume on heads without a lesion (the lesions'
+    heads and :func:`risen_heads`)."""
     out = []
-    for head, make in heads(quick):
+    for head, make in [*heads(quick), *risen_heads(quick)]:
         series = load_datasets(make())
         voxel = frame_voxel_ml(series)
         result: dict[str, object] = {"head": head}
@@ -285,10 +341,11 @@ def summary(
 ) -> dict[str, dict[str, object]]:
     """Per method and head: pooled and mean Dice, misses of lesions >= 1 mL, worst FP."""
     out: dict[str, dict[str, object]] = {}
+    names = [m for m in METHODS if any(m in r.dice for r in rows)]
     for head in [*sorted({r.head for r in rows}), "all"]:
         chosen = [r for r in rows if head in ("all", r.head)]
         by_method: dict[str, object] = {}
-        for name in METHODS:
+        for name in names:
             overlap = sum(r.overlap.get(name, 0) for r in chosen)
             total = sum(r.total.get(name, 0) for r in chosen)
             skull = [r.dice[name] for r in chosen if r.site == "skull base" and name in r.dice]
@@ -312,6 +369,9 @@ def summary(
 
 def markdown(report: dict[str, object], command: str) -> str:
     """The report as a Markdown page: per-lesion table, summary, normals, calcifications."""
+    lesions: list[dict[str, Any]] = report["lesions"]  # type: ignore[assignment]
+    names = [m for m in METHODS if lesions and m in lesions[0]["dice"]]
+    timed = names[-1] if names else ""
     lines = [
         "# bench/segmenter_eval.py results (held-out seeds 900+)",
         "",
@@ -320,20 +380,23 @@ def markdown(report: dict[str, object], command: str) -> str:
         "(old brain mask, trained on synthetic + GE cases); unet_2 = U-Net 2.0.0 (generated",
         "heads only, intracranial gating, calcification apart); unet_2_1 = U-Net 2.1.0 (2.0.0's",
         "weights with the bone rule of `pipelines/unet/bone.py`: the skull's HU rise flattened",
-        "before the network, the skull's ramps dropped after it). Targets (issue 8): pooled",
+        "before the network, the skull's ramps and calcification halos dropped after it);",
+        "unet_3 = U-Net 3.0.0 (trained on generated heads rendered with a scanner's HU rise",
+        "toward the skull, no rule); unet_3_halo = 3.0.0 with the calcification halo dropped;",
+        "unet_3_bone = 3.0.0 with 2.1.0's whole bone rule. Targets (issue 8): pooled",
         "Dice >= 0.85, no lesion >= 1 mL missed, normal-head FP <= 0.1 mL.",
         "",
         "## Lesion-wise Dice",
         "",
-        "| head | site | HU | mL | threshold | unet_1 | unet_2 | unet_2_1 | s unet_2_1 |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| head | site | HU | mL | " + " | ".join(names) + f" | s {timed} |",
+        "|---|---|---|---|" + "---|" * (len(names) + 1),
     ]
-    for row in report["lesions"]:  # type: ignore[attr-defined]
+    for row in lesions:
         d = row["dice"]
         lines.append(
             f"| {row['head']} | {row['site']} | {row['hu']:g} | {row['volume_ml']} | "
-            f"{d['threshold']} | {d['unet_1']} | {d['unet_2']} | {d['unet_2_1']} | "
-            f"{row['seconds']['unet_2_1']} |"
+            + " | ".join(str(d[m]) for m in names)
+            + f" | {row['seconds'][timed]} |"
         )
     lines += [
         "",
@@ -360,29 +423,84 @@ def markdown(report: dict[str, object], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def reuse(report: dict[str, Any], earlier: dict[str, Any], names: Sequence[str]) -> None:
+    """Copy into ``report`` the figures of methods ``names`` from an ``earlier`` report of
+    the same seeds (rows matched by head, site, HU and volume; normals by head;
+    calcifications by site and slice; stains by HU and volume); a row the earlier report
+    lacks keeps no figure for them."""
+
+    def index(rows: list[dict[str, Any]], keys: tuple[str, ...]) -> dict[tuple[Any, ...], Any]:
+        return {tuple(r[k] for k in keys): r for r in rows}
+
+    old = index(earlier["lesions"], ("head", "site", "hu", "volume_ml"))
+    for row in report["lesions"]:
+        match = old.get((row["head"], row["site"], row["hu"], row["volume_ml"]))
+        for name in names:
+            if match is not None and name in match["dice"]:
+                for key in ("dice", "overlap", "total", "seconds"):
+                    row[key][name] = match[key][name]
+    for section, keys in (
+        ("normals", ("head",)),
+        ("calcifications", ("site", "slice_mm")),
+        ("contrast", ("hu", "volume_ml")),
+    ):
+        old = index(earlier[section], keys)
+        for row in report[section]:
+            match = old.get(tuple(row[k] for k in keys), {})
+            for key, value in match.items():
+                if any(key.endswith(f"_{name}") for name in names):
+                    row[key] = value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the evaluation and write its figures as JSON (and Markdown)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("segmenter_eval.json"))
     parser.add_argument("--markdown", type=Path, default=None)
     parser.add_argument("--quick", action="store_true", help="fewer lesions, no 1 mm head")
+    parser.add_argument(
+        "--methods", default=",".join(METHODS), help="comma-separated, of " + ", ".join(METHODS)
+    )
+    parser.add_argument(
+        "--reuse",
+        type=Path,
+        action="append",
+        default=[],
+        help="an earlier report (JSON) whose figures of the methods not run here are kept "
+        "(repeatable; with --methods '' the reports are merged, the first giving the rows)",
+    )
     args = parser.parse_args(argv)
-    run = methods()
-    normals = evaluate_normals(args.quick, run)
-    calcifications = evaluate_calcifications(args.quick, run)
-    contrast = evaluate_contrast(run)
-    rows = evaluate_lesions(args.quick, run)
-    report: dict[str, object] = {
-        "summary": summary(rows, normals),
-        "targets": TARGETS,
-        "normals": normals,
-        "calcifications": calcifications,
-        "contrast": contrast,
-        "lesions": [asdict(r) for r in rows],
-    }
+    run = methods([m for m in args.methods.split(",") if m])
+    report: dict[str, Any]
+    if run:
+        normals = evaluate_normals(args.quick, run)
+        calcifications = evaluate_calcifications(args.quick, run)
+        contrast = evaluate_contrast(run)
+        rows = evaluate_lesions(args.quick, run)
+        report = {
+            "targets": TARGETS,
+            "normals": normals,
+            "calcifications": calcifications,
+            "contrast": contrast,
+            "lesions": [asdict(r) for r in rows],
+        }
+    elif args.reuse:  # merge only: the first report's rows, the others' figures added
+        first = json.loads(args.reuse[0].read_text(encoding="utf-8"))
+        report = {k: first[k] for k in ("targets", "normals", "calcifications", "contrast")}
+        report["lesions"] = first["lesions"]
+    else:
+        parser.error("--methods is empty: give the reports to merge with --reuse")
+    for path in args.reuse:
+        earlier = json.loads(path.read_text(encoding="utf-8"))
+        reuse(report, earlier, [m for m in METHODS if m not in run])
+    lesions = [LesionRow(**r) for r in report["lesions"]]
+    report = {"summary": summary(lesions, report["normals"]), **report}
     args.out.write_text(json.dumps(report, indent=2), encoding="utf-8")
     if args.markdown is not None:
         command = "python -m bench.segmenter_eval" + (" --quick" if args.quick else "")
+        if args.methods != ",".join(METHODS):
+            command += f" --methods {args.methods}"
+        command += "".join(f" --reuse {path}" for path in args.reuse)
         args.markdown.write_text(markdown(report, command), encoding="utf-8")
     emit(json.dumps(report["summary"], indent=2))
     return 0

@@ -312,7 +312,7 @@ def test_the_risk_model_scores_the_configured_segmenters_lesion(
     saliency = [ds for ds in outputs if ds.SeriesDescription.startswith("SALIENCY GRAD-CAM")]
     assert saliency and len(saliency) == len(outputs) - 3
     texts = _texts(sr)  # the SR names the segmenter in the provenance and region label
-    assert any("lesion segmenter hyperdense_unet (dicomnode hyperdense U-Net 2" in t for t in texts)
+    assert any("lesion segmenter hyperdense_unet (dicomnode hyperdense U-Net 3" in t for t in texts)
     assert any(t.startswith("Scored region: Scored lesion by hyperdense_unet 1") for t in texts), (
         texts
     )

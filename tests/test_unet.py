@@ -51,15 +51,18 @@ def pipeline() -> UNetPipeline:
 def test_bundle_loads_hash_checked_and_says_what_trained_it(tmp_path: Path) -> None:
     unet = load_unet()
     manifest = unet.bundle.manifest
-    assert manifest["version"] == MODEL_VERSION == "2.1.0"
+    assert manifest["version"] == MODEL_VERSION == "3.0.0"
     assert manifest["notice"] == NOTICE and manifest["provenance"].isascii()
     assert manifest["training"]["seed"] == 0
     assert manifest["training"]["training_cases_by_base"] == {"synthetic": 96}
+    assert manifest["training"]["recipe"]["init_from"] == "2.0.0"
     assert "no real image" in manifest["training"]["data"]
+    assert "rise toward the skull" in manifest["training"]["data"]
     assert (
         manifest["inference"]["brain"] == "intracranial"
         and manifest["inference"]["calcification"]
         and manifest["inference"]["bone"]
+        and manifest["inference"]["halo"]
     )
     assert manifest["metrics"]["held_out"]["pooled_dice"] >= MIN_DICE
     assert sum(p.numel() for p in unet.model.parameters()) < 1_000_000

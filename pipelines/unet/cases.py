@@ -1,4 +1,4 @@
-"""Training and held-out cases of the learned segmenter (U-Net 2.0.0): generated heads only.
+"""Training and held-out cases of the learned segmenter (U-Net 3.0.0): generated heads only.
 
 Every case is drawn from its own seed, on a generated head (``pipelines.synthetic``) whose
 acquisition is drawn per template: slices of 0.6-7 mm (a thin-slice stack covers a part of
@@ -16,14 +16,28 @@ the issue asks of a segmenter:
 
 of 0.3-80 mL (log-uniform). Calcifications (180-700 HU, 1.2-4 mm) at the typical sites
 (choroid plexus, pineal, basal ganglia, falx, vessel wall) are painted as negatives and
-kept in their own mask. Nothing here reads the shared data folder: the real head CT is
-only ever an evaluation base (``bench/segmenter_eval.py``).
+kept in their own mask.
+
+A real scanner's brain grows denser toward the inner table (the real GE head: 24-28 HU
+deep, 36 HU at 8-12 mm, 49 HU at 2-3 mm, 61 HU at 1-2 mm from the skull): the inner
+table's partial volume, spread further through-plane by thick frames, and beam hardening's
+cupping. The generated heads are flat there, so a case draws a rise (:class:`BoneRise`,
+:func:`draw_rise`: none for ``FLAT_FRACTION`` of the cases, else amplitudes and lengths
+over ranges that hold the GE profile and flatter scanners) and adds it by distance to the
+skull (the partial volume in 3-D on the acquired frames, so the skull base and vertex rise
+through-plane; the cupping in each frame's plane) to every voxel of the cranial cavity,
+normal heads and lesion-free frames included. Blood carries
+the rise as brain does (lesions painted first, the rise added over them); in
+``REPLACE_FRACTION`` of the cases the lesions keep their painted HU instead, as a lesion
+painted into a real head lacks the rise. Version 2.0.0 was trained without the rise.
+Nothing here reads the shared data folder: the real head CT is only ever an evaluation
+base (``bench/segmenter_eval.py``).
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cache
 
@@ -45,6 +59,7 @@ from pipelines.lesions import (
     paint_contrast,
     paint_haemorrhage,
     radius_for_volume,
+    write_hu,
 )
 from pipelines.synthetic import CALCIFICATION_SITES_MM, HEAD_CENTRE_MM, synthetic_head_ct
 from pipelines.unet.data import LesionCase
@@ -80,15 +95,103 @@ VENTRICLE_MM = ((9.0, -2.0, 16.0), (-9.0, -2.0, 16.0))  # head-centred lateral v
 
 TEMPLATES_PER_STREAM = 16
 
+FLAT_FRACTION = 0.2  # cases without an added rise (a flat scanner, like the 2.0.0 heads)
+PARTIAL_RISE_HU = (5.0, 45.0)  # the inner table's blurred edge: amplitude at the bone
+PARTIAL_LENGTH_MM = (0.6, 2.0)  # its decay length, plus PARTIAL_PER_THICKNESS x thickness
+PARTIAL_PER_THICKNESS = 0.15  # thick frames spread the edge through-plane
+CUPPING_RISE_HU = (2.0, 18.0)  # beam hardening (cupping): amplitude at the bone
+CUPPING_LENGTH_MM = (8.0, 18.0)  # its Gaussian fall-off length
+REPLACE_FRACTION = 0.35  # cases whose lesions replace the risen HU (lacking the rise)
+
 Progress = Callable[[str], None]
 
 
 @dataclass(frozen=True)
 class PaintedCase(LesionCase):
-    """A generated case: lesion mask (positives) and calcification mask (negatives)."""
+    """A generated case: lesion mask (positives) and calcification mask (negatives), the
+    scanner's rise it was rendered with (None: flat) and whether its lesions lack it."""
 
     calcification: NDArray[np.bool_]
     description: str
+    rise: BoneRise | None = None
+    lesions_lack_rise: bool = False
+
+
+@dataclass(frozen=True)
+class BoneRise:
+    """A scanner's HU rise toward the inner table: the partial volume of the inner table,
+    by 3-D distance to the skull (exponential, ``partial_mm`` long, longer in thick frames:
+    the skull base and vertex rise through-plane), and beam hardening's cupping, by
+    distance to the skull in the frame's own plane (Gaussian, ``cupping_mm`` long: each
+    frame is reconstructed from its own projections)."""
+
+    partial_hu: float
+    partial_mm: float
+    cupping_hu: float
+    cupping_mm: float
+
+    def __call__(
+        self, distance_mm: NDArray[np.floating], in_plane_mm: NDArray[np.floating]
+    ) -> NDArray[np.float32]:
+        """The rise (HU) at ``distance_mm`` from the skull (3-D) and ``in_plane_mm`` from
+        it in the frame's plane."""
+        d = np.asarray(distance_mm, dtype=np.float32)
+        planar = np.asarray(in_plane_mm, dtype=np.float32)
+        partial = self.partial_hu * np.exp(-d / self.partial_mm)
+        cupping = self.cupping_hu * np.exp(-((planar / self.cupping_mm) ** 2))
+        return np.asarray(partial + cupping, dtype=np.float32)
+
+    def describe(self) -> str:
+        """One line for a case's description."""
+        return (
+            f"rise {self.partial_hu:.0f} HU/{self.partial_mm:.1f} mm + "
+            f"{self.cupping_hu:.0f} HU/{self.cupping_mm:.0f} mm"
+        )
+
+
+def draw_rise(rng: np.random.Generator, thickness_mm: float) -> BoneRise | None:
+    """A rise drawn over a range that holds the real GE head's (about +35 HU at 1-2 mm,
+    +23 at 2-3 mm, +10 at 8-12 mm above the deep brain) and flatter scanners; None for a
+    flat scanner (``FLAT_FRACTION``)."""
+    if rng.random() < FLAT_FRACTION:
+        return None
+    return BoneRise(
+        partial_hu=float(rng.uniform(*PARTIAL_RISE_HU)),
+        partial_mm=float(rng.uniform(*PARTIAL_LENGTH_MM)) + PARTIAL_PER_THICKNESS * thickness_mm,
+        cupping_hu=float(rng.uniform(*CUPPING_RISE_HU)),
+        cupping_mm=float(rng.uniform(*CUPPING_LENGTH_MM)),
+    )
+
+
+def ge_like_rise(thickness_mm: float) -> BoneRise:
+    """A rise of the real GE head's size (its shell medians above the deep brain within
+    about 5 HU of GE's, rendered on a generated head), for held-out normal heads."""
+    return BoneRise(6.0, 1.0 + PARTIAL_PER_THICKNESS * thickness_mm, 11.0, 13.0)
+
+
+def skull_distances(
+    skull: NDArray[np.bool_], spacing: tuple[float, float, float]
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """Distance (mm) of every voxel to the skull in 3-D and within its own frame (a frame
+    without skull: infinitely far)."""
+    distance = np.asarray(ndimage.distance_transform_edt(~skull, sampling=spacing))
+    in_plane = np.full(skull.shape, np.inf)
+    for k, frame in enumerate(skull):
+        if frame.any():
+            in_plane[k] = ndimage.distance_transform_edt(~frame, sampling=spacing[1:])
+    return distance, in_plane
+
+
+def render_rise(datasets: Sequence[Dataset], rise: BoneRise, thickness_mm: float) -> None:
+    """Add ``rise`` to the cranial cavity of a series in place (single frames in slice
+    order, ``thickness_mm`` apart), by each voxel's 3-D distance to the skull."""
+    frames, hu = HeadFrames.from_datasets(datasets)
+    spacing = (thickness_mm, frames.spacing[0], frames.spacing[1])
+    masks = intracranial_mask(hu, spacing)
+    distance, in_plane = skull_distances(masks.skull, spacing)
+    hu[masks.cavity] += rise(distance[masks.cavity], in_plane[masks.cavity])
+    for ds, frame in zip(datasets, hu, strict=True):
+        write_hu(ds, frame)
 
 
 @dataclass(frozen=True)
@@ -99,9 +202,11 @@ class Template:
     frames: HeadFrames
     masks: Intracranial
     skull_distance_mm: NDArray[np.float64]  # (frames, rows, cols) distance to the skull
+    in_plane_distance_mm: NDArray[np.float64]  # the same within each frame
     spacing: tuple[float, float, float]  # (slice gap, row, column) mm
     scale: tuple[float, float, float]
     description: str
+    thickness: float
 
 
 @dataclass(frozen=True)
@@ -152,12 +257,22 @@ def make_template(seed: int, stream: int, index: int) -> Template:
     frames, hu = HeadFrames.from_datasets(datasets)
     spacing = (spec.thickness, frames.spacing[0], frames.spacing[1])
     masks = intracranial_mask(hu, spacing)
-    distance = np.asarray(ndimage.distance_transform_edt(~masks.skull, sampling=spacing))
+    distance, in_plane = skull_distances(masks.skull, spacing)
     description = (
         f"{spec.thickness:g} mm x {spec.n_slices}, tilt {spec.tilt:g}, {spec.rows} px, "
         f"noise {spec.noise:g} HU, scale {spec.scale}, offset {spec.offset:g} mm"
     )
-    return Template(tuple(datasets), frames, masks, distance, spacing, spec.scale, description)
+    return Template(
+        tuple(datasets),
+        frames,
+        masks,
+        distance,
+        in_plane,
+        spacing,
+        spec.scale,
+        description,
+        spec.thickness,
+    )
 
 
 def touching_centre(
@@ -306,6 +421,13 @@ def make_painted_case(seed: int, stream: int, index: int) -> PaintedCase:
         mask |= painted_lesion.masks
         described.append(f"{kind} {painted_lesion.volume_ml:.2f} mL {site}")
     mask &= ~calcification
+    rise = draw_rise(rng, template.thickness)
+    replace = False
+    if rise is not None:
+        replace = bool(rng.random() < REPLACE_FRACTION)
+        risen = template.masks.cavity & ~mask if replace else template.masks.cavity
+        hu[risen] += rise(template.skull_distance_mm[risen], template.in_plane_distance_mm[risen])
+        described.append(rise.describe() + (", lesions replace it" if replace else ""))
     if mask.any():
         labels, count = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
         volumes = [template.frames.volume_ml(labels == i) for i in range(1, count + 1)]
@@ -322,6 +444,8 @@ def make_painted_case(seed: int, stream: int, index: int) -> PaintedCase:
         tuple(volumes),
         calcification,
         "; ".join(described),
+        rise,
+        replace,
     )
 
 
