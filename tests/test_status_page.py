@@ -135,6 +135,12 @@ def test_status_page_shows_turnaround_and_resends_dead_letters(
                 wanted = f"delivery {outbox_id} queued for re-sending"
                 wait_for(partial(_notice_is, browser, wanted), 10, "the re-send notice")
             wait_for(lambda: len(archive.instances()) == len(dead), 60, "re-sent results")
+            # The archive holds an instance a moment before the sender records it as sent.
+            wait_for(
+                lambda: all(i.state == OutboxState.SENT for i in node.outbox.items()),
+                30,
+                "the re-sent deliveries to be recorded as sent",
+            )
 
             browser.get(f"{page}?token={TOKEN}")
             assert _cells(browser, "deliveries") == [["none"]]
