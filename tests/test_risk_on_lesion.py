@@ -243,7 +243,9 @@ def test_haematoma_beside_calcified_plexus_is_scored_and_the_plexus_is_not(
     assert np.count_nonzero(calcified[0].frame_mask & calcification) >= 0.8 * calcification.sum()
     risk = plexus_result.risk
     assert risk is not None and risk.scored_region == (0, 0)
-    assert risk.scored_reason.startswith("largest hyperdense region (")
+    assert risk.scored_reason.startswith(
+        f"largest hyperdense region ({scored.regions[0].volume_ml:.1f} mL)"
+    )  # the volume the SEG, SC and SR measure on the acquired frames
     assert "of 1 found by hyperdense_regions" in risk.scored_reason
     assert "1 calcification(s) reported apart, never scored" in risk.scored_reason
     lines = risk_lines(plexus_result)  # what the SC and SR state

@@ -290,13 +290,14 @@ class HtAfterMtPipeline:
         n_calcified = sum(
             len(s.regions) for s in segments if s.segment == self._calcification_class
         )
-        reason = scored_reason(choice, self.segmenter.name, n_calcified)
+        lesion_total = segments[0].total
+        measured_ml = lesion_total.volume_ml if lesion_total else 0.0
+        reason = scored_reason(choice, self.segmenter.name, n_calcified, measured_ml)
         seg = self.segmenter.algorithm
         segmented = [
             f"lesion segmenter {self.segmenter.name} ({seg.name} {seg.version}): "
             f"{count} region(s); {reason}"
         ]
-        lesion_total = segments[0].total
         key_frame = lesion_total.key_frame if lesion_total else len(series.frames) // 2
         imaging = PipelineResult(self.algorithm, segments, key_frame, segmented)
         if choice.label is None or lesion_total is None:

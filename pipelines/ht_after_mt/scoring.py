@@ -90,8 +90,12 @@ def choose_lesion(
     return LesionChoice(best, float(volumes[best - 1]), count, dense, off)
 
 
-def scored_reason(choice: LesionChoice, segmenter: str, n_calcifications: int) -> str:
-    """One line: which region was scored and why (or :data:`NO_LESION` and why)."""
+def scored_reason(
+    choice: LesionChoice, segmenter: str, n_calcifications: int, measured_ml: float
+) -> str:
+    """One line: which region was scored and why (or :data:`NO_LESION` and why), with the
+    scored region's ``measured_ml``: its volume on the acquired frames, as SEG, SC and SR
+    measure it (the choice's grid volume differs by resampling)."""
     found = f"{choice.regions_found} found by {segmenter}"
     dense = (
         f"; {n_calcifications} calcification(s) reported apart, never scored"
@@ -103,7 +107,7 @@ def scored_reason(choice: LesionChoice, segmenter: str, n_calcifications: int) -
     )
     if choice.label is None:
         return f"{NO_LESION} (no hyperdense lesion among {found}{skipped}{dense})"
-    return f"largest hyperdense region ({choice.volume_ml:.1f} mL) of {found}{skipped}{dense}"
+    return f"largest hyperdense region ({measured_ml:.1f} mL) of {found}{skipped}{dense}"
 
 
 def relabel_without(
