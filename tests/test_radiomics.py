@@ -202,7 +202,9 @@ def test_study_files_match_stock_pyradiomics(study: str) -> None:
     pooled = extract(volume, SPACING, mask, study, workers=2)
     assert len(stock) == count_features(study)
     assert_same(pooled, stock, rel=1e-6)
-    assert extract(volume, SPACING, mask, study, workers=1) == pooled
+    # The texture features are batched over a task's images, and pooled tasks hold fewer
+    # images: the sums differ in their order only.
+    assert_same(extract(volume, SPACING, mask, study, workers=1), pooled, rel=1e-12)
 
 
 @pytest.mark.parametrize(

@@ -75,7 +75,6 @@ def _all_matrices(
     binned: NDArray[np.int_], roi: NDArray[np.bool_], ng: int, gldm_a: float
 ) -> dict[str, NDArray[np.float64]]:
     """The five matrices, each with pyradiomics' leading batch axis of 1."""
-    count = int(roi.sum())
     longest = max(roi.shape)
     inner = tuple(slice(1, -1) for _ in roi.shape)
     padded = np.zeros(tuple(n + 2 for n in roi.shape), dtype=np.int32)  # 0: outside the ROI
@@ -84,27 +83,20 @@ def _all_matrices(
     where = np.flatnonzero(np.pad(roi, 1)).astype(np.int32)  # the ROI's voxels, padded index
     strides = np.array(padded.strides) // padded.itemsize
     level = levels[where]
-    pairs = np.empty((len(ANGLES), count), dtype=np.int32)  # level * (ng + 1) + neighbour's
-    dependence = np.zeros(count, dtype=np.int32)
-    neighbour_sum = np.zeros(count, dtype=np.int32)
-    neighbour_count = np.zeros(count, dtype=np.int32)
-    for a, offset in enumerate(ANGLES):
-        step = int(offset @ strides)
-        ahead, behind = levels[where + step], levels[where - step]
-        pairs[a] = level * (ng + 1) + ahead
-        if gldm_a == 0:  # (0, outside the ROI, never equals a level)
-            dependence += ahead == level
-            dependence += behind == level
-        else:
-            for other in (ahead, behind):
-                dependence += (other > 0) & (np.abs(other - level) <= gldm_a)
-        neighbour_sum += ahead
-        neighbour_sum += behind
-        neighbour_count += ahead > 0
-        neighbour_count += behind > 0
-    glcm = np.stack([np.bincount(p, minlength=(ng + 1) ** 2) for p in pairs], axis=-1).reshape(
-        ng + 1, ng + 1, len(ANGLES)
-    )[1:, 1:]
+    ahead_at = where[None, :] + (ANGLES @ strides)[:, None]  # (angles, voxels)
+    ahead, behind = levels[ahead_at], levels[2 * where[None, :] - ahead_at]
+    if gldm_a == 0:  # (0, outside the ROI, never equals a level)
+        dependence = np.sum(ahead == level, 0) + np.sum(behind == level, 0)
+    else:
+        dependence = sum(
+            np.sum((other > 0) & (np.abs(other - level) <= gldm_a), 0) for other in (ahead, behind)
+        )
+    neighbour_sum = ahead.sum(0) + behind.sum(0)
+    neighbour_count = np.sum(ahead > 0, 0) + np.sum(behind > 0, 0)
+    cells = (ng + 1) ** 2  # GLCM cell: angle, level * (ng + 1) + neighbour's level
+    pairs = (np.arange(len(ANGLES))[:, None] * cells + level * (ng + 1) + ahead).ravel()
+    glcm = np.bincount(pairs, minlength=len(ANGLES) * cells).reshape(len(ANGLES), ng + 1, ng + 1)
+    glcm = glcm[:, 1:, 1:].transpose(1, 2, 0)
     return {
         "glcm": glcm[None].astype(np.float64),
         "glrlm": _runs(levels[_lines(padded.shape)], ng, longest)[None],
@@ -176,11 +168,15 @@ def _walk(
 
 
 def _zones(padded: NDArray[np.int32], ng: int) -> NDArray[np.float64]:
-    """Size-zone matrix: the 26-connected zones of each level (``ndimage.label``)."""
+    """Size-zone matrix: the 26-connected zones of each level (``ndimage.label`` on the
+    level's bounding box)."""
     connected = np.ones((3, 3, 3), dtype=bool)
     sizes: list[NDArray[np.int64]] = []
-    for g in range(1, ng + 1):
-        labels, found = ndimage.label(padded == g, structure=connected)
+    for g, box in enumerate(ndimage.find_objects(padded, max_label=ng), start=1):
+        if box is None:  # a level absent from the ROI
+            sizes.append(np.zeros(0, dtype=np.int64))
+            continue
+        labels, found = ndimage.label(padded[box] == g, structure=connected)
         sizes.append(np.bincount(labels.ravel(), minlength=found + 1)[1:])
     largest = max((int(z.max()) for z in sizes if len(z)), default=1)  # pyradiomics' C trims
     out = np.zeros((ng, largest))  # the sizes past the largest zone

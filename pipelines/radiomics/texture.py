@@ -14,6 +14,12 @@ from radiomics import getFeatureClasses, imageoperations
 
 from pipelines.radiomics.firstorder import first_order
 from pipelines.radiomics.matrices import ANGLES, Matrices, covers
+from pipelines.radiomics.texture_features import (
+    batchable,
+    class_features,
+    degenerate,
+    feature_names,
+)
 
 Derived = tuple[sitk.Image, str, dict[str, Any]]  # image on the ROI's box, name, settings
 FIRST_ORDER = "firstorder"
@@ -33,16 +39,51 @@ def image_features(
     first: list[dict[str, float]] = []
     if FIRST_ORDER in features:
         first = _first_order(derived, arrays, bins, roi, features[FIRST_ORDER])
+    by_class = {
+        class_name: _class_values(class_name, names, derived, mask, arrays, bins, roi)
+        for class_name, names in features.items()
+        if not class_name.startswith("shape") and class_name != FIRST_ORDER
+    }
     out: dict[str, float] = {}
-    for k, (image, name, options) in enumerate(derived):
-        for class_name, names in features.items():
+    for k, (_, name, _) in enumerate(derived):
+        for class_name in features:
             if class_name.startswith("shape"):
                 continue
-            if class_name == FIRST_ORDER:
-                values = first[k]
-            else:
-                values = _texture_class(class_name, names, image, mask, options, bins[k])
+            values = first[k] if class_name == FIRST_ORDER else by_class[class_name][k]
             out |= {f"{name}_{class_name}_{feature}": v for feature, v in values.items()}
+    return out
+
+
+def _class_values(
+    class_name: str,
+    names: list[str] | None,
+    derived: list[Derived],
+    mask: sitk.Image,
+    arrays: list[NDArray[Any]],
+    bins: list[SharedBins],
+    roi: NDArray[np.bool_],
+) -> list[dict[str, float]]:
+    """One texture class on every image: batched (``texture_features``) where its
+    settings are covered, else pyradiomics' own class, image by image."""
+    wanted = feature_names(class_name, names)
+    batch = [
+        k
+        for k, (_, _, options) in enumerate(derived)
+        if wanted is not None
+        and batchable(class_name, options, roi.shape)
+        and not degenerate(bins[k].shared_matrices(arrays[k], roi))
+    ]
+    out: list[dict[str, float]] = [{} for _ in derived]
+    if batch and wanted is not None:
+        images = [bins[k].shared_matrices(arrays[k], roi) for k in batch]
+        levels = [bins[k].present_levels() for k in batch]
+        for k, values in zip(
+            batch, class_features(class_name, images, levels, wanted), strict=True
+        ):
+            out[k] = values
+    for k, (image, _, options) in enumerate(derived):
+        if k not in batch:
+            out[k] = _texture_class(class_name, names, image, mask, options, bins[k])
     return out
 
 
@@ -122,6 +163,16 @@ class SharedBins:
             gldm_a = float(self.options.get("gldm_a", 0))
             self.shared = Matrices(self.matrix, roi, ng, gldm_a)
         return self.shared
+
+    def shared_matrices(self, matrix: NDArray[Any], roi: NDArray[np.bool_]) -> Matrices:
+        """The texture matrices of ``matrix`` binned (both made on first use)."""
+        self._bin(matrix, roi)
+        return self.matrices(roi, int(np.max(self.present_levels())))
+
+    def present_levels(self) -> NDArray[np.int_]:
+        """The grey levels in the ROI (after binning)."""
+        assert self.levels is not None
+        return self.levels
 
     def counts(self, matrix: NDArray[Any], roi: NDArray[np.bool_]) -> NDArray[np.int_]:
         """Voxels of each grey level present in the ROI, in level order."""
