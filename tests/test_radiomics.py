@@ -504,3 +504,88 @@ def test_sphere_samples_are_map_coordinates(case: str) -> None:
     else:
         assert np.array_equal(ours >= image[voxels][:, None], expected >= image[voxels][:, None])
         assert np.allclose(ours, expected, rtol=1e-12, atol=1e-10)
+
+
+def _texture_images(shape: tuple[int, int, int]) -> list[tuple[str, NDArray[np.float64]]]:
+    """Derived-image stand-ins: many levels, one level, levels with gaps, two levels."""
+    rng = np.random.default_rng(7)
+    noisy = rng.normal(40.0, 120.0, shape)
+    gaps = np.where(rng.random(shape) < 0.5, 10.0, 160.0) + rng.normal(0.0, 3.0, shape)
+    two = np.where(np.indices(shape)[2] < shape[2] // 2, 5.0, 30.0)
+    return [("noisy", noisy), ("flat", np.full(shape, 42.0)), ("gaps", gaps), ("two", two)]
+
+
+@pytest.mark.parametrize(
+    ("shape", "options"),
+    [
+        ((9, 11, 10), {"binWidth": 25}),
+        ((6, 14, 12), {"binWidth": 10, "gldm_a": 1}),
+        ((7, 9, 8), {"binCount": 16}),
+        ((7, 9, 8), {"binWidth": 25, "weightingNorm": "euclidean"}),  # pyradiomics' classes
+        ((7, 9, 8), {"binWidth": 25, "symmetricalGLCM": False}),  # pyradiomics' GLCM
+    ],
+)
+def test_batched_texture_features_are_pyradiomics(
+    shape: tuple[int, int, int], options: dict[str, object]
+) -> None:
+    """Every texture feature of images batched together (different level counts, one
+    level, empty levels in between) equals pyradiomics' class on each image alone."""
+    from radiomics import getFeatureClasses
+
+    from pipelines.radiomics.texture import image_features
+
+    rng = np.random.default_rng(len(shape) + shape[0])
+    roi = rng.random(shape) < 0.7
+    roi[shape[0] // 2, shape[1] // 2, :] = True  # neighbours in every direction
+    mask = sitk.GetImageFromArray(roi.astype(np.uint8))
+    settings = {"label": 1, **options}
+    derived = [(sitk.GetImageFromArray(a), name, settings) for name, a in _texture_images(shape)]
+    classes = ("glcm", "glrlm", "glszm", "gldm", "ngtdm")
+    ours = image_features(derived, mask, {name: None for name in classes})
+    stock: dict[str, float] = {}
+    for image, name, _ in derived:
+        for class_name in classes:
+            values = getFeatureClasses()[class_name](image, mask, **settings).execute()
+            stock |= {f"{name}_{class_name}_{k}": float(v) for k, v in values.items()}
+    assert ours.keys() == stock.keys()
+    for name, value in stock.items():
+        same = math.isclose(ours[name], value, rel_tol=1e-9, abs_tol=1e-12)
+        assert same or (math.isnan(value) and math.isnan(ours[name])), name
+
+
+@pytest.mark.parametrize(
+    ("shape", "start", "step", "size"),
+    [
+        ((32, 40, 38), (4.2, 3.7, -0.4), (1 / 0.9, 1 / 0.9, 0.2), (20, 25, 160)),  # z mirrored
+        ((12, 30, 30), (-0.45, 0.3, 2.0), (0.5, 0.75, 0.33), (60, 35, 30)),  # edges
+        ((1, 20, 20), (2.0, 2.0, 0.0), (0.7, 0.7, 1.0), (20, 20, 1)),  # one slice
+        ((10, 10, 10), (5.0, -3.0, 2.0), (1.0, 1.0, 1.0), (12, 12, 12)),  # some points outside
+    ],
+)
+def test_bspline_resampling_is_itks(
+    shape: tuple[int, int, int],
+    start: tuple[float, float, float],
+    step: tuple[float, float, float],
+    size: tuple[int, int, int],
+) -> None:
+    """The separable B-spline resampling equals SimpleITK's ``ResampleImageFilter`` (and
+    its coefficients ITK's decomposition, to the bit)."""
+    from pipelines.radiomics.bspline import decomposition, resample_bspline
+
+    values = np.random.default_rng(shape[0]).normal(40.0, 300.0, shape)
+    image = sitk.GetImageFromArray(values)
+    image.SetSpacing((0.9, 0.8, 5.0))
+    image.SetOrigin((-3.0, 12.5, 40.0))
+    expected_coefficients = sitk.GetArrayFromImage(sitk.BSplineDecomposition(image, 3))
+    assert np.array_equal(decomposition(values), expected_coefficients)
+    resample = sitk.ResampleImageFilter()
+    resample.SetOutputSpacing([s * k for s, k in zip(image.GetSpacing(), step, strict=True)])
+    resample.SetOutputDirection(image.GetDirection())
+    resample.SetOutputOrigin(image.TransformContinuousIndexToPhysicalPoint(start))
+    resample.SetSize(size)
+    resample.SetOutputPixelType(sitk.sitkFloat64)
+    resample.SetInterpolator(sitk.sitkBSpline)
+    expected = sitk.GetArrayFromImage(resample.Execute(image))
+    ours = resample_bspline(image, start, step, size)
+    assert ours.shape == expected.shape
+    assert np.allclose(ours, expected, rtol=1e-12, atol=1e-9)

@@ -15,6 +15,8 @@ import SimpleITK as sitk
 from numpy.typing import NDArray
 from radiomics import imageoperations
 
+from pipelines.radiomics.bspline import resample_bspline
+
 Box = tuple[tuple[int, int], ...]  # per axis (start, stop), array order
 
 
@@ -115,7 +117,14 @@ def resample_crop(
     resample.SetOutputOrigin(mask.TransformContinuousIndexToPhysicalPoint(origin_index.tolist()))
     resample.SetOutputPixelType(image.GetPixelID())
     resample.SetInterpolator(interpolator)
-    resampled_image = resample.Execute(image)
+    if interpolator == sitk.sitkBSpline and image.GetPixelID() == sitk.sitkFloat64:
+        values = resample_bspline(image, origin_index, target / spacing, resample.GetSize())
+        resampled_image = sitk.GetImageFromArray(values)
+        resampled_image.SetSpacing(resample.GetOutputSpacing())
+        resampled_image.SetOrigin(resample.GetOutputOrigin())
+        resampled_image.SetDirection(resample.GetOutputDirection())
+    else:
+        resampled_image = resample.Execute(image)
     resample.SetOutputPixelType(mask.GetPixelID())
     resample.SetInterpolator(sitk.sitkNearestNeighbor)
     return resampled_image, resample.Execute(mask)
