@@ -65,6 +65,7 @@ def forget_box_shapes() -> None:
     """Empty this process's caches keyed by the ROI box's shape (line walks, LoG
     matrices), as a new lesion finds them; pool workers keep theirs."""
     matrices._lines.cache_clear()
+    matrices._roi_walk.cache_clear()
     log._matrix.cache_clear()
 
 

@@ -80,11 +80,9 @@ def _all_matrices(
     padded = np.zeros(tuple(n + 2 for n in roi.shape), dtype=np.int32)  # 0: outside the ROI
     padded[inner][roi] = binned[roi]
     levels = padded.ravel()
-    where = np.flatnonzero(np.pad(roi, 1)).astype(np.int32)  # the ROI's voxels, padded index
-    strides = np.array(padded.strides) // padded.itemsize
-    level = levels[where]
-    ahead_at = where[None, :] + (ANGLES @ strides)[:, None]  # (angles, voxels)
-    ahead, behind = levels[ahead_at], levels[2 * where[None, :] - ahead_at]
+    walk = _roi_walk(roi.shape, np.packbits(roi).tobytes())
+    level = levels[walk.where]
+    ahead, behind = levels[walk.ahead], levels[walk.behind]
     if gldm_a == 0:  # (0, outside the ROI, never equals a level)
         dependence = np.sum(ahead == level, 0) + np.sum(behind == level, 0)
     else:
@@ -99,22 +97,50 @@ def _all_matrices(
     glcm = glcm[:, 1:, 1:].transpose(1, 2, 0)
     return {
         "glcm": glcm[None].astype(np.float64),
-        "glrlm": _runs(levels[_lines(padded.shape)], ng, longest)[None],
+        "glrlm": _runs(levels[walk.runs], walk.run_angle, ng, longest)[None],
         "glszm": _zones(padded, ng)[None],
         "gldm": _dependence(level, dependence, ng)[None],
         "ngtdm": _neighbourhood(level, neighbour_sum, neighbour_count, ng)[None],
     }
 
 
-def _runs(along: NDArray[np.int32], ng: int, longest: int) -> NDArray[np.float64]:
-    """Run-length matrix of every angle from the levels ``along`` the lines of ``_lines``:
-    runs are the stretches of one level > 0 (separators and outside voxels are 0)."""
+@dataclass(frozen=True)
+class _Walk:
+    """Flat indices into the padded box (1-voxel border) of one ROI, shared by every
+    image measured on it."""
+
+    where: NDArray[np.intp]  # the ROI's voxels
+    ahead: NDArray[np.intp]  # (angles, voxels): each voxel's neighbour along the angle
+    behind: NDArray[np.intp]  # (angles, voxels): and against it
+    runs: NDArray[np.intp]  # ``_lines`` through the ROI's voxels, one outside voxel after each
+    run_angle: NDArray[np.intp]  # the angle of each entry of ``runs``
+
+
+@functools.lru_cache(maxsize=4)
+def _roi_walk(shape: tuple[int, ...], packed: bytes) -> _Walk:
+    """The index arrays of the ROI of ``shape`` whose voxels are the bits ``packed``."""
+    bits = np.unpackbits(np.frombuffer(packed, dtype=np.uint8), count=int(np.prod(shape)))
+    inside = np.pad(bits.reshape(shape).astype(bool), 1)
+    where = np.flatnonzero(inside)
+    strides = np.cumprod((1, *inside.shape[:0:-1]))[::-1]  # (z, y, x) strides in voxels
+    steps = (ANGLES @ strides)[:, None]
+    lines = _lines(inside.shape)
+    on_line = inside.ravel()[lines]
+    keep = on_line | np.concatenate([[False], on_line[:-1]])  # ROI voxels, and a separator
+    angle = np.flatnonzero(keep) // (len(lines) // len(ANGLES))
+    return _Walk(where, where + steps, where - steps, lines[keep], angle)
+
+
+def _runs(
+    along: NDArray[np.int32], angle: NDArray[np.intp], ng: int, longest: int
+) -> NDArray[np.float64]:
+    """Run-length matrix of every angle from the levels ``along`` the lines of ``_Walk``
+    (``angle``: each entry's): runs are the stretches of one level > 0 (separators 0)."""
     starts = np.concatenate([[0], np.flatnonzero(along[1:] != along[:-1]) + 1])
     lengths = np.diff(starts, append=len(along))
     values = along[starts]
     keep = values > 0
-    angle = starts[keep] // (len(along) // len(ANGLES))
-    flat = ((values[keep] - 1) * longest + lengths[keep] - 1) * len(ANGLES) + angle
+    flat = ((values[keep] - 1) * longest + lengths[keep] - 1) * len(ANGLES) + angle[starts[keep]]
     counts = np.bincount(flat, minlength=ng * longest * len(ANGLES))
     return counts.reshape(ng, longest, len(ANGLES)).astype(np.float64)
 
