@@ -122,6 +122,42 @@ def run_task(task: Task) -> dict[str, float]:
         raise RadiomicsError(f"pyradiomics rejected the {task.kind} image: {error}") from error
 
 
+def run_here(tasks: list[Task]) -> dict[str, float]:
+    """Every task's features in this process: the derived images of consecutive tasks on
+    one mask and box are measured together (one batch per feature class)."""
+    out: dict[str, float] = {}
+    start = 0
+    while start < len(tasks):
+        first = tasks[start]
+        end = start + 1
+        while end < len(tasks) and _same_roi(tasks[end], first):
+            end += 1
+        mask = first.mask.image()
+        derived: list[Derived] = []
+        for task in tasks[start:end]:
+            try:
+                derived += _derived_crops(task, task.image.image(), mask)
+            except ValueError as error:
+                raise RadiomicsError(
+                    f"pyradiomics rejected the {task.kind} image: {error}"
+                ) from error
+        try:
+            out |= image_features(derived, crop_to_box(mask, first.box), first.features)
+        except ValueError as error:
+            raise RadiomicsError(f"pyradiomics rejected a derived image: {error}") from error
+        start = end
+    return out
+
+
+def _same_roi(task: Task, other: Task) -> bool:
+    """Whether two tasks measure on the same mask, box and features."""
+    return (
+        tuple(task.box) == tuple(other.box)
+        and task.features == other.features
+        and (task.mask is other.mask or np.array_equal(task.mask.array, other.mask.array))
+    )
+
+
 def _derived_crops(task: Task, image: sitk.Image, mask: sitk.Image) -> Iterator[Derived]:
     """The task's derived images on the ROI's box, with their names and settings."""
     if task.kind == LBP3D:
@@ -221,10 +257,7 @@ def run_tasks(
     # Not in a multiprocessing child: a daemonic one may not start processes, and any
     # other joins its children before its pools are closed, so it would not exit.
     if workers <= 1 or len(tasks) <= 1 or multiprocessing.parent_process() is not None:
-        out = meanwhile()
-        for task in tasks:
-            out |= run_task(task)
-        return out
+        return meanwhile() | run_here(tasks)
     pool = _Pool.get(workers)
     futures: dict[int, Future[dict[str, float]]] = {}
     try:

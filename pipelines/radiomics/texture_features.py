@@ -73,9 +73,21 @@ def class_features(
     """Features ``names`` of class ``class_name`` for each image (its matrices and the
     grey levels present in its ROI), named as pyradiomics names them."""
     compute: Callable[..., dict[str, Array]] = _COMPUTE[class_name]
-    with np.errstate(all="ignore"):  # pyradiomics' NaN and guarded divisions, silently
-        values = compute(images, levels, names)
-    return [{n: float(values[n][b]) for n in names} for b in range(len(images))]
+    out: list[dict[str, float]] = [{} for _ in images]
+    for group in _by_size(images):  # images padded to the largest grey level of a group
+        with np.errstate(all="ignore"):  # pyradiomics' NaN and guarded divisions, silently
+            values = compute([images[k] for k in group], [levels[k] for k in group], names)
+        for b, k in enumerate(group):
+            out[k] = {n: float(values[n][b]) for n in names}
+    return out
+
+
+def _by_size(images: Sequence[Matrices]) -> list[list[int]]:
+    """The images' indices in groups whose largest grey levels are within a factor of 2."""
+    groups: dict[int, list[int]] = {}
+    for k, image in enumerate(images):
+        groups.setdefault(int(np.ceil(np.log2(max(image.ng, 1)))), []).append(k)
+    return list(groups.values())
 
 
 def _stack(matrices: Sequence[Array]) -> Array:
