@@ -19,7 +19,8 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
-from scipy import ndimage
+from scipy import ndimage, sparse
+from scipy.sparse.csgraph import connected_components
 
 # pyradiomics' 13 angles for distance 1 in 3-D (array axes z, y, x), in its order.
 ANGLES = np.array(
@@ -98,7 +99,7 @@ def _all_matrices(
     return {
         "glcm": glcm[None].astype(np.float64),
         "glrlm": _runs(levels[walk.runs], walk.run_angle, ng, longest)[None],
-        "glszm": _zones(padded, ng)[None],
+        "glszm": _zones(padded, ng, level, ahead == level, walk)[None],
         "gldm": _dependence(level, dependence, ng)[None],
         "ngtdm": _neighbourhood(level, neighbour_sum, neighbour_count, ng)[None],
     }
@@ -111,6 +112,7 @@ class _Walk:
 
     where: NDArray[np.intp]  # the ROI's voxels
     ahead: NDArray[np.intp]  # (angles, voxels): each voxel's neighbour along the angle
+    ahead_position: NDArray[np.intp]  # (angles, voxels): its place in ``where`` (-1: none)
     behind: NDArray[np.intp]  # (angles, voxels): and against it
     runs: NDArray[np.intp]  # ``_lines`` through the ROI's voxels, one outside voxel after each
     run_angle: NDArray[np.intp]  # the angle of each entry of ``runs``
@@ -128,7 +130,10 @@ def _roi_walk(shape: tuple[int, ...], packed: bytes) -> _Walk:
     on_line = inside.ravel()[lines]
     keep = on_line | np.concatenate([[False], on_line[:-1]])  # ROI voxels, and a separator
     angle = np.flatnonzero(keep) // (len(lines) // len(ANGLES))
-    return _Walk(where, where + steps, where - steps, lines[keep], angle)
+    position = np.full(inside.size, -1, dtype=np.intp)
+    position[where] = np.arange(len(where))
+    ahead = where + steps
+    return _Walk(where, ahead, position[ahead], where - steps, lines[keep], angle)
 
 
 def _runs(
@@ -193,9 +198,31 @@ def _walk(
     return walk[keep]
 
 
-def _zones(padded: NDArray[np.int32], ng: int) -> NDArray[np.float64]:
-    """Size-zone matrix: the 26-connected zones of each level (``ndimage.label`` on the
-    level's bounding box)."""
+def _zones(
+    padded: NDArray[np.int32],
+    ng: int,
+    level: NDArray[np.int32],
+    same: NDArray[np.bool_],
+    walk: _Walk,
+) -> NDArray[np.float64]:
+    """Size-zone matrix: the 26-connected zones of each level, by whichever is cheaper:
+    ``ndimage.label`` on each level's bounding box (work ~ levels x box), or the
+    connected components of the graph of same-level neighbours (~ voxels + links;
+    ``same``: (angles, voxels), the neighbour ahead has the voxel's level)."""
+    links = int(np.count_nonzero(same))
+    if 2 * (len(level) + links) < ng * padded.size:
+        sizes = _linked_zone_sizes(level, same, walk, ng)
+    else:
+        sizes = _labelled_zone_sizes(padded, ng)
+    largest = max((int(z.max()) for z in sizes if len(z)), default=1)  # pyradiomics' C trims
+    out = np.zeros((ng, largest))  # the sizes past the largest zone
+    for g, found in enumerate(sizes):
+        out[g] = np.bincount(found - 1, minlength=largest)
+    return out
+
+
+def _labelled_zone_sizes(padded: NDArray[np.int32], ng: int) -> list[NDArray[np.int64]]:
+    """The sizes of each level's zones (level 1 first), by ``ndimage.label``."""
     connected = np.ones((3, 3, 3), dtype=bool)
     sizes: list[NDArray[np.int64]] = []
     for g, box in enumerate(ndimage.find_objects(padded, max_label=ng), start=1):
@@ -204,11 +231,26 @@ def _zones(padded: NDArray[np.int32], ng: int) -> NDArray[np.float64]:
             continue
         labels, found = ndimage.label(padded[box] == g, structure=connected)
         sizes.append(np.bincount(labels.ravel(), minlength=found + 1)[1:])
-    largest = max((int(z.max()) for z in sizes if len(z)), default=1)  # pyradiomics' C trims
-    out = np.zeros((ng, largest))  # the sizes past the largest zone
-    for g, found in enumerate(sizes):
-        out[g] = np.bincount(found - 1, minlength=largest)
-    return out
+    return sizes
+
+
+def _linked_zone_sizes(
+    level: NDArray[np.int32], same: NDArray[np.bool_], walk: _Walk, ng: int
+) -> list[NDArray[np.int64]]:
+    """The sizes of each level's zones (level 1 first), as connected components."""
+    count = len(level)
+    source = np.broadcast_to(np.arange(count), same.shape)[same]
+    graph = sparse.coo_array(
+        (np.ones(len(source), dtype=np.int8), (source, walk.ahead_position[same])),
+        shape=(count, count),
+    )
+    found, zone = connected_components(graph, directed=False)
+    zone_size = np.bincount(zone, minlength=found)
+    zone_level = np.zeros(found, dtype=np.int64)
+    zone_level[zone] = level
+    order = np.argsort(zone_level, kind="stable")
+    bounds = np.searchsorted(zone_level[order], np.arange(1, ng + 2))
+    return [zone_size[order[bounds[g] : bounds[g + 1]]] for g in range(ng)]
 
 
 def _dependence(
