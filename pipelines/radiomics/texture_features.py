@@ -24,11 +24,12 @@ import numpy as np
 from numpy.typing import NDArray
 from radiomics import getFeatureClasses
 
-from pipelines.radiomics.matrices import Matrices, covers
+from pipelines.radiomics.matrices import ANGLES, Matrices, covers
 
 Array = NDArray[np.float64]
 EPS = float(np.spacing(1))
 CLASSES = ("glcm", "glrlm", "glszm", "gldm", "ngtdm")
+BATCH_CELLS = 2_000_000  # GLCM cells per batch (16 MB): fine binnings run in small batches
 
 
 def batchable(class_name: str, options: dict[str, Any], shape: tuple[int, ...]) -> bool:
@@ -83,11 +84,17 @@ def class_features(
 
 
 def _by_size(images: Sequence[Matrices]) -> list[list[int]]:
-    """The images' indices in groups whose largest grey levels are within a factor of 2."""
+    """The images' indices in groups whose largest grey levels are within a factor of 2,
+    each group's padded GLCMs within ``BATCH_CELLS``."""
     groups: dict[int, list[int]] = {}
     for k, image in enumerate(images):
         groups.setdefault(int(np.ceil(np.log2(max(image.ng, 1)))), []).append(k)
-    return list(groups.values())
+    out = []
+    for members in groups.values():
+        largest = max(images[k].ng for k in members)
+        size = max(1, BATCH_CELLS // (largest * largest * len(ANGLES)))
+        out += [members[i : i + size] for i in range(0, len(members), size)]
+    return out
 
 
 def _stack(matrices: Sequence[Array]) -> Array:
