@@ -3,14 +3,16 @@
 After the image and mask are loaded (resampled, checked), stock pyradiomics walks the
 enabled image types one derived image at a time, filters the whole padded block and lets
 each feature class discretise the image and build its matrix again. Here the derived
-images are split into tasks (one per image type, or, pooled, one per LoG sigma and the
+images are split into tasks (one per image type, or, pooled, the LoG sigmas and the
 wavelet decompositions in shares) that can run in a small pool of worker processes
-(forkserver: no fork of a process holding torch or threads). LoG images on 1 mm voxels
-are computed on the ROI's box only (``log``: ITK's recursive filter as matrices, equal to
-the bit); ``texture`` measures each task's images with one discretisation per image,
-first-order features batched over the task's images (``firstorder``) and the five texture
-matrices from one walk over the neighbour offsets (``matrices``), each equal to
-pyradiomics' own; where a setting is not covered, pyradiomics' own code runs.
+(forkserver: no fork of a process holding torch or threads); in one process, all tasks
+on the ROI are measured together (``run_here``). LoG images on 1 mm voxels are computed
+on the ROI's box only (``log``: ITK's recursive filter as matrices, equal to the bit);
+``texture`` measures the images with one discretisation per image, first-order
+(``firstorder``) and texture features (``texture_features``) batched over the images,
+and the five texture matrices from one walk over the neighbour offsets (``matrices``),
+each equal to pyradiomics' own; where a setting is not covered, pyradiomics' own code
+runs.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from pipelines.radiomics.texture import Derived, image_features
 
 LBP3D = "LBP3D"
 WAVELET_SHARES = 2  # wavelet decompositions are split in this many tasks when pooled
+LOG_SHARES = 2  # and the LoG sigmas (contiguous runs: each task batches its images)
 _logger = logging.getLogger("radiomics.imageoperations")  # where pyradiomics logs these
 
 
@@ -99,7 +102,10 @@ def tasks_for(
         options = {**settings, **(custom or {})}
         parts: list[tuple[dict[str, Any], tuple[int, int], float]]
         if kind == "LoG" and pooled:
-            parts = [({**options, "sigma": [s]}, (0, 1), 2.0) for s in options.get("sigma", [])]
+            sigmas = list(options.get("sigma", []))
+            n = min(LOG_SHARES, len(sigmas))
+            shares = [sigmas[i * len(sigmas) // n : (i + 1) * len(sigmas) // n] for i in range(n)]
+            parts = [({**options, "sigma": share}, (0, 1), 2.0 * len(share)) for share in shares]
         elif kind == "Wavelet" and pooled:
             n = min(WAVELET_SHARES, image_count(kind, custom or {}, settings))
             parts = [(options, (i, n), 4.0 / n) for i in range(n)]

@@ -1,5 +1,6 @@
 """Features of derived images on the ROI's box: one discretisation per image, first order
-batched over a task's images, the texture classes by pyradiomics' own classes."""
+batched over the images, the texture classes batched by ``texture_features`` (pyradiomics'
+own classes where their settings are not covered)."""
 
 from __future__ import annotations
 
