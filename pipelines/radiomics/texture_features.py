@@ -17,6 +17,7 @@ per image on pyradiomics' compacted matrix. ``batchable`` says which settings th
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -212,7 +213,11 @@ def _mcc(p: Array, levels: NDArray[np.int_]) -> float:
             * p[:, None, :, gl, :]
             / (px[:, :, None, 0, :] * py[:, None, :, gl, :] + EPS)
         )
-    eigen = np.linalg.eigvals(q.transpose((0, 3, 1, 2)))
+    try:
+        eigen = np.linalg.eigvals(q.transpose((0, 3, 1, 2)))
+    except np.linalg.LinAlgError:  # pyradiomics logs a failed feature and reports NaN
+        logging.getLogger("radiomics.glcm").exception("FAILED: MCC")
+        return float("nan")
     eigen.sort()
     if eigen.shape[2] < 2:
         return 1.0
