@@ -605,3 +605,29 @@ def test_bspline_resampling_is_itks(
     ours = resample_bspline(image, start, step, size)
     assert ours.shape == expected.shape
     assert np.allclose(ours, expected, rtol=1e-12, atol=1e-9)
+
+
+@pytest.mark.parametrize("kind", ["noisy", "integers", "flat"])
+def test_first_order_shortcuts_are_pyradiomics_getters(kind: str) -> None:
+    """The batch's shared energy and masked mean deviations equal pyradiomics' getters
+    on the same batch, to the bit."""
+    from radiomics.firstorder import RadiomicsFirstOrder
+
+    from pipelines.radiomics.firstorder import _Batch
+
+    rng = np.random.default_rng(11)
+    values = {
+        "noisy": rng.normal(40.0, 30.0, (6, 4001)),
+        "integers": np.round(rng.normal(40.0, 30.0, (4, 999))),
+        "flat": np.full((3, 50), 7.0),
+    }[kind]
+    p_i = np.full((len(values), 4), 0.25)
+    for feature in ("Energy", "TotalEnergy", "RootMeanSquared", "MeanAbsoluteDeviation"):
+        ours = getattr(_Batch(values, p_i, 1000.0, (1.0, 0.9, 5.0)), f"get{feature}FeatureValue")()
+        stock = getattr(RadiomicsFirstOrder, f"get{feature}FeatureValue")(
+            _Batch(values, p_i, 1000.0, (1.0, 0.9, 5.0))
+        )
+        assert np.array_equal(ours, stock), feature
+    batch = _Batch(values, p_i, 1000.0, (1.0, 0.9, 5.0))
+    stock = RadiomicsFirstOrder.getRobustMeanAbsoluteDeviationFeatureValue(batch)
+    assert np.array_equal(batch.getRobustMeanAbsoluteDeviationFeatureValue(), stock)

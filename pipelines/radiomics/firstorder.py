@@ -4,7 +4,8 @@ pyradiomics' ``RadiomicsFirstOrder`` getters already take a batch axis (its voxe
 mode): here that axis holds the derived images of one task, which share the ROI and so
 its voxel count. Each getter runs once for all of them, and the five order statistics
 (percentiles, median) come from one partition instead of a Python loop per image; the
-formulas are pyradiomics' own.
+energy sum is shared and the NaN-masked copies of the mean deviations are masked sums;
+the formulas are pyradiomics' own.
 """
 
 from __future__ import annotations
@@ -101,6 +102,36 @@ class _Batch(RadiomicsFirstOrder):
         else:
             power = self._deviations**moment
         return np.mean(power, axis=1)
+
+    @functools.cached_property
+    def _energy(self) -> NDArray[np.float64]:
+        """pyradiomics' energy sum, shared by energy, total energy and RMS."""
+        shifted = self.targetVoxelArray + self.voxelArrayShift
+        return np.asarray(np.sum(shifted**2, 1), dtype=np.float64)
+
+    def getEnergyFeatureValue(self) -> NDArray[np.float64]:
+        return self._energy
+
+    def getTotalEnergyFeatureValue(self) -> NDArray[np.float64]:
+        return np.asarray(self._energy * np.multiply.reduce(self.pixelSpacing), dtype=np.float64)
+
+    def getRootMeanSquaredFeatureValue(self) -> NDArray[np.float64]:
+        return np.asarray(np.sqrt(self._energy / float(self.targetVoxelArray.shape[1])))
+
+    def getMeanAbsoluteDeviationFeatureValue(self) -> NDArray[np.float64]:
+        return np.asarray(np.mean(np.absolute(self._deviations), 1), dtype=np.float64)
+
+    def getRobustMeanAbsoluteDeviationFeatureValue(self) -> NDArray[np.float64]:
+        """pyradiomics' rMAD (voxels within the 10th-90th percentiles), masked sums in
+        place of its NaN copies: the same sums, term for term."""
+        values = self.targetVoxelArray
+        inside = (values - self._order[10.0][:, None] >= 0) & (
+            values - self._order[90.0][:, None] <= 0
+        )
+        count = np.sum(inside, 1, keepdims=True)
+        mean = np.sum(np.where(inside, values, 0.0), 1, keepdims=True) / count
+        spread = np.where(inside, np.absolute(values - mean), 0.0)
+        return np.asarray(np.sum(spread, 1) / count[:, 0], dtype=np.float64)
 
     def get10PercentileFeatureValue(self) -> NDArray[np.float64]:
         return self._order[10.0]
