@@ -86,7 +86,7 @@ from pipelines.unet.bundle import Bundle, load_bundle
 from pipelines.unet.network import UNetConfig, build_unet, predict_probabilities
 
 MODEL_NAME = "hyperdense_unet"
-MODEL_VERSION = "3.0.0"
+MODEL_VERSION = "3.1.0"
 BRAIN_RULES = ("brain_mask", "intracranial")
 DEFAULT_GAP_MM = 5.0  # slice gap assumed for a one-frame series
 
