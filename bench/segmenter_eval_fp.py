@@ -2,7 +2,10 @@
 component of what the network finds (probability >= a floor, with found pixels in the
 cranial cavity) on a normal head, with its
 volume, frames, distance to the inner table, HU (as acquired and as the network saw it),
-network probability, and which rule kept or dropped it.
+network probability (all over the floor component), and which rule kept or dropped it
+(the furthest stage any of its found pixels reached: output, foci, small, band, ramp,
+calcification, halo or outside the cavity). Results (generated heads; GE rows are not
+committed): bench/segmenter_eval_fp_results.json.
 
 Heads: the real GE head CT (when ../shared is present) and the generated normal heads of
 ``bench.segmenter_eval`` (5 mm, 1 mm, and rise-rendered 5 mm / 1 mm of held-out seeds).
