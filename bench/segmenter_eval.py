@@ -1,5 +1,5 @@
-"""Held-out evaluation of the learned segmenter (U-Net 3.0.0, 2.1.0 and 2.0.0) beside the
-threshold baseline and the old U-Net (1.0.0), in one run.
+"""Held-out evaluation of the learned segmenter (U-Net 3.1.0, 3.0.0, 2.1.0 and 2.0.0) beside
+the threshold baseline and the old U-Net (1.0.0), in one run.
 
 Lesions of 45-95 HU and 0.3-80 mL are painted (``pipelines.lesions.insert_lesion``) into
 the real GE head CT (when ../shared is present: evaluation only, never training) and into
@@ -14,7 +14,10 @@ any of it was called haemorrhage.
 
 3.0.0 runs as bundled (no bone rule) and, to decide whether the rules still help, with the
 calcification halo only (``unet_3_halo``) and with 2.1.0's whole bone rule
-(``unet_3_bone``: rise flattened, ramps and halos dropped).
+(``unet_3_bone``: rise flattened, ramps and halos dropped, as bundled since). 3.1.0
+(``unet_3_1``) is 3.0.0's weights with two more region rules (partial-volumed
+calcifications of thick frames apart, the threshold baseline's band test) and its
+threshold chosen on a validation set with the rules on (``bench.segmenter_eval_threshold``).
 
     python -m bench.segmenter_eval [--out FILE.json] [--markdown FILE.md] [--quick]
         [--methods threshold,unet_3,...]
@@ -63,6 +66,7 @@ METHODS = (
     "unet_3",
     "unet_3_halo",
     "unet_3_bone",
+    "unet_3_1",
 )
 TARGETS = {"pooled_dice": 0.85, "missed_from_1ml": 0, "normal_fp_ml": 0.1}
 
@@ -124,6 +128,7 @@ def methods(chosen: Sequence[str] = METHODS) -> dict[str, Method]:
         "unet_3": lambda: by_unet(lambda: _unet("3.0.0", bone=False, halo=False)),
         "unet_3_halo": lambda: by_unet(lambda: _unet("3.0.0", bone=False, halo=True)),
         "unet_3_bone": lambda: by_unet(lambda: _unet("3.0.0", bone=True, halo=True)),
+        "unet_3_1": lambda: by_unet(lambda: _unet("3.1.0")),
     }
     unknown = sorted(set(chosen) - set(builders))
     if unknown:
@@ -242,22 +247,42 @@ def evaluate_lesions(quick: bool, run: dict[str, Method]) -> list[LesionRow]:
     return rows
 
 
-def risen_head(seed: int, thickness: float, n_slices: int) -> list[Dataset]:
+STRONG_RISE_HU = (25.0, 15.0)  # partial volume, cupping: within the training draw's range
+
+
+def risen_head(seed: int, thickness: float, n_slices: int, strong: bool = False) -> list[Dataset]:
     """A generated normal head rendered with a rise toward the skull of the GE head's size
-    (``pipelines.unet.cases.ge_like_rise``)."""
+    (``pipelines.unet.cases.ge_like_rise``) or, ``strong``, with ``STRONG_RISE_HU``."""
     datasets = synthetic_head_ct(seed, rows=ROWS, n_slices=n_slices, slice_thickness_mm=thickness)
-    render_rise(datasets, ge_like_rise(thickness), thickness)
+    rise = ge_like_rise(thickness)
+    if strong:
+        rise = replace(rise, partial_hu=STRONG_RISE_HU[0], cupping_hu=STRONG_RISE_HU[1])
+    render_rise(datasets, rise, thickness)
     return datasets
 
 
 def risen_heads(quick: bool) -> list[tuple[str, Callable[[], list[Dataset]]]]:
-    """:func:`risen_head` of held-out seeds, 5 mm and (unless ``quick``) 1 mm slices."""
+    """:func:`risen_head` of held-out seeds, 5 mm and (unless ``quick``) 1 mm slices: two
+    heads each with the GE head's rise, one each with a strong rise."""
     out: list[tuple[str, Callable[[], list[Dataset]]]] = [
         ("generated 5 mm, GE-like rise", partial(risen_head, SEED_BASE + 2, 5.0, 32))
     ]
-    if not quick:
-        out.append(("generated 1 mm, GE-like rise", partial(risen_head, SEED_BASE + 3, 1.0, 150)))
-    return out
+    if quick:
+        return out
+    return [
+        *out,
+        ("generated 1 mm, GE-like rise", partial(risen_head, SEED_BASE + 3, 1.0, 150)),
+        ("generated 5 mm, GE-like rise, head 904", partial(risen_head, SEED_BASE + 4, 5.0, 32)),
+        ("generated 1 mm, GE-like rise, head 905", partial(risen_head, SEED_BASE + 5, 1.0, 150)),
+        (
+            "generated 5 mm, strong rise, head 906",
+            partial(risen_head, SEED_BASE + 6, 5.0, 32, strong=True),
+        ),
+        (
+            "generated 1 mm, strong rise, head 907",
+            partial(risen_head, SEED_BASE + 7, 1.0, 150, strong=True),
+        ),
+    ]
 
 
 def evaluate_normals(quick: bool, run: dict[str, Method]) -> list[dict[str, object]]:
@@ -383,7 +408,10 @@ def markdown(report: dict[str, object], command: str) -> str:
         "before the network, the skull's ramps and calcification halos dropped after it);",
         "unet_3 = U-Net 3.0.0 (trained on generated heads rendered with a scanner's HU rise",
         "toward the skull, no rule); unet_3_halo = 3.0.0 with the calcification halo dropped;",
-        "unet_3_bone = 3.0.0 with 2.1.0's whole bone rule. Targets (issue 8): pooled",
+        "unet_3_bone = 3.0.0 with 2.1.0's whole bone rule (3.0.0 as bundled); unet_3_1 =",
+        "U-Net 3.1.0 (3.0.0's weights, thick-frame calcification foci apart, the threshold",
+        "baseline's band test on found regions, threshold chosen on a validation set with",
+        "the rules on: bench/segmenter_eval_threshold.py). Targets (issue 8): pooled",
         "Dice >= 0.85, no lesion >= 1 mL missed, normal-head FP <= 0.1 mL.",
         "",
         "## Lesion-wise Dice",

@@ -51,7 +51,8 @@ def pipeline() -> UNetPipeline:
 def test_bundle_loads_hash_checked_and_says_what_trained_it(tmp_path: Path) -> None:
     unet = load_unet()
     manifest = unet.bundle.manifest
-    assert manifest["version"] == MODEL_VERSION == "3.0.0"
+    assert manifest["version"] == MODEL_VERSION == "3.1.0"
+    assert manifest["derived_from"]["version"] == "3.0.0"  # the same weights, more rules
     assert manifest["notice"] == NOTICE and manifest["provenance"].isascii()
     assert manifest["training"]["seed"] == 0
     assert manifest["training"]["training_cases_by_base"] == {"synthetic": 96}
@@ -63,7 +64,12 @@ def test_bundle_loads_hash_checked_and_says_what_trained_it(tmp_path: Path) -> N
         and manifest["inference"]["calcification"]
         and manifest["inference"]["bone"]
         and manifest["inference"]["halo"]
+        and manifest["inference"]["foci"]
+        and manifest["inference"]["band"]
     )
+    validation = manifest["threshold_validation"]
+    assert manifest["inference"]["threshold"] == validation["chosen"] > 0.9
+    assert validation["at_chosen"]["normal_fp_ml_max"] <= 0.1
     assert manifest["metrics"]["held_out"]["pooled_dice"] >= MIN_DICE
     assert sum(p.numel() for p in unet.model.parameters()) < 1_000_000
     shutil.copytree(STORE_ROOT / MODEL_NAME, tmp_path / MODEL_NAME)
@@ -93,6 +99,13 @@ def test_version_1_still_loads_and_runs_on_its_old_rules() -> None:
     result = old.run(series)
     assert result.algorithm.version == "1.0.0"
     assert result.segments[0].frame_mask.shape == series.frame_hu.shape
+
+
+def test_version_3_0_0_keeps_its_rules() -> None:
+    """3.1.0's region rules (``foci``, ``band``) are off for a manifest that lacks them."""
+    rules = load_unet("3.0.0").inference
+    assert rules.threshold == 0.9 and rules.bone and rules.halo
+    assert not rules.foci and not rules.band
 
 
 def test_training_writes_an_ascii_noticed_hashed_bundle(tmp_path: Path) -> None:

@@ -1,6 +1,9 @@
 """The U-Net's bone rule (pipelines.unet.bone) on constructed frame stacks: the skull's
 HU rise is flattened, a lesion's plateau is not; ramps of the skull, regions inside its
-band and a calcification's halo are dropped, a lesion touching bone is kept."""
+band and a calcification's halo are dropped, a lesion touching bone is kept; a thick
+frame's partial-volumed calcification is told from blood and from a contrast stain; a
+region of the skull's band that never reaches the brain's core is dropped, a haematoma
+touching bone and reaching into the core is kept."""
 
 from __future__ import annotations
 
@@ -12,6 +15,8 @@ from pipelines.unet.bone import (
     bone_ramps,
     calcification_halo,
     flatten_bone_rise,
+    partial_volume_foci,
+    skull_band,
     skull_distance,
 )
 
@@ -95,3 +100,50 @@ def test_calcification_halo_is_a_thin_shell() -> None:
     assert halo[1, 17, 20] and halo[1, 16, 20] and halo[1, 15, 20]
     assert not halo[1, 14, 20] and not halo[0].any() and not halo[2].any()
     assert not calcification_halo(np.zeros((2, 5, 5), dtype=bool), SPACING).any()
+
+
+def _disc(frames: slice, centre: tuple[int, int], radius_mm: float) -> NDArray[np.bool_]:
+    """A disc of ``radius_mm`` about ``centre`` (pixels) on ``frames`` of the 9-frame head."""
+    yy, xx = np.mgrid[:400, :400]
+    mask = np.zeros((9, 400, 400), dtype=bool)
+    mask[frames] = np.hypot(yy - centre[0], xx - centre[1]) * SPACING[1] < radius_mm
+    return mask
+
+
+def test_a_thick_frame_partial_volumed_calcification_is_a_focus_and_blood_is_not() -> None:
+    hu, skull = head(rise_hu=0.0)
+    distance = skull_distance(skull, SPACING)
+    # one 4 mm frame, deep: a 1 mm core of 170 HU in a 3 mm halo of 65 HU (GE's 0.13 mL)
+    focus = _disc(slice(4, 5), (200, 200), 3.0)
+    hu[focus] = 65.0
+    hu[_disc(slice(4, 5), (200, 200), 1.0)] = 170.0
+    # the same core and halo held by two frames, a blood plateau of 90 HU with noise on one
+    # frame, a contrast stain's plateau of 140 HU on one frame, a focus beside the skull
+    two_frames = _disc(slice(2, 4), (120, 200), 3.0)
+    hu[two_frames] = 65.0
+    hu[_disc(slice(2, 4), (120, 200), 1.0)] = 170.0
+    blood = _disc(slice(6, 7), (280, 200), 3.0)
+    hu[blood] = 90.0 + np.random.default_rng(2).normal(0.0, 5.0, int(blood.sum()))
+    stain = _disc(slice(6, 7), (200, 120), 3.0)
+    hu[stain] = 140.0
+    near_skull = _disc(slice(6, 7), (200, 200 + int(84 / SPACING[1])), 3.0) & ~skull
+    hu[near_skull] = 65.0
+    hu[_disc(slice(6, 7), (200, 200 + int(84 / SPACING[1])), 1.0)] = 170.0
+    found = focus | two_frames | blood | stain | near_skull
+    foci = partial_volume_foci(found, hu, distance, SPACING[1])
+    assert foci[focus].all()
+    assert not foci[two_frames | blood | stain | near_skull].any()
+
+
+def test_a_region_of_the_skull_band_is_dropped_and_a_haematoma_touching_bone_kept() -> None:
+    hu, skull = head(rise_hu=0.0)
+    distance = skull_distance(skull, SPACING)
+    core = np.asarray(distance > 3.0) & cavity_of(hu, skull)
+    # a flat sheet along the inner table, 1-3 mm deep; a 6 mm haematoma touching the bone
+    sheet = np.zeros(hu.shape, dtype=bool)
+    sheet[3:6] = (distance[4] > 0.5) & (distance[4] < 3.0) & (np.arange(400)[:, None] < 60)
+    haematoma = _disc(slice(3, 6), (200, 400 - 200 - int(84 / SPACING[1])), 6.0) & ~skull
+    assert distance[haematoma].min() <= 1.0 and distance[haematoma].max() > 7.0
+    dropped = skull_band(sheet | haematoma, core, distance)
+    assert dropped[sheet].all()
+    assert not dropped[haematoma].any()

@@ -23,6 +23,17 @@ network read that rim as haemorrhage. Two steps, both on the acquired frames:
   cavity) is bone, not blood, and dropped too.
 - :func:`calcification_halo`: the voxels within ``CALCIFICATION_HALO_MM`` of a
   calcification carry its blurred edge (the scanner's point spread), not blood.
+- :func:`partial_volume_foci`: a calcification smaller than the slice is diluted by the
+  frame's thickness below the calcification rule's 180 HU; what the network finds of it
+  is a region held by one frame, away from the skull, with a dense core above blood's
+  range in a halo of blood-range HU (the real GE head: one 4 mm frame, core 168 HU,
+  median 74 HU, 0.13 mL). A haematoma (45-95 HU) has no such core and a contrast stain
+  (130-160 HU) is a plateau whose median lies above blood's range.
+- :func:`skull_band`: the threshold baseline's band test on what the network finds: a
+  region with less than ``band_core_fraction`` of its volume in the brain's core that
+  never reaches ``band_depth_mm`` from the skull is tissue of the skull's band (on thin
+  frames cut along the skull base the network called grey matter of 41 HU there, 0.13 mL
+  on a generated 1 mm head), not blood: a haematoma touching bone reaches into the core.
 """
 
 from __future__ import annotations
@@ -33,6 +44,8 @@ import edt
 import numpy as np
 from numpy.typing import NDArray
 from scipy import ndimage
+
+from pipelines.hyperdense import CALCIFICATION_WINDOW_MM, HyperdenseParameters
 
 SHELL_EDGES_MM = (0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 20.0, 25.0)
 """Distance-to-skull shells (mm) of the rise profile; deep brain lies beyond the last."""
@@ -57,6 +70,14 @@ RAMP_SLOPE_HU_PER_MM = 2.0
 voxels) is a ramp; the real rise falls 3-13 HU/mm, noise on a 0.1 mL region moves a
 plateau's slope by well under 1 HU/mm."""
 
+
+FOCUS_CORE_HU = 120.0
+"""A dense core this high (in-plane mean over ``CALCIFICATION_WINDOW_MM``) is above acute
+blood (45-95 HU plus noise) and is the issue's calcification core (> ~120 HU)."""
+
+FOCUS_MEDIAN_HU = 100.0
+"""A partial-volumed focus is mostly halo: its median lies in blood's range, below this;
+a contrast stain's plateau (130-160 HU) lies above it."""
 
 CALCIFICATION_HALO_MM = 1.5
 """A calcification's edge is spread over about this distance by the scanner's point spread
@@ -154,3 +175,59 @@ def bone_ramps(
     np.maximum.at(reach, region, d)
     ramp = (reach <= RAMP_REACH_MM) & ((slope <= -RAMP_SLOPE_HU_PER_MM) | (reach <= 0.0))
     return np.asarray(np.concatenate([[False], ramp])[labels])
+
+
+def partial_volume_foci(
+    found: NDArray[np.bool_],
+    hu: NDArray[np.floating],
+    distance: NDArray[np.floating],
+    pixel_mm: float,
+) -> NDArray[np.bool_]:
+    """The 3-D connected regions of ``found`` that are calcifications diluted by a thick
+    frame (see the module): held by one frame, no voxel within ``RAMP_REACH_MM`` of the
+    skull (``distance`` as :func:`skull_distance`: the skull's own partial volume is the
+    ramp rule's), an in-plane mean over ``CALCIFICATION_WINDOW_MM`` (pixels of
+    ``pixel_mm``; the calcification rule's window) of at least ``FOCUS_CORE_HU`` and a
+    median HU below ``FOCUS_MEDIAN_HU``."""
+    side = max(1, 2 * round((CALCIFICATION_WINDOW_MM / pixel_mm - 1) / 2) + 1)
+    foci = np.zeros(found.shape, dtype=bool)
+    labels, _ = ndimage.label(found, structure=np.ones((3, 3, 3), dtype=bool))
+    for i, box in enumerate(ndimage.find_objects(labels), start=1):
+        if box is None or box[0].stop - box[0].start != 1:
+            continue
+        region = labels[box] == i
+        if float(distance[box][region].min()) <= RAMP_REACH_MM:
+            continue
+        values = hu[box][region]
+        if float(np.median(values)) >= FOCUS_MEDIAN_HU:
+            continue
+        grown = tuple(
+            slice(max(s.start - side // 2, 0), s.stop + side // 2) if axis else s
+            for axis, s in enumerate(box)
+        )
+        local = ndimage.uniform_filter(np.asarray(hu[grown], dtype=np.float32), (1, side, side))
+        inner = tuple(
+            slice(s.start - g.start, s.stop - g.start) for s, g in zip(box, grown, strict=True)
+        )
+        if float(local[inner][region].max()) >= FOCUS_CORE_HU:
+            foci[box] |= region
+    return foci
+
+
+def skull_band(
+    found: NDArray[np.bool_], core: NDArray[np.bool_], distance: NDArray[np.floating]
+) -> NDArray[np.bool_]:
+    """The 3-D connected regions of ``found`` with less than the threshold baseline's
+    ``band_core_fraction`` of their voxels in the brain's ``core`` that never reach its
+    ``band_depth_mm`` from the skull (``distance`` as :func:`skull_distance`)."""
+    p = HyperdenseParameters()
+    labels, count = ndimage.label(found, structure=np.ones((3, 3, 3), dtype=bool))
+    if count == 0:
+        return np.zeros(found.shape, dtype=bool)
+    region = labels[found] - 1
+    n = np.bincount(region, minlength=count).astype(np.float64)
+    in_core = np.bincount(region, core[found].astype(np.float64), count) / n
+    depth = np.full(count, -np.inf)
+    np.maximum.at(depth, region, distance[found].astype(np.float64))
+    band = (in_core < p.band_core_fraction) & (depth < p.band_depth_mm)
+    return np.asarray(np.concatenate([[False], band])[labels])

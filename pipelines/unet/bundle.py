@@ -90,3 +90,26 @@ def load_bundle(name: str, version: str, root: Path = STORE_ROOT) -> Bundle:
     if manifest["kind"] != KIND or WEIGHTS not in contents:
         raise ModelStoreError(f"{name} {version}: not a {KIND} bundle with {WEIGHTS}")
     return Bundle(name, version, manifest, load(contents[WEIGHTS]))
+
+
+def derive_bundle(
+    name: str,
+    source: str,
+    version: str,
+    inference: Mapping[str, Any],
+    entries: Mapping[str, Any],
+    root: Path = STORE_ROOT,
+) -> Path:
+    """A new version ``root/name/version`` holding version ``source``'s weights (hash
+    checked) with its manifest's ``inference`` entries updated by ``inference`` and
+    ``entries`` merged in (``derived_from`` names the source): a version whose change is
+    in the rules, not in the weights."""
+    bundle = load_bundle(name, source, root)
+    manifest = {
+        k: v
+        for k, v in bundle.manifest.items()
+        if k not in ("name", "version", "created", "files", "schema_version", "manifest_sha256")
+    }
+    manifest["inference"] = {**dict(manifest["inference"]), **dict(inference)}
+    manifest.update(entries)
+    return save_bundle(root / name / version, name, version, bundle.tensors, manifest)

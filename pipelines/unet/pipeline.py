@@ -27,7 +27,13 @@ generated heads' is flattened before the network, and found regions that are ram
 skull or lie wholly in its partial-volume band are dropped. With ``halo`` (2.1.0 on)
 found pixels in a calcification's halo are dropped. Version 3.0.0 was fine-tuned on heads
 rendered with a scanner's rise (:mod:`pipelines.unet.cases`) and still needs the ``bone``
-rule on the real GE head (without it 29.8 mL is called there, with it 0.13 mL).
+rule on the real GE head (without it 29.8 mL is called there, with it 0.13 mL). With
+``foci`` (3.1.0 on) a found region that is a calcification diluted by a thick frame
+(:func:`pipelines.unet.bone.partial_volume_foci`: one frame, deep, a dense core in a
+blood-range halo) is calcification, not haemorrhage: the 0.13 mL left on the GE head.
+With ``band`` (3.1.0 on) a found region is held to the threshold baseline's band test
+(:func:`pipelines.unet.bone.skull_band`: mostly outside the brain's core and never
+deeper than its band depth from the skull is the skull's band, not blood).
 """
 
 from __future__ import annotations
@@ -72,13 +78,15 @@ from pipelines.unet.bone import (
     bone_ramps,
     calcification_halo,
     flatten_bone_rise,
+    partial_volume_foci,
+    skull_band,
     skull_distance,
 )
 from pipelines.unet.bundle import Bundle, load_bundle
 from pipelines.unet.network import UNetConfig, build_unet, predict_probabilities
 
 MODEL_NAME = "hyperdense_unet"
-MODEL_VERSION = "3.0.0"
+MODEL_VERSION = "3.1.0"
 BRAIN_RULES = ("brain_mask", "intracranial")
 DEFAULT_GAP_MM = 5.0  # slice gap assumed for a one-frame series
 
@@ -94,6 +102,8 @@ class InferenceSettings:
     calcification: bool = True  # tell calcification apart (1.0.0 bundles: no)
     bone: bool = False  # flatten the skull's HU rise, drop its ramps (2.1.0 only)
     halo: bool = False  # drop the calcifications' halos (2.1.0 on)
+    foci: bool = False  # thick-frame partial-volumed calcifications apart (3.1.0 on)
+    band: bool = False  # drop regions of the skull's band, as the threshold does (3.1.0 on)
 
     def __post_init__(self) -> None:
         """Refuse settings the pipeline cannot apply."""
@@ -110,7 +120,8 @@ class InferenceSettings:
     def from_dict(cls, values: dict[str, Any]) -> InferenceSettings:
         """Settings from a manifest's ``inference`` entry (a 1.0.0 entry has no ``brain``
         or ``calcification``: it ran on the old brain mask, without calcification; before
-        2.1.0 none has ``bone``; 2.1.0's ``bone`` includes the calcifications' halo)."""
+        2.1.0 none has ``bone``; 2.1.0's ``bone`` includes the calcifications' halo; before
+        3.1.0 none has ``foci`` or ``band``)."""
         return cls(
             float(values["threshold"]),
             float(values["min_volume_ml"]),
@@ -119,6 +130,8 @@ class InferenceSettings:
             bool(values.get("calcification", False)),
             bool(values.get("bone", False)),
             bool(values.get("halo", values.get("bone", False))),
+            bool(values.get("foci", False)),
+            bool(values.get("band", False)),
         )
 
 
@@ -192,19 +205,23 @@ def frame_spacing(series: LoadedSeries) -> tuple[float, float, float]:
 class FrameRules:
     """What the bundle's rules make of a frame stack: where the network's pixels may be
     kept, the calcified pixels, the HU the network is given and (with the ``bone`` rule)
-    each voxel's distance to the skull in mm."""
+    each voxel's distance to the skull in mm, (with ``band``) the brain's core."""
 
     allowed: NDArray[np.bool_]
     calcified: NDArray[np.bool_]
     network_hu: NDArray[np.float32]
     skull_mm: NDArray[np.float32] | None = None
+    core: NDArray[np.bool_] | None = None
 
     def kept(self, found: NDArray[np.bool_]) -> NDArray[np.bool_]:
         """``found`` where allowed, calcification out and (with the ``bone`` rule) the
-        skull's ramps (:func:`pipelines.unet.bone.bone_ramps`) dropped."""
+        skull's ramps (:func:`pipelines.unet.bone.bone_ramps`) and (with ``band``) the
+        regions of the skull's band (:func:`pipelines.unet.bone.skull_band`) dropped."""
         kept = found & self.allowed & ~self.calcified
         if self.skull_mm is not None:
             kept &= ~bone_ramps(kept, self.network_hu, self.skull_mm)
+            if self.core is not None:
+                kept &= ~skull_band(kept, self.core, self.skull_mm)
         return np.asarray(kept)
 
 
@@ -238,21 +255,39 @@ def frame_rules(
     )
     if settings.halo:
         allowed &= ~calcification_halo(calcified, spacing)
-    return FrameRules(allowed, calcified, network_hu, distance)
+    core = masks.core if settings.band and distance is not None else None
+    return FrameRules(allowed, calcified, network_hu, distance, core)
+
+
+def decide(
+    rules: FrameRules,
+    found: NDArray[np.bool_],
+    settings: InferenceSettings,
+    hu: NDArray[np.floating],
+    spacing: tuple[float, float, float],
+) -> FrameClasses:
+    """Haemorrhage-class and calcification masks of frames ``hu`` from the pixels the
+    network ``found`` under ``rules`` (with ``foci``, the thick frames' partial-volumed
+    calcifications are moved to calcification)."""
+    hyperdense = rules.kept(found)
+    if settings.foci and rules.skull_mm is not None:
+        foci = partial_volume_foci(hyperdense, hu, rules.skull_mm, min(spacing[1:]))
+        return FrameClasses(hyperdense & ~foci, rules.calcified | foci)
+    return FrameClasses(hyperdense, rules.calcified)
 
 
 def classify_frames(
     unet: LoadedUNet, hu: NDArray[np.floating], spacing: tuple[float, float, float]
 ) -> FrameClasses:
     """Haemorrhage-class and calcification masks of frames ``hu`` by the network and the
-    bundle's rules (:func:`frame_rules`)."""
-    rules = frame_rules(hu, spacing, unet.inference)
+    bundle's rules (:func:`frame_rules`, :func:`decide`)."""
+    settings = unet.inference
+    rules = frame_rules(hu, spacing, settings)
     found = (  # the float32 probabilities are not held while the rules run
         predict_probabilities(unet.model, unet.config, rules.network_hu, spacing[1:])
-        >= unet.inference.threshold
+        >= settings.threshold
     )
-    hyperdense = rules.kept(found)
-    return FrameClasses(hyperdense, rules.calcified)
+    return decide(rules, found, settings, hu, spacing)
 
 
 class UNetPipeline:
