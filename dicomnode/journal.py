@@ -7,7 +7,8 @@ row (file, folder, SQLite WAL). Records are written one after the other under a 
 a record is durable only when every record before it is: recovery stops at the first
 torn record, which was never acknowledged.
 
-Segments: ``<state_dir>/journal/<number>.journal``, preallocated. A record is a fixed
+Segments: ``<state_dir>/journal/<number>.journal``, preallocated; the next one is
+prepared by a background thread before it is needed (a spare, used in number order). A record is a fixed
 prefix (magic, header length, payload length, SHA-256 of header and file meta), a JSON
 header (the :class:`InstanceRecord` without its path), the file meta and the dataset
 bytes as sent (whose SHA-256 is the record's ``sha256``).
@@ -197,19 +198,16 @@ def _write_at(fd: int, parts: list[bytes], offset: int) -> None:
             views[0] = views[0][written:]
 
 
-ZERO_BLOCK = bytes(MIB)
-
-
 def _create_segment(path: Path, number: int, size: int) -> _Segment:
     """A new segment file of ``size`` bytes, reserved (``fallocate``: an append does not
-    meet a full disk), then written with zeros and flushed with its folder: an append's
-    ``fdatasync`` then flushes data only, no unwritten-extent conversion (0.69x the
-    latency, ``bench/journal_sync.py``)."""
+    meet a full disk) and flushed with its folder.
+
+    Not written with zeros: an append into written blocks flushes 0.69x as long on a
+    quiet disk (``bench/journal_sync.py``, 0.47 against 0.68 ms), but writing every
+    segment twice cost more CPU and disk time than it saved (``bench/README.md``)."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         os.posix_fallocate(fd, 0, size)
-        for offset in range(0, size, MIB):
-            _write_at(fd, [ZERO_BLOCK[: size - offset]], offset)
         os.fsync(fd)
         spool.fsync_dir(path.parent)
     except BaseException:
@@ -352,7 +350,7 @@ class Journal:
 
     def _prepare_loop(self) -> None:
         """Keep one spare segment ready, so that no answer waits for a segment's creation
-        (its blocks written and flushed: :func:`_create_segment`)."""
+        (two flushes: :func:`_create_segment`)."""
         failing = False
         while True:
             with self._cond:

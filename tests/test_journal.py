@@ -264,14 +264,14 @@ def _wait_for(condition: Callable[[], bool], timeout_s: float = 30.0) -> bool:
 
 
 def test_next_segment_is_prepared_ahead_and_replays_in_order(tmp_path: Path) -> None:
-    """A spare segment (written, flushed) is ready before the first append and after each
+    """A spare segment (reserved, flushed) is ready before the first append and after each
     roll-over, so appends take it in number order and none is made on an answer's path;
     after a crash every record replays, a later record of a UID over an earlier one."""
     journal = _journal(tmp_path, "node", JournalSettings(segment_mib=1, move_interval_s=60.0))
     journal.start()
     assert _wait_for(lambda: _segment_numbers(journal.folder) == [1])  # the spare
     spare = journal.folder / f"{1:012d}{SUFFIX}"
-    assert spare.stat().st_size == MIB and spare.stat().st_blocks * 512 >= MIB  # written
+    assert spare.stat().st_size == MIB and spare.stat().st_blocks * 512 >= MIB  # reserved
     parts = [(_at(r, tmp_path / "spool"), m, d)
              for r, m, d in _instances(tmp_path / "in", seed=6, slices=10, rows=256)]  # fmt: skip
     first, meta, dataset = parts[0]
