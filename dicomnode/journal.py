@@ -8,10 +8,10 @@ a record is durable only when every record before it is: recovery stops at the f
 torn record, which was never acknowledged.
 
 Segments: ``<state_dir>/journal/<number>.journal``, preallocated; the next one is
-prepared by a background thread before it is needed (a spare, used in number order). A record is a fixed
-prefix (magic, header length, payload length, SHA-256 of header and file meta), a JSON
-header (the :class:`InstanceRecord` without its path), the file meta and the dataset
-bytes as sent (whose SHA-256 is the record's ``sha256``).
+prepared by a background thread before it is needed (a spare, used in number order). A
+record is a fixed prefix (magic, header length, payload length, SHA-256 of header and
+file meta), a JSON header (the :class:`InstanceRecord` without its path), the file
+meta and the dataset bytes as sent (whose SHA-256 is the record's ``sha256``).
 
 The mover writes the files under their final names and records them in the state in
 batches (one transaction per batch). A segment is retired (deleted) once each of its
@@ -350,7 +350,17 @@ class Journal:
 
     def _prepare_loop(self) -> None:
         """Keep one spare segment ready, so that no answer waits for a segment's creation
-        (two flushes: :func:`_create_segment`)."""
+        (two flushes: :func:`_create_segment`). Should the thread ever end unexpectedly,
+        appends make their segments themselves again."""
+        try:
+            self._prepare_spares()
+        finally:
+            with self._cond:
+                self._preparing = False
+                self._cond.notify_all()
+
+    def _prepare_spares(self) -> None:
+        """The preparer's loop, until the journal stops."""
         failing = False
         while True:
             with self._cond:
