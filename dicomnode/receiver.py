@@ -182,9 +182,9 @@ class Receiver:
         """Replay what a previous run left in the journal, then listen on the configured
         address in background threads."""
         # pydicom checks each value it reads (every UID pynetdicom makes of a PDU, a
-        # command or a context) only to warn; a quarter of the receiver's CPU per
-        # instance. The node decides from its own checks (identify, validation), and the
-        # warnings quoted the values.
+        # command or a context) only to warn: CPU on every instance (bench/README.md,
+        # third ingest pass). The node decides from its own checks (identify,
+        # validation); the warnings quoted the values. Process-wide setting.
         pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
         self.journal.recover()
         if self._journaling:
