@@ -402,23 +402,24 @@ def _log_closed(conn: Connection, budget: LogBudget) -> None:
     )
 
 
+READ_STEP = 1 << 20  # most bytes asked of the kernel per read of a PDU
+
+
 class BulkReadSocket(AssociationSocket):
     """pynetdicom's association socket, reading what it asks for in as few system calls
     as the kernel allows (pynetdicom reads 4 KiB per ``recv`` and appends each piece:
-    about 130 calls and copies for a 512 x 512 CT slice)."""
+    about 130 calls and copies for a 512 x 512 CT slice). Memory grows only with the
+    bytes that arrive, as before: a PDU header claiming 4 GiB reserves nothing."""
 
     def recv(self, nr_bytes: int) -> bytearray:
         """Read ``nr_bytes`` from the socket; fewer only if the peer closed it."""
         assert self.socket is not None
-        data = bytearray(nr_bytes)
-        view, got = memoryview(data), 0
-        while got < nr_bytes:
-            count = self.socket.recv_into(view[got:], nr_bytes - got)
-            if not count:
+        data = bytearray()
+        while len(data) < nr_bytes:
+            piece = self.socket.recv(min(nr_bytes - len(data), READ_STEP))
+            if not piece:
                 break
-            got += count
-        view.release()
-        del data[got:]
+            data += piece
         return data
 
 
