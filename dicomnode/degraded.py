@@ -23,9 +23,11 @@ def degraded_reasons(
     pipelines: Sequence[Mapping[str, str | None]],
     free_bytes: int,
     warn_free_bytes: int,
+    ingest: str | None = None,
 ) -> list[str]:
-    """One line per reason the node is degraded; empty when it is not."""
-    reasons: list[str] = []
+    """One line per reason the node is degraded; empty when it is not. ``ingest``: why
+    the receiver refuses every instance (a failed journal flush)."""
+    reasons: list[str] = [] if ingest is None else [ingest]
     dead = problems.get("dead_letters", 0)
     if dead:
         reasons.append(
@@ -59,9 +61,12 @@ class HealthProblems:
         store: StateStore,
         pipelines: PipelineStatuses | None = None,
         clock: Callable[[], float] = time.time,
+        ingest: Callable[[], str | None] | None = None,
     ) -> None:
-        """Read ``store`` and the folders of ``config``; ``pipelines``: start-up statuses."""
+        """Read ``store`` and the folders of ``config``; ``pipelines``: start-up statuses;
+        ``ingest``: the receiver's reason to refuse every instance, if any."""
         self.config = config
+        self.ingest = ingest
         self.admin = DeliveryAdmin(store)
         self.pipelines = pipelines
         self.clock = clock
@@ -72,4 +77,7 @@ class HealthProblems:
         problems = self.admin.problem_counts(self.clock(), window_s)
         free = lowest_free_bytes((self.config.spool_dir, self.config.state_dir))
         statuses = self.pipelines() if self.pipelines is not None else []
-        return degraded_reasons(problems, statuses, free, self.config.limits.warn_free_bytes)
+        ingest = self.ingest() if self.ingest is not None else None
+        return degraded_reasons(
+            problems, statuses, free, self.config.limits.warn_free_bytes, ingest
+        )

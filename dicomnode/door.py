@@ -42,7 +42,7 @@ from pynetdicom.association import Association
 from pynetdicom.events import EventHandlerType
 from pynetdicom.pdu_primitives import A_ABORT, A_P_ABORT
 from pynetdicom.presentation import PresentationContext
-from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
+from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 from pynetdicom.utils import make_target
 
 log = structlog.get_logger(__name__)
@@ -402,6 +402,27 @@ def _log_closed(conn: Connection, budget: LogBudget) -> None:
     )
 
 
+READ_STEP = 1 << 20  # most bytes asked of the kernel per read of a PDU
+
+
+class BulkReadSocket(AssociationSocket):
+    """pynetdicom's association socket, reading what it asks for in as few system calls
+    as the kernel allows (pynetdicom reads 4 KiB per ``recv`` and appends each piece:
+    about 130 calls and copies for a 512 x 512 CT slice). Memory grows only with the
+    bytes that arrive, as before: a PDU header claiming 4 GiB reserves nothing."""
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        """Read ``nr_bytes`` from the socket; fewer only if the peer closed it."""
+        assert self.socket is not None
+        data = bytearray()
+        while len(data) < nr_bytes:
+            piece = self.socket.recv(min(nr_bytes - len(data), READ_STEP))
+            if not piece:
+                break
+            data += piece
+        return data
+
+
 class GuardedRequestHandler(RequestHandler):
     """Serves one connection in its own thread: TLS handshake, association, clean-up."""
 
@@ -423,6 +444,7 @@ class GuardedRequestHandler(RequestHandler):
                 self.server.shutdown_request(self.request)
                 return
             assoc = self._create_association()
+            assoc.dul.socket.__class__ = BulkReadSocket  # same object, faster reads
             door.attach(self.request, assoc)
             evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
             assoc.start()

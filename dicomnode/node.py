@@ -203,7 +203,12 @@ class Node:
                 self.store.counts_by_state,
                 lambda: self._receiver is not None,
                 self.pipelines,
-                problems=HealthProblems(self.config, self.store, self.pipelines),
+                problems=HealthProblems(
+                    self.config,
+                    self.store,
+                    self.pipelines,
+                    ingest=self._receiver.journal.broken_reason,
+                ),
                 collectors=[RetentionCollector(retention), StageCollector(self.jobs.stage_totals)],
                 status_page=self._status_page(self.config.http, self.store),
             )

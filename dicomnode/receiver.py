@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import structlog
+from pydicom import config as pydicom_config
 from pydicom import uid
 from pydicom.dataset import Dataset
 from pynetdicom import AE, PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, evt
@@ -180,6 +181,11 @@ class Receiver:
     def start(self) -> None:
         """Replay what a previous run left in the journal, then listen on the configured
         address in background threads."""
+        # pydicom checks each value it reads (every UID pynetdicom makes of a PDU, a
+        # command or a context) only to warn: CPU on every instance (bench/README.md,
+        # third ingest pass). The node decides from its own checks (identify,
+        # validation); the warnings quoted the values. Process-wide setting.
+        pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
         self.journal.recover()
         if self._journaling:
             self.journal.start()

@@ -1,6 +1,8 @@
 """The bench harnesses (``bench/kill9.py``, ``bench/fuzz.py``) in a tiny configuration,
 so that they cannot rot: each runs against the real node process, DCMTK and Orthanc;
-``bench/gradcam_placement.py`` runs each pipeline's lesion finding on two generated cases."""
+``bench/gradcam_placement.py`` runs each pipeline's lesion finding on two generated cases;
+``bench/journal_sync.py`` and ``bench/ingest_profile.py`` measure on a few appends and
+one series."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ from pathlib import Path
 import pytest
 from pynetdicom import _config
 
-from bench import fuzz, gradcam_placement, kill9, peers
+from bench import fuzz, gradcam_placement, ingest_profile, journal_sync, kill9, peers
 from pipelines.synthetic import synthetic_head_ct, write_series
 from tests.scp import storage_scp
 from tests.support import free_port, require_tool
@@ -132,3 +134,26 @@ def test_gradcam_placement_two_cases_every_method(pipeline: str, tmp_path: Path)
     text = gradcam_placement.table(summaries, extra)
     assert f"{pipeline} model" in text
     assert ("CNN's own AUC" in text) == (pipeline == "ht_after_mt")
+
+
+def test_journal_sync_measures_every_method(tmp_path: Path) -> None:
+    """Each way of making an append durable gets a positive median latency."""
+    medians = journal_sync.run(tmp_path, count=6, record_kib=8)
+    assert set(medians) == {
+        "fdatasync_fallocated", "fdatasync_prewritten", "o_dsync_prewritten",
+        "rwf_dsync_prewritten", "sync_file_range_prewritten",
+    }  # fmt: skip
+    assert all(ms > 0 for ms in medians.values())
+    assert not list(tmp_path.iterdir())  # its files are removed
+
+
+def test_ingest_profile_reports_the_receivers_functions(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """One series over two associations under the profiler: the C-STORE handler is among
+    the functions reported, with CPU per instance."""
+    require_tool("storescu", "dcmtk")
+    assert ingest_profile.main(["--series", "1", "--associations", "2", "--top", "400"]) == 0
+    out = capsys.readouterr().out
+    assert "28 instances" in out and "profiled CPU" in out
+    assert "receiver.py" in out and "(_on_store)" in out

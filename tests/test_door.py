@@ -208,6 +208,29 @@ def test_half_sent_request_is_closed_after_the_timeout(tmp_path: Path) -> None:
     assert "request_timeout_s" in entry["reason"] and entry["peer_host"] == "127.0.0.1"
 
 
+def _resident_bytes() -> int:
+    """This process's resident memory (VmRSS)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS in /proc/self/status")
+
+
+def test_a_pdu_claiming_4_gib_reserves_nothing(tmp_path: Path) -> None:
+    """A PDU header announcing 4 GiB followed by a few bytes: the node reads only what
+    arrives (no buffer of the announced size), and keeps serving."""
+    config = _config(tmp_path, request_timeout_s=5.0)
+    with Node(config, copy_first):
+        before = _resident_bytes()
+        sock = socket.create_connection(("127.0.0.1", config.node.port), timeout=5)
+        sock.sendall(b"\x01\x00\xff\xff\xff\xf0" + b"\x00" * 4096)  # 4 GiB announced
+        time.sleep(1.0)  # the association's reader waits for the rest
+        grown = _resident_bytes() - before
+        sock.close()
+        assert _associate(config.node.port).is_established
+    assert grown < 64 << 20, f"resident memory grew by {grown} bytes"
+
+
 def test_stopping_closes_waiting_connections(tmp_path: Path) -> None:
     """Stopping the node closes connections still waiting for a request, at once."""
     config = _config(tmp_path, request_timeout_s=30.0)

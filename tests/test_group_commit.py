@@ -90,13 +90,15 @@ def _nothing(spec: JobSpec) -> list[Path]:
     raise AssertionError(f"no job expected, got {spec}")
 
 
+@pytest.mark.parametrize(("rows", "slices"), [(64, 24), (512, 12)], ids=["one-pdu", "4-pdus"])
 def test_concurrent_associations_are_all_acknowledged_on_disk_and_recorded(
-    tmp_path: Path,
+    tmp_path: Path, rows: int, slices: int
 ) -> None:
     """Four storescu associations at once: every instance acknowledged with Success, on
-    disk with the bytes sent and recorded."""
+    disk with the bytes sent and recorded; also 512 x 512 instances, each split into
+    several 128 KiB PDUs read whole by the node (``door.BulkReadSocket``)."""
     storescu = require_tool("storescu", "dcmtk")
-    files = write_series(synthetic_head_ct(seed=5, n_slices=24, rows=64), tmp_path / "in")
+    files = write_series(synthetic_head_ct(seed=5, n_slices=slices, rows=rows), tmp_path / "in")
     config = default_config(tmp_path / "node", free_port())
     config.routes = []
     with Node(config, _nothing) as node:

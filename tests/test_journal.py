@@ -6,9 +6,12 @@ real DCMTK storescu)."""
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import struct
 import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,7 +20,8 @@ from pydicom import dcmread
 from bench.peers import NodeProcess, node_config_toml, parse_storescu, state_rows
 from bench.peers import storescu_command as peer_storescu_command
 from dicomnode import spool
-from dicomnode.journal import PREFIX, SUFFIX, Journal, JournalSettings
+from dicomnode.degraded import degraded_reasons
+from dicomnode.journal import MIB, PREFIX, SUFFIX, Journal, JournalBroken, JournalSettings
 from dicomnode.records import Association, InstanceRecord, RecordOutcome, SeriesState
 from dicomnode.state import InstanceConflict, StateStore
 from pipelines.synthetic import synthetic_head_ct, write_series
@@ -27,12 +31,12 @@ SLOW = JournalSettings(move_interval_s=60.0)  # records stay journaled until a f
 
 
 def _instances(
-    folder: Path, seed: int = 5, slices: int = 3
+    folder: Path, seed: int = 5, slices: int = 3, rows: int = 32
 ) -> list[tuple[InstanceRecord, bytes, bytes]]:
     """Generated CT instances as the receiver hands them to the journal: the record,
     the preamble + file meta, and the dataset bytes as sent."""
     found = []
-    for path in write_series(synthetic_head_ct(seed=seed, n_slices=slices, rows=32), folder):
+    for path in write_series(synthetic_head_ct(seed=seed, n_slices=slices, rows=rows), folder):
         data = path.read_bytes()
         (group_length,) = struct.unpack_from("<I", data, spool.META_GROUP_LENGTH_END - 4)
         meta = data[: spool.META_GROUP_LENGTH_END + group_length]
@@ -115,12 +119,13 @@ def test_identical_and_conflicting_resends_while_journaled(
 
 def _crash_copy(journal: Journal, target: Path, cut_into_last: int | None = None) -> Path:
     """The journal folder as a crash would leave it: a copy of its segments, the last
-    record cut ``cut_into_last`` bytes after its start (the rest zeros, as preallocated)."""
+    record cut ``cut_into_last`` bytes after its start (the rest zeros, as preallocated).
+    The spare segment prepared ahead (zeros) is copied too: recovery finds nothing in it."""
     target.mkdir(parents=True)
     for segment in journal.folder.glob(f"*{SUFFIX}"):
         shutil.copy(segment, target / segment.name)
     if cut_into_last is not None:
-        (segment,) = target.glob(f"*{SUFFIX}")
+        segment = sorted(target.glob(f"*{SUFFIX}"))[0]  # the one with records
         data = bytearray(segment.read_bytes())
         starts, offset = [], 0
         while data[offset : offset + 4] == b"DNJ1":
@@ -241,3 +246,70 @@ def test_acknowledged_then_killed_before_moving_is_there_after_restart(tmp_path:
             assert kept.PixelData == sent.PixelData
     finally:
         node.stop()
+
+
+def _segment_numbers(folder: Path) -> list[int]:
+    """The numbers of the segment files in ``folder``."""
+    return sorted(int(path.stem) for path in folder.glob(f"*{SUFFIX}"))
+
+
+def _wait_for(condition: Callable[[], bool], timeout_s: float = 30.0) -> bool:
+    """Poll ``condition`` until it holds or ``timeout_s`` passed."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def test_next_segment_is_prepared_ahead_and_replays_in_order(tmp_path: Path) -> None:
+    """A spare segment (reserved, flushed) is ready before the first append and after each
+    roll-over, so appends take it in number order and none is made on an answer's path;
+    after a crash every record replays, a later record of a UID over an earlier one."""
+    journal = _journal(tmp_path, "node", JournalSettings(segment_mib=1, move_interval_s=60.0))
+    journal.start()
+    assert _wait_for(lambda: _segment_numbers(journal.folder) == [1])  # the spare
+    spare = journal.folder / f"{1:012d}{SUFFIX}"
+    assert spare.stat().st_size == MIB and spare.stat().st_blocks * 512 >= MIB  # reserved
+    parts = [(_at(r, tmp_path / "spool"), m, d)
+             for r, m, d in _instances(tmp_path / "in", seed=6, slices=10, rows=256)]  # fmt: skip
+    first, meta, dataset = parts[0]
+    changed = dataset[:-2] + b"\x07\x00"
+    later = InstanceRecord(**{**first.__dict__, "sha256": hashlib.sha256(changed).hexdigest()})
+    for rec, rec_meta, rec_dataset in [*parts, (later, meta, changed)]:
+        journal.append(rec, rec_meta, rec_dataset)  # 11 records of 130 KiB: two segments
+    assert _wait_for(lambda: _segment_numbers(journal.folder) == [1, 2, 3])  # 3: next spare
+    crashed = _crash_copy(journal, tmp_path / "crashed")
+    journal.close()
+    assert not list(journal.folder.glob(f"*{SUFFIX}"))  # the unused spare is deleted too
+    shutil.rmtree(tmp_path / "spool")
+    store = StateStore(tmp_path / "after" / "state.sqlite3")
+    assert Journal(crashed, tmp_path / "spool", store, SLOW).recover() == len(parts)
+    assert first.path.read_bytes() == meta + changed
+    for rec, rec_meta, rec_dataset in parts[1:]:
+        assert rec.path.read_bytes() == rec_meta + rec_dataset
+
+
+def test_failed_flush_refuses_every_instance_and_says_so(
+    tmp_path: Path, parts: list[tuple[InstanceRecord, bytes, bytes]]
+) -> None:
+    """After a failed fdatasync nothing is acknowledged any more (fail-stop) and the
+    journal and /health's reasons say why, until a restart (recovery from the disk)."""
+    journal = _journal(tmp_path, "node")
+    journal.start()
+    journal.append(*parts[0])
+    assert journal.broken_reason() is None
+    segment = journal._segments[-1]
+    os.close(segment.fd)  # the next flush meets a file that cannot be flushed:
+    segment.fd = os.open("/dev/null", os.O_RDWR)  # writes succeed, fdatasync is EINVAL
+    with pytest.raises(OSError):
+        journal.append(*parts[1])
+    with pytest.raises(JournalBroken):
+        journal.append(*parts[2])
+    reason = journal.broken_reason()
+    assert reason is not None and "flush failed" in reason and "restarted" in reason
+    assert reason in degraded_reasons({}, [], free_bytes=1 << 40, warn_free_bytes=0,
+                                      ingest=reason)  # fmt: skip
+    journal.close()
+    assert journal.store.stored_instance(parts[2][0].sop_instance_uid) is None
