@@ -41,7 +41,7 @@ import radiomics
 from numpy.typing import NDArray
 
 from pipelines.hyperdense import HyperdenseThresholdPipeline
-from pipelines.radiomics import STUDY_PARAMS, count_features, extract, log, matrices
+from pipelines.radiomics import STUDY_PARAMS, count_features, extract, log
 from pipelines.series import LoadedSeries
 from pipelines.synthetic import insert_lesion, synthetic_head_ct
 from pipelines.volume import load_datasets
@@ -62,11 +62,8 @@ def lesion_case(
 
 
 def forget_box_shapes() -> None:
-    """Empty this process's caches keyed by the ROI box's shape or the ROI (line walks,
-    the ROI's index arrays, LoG matrices), as a new lesion finds them; pool workers keep
-    theirs."""
-    matrices._lines.cache_clear()
-    matrices._roi_walk.cache_clear()
+    """Empty this process's cache keyed by the ROI box's shape (LoG matrices), as a new
+    lesion finds it; pool workers keep theirs."""
     log._matrix.cache_clear()
 
 

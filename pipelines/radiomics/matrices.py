@@ -1,26 +1,25 @@
 """pyradiomics' texture matrices (GLCM, GLRLM, GLSZM, GLDM, NGTDM) of one binned image,
-all from one walk over the 13 neighbour directions.
+all from one compiled pass over the ROI (numba).
 
-pyradiomics' C extension builds each class's matrix in a loop of its own. Here each
-neighbour offset is gathered once, as whole-array numpy operations over the ROI's voxels,
-and serves every class: GLCM pairs (one ``bincount``), GLDM dependence and NGTDM
-neighbour sums (counts over both senses of the offset), GLRLM runs (each voxel linked to
-its predecessor in the run, run starts found by pointer jumping), and GLSZM zones
-(connected components of the same-level links, ``scipy.sparse.csgraph``). The matrices
-have the layout, angle order and size of pyradiomics' C functions for distance 1 in 3-D;
-``covers`` says which settings that is.
+pyradiomics' C extension builds each class's matrix in a loop of its own. Here one
+compiled kernel (``_kernel``) visits the ROI's voxels of the padded box once and fills
+all five: for each of the 13 neighbour offsets the GLCM pair, GLDM dependence and NGTDM
+neighbour sum (both senses of the offset), the GLRLM run that starts at the voxel; then
+GLSZM zones as 26-connected flood fills of one level. The matrices have the layout, angle
+order and size of pyradiomics' C functions for distance 1 in 3-D; ``covers`` says which
+settings that is. The kernel is compiled once per machine and cached on disk
+(``cache=True``: ``__pycache__`` beside this file, or ``NUMBA_CACHE_DIR`` where the
+package folder is read-only, as in deploy/Containerfile).
 """
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 from typing import Any
 
+import numba
 import numpy as np
 from numpy.typing import NDArray
-from scipy import ndimage, sparse
-from scipy.sparse.csgraph import connected_components
 
 # pyradiomics' 13 angles for distance 1 in 3-D (array axes z, y, x), in its order.
 ANGLES = np.array(
@@ -68,215 +67,121 @@ class Matrices:
     def get(self, name: str) -> NDArray[np.float64]:
         """pyradiomics' C output for class ``name`` (glcm, glrlm, glszm, gldm, ngtdm)."""
         if not self._made:
-            self._made = _all_matrices(self.binned, self.roi, self.ng, self.gldm_a)
+            self._made = all_matrices(self.binned, self.roi, self.ng, self.gldm_a)
         return self._made[name]
 
 
-def _all_matrices(
+def all_matrices(
     binned: NDArray[np.int_], roi: NDArray[np.bool_], ng: int, gldm_a: float
 ) -> dict[str, NDArray[np.float64]]:
     """The five matrices, each with pyradiomics' leading batch axis of 1."""
-    longest = max(roi.shape)
-    inner = tuple(slice(1, -1) for _ in roi.shape)
-    padded = np.zeros(tuple(n + 2 for n in roi.shape), dtype=np.int32)  # 0: outside the ROI
-    padded[inner][roi] = binned[roi]
-    levels = padded.ravel()
-    walk = _roi_walk(roi.shape, np.packbits(roi).tobytes())
-    level = levels[walk.where]
-    ahead, behind = levels[walk.ahead], levels[walk.behind]
-    if gldm_a == 0:  # (0, outside the ROI, never equals a level)
-        dependence = np.sum(ahead == level, 0) + np.sum(behind == level, 0)
-    else:
-        dependence = sum(
-            np.sum((other > 0) & (np.abs(other - level) <= gldm_a), 0) for other in (ahead, behind)
-        )
-    neighbour_sum = ahead.sum(0) + behind.sum(0)
-    neighbour_count = np.sum(ahead > 0, 0) + np.sum(behind > 0, 0)
-    cells = (ng + 1) ** 2  # GLCM cell: angle, level * (ng + 1) + neighbour's level
-    pairs = (np.arange(len(ANGLES))[:, None] * cells + level * (ng + 1) + ahead).ravel()
-    glcm = np.bincount(pairs, minlength=len(ANGLES) * cells).reshape(len(ANGLES), ng + 1, ng + 1)
-    glcm = glcm[:, 1:, 1:].transpose(1, 2, 0)
+    padded = np.pad(np.where(roi, binned, 0).astype(np.int32), 1)  # 0: outside the ROI
+    strides = np.array([padded.shape[1] * padded.shape[2], padded.shape[2], 1])
+    glcm, glrlm, zone_sizes, gldm, ngtdm = _kernel(
+        padded.ravel(), ANGLES @ strides, ng, float(gldm_a), max(roi.shape), _DEPENDENCE_COLUMNS
+    )
     return {
-        "glcm": glcm[None].astype(np.float64),
-        "glrlm": _runs(levels[walk.runs], walk.run_angle, ng, longest)[None],
-        "glszm": _zones(padded, ng, level, ahead == level, walk)[None],
-        "gldm": _dependence(level, dependence, ng)[None],
-        "ngtdm": _neighbourhood(level, neighbour_sum, neighbour_count, ng)[None],
+        "glcm": glcm[None],
+        "glrlm": glrlm[None],
+        "glszm": zone_sizes[None],
+        "gldm": gldm[None],
+        "ngtdm": ngtdm[None],
     }
 
 
-@dataclass(frozen=True)
-class _Walk:
-    """Flat indices into the padded box (1-voxel border) of one ROI, shared by every
-    image measured on it."""
-
-    where: NDArray[np.intp]  # the ROI's voxels
-    ahead: NDArray[np.intp]  # (angles, voxels): each voxel's neighbour along the angle
-    ahead_position: NDArray[np.intp]  # (angles, voxels): its place in ``where`` (-1: none)
-    behind: NDArray[np.intp]  # (angles, voxels): and against it
-    runs: NDArray[np.intp]  # ``_lines`` through the ROI's voxels, one outside voxel after each
-    run_angle: NDArray[np.intp]  # the angle of each entry of ``runs``
-
-
-@functools.lru_cache(maxsize=4)
-def _roi_walk(shape: tuple[int, ...], packed: bytes) -> _Walk:
-    """The index arrays of the ROI of ``shape`` whose voxels are the bits ``packed``."""
-    bits = np.unpackbits(np.frombuffer(packed, dtype=np.uint8), count=int(np.prod(shape)))
-    inside = np.pad(bits.reshape(shape).astype(bool), 1)
-    where = np.flatnonzero(inside)
-    strides = np.cumprod((1, *inside.shape[:0:-1]))[::-1]  # (z, y, x) strides in voxels
-    steps = (ANGLES @ strides)[:, None]
-    lines = _lines(inside.shape)
-    on_line = inside.ravel()[lines]
-    keep = on_line | np.concatenate([[False], on_line[:-1]])  # ROI voxels, and a separator
-    angle = np.flatnonzero(keep) // (len(lines) // len(ANGLES))
-    position = np.full(inside.size, -1, dtype=np.intp)
-    position[where] = np.arange(len(where))
-    ahead = where + steps
-    return _Walk(where, ahead, position[ahead], where - steps, lines[keep], angle)
-
-
-def _runs(
-    along: NDArray[np.int32], angle: NDArray[np.intp], ng: int, longest: int
-) -> NDArray[np.float64]:
-    """Run-length matrix of every angle from the levels ``along`` the lines of ``_Walk``
-    (``angle``: each entry's): runs are the stretches of one level > 0 (separators 0)."""
-    starts = np.concatenate([[0], np.flatnonzero(along[1:] != along[:-1]) + 1])
-    lengths = np.diff(starts, append=len(along))
-    values = along[starts]
-    keep = values > 0
-    flat = ((values[keep] - 1) * longest + lengths[keep] - 1) * len(ANGLES) + angle[starts[keep]]
-    counts = np.bincount(flat, minlength=ng * longest * len(ANGLES))
-    return counts.reshape(ng, longest, len(ANGLES)).astype(np.float64)
-
-
-@functools.lru_cache(maxsize=8)
-def _lines(shape: tuple[int, ...]) -> NDArray[np.int64]:
-    """Flat indices into a padded volume of ``shape`` (1-voxel border) that walk, for each
-    angle in turn, every line of the inner box along that angle, voxel after voxel, each
-    line followed by a border voxel (level 0). Each angle's block has the same length
-    (padded with border voxels)."""
-    inner = tuple(n - 2 for n in shape)
-    strides = (shape[1] * shape[2], shape[2], 1)
-    blocks = [_walk(offset, inner, strides) for offset in ANGLES]
-    width = max(len(b) for b in blocks)  # every angle's block padded to one length
-    return np.concatenate([np.pad(b, (0, width - len(b))) for b in blocks])
-
-
-def _walk(
-    offset: NDArray[np.int_], inner: tuple[int, ...], strides: tuple[int, ...]
-) -> NDArray[np.int64]:
-    """The lines along ``offset`` (first non-zero component +1) through the inner box:
-    each line is indexed by where it meets the first moving axis' 0 plane (which may lie
-    outside the box) and walked along that axis; cells outside the box are dropped, but
-    one border voxel (flat index 0) ends every line."""
-    moving = int(np.flatnonzero(offset)[0])
-    steps = inner[moving]
-    others = [k for k in range(3) if k != moving]
-    starts = [
-        np.arange(
-            -(steps - 1) if offset[k] > 0 else 0, inner[k] + (steps - 1 if offset[k] < 0 else 0)
-        )
-        for k in others
-    ]
-    grid = np.meshgrid(*starts, np.arange(steps), indexing="ij", sparse=True)
-    time = grid[2]
-    flat = np.zeros(1, dtype=np.int64)
-    valid = np.ones(1, dtype=bool)
-    for k, start in zip(others, grid[:2], strict=True):
-        position = start + offset[k] * time
-        valid = valid & (position >= 0) & (position < inner[k])
-        flat = flat + (position + 1) * strides[k]
-    flat = flat + (time + 1) * strides[moving]
-    shape = np.broadcast_shapes(flat.shape, valid.shape)
-    flat = np.broadcast_to(flat, shape)
-    valid = np.broadcast_to(valid, shape)
-    end = np.zeros((*shape[:2], 1), dtype=np.int64)
-    walk = np.concatenate([np.where(valid, flat, 0), end], axis=-1)
-    keep = np.concatenate([valid, np.ones_like(end, dtype=bool)], axis=-1)
-    keep &= np.concatenate([valid.any(axis=-1, keepdims=True)] * (shape[2] + 1), axis=-1)
-    return walk[keep]
-
-
-def _zones(
-    padded: NDArray[np.int32],
+@numba.njit(cache=True, nogil=True)
+def _kernel(
+    levels: NDArray[np.int32],
+    steps: NDArray[np.int64],
     ng: int,
-    level: NDArray[np.int32],
-    same: NDArray[np.bool_],
-    walk: _Walk,
-) -> NDArray[np.float64]:
-    """Size-zone matrix: the 26-connected zones of each level, by whichever is cheaper:
-    ``ndimage.label`` on each level's bounding box (work ~ levels x box), or the
-    connected components of the graph of same-level neighbours (~ voxels + links;
-    ``same``: (angles, voxels), the neighbour ahead has the voxel's level)."""
-    links = int(np.count_nonzero(same))
-    if 2 * (len(level) + links) < ng * padded.size:
-        sizes = _linked_zone_sizes(level, same, walk, ng)
-    else:
-        sizes = _labelled_zone_sizes(padded, ng)
-    largest = max((int(z.max()) for z in sizes if len(z)), default=1)  # pyradiomics' C trims
-    out = np.zeros((ng, largest))  # the sizes past the largest zone
-    for g, found in enumerate(sizes):
-        out[g] = np.bincount(found - 1, minlength=largest)
-    return out
-
-
-def _labelled_zone_sizes(padded: NDArray[np.int32], ng: int) -> list[NDArray[np.int64]]:
-    """The sizes of each level's zones (level 1 first), by ``ndimage.label``."""
-    connected = np.ones((3, 3, 3), dtype=bool)
-    sizes: list[NDArray[np.int64]] = []
-    for g, box in enumerate(ndimage.find_objects(padded, max_label=ng), start=1):
-        if box is None:  # a level absent from the ROI
-            sizes.append(np.zeros(0, dtype=np.int64))
+    gldm_a: float,
+    longest: int,
+    dependence_columns: int,
+) -> tuple[
+    NDArray[np.float64],
+    NDArray[np.float64],
+    NDArray[np.float64],
+    NDArray[np.float64],
+    NDArray[np.float64],
+]:
+    """The five matrices of the flat padded box ``levels`` (0 outside the ROI and on the
+    1-voxel border; ``steps``: the 13 angles' flat offsets): GLCM (Ng, Ng, 13), GLRLM
+    (Ng, longest, 13), GLSZM (Ng, largest zone), GLDM (Ng, 53), NGTDM (Ng, 3)."""
+    angles = len(steps)
+    glcm = np.zeros((ng, ng, angles))
+    runs = np.zeros(ng * longest * angles + 1)  # GLRLM, after a slot for "no run ends here"
+    run = np.zeros((len(levels), angles), dtype=np.int32)  # length of the run up to a voxel
+    gldm = np.zeros((ng, dependence_columns))
+    ngtdm = np.zeros((ng, 3))
+    for g in range(ng):
+        ngtdm[g, 2] = g + 1
+    # Branch-free counting where the outcome is data-dependent (neighbours in or out of the
+    # ROI, of the same level or not): the images' levels change every few voxels.
+    for v in range(len(levels)):
+        g = levels[v]
+        if g == 0:
             continue
-        labels, found = ndimage.label(padded[box] == g, structure=connected)
-        sizes.append(np.bincount(labels.ravel(), minlength=found + 1)[1:])
-    return sizes
+        dependence = 0
+        neighbour_sum = 0
+        neighbour_count = 0
+        for a in range(angles):
+            step = steps[a]
+            ahead = levels[v + step]
+            behind = levels[v - step]
+            if ahead > 0:
+                glcm[g - 1, ahead - 1, a] += 1
+            neighbour_sum += ahead + behind
+            neighbour_count += (ahead > 0) + (behind > 0)
+            dependence += ((ahead > 0) & (abs(ahead - g) <= gldm_a)) + (
+                (behind > 0) & (abs(behind - g) <= gldm_a)
+            )
+            # every step is forward in flat order: the voxel behind is already counted
+            length = run[v - step, a] * (behind == g) + 1
+            run[v, a] = length
+            ends = ahead != g
+            runs[ends * (((g - 1) * longest + length - 1) * angles + a + 1)] += 1
+        gldm[g - 1, dependence] += 1
+        if neighbour_count > 0:
+            ngtdm[g - 1, 0] += 1
+            ngtdm[g - 1, 1] += abs(g - neighbour_sum / neighbour_count)
+    glrlm = runs[1:].reshape((ng, longest, angles))
+    return glcm, glrlm, _zones(levels, steps, ng), gldm, ngtdm
 
 
-def _linked_zone_sizes(
-    level: NDArray[np.int32], same: NDArray[np.bool_], walk: _Walk, ng: int
-) -> list[NDArray[np.int64]]:
-    """The sizes of each level's zones (level 1 first), as connected components."""
-    count = len(level)
-    source = np.broadcast_to(np.arange(count), same.shape)[same]
-    graph = sparse.coo_array(
-        (np.ones(len(source), dtype=np.int8), (source, walk.ahead_position[same])),
-        shape=(count, count),
-    )
-    found, zone = connected_components(graph, directed=False)
-    zone_size = np.bincount(zone, minlength=found)
-    zone_level = np.zeros(found, dtype=np.int64)
-    zone_level[zone] = level
-    order = np.argsort(zone_level, kind="stable")
-    bounds = np.searchsorted(zone_level[order], np.arange(1, ng + 2))
-    return [zone_size[order[bounds[g] : bounds[g + 1]]] for g in range(ng)]
-
-
-def _dependence(
-    level: NDArray[np.int32], dependence: NDArray[np.int32], ng: int
-) -> NDArray[np.float64]:
-    """Dependence matrix: voxels by level and number of dependent neighbours."""
-    flat = (level - 1) * _DEPENDENCE_COLUMNS + dependence
-    return (
-        np.bincount(flat, minlength=ng * _DEPENDENCE_COLUMNS)
-        .reshape(ng, _DEPENDENCE_COLUMNS)
-        .astype(np.float64)
-    )
-
-
-def _neighbourhood(
-    level: NDArray[np.int32],
-    neighbour_sum: NDArray[np.int32],
-    neighbour_count: NDArray[np.int32],
-    ng: int,
-) -> NDArray[np.float64]:
-    """Neighbourhood grey-tone difference matrix: per level the voxels with a neighbour,
-    the sum of |level - mean neighbour level| and the level."""
-    has = neighbour_count > 0
-    difference = np.abs(level[has] - neighbour_sum[has] / neighbour_count[has])
-    out = np.zeros((ng, 3))
-    out[:, 0] = np.bincount(level[has] - 1, minlength=ng)
-    out[:, 1] = np.bincount(level[has] - 1, weights=difference, minlength=ng)
-    out[:, 2] = np.arange(1, ng + 1)
+@numba.njit(cache=True, nogil=True)
+def _zones(levels: NDArray[np.int32], steps: NDArray[np.int64], ng: int) -> NDArray[np.float64]:
+    """Size-zone matrix: the 26-connected zones of each level (flood fills), by level and
+    size, sizes up to the largest zone (pyradiomics' C trims the rest)."""
+    seen = levels == 0
+    stack = np.empty(len(levels), dtype=np.int64)
+    zone_level = np.empty(len(levels), dtype=np.int64)
+    zone_size = np.empty(len(levels), dtype=np.int64)
+    zones = 0
+    for start in range(len(levels)):
+        if seen[start]:
+            continue
+        g = levels[start]
+        seen[start] = True
+        stack[0] = start
+        top = 1
+        size = 0
+        while top > 0:
+            top -= 1
+            v = stack[top]
+            size += 1
+            for step in steps:
+                for w in (v + step, v - step):
+                    if not seen[w] and levels[w] == g:
+                        seen[w] = True
+                        stack[top] = w
+                        top += 1
+        zone_level[zones] = g
+        zone_size[zones] = size
+        zones += 1
+    largest = 1
+    for z in range(zones):
+        largest = max(largest, zone_size[z])
+    out = np.zeros((ng, largest))
+    for z in range(zones):
+        out[zone_level[z] - 1, zone_size[z] - 1] += 1
     return out
