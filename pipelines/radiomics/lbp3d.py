@@ -9,8 +9,10 @@ voxel, in index space, and the spherical kurtosis.
 
 from __future__ import annotations
 
+import functools
 from itertools import combinations
 
+import numba
 import numpy as np
 import SimpleITK as sitk
 from numpy.typing import NDArray
@@ -61,15 +63,7 @@ def lbp3d_maps(
     """
     im_arr = sitk.GetArrayFromImage(image)
     ma_arr = sitk.GetArrayFromImage(mask)
-    vertices = icosphere(subdivision, radius)
-    # pyradiomics' angles, passed to the old sph_harm(m, n, theta, phi) in this order;
-    # sph_harm(m, n, a, b) == sph_harm_y(n, m, b, a).
-    theta = np.arccos(vertices[:, 2] / radius)
-    phi = np.arctan2(vertices[:, 1], vertices[:, 0])
-    orders = [(0, 0)] + [(n, m) for n in range(1, levels) for m in range(-n, n + 1)]
-    harmonics = np.column_stack([sph_harm_y(n, m, phi, theta) for n, m in orders])
-    degree = np.array([n for n, _ in orders])
-
+    vertices, harmonics, degree = _sphere(levels, radius, subdivision)
     roi = np.nonzero(ma_arr == label)
     samples = sphere_samples(im_arr, roi, vertices)  # (voxels, vertices)
     spherical_kurtosis = np.real(kurtosis(samples, axis=1))
@@ -90,16 +84,36 @@ def lbp3d_maps(
     return maps
 
 
+@functools.cache
+def _sphere(
+    levels: int, radius: float, subdivision: int
+) -> tuple[NDArray[np.float64], NDArray[np.complex128], NDArray[np.int_]]:
+    """The icosphere's vertices, the spherical harmonics at them (vertices, orders) and
+    each order's degree, made once per setting."""
+    vertices = icosphere(subdivision, radius)
+    # pyradiomics' angles, passed to the old sph_harm(m, n, theta, phi) in this order;
+    # sph_harm(m, n, a, b) == sph_harm_y(n, m, b, a).
+    theta = np.arccos(vertices[:, 2] / radius)
+    phi = np.arctan2(vertices[:, 1], vertices[:, 0])
+    orders = [(0, 0)] + [(n, m) for n in range(1, levels) for m in range(-n, n + 1)]
+    harmonics = np.column_stack([sph_harm_y(n, m, phi, theta) for n, m in orders])
+    degree = np.array([n for n, _ in orders])
+    for array in (vertices, harmonics, degree):
+        array.flags.writeable = False
+    return vertices, harmonics, degree
+
+
 def sphere_samples(
     image: NDArray[np.generic], roi: tuple[NDArray[np.intp], ...], vertices: NDArray[np.float64]
 ) -> NDArray[np.float64]:
     """``map_coordinates(image, roi voxel + vertex, order=3)`` for every ROI voxel and vertex.
 
     Every voxel is sampled at the same offsets, so each vertex's samples are the cubic
-    B-spline coefficients correlated with one separable 4 x 4 x 4 kernel: three 4-tap
-    passes over the ROI's box, shared between vertices with equal offsets along the first
-    axes. Where a sample ties the voxel's own value within rounding (the LBP sign), and
-    where a tap would leave the image, ``map_coordinates`` itself gives the value.
+    B-spline coefficients correlated with one separable 4 x 4 x 4 kernel: 4-tap passes
+    along the first axis over the ROI's box, then the second, then the third at the ROI's
+    voxels only (``_passes``, compiled), shared between vertices with equal offsets along
+    the first axes. Where a sample ties the voxel's own value within rounding (the LBP
+    sign), and where a tap would leave the image, ``map_coordinates`` itself gives the value.
     """
     centres = np.array(roi)  # (3, voxels)
     low = centres.min(axis=1)
@@ -109,16 +123,18 @@ def sphere_samples(
         return _mapped(image, centres, vertices)
     coefficients = spline_filter(image, order=3, output=np.float64, mode="constant")
     box = tuple(slice(a - reach, b + reach) for a, b in zip(low, high, strict=True))
-    coefficients = coefficients[box]
-    inside = tuple(centres - low[:, None])
-    passes: dict[tuple[float, ...], NDArray[np.float64]] = {(): coefficients}
-    samples = np.empty((centres.shape[1], len(vertices)))
-    for k, vertex in enumerate(vertices):
-        for axis in range(3):
-            key = tuple(vertex[: axis + 1])
-            if key not in passes:
-                passes[key] = _tap_pass(passes[key[:-1]], axis, vertex[axis], reach)
-        samples[:, k] = passes[tuple(vertex)][inside]
+    first = np.unique(vertices[:, 0], return_inverse=True)  # vertices' first-axis offsets
+    pairs = np.unique(vertices[:, :2], axis=0, return_inverse=True)  # and first two axes
+    samples = _passes(
+        np.ascontiguousarray(coefficients[box]),
+        np.ascontiguousarray(centres - low[:, None]),
+        reach,
+        _taps(first[0]),
+        _taps(pairs[0][:, 1]),
+        np.searchsorted(first[0], pairs[0][:, 0]),
+        _taps(vertices[:, 2]),
+        pairs[1].ravel(),
+    )
     centre_values = image[roi].astype(np.float64)[:, None]
     ties = np.abs(samples - centre_values) <= 1e-9 * np.maximum(np.abs(centre_values), 1.0)
     if np.any(ties):  # the sign must be map_coordinates' own
@@ -128,28 +144,78 @@ def sphere_samples(
     return samples
 
 
-def _tap_pass(
-    values: NDArray[np.float64], axis: int, offset: float, margin: int
-) -> NDArray[np.float64]:
-    """The cubic B-spline's 4 taps along ``axis`` for a sample ``offset`` from each voxel:
-    ``values`` holds ``margin`` voxels beyond the box on that axis, the result none."""
-    floor = int(np.floor(offset))
-    t = offset - floor
-    weights = (
-        (1 - t) ** 3 / 6,
-        (4 - 6 * t**2 + 3 * t**3) / 6,
-        (1 + 3 * t + 3 * t**2 - 3 * t**3) / 6,
-        t**3 / 6,
-    )
-    size = values.shape[axis] - 2 * margin
-    out = None
-    for tap, weight in zip(range(floor - 1, floor + 3), weights, strict=True):
-        index = [slice(None)] * values.ndim
-        index[axis] = slice(margin + tap, margin + tap + size)
-        term = weight * values[tuple(index)]
-        out = term if out is None else out + term
-    assert out is not None
+def _taps(offsets: NDArray[np.float64]) -> NDArray[np.float64]:
+    """Per offset: the first tap (floor - 1) and the cubic B-spline's 4 weights."""
+    out = np.empty((len(offsets), 5))
+    for k, offset in enumerate(offsets):
+        floor = int(np.floor(offset))
+        t = float(offset) - floor
+        out[k] = (
+            floor - 1,
+            (1 - t) ** 3 / 6,
+            (4 - 6 * t**2 + 3 * t**3) / 6,
+            (1 + 3 * t + 3 * t**2 - 3 * t**3) / 6,
+            t**3 / 6,
+        )
     return out
+
+
+@numba.njit(cache=True, nogil=True)
+def _passes(
+    coefficients: NDArray[np.float64],
+    inside: NDArray[np.int64],
+    reach: int,
+    first: NDArray[np.float64],
+    second: NDArray[np.float64],
+    second_first: NDArray[np.int64],
+    third: NDArray[np.float64],
+    vertex_pair: NDArray[np.int64],
+) -> NDArray[np.float64]:
+    """The samples (voxels, vertices): ``coefficients`` is the ROI's box with ``reach``
+    voxels around it, ``inside`` the ROI's voxels in the box; ``first``: the taps of each
+    distinct first-axis offset, ``second`` of each distinct (first, second) pair
+    (``second_first``: its first), ``third`` of each vertex (``vertex_pair``: its pair).
+    Each pass sums its 4 taps in order, as ``w0 * v0 + w1 * v1 + w2 * v2 + w3 * v3``."""
+    nz = coefficients.shape[0] - 2 * reach
+    ny = coefficients.shape[1] - 2 * reach
+    fy, fx = coefficients.shape[1], coefficients.shape[2]
+    along_first = np.empty((len(first), nz, fy, fx))
+    for k in range(len(first)):
+        tap = int(first[k, 0])
+        for z in range(nz):
+            for y in range(fy):
+                for x in range(fx):
+                    out = first[k, 1] * coefficients[reach + tap + z, y, x]
+                    out = out + first[k, 2] * coefficients[reach + tap + 1 + z, y, x]
+                    out = out + first[k, 3] * coefficients[reach + tap + 2 + z, y, x]
+                    along_first[k, z, y, x] = (
+                        out + first[k, 4] * coefficients[reach + tap + 3 + z, y, x]
+                    )
+    samples = np.empty((inside.shape[1], len(third)))
+    along_second = np.empty((nz, ny, fx))
+    for pair in range(len(second)):
+        source = along_first[second_first[pair]]
+        tap = int(second[pair, 0])
+        for z in range(nz):
+            for y in range(ny):
+                for x in range(fx):
+                    out = second[pair, 1] * source[z, reach + tap + y, x]
+                    out = out + second[pair, 2] * source[z, reach + tap + 1 + y, x]
+                    out = out + second[pair, 3] * source[z, reach + tap + 2 + y, x]
+                    along_second[z, y, x] = (
+                        out + second[pair, 4] * source[z, reach + tap + 3 + y, x]
+                    )
+        for vertex in range(len(third)):
+            if vertex_pair[vertex] != pair:
+                continue
+            tap = int(third[vertex, 0])
+            for v in range(inside.shape[1]):
+                z, y, x = inside[0, v], inside[1, v], reach + tap + inside[2, v]
+                out = third[vertex, 1] * along_second[z, y, x]
+                out = out + third[vertex, 2] * along_second[z, y, x + 1]
+                out = out + third[vertex, 3] * along_second[z, y, x + 2]
+                samples[v, vertex] = out + third[vertex, 4] * along_second[z, y, x + 3]
+    return samples
 
 
 def _mapped(

@@ -135,8 +135,15 @@ def _glcm(
     kd = k_diff[None, :, None]
     ks = k_sum[None, :, None]
 
+    centred: list[Array] = []  # (i + j) - ux - uy, made once for the three cluster features
+
     def cluster(power: int) -> Array:
-        return np.sum(p * ((i + j) - ux - uy) ** power, (1, 2))
+        if not centred:
+            centred.append((i + j) - ux - uy)
+        d = centred[0]
+        squared = d * d  # products, not ``**``: numpy's power runs pow() for 3 and 4
+        term = squared if power == 2 else squared * d if power == 3 else squared * squared
+        return np.sum(p * term, (1, 2))
 
     def correlation() -> Array:
         sigx = np.sum(p * (i - ux) ** 2, (1, 2), keepdims=True) ** 0.5
