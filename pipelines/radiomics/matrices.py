@@ -109,8 +109,9 @@ def _kernel(
     (Ng, longest, 13), GLSZM (Ng, largest zone), GLDM (Ng, 53), NGTDM (Ng, 3)."""
     angles = len(steps)
     glcm = np.zeros((ng, ng, angles))
-    runs = np.zeros(ng * longest * angles + 1)  # GLRLM, after a slot for "no run ends here"
-    run = np.zeros((len(levels), angles), dtype=np.int32)  # length of the run up to a voxel
+    runs = np.zeros((ng * longest + 1) * angles)  # GLRLM after a slot per angle for "no
+    # run ends here" (one per angle: consecutive updates never wait on the same cell)
+    run = np.empty((len(levels), angles), dtype=np.int32)  # run length up to each ROI voxel
     gldm = np.zeros((ng, dependence_columns))
     ngtdm = np.zeros((ng, 3))
     for g in range(ng):
@@ -139,12 +140,12 @@ def _kernel(
             length = run[v - step, a] * (behind == g) + 1
             run[v, a] = length
             ends = ahead != g
-            runs[ends * (((g - 1) * longest + length - 1) * angles + a + 1)] += 1
+            runs[a + ends * (((g - 1) * longest + length) * angles)] += 1
         gldm[g - 1, dependence] += 1
         if neighbour_count > 0:
             ngtdm[g - 1, 0] += 1
             ngtdm[g - 1, 1] += abs(g - neighbour_sum / neighbour_count)
-    glrlm = runs[1:].reshape((ng, longest, angles))
+    glrlm = runs[angles:].reshape((ng, longest, angles))
     return glcm, glrlm, _zones(levels, steps, ng), gldm, ngtdm
 
 
@@ -152,16 +153,16 @@ def _kernel(
 def _zones(levels: NDArray[np.int32], steps: NDArray[np.int64], ng: int) -> NDArray[np.float64]:
     """Size-zone matrix: the 26-connected zones of each level (flood fills), by level and
     size, sizes up to the largest zone (pyradiomics' C trims the rest)."""
-    seen = levels == 0
+    open_ = levels.copy()  # a voxel's level until its zone is found, then 0
     stack = np.empty(len(levels), dtype=np.int64)
     zone_level = np.empty(len(levels), dtype=np.int64)
     zone_size = np.empty(len(levels), dtype=np.int64)
     zones = 0
     for start in range(len(levels)):
-        if seen[start]:
+        g = open_[start]
+        if g == 0:
             continue
-        g = levels[start]
-        seen[start] = True
+        open_[start] = 0
         stack[0] = start
         top = 1
         size = 0
@@ -171,8 +172,8 @@ def _zones(levels: NDArray[np.int32], steps: NDArray[np.int64], ng: int) -> NDAr
             size += 1
             for step in steps:
                 for w in (v + step, v - step):
-                    if not seen[w] and levels[w] == g:
-                        seen[w] = True
+                    if open_[w] == g:
+                        open_[w] = 0
                         stack[top] = w
                         top += 1
         zone_level[zones] = g
