@@ -27,6 +27,13 @@ _SECOND = (-1.3563, 5.2318, 0.3446, -2.2355)
 _W1, _L1, _W2, _L2 = 0.6681, -1.3932, 2.0787, -1.3732
 
 Coefficients = tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64], float, float]
+Recursion = tuple[
+    NDArray[np.float64],
+    NDArray[np.float64],
+    NDArray[np.float64],
+    NDArray[np.float64],
+    NDArray[np.float64],
+]
 
 
 def exact_spacing(spacing: Sequence[float]) -> bool:
@@ -77,24 +84,36 @@ def _matrix(sigma: float, order: int, length: int) -> NDArray[np.float64]:
     """The (length x length) matrix of ITK's 1-D recursive filter on lines of ``length``."""
     if length < 4:
         raise ValueError(f"ITK's recursive Gaussian needs 4 voxels along each axis, not {length}")
-    impulses = _filter_lines(np.eye(length), _coefficients(sigma, order))
+    impulses = _filter_lines(np.eye(length), _recursion(sigma, order))
     matrix = impulses.T.copy()
     matrix.setflags(write=False)
     return matrix
 
 
-def _filter_lines(lines: NDArray[np.float64], coefficients: Coefficients) -> NDArray[np.float64]:
+@functools.cache
+def _recursion(sigma: float, order: int) -> Recursion:
+    """The filter's causal numerator, denominator and state for a constant 1 before the
+    line, and the anti-causal ones (for a constant 1 after it), made once per setting."""
+    n, d, m, causal_gain, anticausal_gain = _coefficients(sigma, order)
+    shifted = np.concatenate([[0.0], m])
+    return (
+        n,
+        d,
+        lfiltic(n, d, y=np.full(4, causal_gain), x=np.ones(3)),
+        shifted,
+        lfiltic(shifted, d, y=np.full(4, anticausal_gain), x=np.ones(4)),
+    )
+
+
+def _filter_lines(lines: NDArray[np.float64], recursion: Recursion) -> NDArray[np.float64]:
     """ITK's ``RecursiveSeparableImageFilter::FilterDataArray`` on each row of ``lines``.
 
     Causal and anti-causal 4th-order recursions; beyond each end the input is taken
     equal to the end value and the output to that value's steady-state response.
     """
-    n, d, m, causal_gain, anticausal_gain = coefficients
+    n, d, causal_state, shifted, anticausal_state = recursion
     first, last = lines[:, :1], lines[:, -1:]
-    causal_state = lfiltic(n, d, y=np.full(4, causal_gain), x=np.ones(3))
     causal = lfilter(n, d, lines, axis=-1, zi=first * causal_state)[0]
-    shifted = np.concatenate([[0.0], m])
-    anticausal_state = lfiltic(shifted, d, y=np.full(4, anticausal_gain), x=np.ones(4))
     reverse = lfilter(shifted, d, lines[:, ::-1], axis=-1, zi=last * anticausal_state)[0]
     return np.asarray(causal + reverse[:, ::-1], dtype=np.float64)
 
