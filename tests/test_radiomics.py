@@ -28,7 +28,7 @@ from pipelines.radiomics.extract import _filter_margin, _resampling_margin
 from pipelines.radiomics.images import bounding_box, grow
 from pipelines.radiomics.lbp3d import icosphere, lbp3d_maps, sphere_samples
 from pipelines.radiomics.log import log_box
-from pipelines.radiomics.matrices import ANGLES, Matrices
+from pipelines.radiomics.matrices import ANGLES, Matrices, covers
 from pipelines.radiomics.texture import bin_edges
 from pipelines.synthetic import insert_lesion, synthetic_head_ct
 from pipelines.volume import load_datasets
@@ -443,20 +443,81 @@ def test_matrix_log_is_itks_to_the_bit(sigma: float, shape: tuple[int, int, int]
         ((8, 30, 30), 1, 0.95, 0),
         ((12, 12, 12), 40, 0.6, 0),
         ((2, 7, 8), 4, 1.0, 2),
+        ((9, 11, 10), 6, 0.8, 3),
     ],
 )
 def test_shared_matrices_are_pyradiomics_c(
     shape: tuple[int, int, int], levels: int, fill: float, gldm_a: int
 ) -> None:
-    """The one-walk matrices equal pyradiomics' C ones, count for count, on varied ROIs."""
-    from radiomics import cMatrices
-
+    """The compiled matrices equal pyradiomics' C ones, count for count, on random ROIs
+    (one grey level, many, GLDM alpha 0 to 2, a 2-voxel-thin box)."""
     rng = np.random.default_rng(levels)
     roi = rng.random(shape) < fill
     binned = np.where(roi, rng.integers(1, levels + 1, shape), 0)
+    _assert_matrices_are_c(binned, roi, gldm_a)
+
+
+def _blob(shape: tuple[int, int, int], radius: float) -> NDArray[np.bool_]:
+    """An ellipsoid filling ``radius`` of the box's half-widths."""
+    centred = [(np.arange(n) - (n - 1) / 2) / (n / 2) for n in shape]
+    z, y, x = np.meshgrid(*centred, indexing="ij")
+    return np.asarray(z**2 + y**2 + x**2 <= radius**2)
+
+
+def _special_rois() -> dict[str, tuple[NDArray[np.int_], NDArray[np.bool_]]]:
+    """Binned images of the kernel's edge cases: (grey levels, ROI), the box being the
+    ROI's bounding box, as the texture classes get it (``covers``: 2 voxels or more
+    along each axis; thinner boxes run pyradiomics' own class)."""
+    rng = np.random.default_rng(11)
+    tiny = np.zeros((2, 2, 2), dtype=bool)
+    tiny[0, 0, 0] = tiny[1, 1, 0] = tiny[1, 1, 1] = True
+    large = _blob((60, 70, 70), 1.0)  # ~ 150 000 voxels
+    smooth = np.indices(large.shape).sum(0) // 9 % 7 + 1  # big zones, long runs
+    gaps = np.array([1, 4, 9])[rng.integers(0, 3, (14, 15, 16))]  # levels 2, 3, 5-8 absent
+    return {
+        "three voxels": (np.array([[[1, 0], [0, 0]], [[0, 0], [2, 1]]]), tiny),
+        "full 2 x 2 x 2": (rng.integers(1, 3, (2, 2, 2)), np.ones((2, 2, 2), dtype=bool)),
+        "levels absent": (gaps, _blob(gaps.shape, 1.0)),
+        "one level": (np.ones((7, 8, 9), dtype=int), _blob((7, 8, 9), 1.0)),
+        "large ROI, smooth": (np.where(large, smooth, 0), large),
+        "large ROI, noisy": (np.where(large, rng.integers(1, 33, large.shape), 0), large),
+    }
+
+
+@pytest.mark.parametrize("case", list(_special_rois()))
+def test_shared_matrices_edge_cases_are_pyradiomics_c(case: str) -> None:
+    """Three voxels, a full 2-voxel cube, grey levels absent from the ROI, one level, large
+    ROIs (runs across the box, zones of ~10^4 voxels, and 32 noisy levels): pyradiomics'
+    C counts."""
+    binned, roi = _special_rois()[case]
+    assert covers({}, roi.shape)
+    assert all(len(np.unique(i)) == n for i, n in zip(np.nonzero(roi), roi.shape, strict=True))
+    _assert_matrices_are_c(np.where(roi, binned, 0), roi, 0)
+
+
+def test_shared_matrices_on_random_sparse_rois_are_pyradiomics_c() -> None:
+    """200 random ROIs in boxes of 2-6 voxels a side (their bounding boxes), 5 to 90 %
+    filled: isolated voxels (NGTDM counts them), angles on which no line holds two ROI
+    voxels (pyradiomics' C drops them from the GLRLM), GLDM alpha 0-2."""
+    rng = np.random.default_rng(5)
+    tested = 0
+    while tested < 200:
+        shape = tuple(int(n) for n in rng.integers(2, 7, 3))
+        roi = rng.random(shape) < rng.uniform(0.05, 0.9)
+        if any(len(np.unique(i)) != n for i, n in zip(np.nonzero(roi), shape, strict=True)):
+            continue  # the box must be the ROI's bounding box
+        binned = np.where(roi, rng.integers(1, int(rng.integers(1, 6)) + 1, shape), 0)
+        _assert_matrices_are_c(binned, roi, int(rng.integers(0, 3)))
+        tested += 1
+
+
+def _assert_matrices_are_c(binned: NDArray[np.int_], roi: NDArray[np.bool_], gldm_a: int) -> None:
+    from radiomics import cMatrices
+
     ng = int(binned.max())
     ours = Matrices(binned, roi, ng, float(gldm_a))
     one = np.array([1])
+    shape = roi.shape
     glcm, angles = cMatrices.calculate_glcm(binned, roi, one, ng, False, 0)
     glrlm, _ = cMatrices.calculate_glrlm(binned, roi, ng, max(shape), False, 0)
     assert np.array_equal(angles, ANGLES)
@@ -470,6 +531,35 @@ def test_shared_matrices_are_pyradiomics_c(
     for name, matrix in stock.items():
         assert ours.get(name).shape == matrix.shape, name
         assert np.allclose(ours.get(name), matrix, rtol=1e-12, atol=0), name
+
+
+def test_kernels_cache_their_compiled_code_in_numba_cache_dir(tmp_path: Path) -> None:
+    """``python -m pipelines.radiomics.kernels`` compiles every kernel into
+    ``NUMBA_CACHE_DIR`` (deploy/Containerfile, the systemd units); a later process loads
+    all of them from there and compiles none."""
+    import subprocess
+    import sys
+
+    environment = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run(
+        [sys.executable, "-m", "pipelines.radiomics.kernels"], env=environment, cwd=root, check=True
+    )
+    cached = {p.name.split("-")[0] for p in tmp_path.rglob("*.nbi")}
+    assert cached == {"matrices._kernel", "matrices._zones", "lbp3d._passes"}
+    count = (
+        "from pipelines.radiomics import lbp3d, matrices\n"
+        "from pipelines.radiomics.kernels import compile_kernels\n"
+        "compile_kernels()\n"
+        "kernels = (matrices._kernel, lbp3d._passes)\n"  # (_kernel calls _zones)
+        "print(sum(sum(k.stats.cache_hits.values()) for k in kernels),"
+        " sum(sum(k.stats.cache_misses.values()) for k in kernels))\n"
+    )
+    found = subprocess.run(
+        [sys.executable, "-c", count], env=environment, cwd=root, check=True,
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert found.stdout.split() == ["2", "0"]
 
 
 LESION_PARAMS = """

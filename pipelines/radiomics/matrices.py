@@ -80,6 +80,12 @@ def all_matrices(
     glcm, glrlm, zone_sizes, gldm, ngtdm = _kernel(
         padded.ravel(), ANGLES @ strides, ng, float(gldm_a), max(roi.shape), _DEPENDENCE_COLUMNS
     )
+    no_pairs = np.flatnonzero(~glcm.any((0, 1)))  # angles without two neighbouring voxels
+    if len(no_pairs):
+        voxels = np.argwhere(roi)
+        for a in no_pairs:
+            if _one_per_line(voxels, ANGLES[a]):
+                glrlm[:, :, a] = 0  # pyradiomics' C drops the angle: "segmentation is 2D"
     return {
         "glcm": glcm[None],
         "glrlm": glrlm[None],
@@ -87,6 +93,15 @@ def all_matrices(
         "gldm": gldm[None],
         "ngtdm": ngtdm[None],
     }
+
+
+def _one_per_line(voxels: NDArray[np.intp], angle: NDArray[np.int_]) -> bool:
+    """Whether no line along ``angle`` through the box holds two of ``voxels`` (their
+    indices): each voxel's line is where it meets the 0 plane of the angle's first
+    moving axis (that component is +1)."""
+    moving = int(np.flatnonzero(angle)[0])
+    meets = voxels - voxels[:, moving : moving + 1] * angle[None, :]
+    return len(np.unique(meets, axis=0)) == len(voxels)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -142,8 +157,8 @@ def _kernel(
             ends = ahead != g
             runs[a + ends * (((g - 1) * longest + length) * angles)] += 1
         gldm[g - 1, dependence] += 1
+        ngtdm[g - 1, 0] += 1  # every voxel, as pyradiomics' C counts it (no neighbour: 0 apart)
         if neighbour_count > 0:
-            ngtdm[g - 1, 0] += 1
             ngtdm[g - 1, 1] += abs(g - neighbour_sum / neighbour_count)
     glrlm = runs[angles:].reshape((ng, longest, angles))
     return glcm, glrlm, _zones(levels, steps, ng), gldm, ngtdm
