@@ -108,12 +108,8 @@ def extract(
         image, mask_image = resample_crop(
             image, mask_image, _starts(region), volume.shape, settings
         )
-    try:
-        box_xyz, corrected = imageoperations.checkMask(image, mask_image, **settings)
-    except ValueError as error:  # e.g. the ROI thinner than minimumROIDimensions at 1 mm
-        raise RadiomicsError(f"pyradiomics rejected the ROI: {error}") from error
-    if corrected is not None:
-        mask_image = corrected
+    bounds = _checked_box(mask_image, settings)  # pyradiomics' array (computeShape's)
+    box_xyz = tuple(int(v) for v in bounds)
     pool = workers if workers is not None else default_workers()
     main = {k: v for k, v in types.items() if resampled or k not in POINTWISE}
     if lbp is not None:
@@ -130,7 +126,7 @@ def extract(
     def shape_features() -> dict[str, float]:
         shaper = copy.copy(extractor)
         shaper.enabledFeatures = shape
-        values = shaper.computeShape(image, mask_image, box_xyz, **settings)
+        values = shaper.computeShape(image, mask_image, bounds, **settings)
         return {k: float(v) for k, v in values.items()}
 
     return run_tasks(tasks, pool, shape_features)
@@ -207,6 +203,37 @@ def _check_roi_dimensions(roi: NDArray[np.bool_], settings: dict[str, Any]) -> N
             f"the mask spans {extents} voxels: fewer than the {needed} dimensions wider than "
             "one voxel that minimumROIDimensions asks for"
         )
+
+
+def _checked_box(mask: sitk.Image, settings: dict[str, Any]) -> NDArray[np.int_]:
+    """``imageoperations.checkMask`` for a mask on the image's own grid (the crop's image
+    and mask are made on one grid, so its geometry check cannot fail): pyradiomics' checks
+    of the ROI's dimensions and size, with its messages, and the ROI's bounding box as it
+    gives it, (L_x, U_x, L_y, U_y, L_z, U_z), from the mask's array alone (pyradiomics'
+    ``LabelStatisticsImageFilter`` measures the image too)."""
+    label = settings.get("label", 1)
+    roi = sitk.GetArrayViewFromImage(mask) == label
+    if not roi.any():
+        raise RadiomicsError(f"pyradiomics rejected the ROI: Label ({label:g}) not present in mask")
+    box = np.array([v for lo, hi in reversed(bounding_box(roi)) for v in (lo, hi - 1)])
+    dims = int(np.sum((box[1::2] - box[0::2] + 1) > 1))
+    needed = settings.get("minimumROIDimensions", 2)
+    if dims == 0:
+        problem = (
+            "mask only contains 1 segmented voxel! Cannot extract features for a single voxel."
+        )
+    elif dims < needed:
+        problem = (
+            f"mask has too few dimensions (number of dimensions {dims}, minimum required {needed})"
+        )
+    elif settings.get("minimumROISize") is not None and roi.sum() <= settings["minimumROISize"]:
+        problem = (
+            f"Size of the ROI is too small (minimum size: {settings['minimumROISize']:g}, "
+            f"ROI size: {roi.sum():g}"
+        )
+    else:
+        return box
+    raise RadiomicsError(f"pyradiomics rejected the ROI: {problem}")
 
 
 def _starts(region: Box) -> tuple[int, ...]:
