@@ -103,7 +103,8 @@ def extract(
 
     if not crop:
         return _reference(settings, types, lbp, features, texture, image, mask_image, resampled)
-    mask_image = imageoperations.getMask(mask_image, **settings)
+    # pyradiomics' getMask: its cast (its label search is moot: the block holds the ROI)
+    mask_image = sitk.Cast(mask_image, sitk.sitkUInt32)
     if resampled:
         image, mask_image = resample_crop(
             image, mask_image, _starts(region), volume.shape, settings
