@@ -40,6 +40,7 @@ ANGLES = np.array(
     ]
 )
 _DEPENDENCE_COLUMNS = 2 * 26 + 1  # the width of pyradiomics' GLDM for 26 neighbours
+_LONGEST_RUN = np.iinfo(np.int16).max  # the kernel counts run lengths in int16
 
 
 def covers(options: dict[str, Any], shape: tuple[int, ...]) -> bool:
@@ -51,6 +52,7 @@ def covers(options: dict[str, Any], shape: tuple[int, ...]) -> bool:
         and not options.get("voxelBased", False)
         and len(shape) == 3
         and min(shape) > 1
+        and max(shape) <= _LONGEST_RUN
     )
 
 
@@ -123,10 +125,10 @@ def _kernel(
     1-voxel border; ``steps``: the 13 angles' flat offsets): GLCM (Ng, Ng, 13), GLRLM
     (Ng, longest, 13), GLSZM (Ng, largest zone), GLDM (Ng, 53), NGTDM (Ng, 3)."""
     angles = len(steps)
-    glcm = np.zeros((ng, ng, angles))
+    glcm = np.zeros((ng, ng, angles), dtype=np.int32)
     runs = np.zeros((ng * longest + 1) * angles)  # GLRLM after a slot per angle for "no
     # run ends here" (one per angle: consecutive updates never wait on the same cell)
-    run = np.empty((len(levels), angles), dtype=np.int32)  # run length up to each ROI voxel
+    run = np.empty((len(levels), angles), dtype=np.int16)  # run length up to each ROI voxel
     gldm = np.zeros((ng, dependence_columns))
     ngtdm = np.zeros((ng, 3))
     for g in range(ng):
@@ -161,7 +163,7 @@ def _kernel(
         if neighbour_count > 0:
             ngtdm[g - 1, 1] += abs(g - neighbour_sum / neighbour_count)
     glrlm = runs[angles:].reshape((ng, longest, angles))
-    return glcm, glrlm, _zones(levels, steps, ng), gldm, ngtdm
+    return glcm.astype(np.float64), glrlm, _zones(levels, steps, ng), gldm, ngtdm
 
 
 @numba.njit(cache=True, nogil=True)
