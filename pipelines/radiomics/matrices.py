@@ -4,12 +4,14 @@ all from one compiled pass over the ROI (numba).
 pyradiomics' C extension builds each class's matrix in a loop of its own. Here one
 compiled kernel (``_kernel``) visits the ROI's voxels of the padded box once and fills
 all five: for each of the 13 neighbour offsets the GLCM pair, GLDM dependence and NGTDM
-neighbour sum (both senses of the offset), the GLRLM run that starts at the voxel; then
-GLSZM zones as 26-connected flood fills of one level. The matrices have the layout, angle
-order and size of pyradiomics' C functions for distance 1 in 3-D; ``covers`` says which
-settings that is. The kernel is compiled once per machine and cached on disk
-(``cache=True``: ``__pycache__`` beside this file, or ``NUMBA_CACHE_DIR`` where the
-package folder is read-only, as in deploy/Containerfile).
+neighbour sum (both senses of the offset), and the GLRLM run through the voxel (its length
+carried from the voxel behind, counted where the run ends); then GLSZM zones as
+26-connected flood fills of one level. The matrices have the layout, angle order and size
+of pyradiomics' C functions for distance 1 in 3-D, with its rules for isolated voxels and
+for angles without two ROI voxels on a line; ``covers`` says which settings that is. The
+kernel is compiled once per machine and cached on disk (``cache=True``: ``__pycache__``
+beside this file, or ``NUMBA_CACHE_DIR`` where the package folder is read-only, as in
+deploy/Containerfile; ``pipelines.radiomics.kernels``).
 """
 
 from __future__ import annotations
