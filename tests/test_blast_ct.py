@@ -194,6 +194,41 @@ def test_prepared_forward_equals_reference_forward() -> None:
     )
 
 
+def test_constant_parts_of_the_head_box_are_skipped_exactly() -> None:
+    """A 'head' with background inside its bounding box: two blobs apart in y and x, one
+    on the volume's edge, a thin line, and a gap along z where the full-resolution pathway
+    is constant over whole chunks. The prepared member (full-resolution pathway in
+    per-chunk windows, head voxel by voxel only where that pathway varies, once per
+    coarse cell elsewhere) against the plain whole-volume pass."""
+    rng = np.random.default_rng(5)
+    image = np.full((48, 56, 52), BACKGROUND, dtype=np.float32)
+    z, y, x = np.ogrid[:48, :56, :52]
+    blob = ((z - 1) / 3.0) ** 2 + ((y - 14) / 9.0) ** 2 + ((x - 12) / 8.0) ** 2 <= 1.0
+    edge = ((z - 45) / 5.0) ** 2 + ((y - 40) / 10.0) ** 2 + ((x - 48) / 9.0) ** 2 <= 1.0
+    for mask in (blob, edge):
+        image[mask] = rng.uniform(-1.0, 1.0, int(mask.sum()))
+    image[44, 5:50, 3] = rng.uniform(-0.5, 1.0, 45)  # a thin line, as a head holder's
+    area = footprint(image)
+    assert area.varying is not None
+    assert area.fine_window((21, 24)) is None  # whole chunks of constant full-resolution output
+    region = tuple(slice(a, b) for a, b in area.region)
+    assert float(area.varying[region].mean()) < 0.6
+    member = random_member(6)
+    volume = torch.from_numpy(image)[None, None]
+    with torch.inference_mode():
+        whole = box_logits(member, volume, ((0, 48), (0, 56), (0, 52)))
+        plain = whole[(..., *region)]
+        prepared = PreparedMember(member)
+        scale = float(plain.abs().max())
+        for size in ((1, 56, 52), (3, 10, 12), (7, 13, 32), (8, 320, 320), (48, 64, 64)):
+            logits = torch.cat([c for _, c in prepared.logit_chunks(volume, area, size)], dim=2)
+            assert float((logits - plain).abs().max()) <= 1e-5 * scale, size
+    expected = torch.softmax(whole, dim=1)[0]
+    summed = ensemble_sum([member], image, (8, 320, 320), CPU)
+    assert float(np.abs(summed - expected.numpy()).max()) <= 1e-5
+    assert np.array_equal(summed.argmax(axis=0), expected.argmax(dim=0).numpy())
+
+
 @pytest.mark.shared
 def test_inference_is_deterministic(member: DeepMedic) -> None:
     image = np.random.default_rng(1).uniform(-1, 1, (20, 34, 26)).astype(np.float32)

@@ -32,10 +32,12 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
+from numpy.typing import NDArray
+from scipy import ndimage
 from torch import Tensor
 from torch.nn import functional as F
 
@@ -178,24 +180,63 @@ def run_blocks(blocks: Sequence[PreparedBlock], x: Tensor) -> Tensor:
     return x
 
 
+def widened(window: tuple[Range, Range], margin: int) -> tuple[Range, Range]:
+    """A y-x window grown by ``margin`` on every side."""
+    (ya, yb), (xa, xb) = window
+    return ((ya - margin, yb + margin), (xa - margin, xb + margin))
+
+
 class BlockStream:
-    """One block applied to consecutive plane chunks of its input along z.
+    """One block applied to consecutive plane chunks of its input along z, each chunk in
+    one or more y-x windows of the block's input ``frame`` (absolute coordinates).
 
     The first chunk (at least 3 planes) gives 2 planes fewer; every later chunk as many
     planes as it has: the last two activated planes and the last input plane (for the
-    residual) are carried over, which is exactly the margin the valid 3x3x3 convolution
-    and the centre-cropped residual read across the chunk border.
+    residual) of every window are kept in frame-wide planes, which is exactly the margin
+    the valid 3x3x3 convolution and the centre-cropped residual read across the chunk
+    border. Frame positions no window of a chunk covered keep the block's input on a
+    constant background (``constant``, (1, channels, 1, 1, 1)): a chunk's windows must
+    cover every position of its planes where the input differs from it.
     """
 
-    def __init__(self, block: PreparedBlock) -> None:
-        """A stream of ``block`` that has seen no plane yet."""
+    def __init__(self, block: PreparedBlock, frame: tuple[Range, Range], constant: Tensor) -> None:
+        """A stream of ``block`` over ``frame`` that has seen no plane yet."""
         self.block = block
-        self.activated: Tensor | None = None  # last 2 activated planes
-        self.last_input: Tensor | None = None  # last input plane (residual blocks)
+        self.origin = (frame[0][0], frame[1][0])
+        self.size = (frame[0][1] - frame[0][0], frame[1][1] - frame[1][0])
+        self.constant = constant
+        self.activated_constant = block.activate(constant)
+        self.activated: Tensor | None = None  # last 2 activated planes of the previous chunk
+        self.last_input: Tensor | None = None  # its last input plane (residual blocks)
+        self.next: tuple[Tensor, Tensor | None] | None = None
 
-    def __call__(self, x: Tensor) -> Tensor:
-        """Output planes of the next input chunk (1, channels, planes, y, x)."""
+    def begin(self) -> None:
+        """Start a chunk: the planes carried into the next one start as the constant."""
+
+        def planes(value: Tensor, count: int) -> Tensor:
+            shape = (1, int(value.shape[1]), count, *self.size)
+            return value.expand(shape).contiguous(memory_format=CHANNELS_LAST)
+
+        residual = planes(self.constant, 1) if self.block.crop is not None else None
+        self.next = (planes(self.activated_constant, 2), residual)
+
+    def end(self) -> None:
+        """Finish a chunk: its carried planes become the next chunk's."""
+        assert self.next is not None
+        self.activated, self.last_input = self.next
+        self.next = None
+
+    def __call__(self, x: Tensor, window: tuple[Range, Range]) -> Tensor:
+        """Output planes of the chunk's input ``x`` (1, channels, planes, y, x) that covers
+        ``window`` of the frame."""
+        assert self.next is not None, "begin() a chunk first"
         block = self.block
+        area = (
+            slice(None),
+            slice(None),
+            slice(None),
+            *(slice(a - o, b - o) for (a, b), o in zip(window, self.origin, strict=True)),
+        )
         carried = 0 if self.activated is None else 2
         _, channels, planes, rows, cols = x.shape
         y = torch.empty(
@@ -205,35 +246,63 @@ class BlockStream:
             memory_format=CHANNELS_LAST,
         )
         if self.activated is not None:
-            y[:, :, :2].copy_(self.activated)
+            y[:, :, :2].copy_(self.activated[area])
         block.activate(x, out=y[:, :, carried:])
         out = convolve(y, block.weight, block.bias)
-        self.activated = y[:, :, -2:].clone(memory_format=CHANNELS_LAST)
+        activated, last_input = self.next
+        activated[area] = y[:, :, -2:]
         del y
         if block.crop is not None:
+            assert last_input is not None
             centre = (slice(None), slice(None), slice(None), slice(1, -1), slice(1, -1))
             if self.last_input is None:
                 block.add_residual(out, x[:, :, 1:-1, 1:-1, 1:-1])
             else:
-                block.add_residual(out[:, :, :1], self.last_input[centre])
+                block.add_residual(out[:, :, :1], self.last_input[area][centre])
                 block.add_residual(out[:, :, 1:], x[:, :, : planes - 1, 1:-1, 1:-1])
-            self.last_input = x[:, :, -1:].clone(memory_format=CHANNELS_LAST)
+            last_input[area] = x[:, :, -1:]
         return out
 
 
 class PathwayStream:
-    """A pathway's blocks streamed along z: the first chunk gives ``2 PATHWAY_DEPTH``
-    planes fewer than it has, every later chunk as many as it has."""
+    """A pathway's blocks streamed along z over the y-x ``frame`` of its output: the first
+    chunk gives ``2 PATHWAY_DEPTH`` planes fewer than it has, every later chunk as many as
+    it has. ``inputs``: each block's input on a constant background."""
 
-    def __init__(self, blocks: Sequence[PreparedBlock]) -> None:
+    def __init__(
+        self, blocks: Sequence[PreparedBlock], frame: tuple[Range, Range], inputs: Sequence[Tensor]
+    ) -> None:
         """Streams of every block, none fed yet."""
-        self.streams = [BlockStream(block) for block in blocks]
+        self.frame = frame
+        self.streams = [
+            BlockStream(block, widened(frame, PATHWAY_DEPTH - k), constant)
+            for k, (block, constant) in enumerate(zip(blocks, inputs, strict=True))
+        ]
 
-    def __call__(self, x: Tensor) -> Tensor:
-        """Output planes of the next input chunk."""
+    def __call__(self, x: Tensor, windows: Sequence[tuple[Range, Range]]) -> list[Tensor]:
+        """Output planes of the next input chunk ``x`` (1, channels, planes, frame rows +
+        2 ``PATHWAY_DEPTH``, frame columns + 2 ``PATHWAY_DEPTH``) in each of the output
+        ``windows``; the output elsewhere in the frame must be the constant-background one
+        on every plane of this chunk and of the neighbouring ``PATHWAY_DEPTH`` each side."""
         for stream in self.streams:
-            x = stream(x)
-        return x
+            stream.begin()
+        outputs = []
+        (fy, _), (fx, _) = self.frame
+        for window in windows:
+            (ya, yb), (xa, xb) = window
+            y = x[
+                :,
+                :,
+                :,
+                ya - fy : yb - fy + 2 * PATHWAY_DEPTH,
+                xa - fx : xb - fx + 2 * PATHWAY_DEPTH,
+            ]
+            for k, stream in enumerate(self.streams):
+                y = stream(y, widened(window, PATHWAY_DEPTH - k))
+            outputs.append(y)
+        for stream in self.streams:
+            stream.end()
+        return outputs
 
 
 @dataclass(frozen=True)
@@ -242,17 +311,53 @@ class Footprint:
 
     ``coarse[s]``: per axis, the coarse indices of the factor-s pathway that read a
     non-background voxel; ``region``: the voxels where any pathway does (the bounding box
-    of the three, upsampled), empty ranges when the volume is all background.
+    of the three, upsampled), empty ranges when the volume is all background;
+    ``varying``: the voxels (z, y, x) whose factor-1 output reads a non-background voxel
+    (``None``: all of the factor-1 pathway's footprint).
     """
 
     shape: tuple[int, int, int]
     coarse: dict[int, tuple[Range, Range, Range]]
     region: Box
+    varying: NDArray[np.bool_] | None = field(default=None, compare=False, repr=False)
 
     @property
     def empty(self) -> bool:
         """Whether every voxel takes the background logits."""
         return any(b <= a for a, b in self.region)
+
+    def fine_varying(self, box: Box) -> NDArray[np.bool_]:
+        """Where the factor-1 output varies within ``box`` (inside the volume)."""
+        part = tuple(slice(a, b) for a, b in box)
+        if self.varying is not None:
+            return np.ascontiguousarray(self.varying[part])
+        inside = np.zeros(tuple(b - a for a, b in box), dtype=bool)
+        fine = tuple(
+            slice(max(f0 - a, 0), max(min(f1, b) - a, 0))
+            for (a, b), (f0, f1) in zip(box, self.coarse[1], strict=True)
+        )
+        inside[fine] = True
+        return inside
+
+    def fine_window(self, planes: Range) -> tuple[Range, Range] | None:
+        """The y-x bounding box of the varying factor-1 output on ``planes`` (``None``
+        where it varies nowhere there).
+
+        A chunk of these planes streamed in this window is exact: outside it the output
+        is the constant, and so is every block's input on the planes the chunk carries
+        into the next one (block k's input at p varies only if a non-background voxel
+        lies within k - 1 of p, and p is at most 9 - k planes past the chunk's last
+        output plane, so that plane varies at p's y and x).
+        """
+        (fy0, fy1), (fx0, fx1) = self.coarse[1][1:]
+        varying = np.any(self.fine_varying((planes, (fy0, fy1), (fx0, fx1))), axis=0)
+        rows, cols = np.flatnonzero(varying.any(axis=1)), np.flatnonzero(varying.any(axis=0))
+        if not rows.size:
+            return None
+        return (
+            (fy0 + int(rows[0]), fy0 + int(rows[-1]) + 1),
+            (fx0 + int(cols[0]), fx0 + int(cols[-1]) + 1),
+        )
 
 
 def coarse_range(low: int, high: int, length: int, factor: int) -> Range:
@@ -285,7 +390,10 @@ def footprint(image: np.ndarray) -> Footprint:
         starts = [coarse[s][axis][0] * s for s in FACTORS if coarse[s][axis][1] > 0]
         stops = [min(coarse[s][axis][1] * s, n) for s in FACTORS if coarse[s][axis][1] > 0]
         region.append((min(starts), max(stops)) if starts else (0, 0))
-    return Footprint(shape, coarse, (region[0], region[1], region[2]))
+    varying = ndimage.maximum_filter(
+        foreground.view(np.uint8), size=2 * PATHWAY_DEPTH + 1, mode="nearest"
+    ).view(bool)
+    return Footprint(shape, coarse, (region[0], region[1], region[2]), varying)
 
 
 def boxes(area: Footprint, size: Sequence[int]) -> Iterator[Box]:
@@ -347,6 +455,32 @@ def fold_chain(
     return out
 
 
+def constant_inputs(blocks: Sequence[PreparedBlock], x: Tensor) -> tuple[list[Tensor], Tensor]:
+    """Each block's input (1, channels, 1, 1, 1) and the output on a constant input ``x``
+    (1, 1, 17, 17, 17): the values every position far enough inside it takes."""
+    inputs = []
+    for block in blocks:
+        c = (int(x.shape[2]) - 1) // 2
+        inputs.append(x[:, :, c : c + 1, c : c + 1, c : c + 1].clone())
+        x = block(x)
+    return inputs, x
+
+
+def cells(start: int, stop: int, factors: Sequence[int]) -> tuple[Tensor, Tensor]:
+    """The cells of ``start`` .. ``stop`` - 1 on which the coarse pathways (``factors``)
+    are all constant: (each cell's first index, each index's cell)."""
+    index = np.arange(start, stop)
+    new = (index == start) | np.any([index % s == 0 for s in factors], axis=0)
+    first = index[new]
+    return torch.from_numpy(first), torch.from_numpy(np.cumsum(new) - 1)
+
+
+def aligned(window: tuple[Range, Range]) -> tuple[Range, Range]:
+    """A y-x window widened to multiples of ``ALIGN``."""
+    (ya, yb), (xa, xb) = window
+    return ((ya - ya % ALIGN, -(-yb // ALIGN) * ALIGN), (xa - xa % ALIGN, -(-xb // ALIGN) * ALIGN))
+
+
 class PreparedMember:
     """One member ready to compute the logits of a volume's footprint (see the module text)."""
 
@@ -368,15 +502,17 @@ class PreparedMember:
         side = 2 * PATHWAY_DEPTH + 1
         flat = torch.full((1, 1, side, side, side), BACKGROUND, device=device)
         with torch.inference_mode():
-            self.constants = [
-                run_blocks(blocks, flat.contiguous(memory_format=CHANNELS_LAST))
+            runs = [
+                constant_inputs(blocks, flat.contiguous(memory_format=CHANNELS_LAST))
                 for _, blocks in self.pathways
             ]
+            self.inputs = [inputs for inputs, _ in runs]
+            self.constants = [output for _, output in runs]
             self.background_logits = run_blocks(self.head, torch.cat(self.constants, dim=1))
         widths = (int(c.shape[1]) for c in self.constants)
         self.channels = [0, *itertools.accumulate(widths)]  # pathways' channel edges in the head
         (index,) = (i for i, (s, _) in enumerate(self.pathways) if s == 1)
-        self.fine = (self.pathways[index][1], self.constants[index])
+        self.fine = (self.pathways[index][1], self.inputs[index], self.constants[index])
 
     def logit_chunks(
         self, volume: Tensor, area: Footprint, size: Sequence[int]
@@ -386,19 +522,24 @@ class PreparedMember:
         rows, region's columns)).
 
         The coarse pathways run first over their whole footprints; the factor-1 pathway is
-        streamed chunk by chunk, in columns of at most ``size[1]`` x ``size[2]``, and the
-        head runs on each chunk's slab. The head's frame in y and x is the region widened
-        to multiples of ``ALIGN``, so that each coarse value fills s x s voxels by a
-        broadcast copy.
+        streamed chunk by chunk over the window where it varies, in columns of at most
+        ``size[1]`` x ``size[2]``. Where its output varies, the head runs voxel by voxel;
+        elsewhere its input is constant on each cell of the coarse lattices and it runs
+        once per cell. The coarse outputs' frame in y and x is the region widened to
+        multiples of ``ALIGN``, so that each coarse value fills s x s voxels by a broadcast
+        copy.
         """
         (z0, z1), (y0, y1), (x0, x1) = area.region
-        frame = [(a - a % ALIGN, -(-b // ALIGN) * ALIGN) for a, b in ((y0, y1), (x0, x1))]
+        frame = aligned(((y0, y1), (x0, x1)))
         rows, cols = (b - a for a, b in frame)
         coarse = {
-            s: self._coarse(volume, area, s, blocks, constant, frame)
-            for (s, blocks), constant in zip(self.pathways, self.constants, strict=True)
+            s: self._coarse(volume, area, s, blocks, inputs, constant, frame)
+            for (s, blocks), inputs, constant in zip(
+                self.pathways, self.inputs, self.constants, strict=True
+            )
             if s > 1
         }
+        cell_logits, (z_cell, y_cell, x_cell) = self._cell_logits(coarse, area.region, frame)
         fine = FineStreams(volume, area, *self.fine, size[1:])
         step = max(HEAD_VOXELS // (rows * cols), 1)
         for za in range(z0, z1, size[0]):
@@ -407,28 +548,94 @@ class PreparedMember:
             out = torch.empty((1, NUM_CLASSES, zb - za, y1 - y0, x1 - x0), device=volume.device)
             for j in range(0, zb - za, step):
                 planes = range(za + j, min(za + j + step, zb))
-                slab = torch.empty(
-                    (1, self.channels[-1], len(planes), rows, cols),
-                    device=volume.device,
-                    memory_format=CHANNELS_LAST,
-                )
-                for (s, _), (first, stop) in zip(
-                    self.pathways, itertools.pairwise(self.channels), strict=True
-                ):
-                    target = slab[:, first:stop]
-                    if s == 1:
-                        fine.fill(target, planes, (frame[0][0], frame[1][0]))
-                    else:
-                        _upsample_planes(target, coarse[s], planes, s)
-                logits = run_blocks(self.head, slab)
-                crop = (
-                    slice(y0 - frame[0][0], y1 - frame[0][0]),
-                    slice(x0 - frame[1][0], x1 - frame[1][0]),
-                )
-                out[:, :, j : j + len(planes)] = logits[
-                    (slice(None), slice(None), slice(None), *crop)
-                ]
+                target = out[:, :, j : j + len(planes)]
+                z = z_cell[planes.start - z0 : planes.stop - z0]
+                target[0] = cell_logits[:, z[:, None, None], y_cell[None, :, None], x_cell]
+                if fine.window is not None:
+                    self._varying_logits(target, coarse, fine, area, planes, frame)
             yield (za, zb), out
+
+    def _cell_logits(
+        self, coarse: dict[int, tuple[int, Tensor]], region: Box, frame: Sequence[Range]
+    ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
+        """The logits of a constant factor-1 output over ``region``, once per cell of the
+        coarse lattices (where every coarse pathway is constant): (logits (5, z cells,
+        y cells, x cells), each region voxel's cell along z, y and x)."""
+        device = self.background_logits.device
+        (z_first, z_cell), (y_first, y_cell), (x_first, x_cell) = (
+            cells(a, b, list(coarse)) for a, b in region
+        )
+        logits = torch.empty((NUM_CLASSES, len(z_first), len(y_first), len(x_first)), device=device)
+        step = max(HEAD_VOXELS // (len(y_first) * len(x_first)), 1)
+        for start in range(0, len(z_first), step):
+            firsts = z_first[start : start + step]
+            head_input = torch.empty(
+                (1, self.channels[-1], len(firsts), len(y_first), len(x_first)),
+                device=device,
+                memory_format=CHANNELS_LAST,
+            )
+            for (s, _), (lo, hi), constant in zip(
+                self.pathways, itertools.pairwise(self.channels), self.constants, strict=True
+            ):
+                part = head_input[:, lo:hi]
+                if s == 1:
+                    part.copy_(constant.expand_as(part))
+                    continue
+                plane, values = coarse[s]
+                z, y, x = (
+                    (index // s - origin).to(device)
+                    for index, origin in (
+                        (firsts, plane),
+                        (y_first - frame[0][0], 0),
+                        (x_first - frame[1][0], 0),
+                    )
+                )
+                part[0] = values[0][:, z[:, None, None], y[None, :, None], x]
+            logits[:, start : start + len(firsts)] = run_blocks(self.head, head_input)[0]
+        return logits, (z_cell.to(device), y_cell.to(device), x_cell.to(device))
+
+    def _varying_logits(
+        self,
+        target: Tensor,
+        coarse: dict[int, tuple[int, Tensor]],
+        fine: FineStreams,
+        area: Footprint,
+        planes: range,
+        frame: Sequence[Range],
+    ) -> None:
+        """Overwrite ``target``'s voxels where the factor-1 output varies with the head's
+        logits there, computed voxel by voxel."""
+        assert fine.window is not None
+        (ya, yb), (xa, xb) = fine.window
+        varying = area.fine_varying(((planes.start, planes.stop), (ya, yb), (xa, xb)))
+        if not varying.any():
+            return
+        mask = torch.from_numpy(varying).to(target.device)
+        box = aligned(fine.window)
+        slab = torch.empty(
+            (1, self.channels[-1], len(planes), *(b - a for a, b in box)),
+            device=target.device,
+            memory_format=CHANNELS_LAST,
+        )
+        origin = (box[0][0], box[1][0])
+        offset = (origin[0] - frame[0][0], origin[1] - frame[1][0])
+        for (s, _), (first, stop) in zip(
+            self.pathways, itertools.pairwise(self.channels), strict=True
+        ):
+            part = slab[:, first:stop]
+            if s == 1:
+                fine.fill(part, planes, origin)
+            else:
+                _upsample_planes(part, coarse[s], planes, s, offset)
+        inside = (slice(ya - origin[0], yb - origin[0]), slice(xa - origin[1], xb - origin[1]))
+        rows = slab[0][(slice(None), slice(None), *inside)].permute(1, 2, 3, 0)[mask]
+        count, channels = (int(n) for n in rows.shape)
+        logits = run_blocks(self.head, rows.view(1, count, 1, 1, channels).permute(0, 4, 1, 2, 3))
+        (y0, _), (x0, _) = area.region[1:]
+        place = (slice(None), slice(ya - y0, yb - y0), slice(xa - x0, xb - x0))
+        target[0][(slice(None), *place)].permute(1, 2, 3, 0)[mask] = logits.reshape(
+            NUM_CLASSES, count
+        ).t()
 
     @staticmethod
     def _coarse(
@@ -436,6 +643,7 @@ class PreparedMember:
         area: Footprint,
         s: int,
         blocks: Sequence[PreparedBlock],
+        inputs: Sequence[Tensor],
         constant: Tensor,
         frame: Sequence[Range],
     ) -> tuple[int, Tensor]:
@@ -450,13 +658,14 @@ class PreparedMember:
             (max(a, v0), min(b, v1)) for (a, b), (v0, v1) in zip(need, area.coarse[s], strict=True)
         ]
         if all(b > a for a, b in run):
-            stream = PathwayStream(blocks)
+            window = (run[1], run[2])
+            stream = PathwayStream(blocks, window, inputs)
             source = lattice_input(volume, s, run)
             chunk = max(HEAD_VOXELS // max(int(source.shape[3] * source.shape[4]), 1), 1)
             fed = 0
             for za, zb in split(run[0], chunk):
                 stop = zb - run[0][0] + 2 * PATHWAY_DEPTH
-                planes = stream(source[:, :, fed:stop])
+                (planes,) = stream(source[:, :, fed:stop], [window])
                 fed = stop
                 region = [(za, zb), *run[1:]]
                 place = tuple(
@@ -466,81 +675,83 @@ class PreparedMember:
         return need[0][0], out
 
 
-def _upsample_planes(target: Tensor, coarse: tuple[int, Tensor], planes: range, s: int) -> None:
-    """Fill ``target`` (1, channels, len(planes), rows, cols) with the nearest coarse
-    values: plane z takes coarse plane floor(z / s), each coarse value an s x s patch."""
+def _upsample_planes(
+    target: Tensor,
+    coarse: tuple[int, Tensor],
+    planes: range,
+    s: int,
+    offset: tuple[int, int],
+) -> None:
+    """Fill ``target`` (1, channels, len(planes), rows, cols), whose first row and column
+    lie ``offset`` voxels (multiples of ``ALIGN``) past the coarse output's, with the
+    nearest coarse values: plane z takes coarse plane floor(z / s), each coarse value an
+    s x s patch."""
     first, values = coarse
+    rows, cols = (int(n) // s for n in target.shape[3:])
+    oy, ox = (o // s for o in offset)
     for k, z in enumerate(planes):
         source = values[0, :, z // s - first].permute(1, 2, 0)  # (coarse rows, cols, channels)
+        source = source[oy : oy + rows, ox : ox + cols]
         plane = target[0, :, k].permute(1, 2, 0)  # (rows, cols, channels), a strided view
         blocks = plane.unflatten(1, (-1, s)).unflatten(0, (-1, s))
         blocks.copy_(source[:, None, :, None, :])
 
 
 class FineStreams:
-    """The factor-1 pathway on its footprint, streamed along z in y-x columns of at most
-    ``most`` (rows, columns), one z chunk at a time."""
+    """The factor-1 pathway streamed along z, one z chunk at a time, over the window where
+    its output varies on the chunk's planes, in y-x columns of at most ``most`` (rows,
+    columns)."""
 
     def __init__(
         self,
         volume: Tensor,
         area: Footprint,
         blocks: Sequence[PreparedBlock],
+        inputs: Sequence[Tensor],
         constant: Tensor,
         most: Sequence[int],
     ) -> None:
-        """Streams of every column, none fed yet."""
+        """A stream over the pathway's footprint, not fed yet."""
+        self.area = area
         self.constant = constant
+        self.most = most
         self.span = area.coarse[1][0]
-        ys, xs = area.coarse[1][1:]
-        self.span_yx = (ys, xs)
-        self.columns = (
-            []
-            if min(b - a for a, b in area.coarse[1]) <= 0
-            else [(ry, rx) for ry in split(ys, most[0]) for rx in split(xs, most[1])]
-        )
-        self.sources = [lattice_input(volume, 1, (self.span, ry, rx)) for ry, rx in self.columns]
-        self.streams = [PathwayStream(blocks) for _ in self.columns]
+        frame = (area.coarse[1][1], area.coarse[1][2])
+        self.running = min(b - a for a, b in area.coarse[1]) > 0
+        self.source = lattice_input(volume, 1, area.coarse[1]) if self.running else None
+        self.stream = PathwayStream(blocks, frame, inputs)
         self.fed = 0
         self.planes: Range = (0, 0)
+        self.window: tuple[Range, Range] | None = None
+        self.columns: list[tuple[Range, Range]] = []
         self.outputs: list[Tensor] = []
 
     def advance(self, start: int, stop: int) -> None:
         """Compute the output planes ``start`` .. ``stop`` - 1 within the footprint; every
         call continues where the last one stopped."""
         first, last = max(start, self.span[0]), min(stop, self.span[1])
-        self.planes, self.outputs = (first, last), []
-        if last > first and self.columns:
-            end = last - self.span[0] + 2 * PATHWAY_DEPTH
-            self.outputs = [
-                stream(source[:, :, self.fed : end])
-                for stream, source in zip(self.streams, self.sources, strict=True)
+        self.planes, self.window, self.columns, self.outputs = (first, last), None, [], []
+        if last <= first or self.source is None:
+            return
+        self.window = self.area.fine_window((first, last))
+        if self.window is not None:
+            ys, xs = self.window
+            self.columns = [
+                (ry, rx) for ry in split(ys, self.most[0]) for rx in split(xs, self.most[1])
             ]
-            self.fed = end
+        end = last - self.span[0] + 2 * PATHWAY_DEPTH
+        self.outputs = self.stream(self.source[:, :, self.fed : end], self.columns)
+        self.fed = end
 
     def fill(self, target: Tensor, planes: range, origin: tuple[int, int]) -> None:
         """Write planes ``planes`` of the pathway's output into ``target`` (1, channels,
         len(planes), rows, cols) whose first row and column are ``origin``: the computed
-        values within the footprint, the constant elsewhere."""
+        values in the chunk's window, the constant elsewhere."""
+        target.copy_(self.constant.expand_as(target))
         low, high = max(planes.start, self.planes[0]), min(planes.stop, self.planes[1])
-        if high <= low or not self.columns:
-            target.copy_(self.constant.expand_as(target))
+        if high <= low:
             return
-        rows, cols = (int(n) for n in target.shape[3:])
-        (ya, yb), (xa, xb) = (
-            (a - o, b - o) for (a, b), o in zip(self.span_yx, origin, strict=True)
-        )
         inside = slice(low - planes.start, high - planes.start)
-        for z, y, x in (
-            (slice(0, inside.start), slice(0, rows), slice(0, cols)),
-            (slice(inside.stop, len(planes)), slice(0, rows), slice(0, cols)),
-            (inside, slice(0, ya), slice(0, cols)),
-            (inside, slice(yb, rows), slice(0, cols)),
-            (inside, slice(ya, yb), slice(0, xa)),
-            (inside, slice(ya, yb), slice(xb, cols)),
-        ):
-            band = target[:, :, z, y, x]
-            band.copy_(self.constant.expand_as(band))
         oy, ox = origin
         for ((ya, yb), (xa, xb)), output in zip(self.columns, self.outputs, strict=True):
             source = output[:, :, low - self.planes[0] : high - self.planes[0]]
