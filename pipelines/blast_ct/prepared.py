@@ -62,8 +62,9 @@ Box = tuple[Range, Range, Range]
 @dataclass(frozen=True)
 class PreparedBlock:
     """One pre-activation block in eval mode: scale-shift (``None``: folded away into the
-    previous convolution), leaky ReLU, convolution (plus a bias where the next batch norm
-    is folded in), residual (times ``residual_scale`` where that norm is folded in)."""
+    previous convolution), leaky ReLU, convolution (plus a bias where constant input
+    channels or the next batch norm are folded in), residual (times ``residual_scale``
+    where that norm is folded in)."""
 
     scale: Tensor | None
     shift: Tensor | None
@@ -72,6 +73,7 @@ class PreparedBlock:
     bias: Tensor | None
     crop: int | None  # residual centre crop; None: no residual
     residual_scale: Tensor | None = None
+    folded: bool = False  # the next batch norm is folded in
 
     def activate(self, x: Tensor, out: Tensor | None = None) -> Tensor:
         """Scale-shift and leaky ReLU of ``x`` into ``out`` (a new tensor if ``None``)."""
@@ -143,16 +145,77 @@ def fold_norm(block: PreparedBlock, scale: Tensor, shift: Tensor) -> PreparedBlo
     """``block`` followed by the per-channel affine ``scale`` x + ``shift`` of its output,
     as one block: exact, since the affine is applied to the convolution's output (plus the
     residual) and nothing reads the unscaled output."""
-    if block.bias is not None or block.residual_scale is not None:
+    if block.folded:
         raise ValueError("a block takes one folded norm")
     weight = flushed(block.weight * scale.reshape(-1, 1, 1, 1, 1))
     residual = None if block.crop is None else flushed(scale.reshape(1, -1, 1, 1, 1))
+    bias = shift if block.bias is None else block.bias * scale + shift
     return replace(
         block,
         weight=weight.contiguous(memory_format=CHANNELS_LAST),
-        bias=flushed(shift),
+        bias=flushed(bias),
         residual_scale=residual,
+        folded=True,
     )
+
+
+def pruned(
+    blocks: Sequence[PreparedBlock], needed: Tensor, inputs: Tensor
+) -> tuple[list[PreparedBlock], Tensor]:
+    """Unfolded blocks that compute only the output channels ``needed`` (bool, the last
+    block's outputs) and the channels those depend on, from input channels ``inputs``
+    (bool, the first block's), with the kept output channels (bool).
+
+    A channel that a batch norm scales by zero is a constant after that norm and its
+    leaky ReLU (the published members have 12-103 of them per member), so its share of
+    the convolution is a constant: it moves into the bias and the channel is not read. A
+    channel no later block reads is not computed, unless a residual carries it to one
+    that does (a residual block keeps its input's channels). Exact up to float rounding.
+    """
+    kept: list[Tensor] = [needed] * (len(blocks) + 1)
+    required = needed
+    for k in range(len(blocks) - 1, -1, -1):
+        block = blocks[k]
+        assert block.scale is not None and not block.folded
+        read = block.scale.flatten() != 0
+        if block.crop is not None:
+            required = required | read
+            kept[k + 1] = required
+        else:
+            kept[k + 1] = required
+            required = read
+        if not bool(kept[k + 1].any()):  # keep a channel: no convolution without outputs
+            kept[k + 1] = kept[k + 1].clone()
+            kept[k + 1][0] = True
+    if bool((required & ~inputs).any()):
+        raise ValueError("the blocks read input channels that are not given")
+    kept[0] = inputs
+    out = []
+    for k, block in enumerate(blocks):
+        assert block.scale is not None and block.shift is not None
+        if block.crop is not None:
+            kept[k + 1] = kept[k]
+        scale, shift = block.scale.flatten(), block.shift.flatten()
+        constant = (scale == 0).to(block.weight.dtype)
+        value = F.leaky_relu(shift, block.slope) * constant
+        weight = block.weight.contiguous()
+        bias = block.bias
+        if bool(constant.any()):
+            share = (weight * value.reshape(1, -1, 1, 1, 1)).sum(dim=(1, 2, 3, 4))
+            bias = share if bias is None else bias + share
+            weight = weight * (1 - constant).reshape(1, -1, 1, 1, 1)
+        rows, cols = kept[k + 1], kept[k]
+        shape = (1, -1, 1, 1, 1)
+        out.append(
+            replace(
+                block,
+                scale=scale[cols].reshape(shape).clone(),
+                shift=shift[cols].reshape(shape).clone(),
+                weight=weight[rows][:, cols].contiguous(memory_format=CHANNELS_LAST),
+                bias=None if bias is None else bias[rows].clone(),
+            )
+        )
+    return out, kept[-1]
 
 
 def flushed(values: Tensor) -> Tensor:
@@ -487,16 +550,30 @@ class PreparedMember:
     def __init__(self, model: DeepMedic) -> None:
         """Prepare and fold the blocks and compute the constant-background outputs."""
         head = _prepared(model.fully_connected)
-        first = head[0]
-        assert first.scale is not None and first.shift is not None and first.crop is None
-        scale, shift = first.scale.flatten(), first.shift.flatten()
-        self.pathways: list[tuple[int, list[PreparedBlock]]] = []
+        assert head[0].scale is not None
+        read = head[0].scale.flatten() != 0
+        paths: list[tuple[int, list[PreparedBlock]]] = []
+        kept = []
         start = 0
         for pathway in model.pathways:
             blocks = _prepared(pathway.path)
             part = slice(start, start + int(blocks[-1].weight.shape[0]))
             start = part.stop
-            self.pathways.append((pathway.factor, fold_chain(blocks, (scale[part], shift[part]))))
+            one = torch.ones(1, dtype=torch.bool, device=read.device)
+            blocks, outputs = pruned(blocks, read[part], one)
+            paths.append((pathway.factor, blocks))
+            kept.append(outputs)
+        classes = torch.ones(NUM_CLASSES, dtype=torch.bool, device=read.device)
+        head, _ = pruned(head, classes, torch.cat(kept))
+        first = head[0]
+        assert first.scale is not None and first.shift is not None and first.crop is None
+        scale, shift = first.scale.flatten(), first.shift.flatten()
+        self.pathways: list[tuple[int, list[PreparedBlock]]] = []
+        start = 0
+        for factor, blocks in paths:
+            part = slice(start, start + int(blocks[-1].weight.shape[0]))
+            start = part.stop
+            self.pathways.append((factor, fold_chain(blocks, (scale[part], shift[part]))))
         self.head = fold_chain([unnormed(first), *head[1:]])
         device = first.weight.device
         side = 2 * PATHWAY_DEPTH + 1
