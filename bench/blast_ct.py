@@ -24,6 +24,7 @@ Run: ``PYTHONPATH=$PWD .venv/bin/python bench/blast_ct.py [--members 1,2] [--per
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import subprocess
@@ -40,12 +41,20 @@ import torch
 from bench.conv3d_limit import default_device, measure, synchronise
 from pipelines.blast_ct import BlastCtParameters, BlastCtPipeline
 from pipelines.blast_ct.inference import box_logits, ensemble_sum, reference_logits
-from pipelines.blast_ct.network import FACTORS, FEATURE_MAPS, FULLY_CONNECTED, NUM_CLASSES
+from pipelines.blast_ct.network import (
+    FACTORS,
+    FEATURE_MAPS,
+    FULLY_CONNECTED,
+    NUM_CLASSES,
+    DeepMedic,
+)
 from pipelines.blast_ct.prepared import (
     BACKGROUND,
     HEAD_VOXELS,
     PATHWAY_DEPTH,
     Footprint,
+    PreparedBlock,
+    PreparedMember,
     Range,
     aligned,
     boxes,
@@ -142,7 +151,11 @@ def main() -> None:
             synchronise(device)
             seconds = timings[name] = time.perf_counter() - start
             prepared = name == "prepared"
-            macs = executed_macs(image, pipeline.box if prepared else plain_box, prepared)
+            macs = (
+                prepared_macs(image, pipeline.box, prepared_member(model))
+                if prepared
+                else plain_macs(image, plain_box)
+            )
             row[name] = {
                 "inference_s": round(seconds, 1),
                 "gmac": round(macs / 1e9),
@@ -232,7 +245,13 @@ start = time.perf_counter()
 p = ensemble_sum([model], np.load(image), tuple(int(v) for v in box.split(",")), device)
 if device.type == "cuda":
     torch.cuda.synchronize(device)
-print(time.perf_counter() - start)
+seconds = time.perf_counter() - start
+try:  # that checkout's count of its multiply-accumulates, where its bench has one
+    from bench.blast_ct import executed_macs
+    gmac = executed_macs(np.load(image), tuple(int(v) for v in box.split(",")), True) / 1e9
+except (ImportError, TypeError):
+    gmac = float("nan")
+print(seconds, gmac)
 np.save(out, p)
 """
 
@@ -263,9 +282,11 @@ def before_member(
         )
         theirs = np.load(out)
     difference = np.abs(theirs - ours)
+    seconds, gmac = (float(v) for v in done.stdout.split()[-2:])
     return {
         "checkout": str(checkout),
-        "inference_s": round(float(done.stdout.split()[-1]), 1),
+        "inference_s": round(seconds, 1),
+        "gmac": round(gmac) if math.isfinite(gmac) else None,
         "max_abs_probability_difference": float(difference.max()),
         "labels_equal": bool(np.array_equal(theirs.argmax(0), ours.argmax(0))),
     }
@@ -292,13 +313,17 @@ def plain_probabilities(
     return total
 
 
-def pathway_macs(sizes: list[int]) -> int:
-    """Multiply-accumulates of one pathway producing coarse output ``sizes`` (z, y, x)."""
-    channels = (1, *FEATURE_MAPS)
+PLAIN_SHAPES = [(a, b) for a, b in itertools.pairwise((1, *FEATURE_MAPS))]
+"""(in, out) channels of every block of a pathway, as published."""
+
+
+def pathway_macs(sizes: list[int], shapes: Sequence[tuple[int, int]] = PLAIN_SHAPES) -> int:
+    """Multiply-accumulates of one pathway of blocks with (in, out) channels ``shapes``
+    producing coarse output ``sizes`` (z, y, x)."""
     total = 0
-    for k in range(len(FEATURE_MAPS)):
-        grow = 2 * (len(FEATURE_MAPS) - 1 - k)
-        total += math.prod(n + grow for n in sizes) * channels[k] * channels[k + 1] * 27
+    for k, (cin, cout) in enumerate(shapes):
+        grow = 2 * (len(shapes) - 1 - k)
+        total += math.prod(n + grow for n in sizes) * cin * cout * 27
     return total
 
 
@@ -312,35 +337,47 @@ HEAD_MACS = sum(
 )
 
 
-def executed_macs(image: np.ndarray, size: tuple[int, ...], prepared: bool) -> int:
-    """Multiply-accumulates a path executes on ``image``.
+def prepared_member(model: DeepMedic) -> PreparedMember:
+    """``model`` prepared as the pipeline runs it (for its pruned channel counts)."""
+    with torch.inference_mode():
+        return PreparedMember(model)
 
-    Plain (``box_logits`` over boxes of ``size`` tiling the volume): per box, each
-    pathway on the coarse voxels the box needs, plus its valid-convolution margins, and
-    the head on every voxel of the box. Prepared (``PreparedMember.logit_chunks``): the
-    coarse pathways once over their footprints; the factor-1 pathway streamed along z
-    without recomputed margins, per z chunk of ``size[0]`` planes over the window where it
-    varies (in columns of at most ``size[1:]``); the head voxel by voxel where the
-    factor-1 output varies, and once per coarse cell of the region.
-    """
-    if not prepared:
-        total = 0
-        area = full_footprint(image.shape)
-        for box in boxes(area, size):
-            for s in FACTORS:
-                total += pathway_macs([-(-b // s) - a // s for a, b in box])
-            total += math.prod(b - a for a, b in box) * HEAD_MACS
-        return total
+
+def shapes(blocks: Sequence[PreparedBlock]) -> list[tuple[int, int]]:
+    """(in, out) channels of prepared blocks."""
+    return [(int(b.weight.shape[1]), int(b.weight.shape[0])) for b in blocks]
+
+
+def plain_macs(image: np.ndarray, size: tuple[int, ...]) -> int:
+    """Multiply-accumulates of ``box_logits`` over boxes of ``size`` tiling the volume:
+    per box, each pathway on the coarse voxels the box needs, plus its valid-convolution
+    margins, and the head on every voxel of the box."""
+    total = 0
+    area = full_footprint(image.shape)
+    for box in boxes(area, size):
+        for s in FACTORS:
+            total += pathway_macs([-(-b // s) - a // s for a, b in box])
+        total += math.prod(b - a for a, b in box) * HEAD_MACS
+    return total
+
+
+def prepared_macs(image: np.ndarray, size: tuple[int, ...], member: PreparedMember) -> int:
+    """Multiply-accumulates of ``PreparedMember.logit_chunks`` on ``image``, with the
+    member's pruned channels: the coarse pathways once over their footprints; the factor-1
+    pathway streamed along z without recomputed margins, per z chunk of ``size[0]``
+    planes over the window where it varies (in columns of at most ``size[1:]``); the
+    head voxel by voxel where the factor-1 output varies, and once per coarse cell of the
+    region."""
     area = footprint(image)
     if area.empty:
         return 0
-    total = 0
-    for s in FACTORS[:-1]:
-        total += pathway_macs([b - a for a, b in area.coarse[s]])
+    paths = {s: shapes(blocks) for s, blocks in member.pathways}
+    head = sum(cin * cout for cin, cout in shapes(member.head))
+    total = sum(pathway_macs([b - a for a, b in area.coarse[s]], paths[s]) for s in FACTORS[:-1])
     (z0, z1), (y0, y1), (x0, x1) = area.region
     rows, cols = (b - a for a, b in aligned(((y0, y1), (x0, x1))))
     step = max(HEAD_VOXELS // (rows * cols), 1)
-    total += math.prod(len(cells(a, b, FACTORS[:-1])[0]) for a, b in area.region) * HEAD_MACS
+    total += math.prod(len(cells(a, b, FACTORS[:-1])[0]) for a, b in area.region) * head
     span = area.coarse[1][0]
     started = False
     for za in range(z0, z1, size[0]):
@@ -350,26 +387,27 @@ def executed_macs(image: np.ndarray, size: tuple[int, ...], prepared: bool) -> i
         if window is not None:
             for ry in split(window[0], size[1]):
                 for rx in split(window[1], size[2]):
-                    total += streamed_macs(last - first, ry, rx, started)
+                    total += streamed_macs(last - first, ry, rx, started, paths[1])
         started = started or last > first
         for j in range(za, zb, step):
-            planes = (j, min(j + step, zb))
             if window is not None:
-                varying = area.fine_varying((planes, *window))
-                total += int(np.count_nonzero(varying)) * HEAD_MACS
+                varying = area.fine_varying(((j, min(j + step, zb)), *window))
+                total += int(np.count_nonzero(varying)) * head
     return total
 
 
-def streamed_macs(planes: int, rows: Range, cols: Range, carried: bool) -> int:
-    """Multiply-accumulates of the factor-1 pathway on one z chunk of ``planes`` output
-    planes in a y-x window: each block on the window widened by its valid-convolution
-    margin, and along z as well on the stream's first chunk (``carried`` false)."""
-    channels = (1, *FEATURE_MAPS)
+def streamed_macs(
+    planes: int, rows: Range, cols: Range, carried: bool, shapes: Sequence[tuple[int, int]]
+) -> int:
+    """Multiply-accumulates of the factor-1 pathway (blocks of (in, out) channels
+    ``shapes``) on one z chunk of ``planes`` output planes in a y-x window: each block on
+    the window widened by its valid-convolution margin, and along z as well on the
+    stream's first chunk (``carried`` false)."""
     total = 0
-    for k in range(PATHWAY_DEPTH):
+    for k, (cin, cout) in enumerate(shapes):
         grow = 2 * (PATHWAY_DEPTH - 1 - k)
         size = (planes + (0 if carried else grow), *(b - a + grow for a, b in (rows, cols)))
-        total += math.prod(size) * channels[k] * channels[k + 1] * 27
+        total += math.prod(size) * cin * cout * 27
     return total
 
 
