@@ -20,7 +20,7 @@ from pipelines.blast_ct.inference import (
     ensemble_sum,
     reference_logits,
 )
-from pipelines.blast_ct.network import DeepMedic
+from pipelines.blast_ct.network import Block, DeepMedic
 from pipelines.blast_ct.prepared import BACKGROUND, Footprint, PreparedMember, boxes, footprint
 from pipelines.blast_ct.preprocess import (
     nearest_from_1mm,
@@ -197,9 +197,10 @@ def test_prepared_forward_equals_reference_forward() -> None:
 def test_constant_parts_of_the_head_box_are_skipped_exactly() -> None:
     """A 'head' with background inside its bounding box: two blobs apart in y and x, one
     on the volume's edge, a thin line, and a gap along z where the full-resolution pathway
-    is constant over whole chunks. The prepared member (full-resolution pathway in
-    per-chunk windows, head voxel by voxel only where that pathway varies, once per
-    coarse cell elsewhere) against the plain whole-volume pass."""
+    is constant over whole chunks; a member with dead channels (scaled by zero in the norm
+    after them and in the head's). The prepared member (dead channels pruned,
+    full-resolution pathway in per-chunk windows, head voxel by voxel only where that
+    pathway varies, once per coarse cell elsewhere) against the plain whole-volume pass."""
     rng = np.random.default_rng(5)
     image = np.full((48, 56, 52), BACKGROUND, dtype=np.float32)
     z, y, x = np.ogrid[:48, :56, :52]
@@ -214,11 +215,19 @@ def test_constant_parts_of_the_head_box_are_skipped_exactly() -> None:
     region = tuple(slice(a, b) for a, b in area.region)
     assert float(area.varying[region].mean()) < 0.6
     member = random_member(6)
+    with torch.no_grad():  # dead channels, as in the published members: never read
+        for index, pathway in enumerate(member.pathways):
+            last = pathway.path[-1]
+            assert isinstance(last, Block)
+            last.bn.weight[:6] = 0.0
+            member.fully_connected[0].bn.weight[50 * index : 50 * index + 6] = 0.0
     volume = torch.from_numpy(image)[None, None]
     with torch.inference_mode():
         whole = box_logits(member, volume, ((0, 48), (0, 56), (0, 52)))
         plain = whole[(..., *region)]
         prepared = PreparedMember(member)
+        widths = [int(blocks[-1].weight.shape[0]) for _, blocks in prepared.pathways]
+        assert max(widths) <= 44 and int(prepared.head[0].weight.shape[1]) == sum(widths)
         scale = float(plain.abs().max())
         for size in ((1, 56, 52), (3, 10, 12), (7, 13, 32), (8, 320, 320), (48, 64, 64)):
             logits = torch.cat([c for _, c in prepared.logit_chunks(volume, area, size)], dim=2)

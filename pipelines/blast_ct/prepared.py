@@ -6,26 +6,36 @@ Rearranged: every tensor and weight is channels-last 3-D (oneDNN's fast layout; 
 default-layout weight turns a channels-last input back to the slow layout), convolutions
 on the CPU go to oneDNN whatever their size (``convolve``), batch norm is one multiply-add
 with its folded scale and shift, PReLU (one slope) is an in-place leaky ReLU, and the
-1x1x1 head runs as channels-last 1x1x1 convolutions over slabs. A batch norm whose input
-is a convolution's output and nothing else (the head's first one, after each pathway's
-last block; the head's last one, after its residual block) is folded into that
-convolution: its scale multiplies the weights' output channels and the residual, its
-shift becomes the bias (``fold_norm``). Numbers equal the modules' up to float rounding.
+1x1x1 head runs as channels-last 1x1x1 convolutions. A batch norm whose input is a
+convolution's output and nothing else (the head's first one, after each pathway's last
+block; the head's last one, after its residual block) is folded into that convolution:
+its scale multiplies the weights' output channels and the residual, its shift becomes the
+bias (``fold_norm``). Channels that a batch norm scales by zero are constants after it:
+their share of the next convolution moves into its bias, and a channel that nothing reads
+then is not computed (``pruned``; the published members have 12-103 such channels: 13 %
+of member 1's multiply-accumulates on the GE head, 27 % of member 2's). Numbers equal the
+modules' up to float rounding.
 
-Streamed: each pathway runs once over its whole footprint, plane chunk by plane chunk
-along z (``PathwayStream``): every block keeps the last two planes of its activated input
-(and one plane of its residual input), so consecutive chunks share them instead of
-recomputing 2 x 8 planes of valid-convolution margin per box edge. Along y and x a pathway
-covers its footprint whole (tiled into columns only where it is wider than ``size``).
+Streamed: each pathway runs once over its footprint, plane chunk by plane chunk along z
+(``PathwayStream``): every block keeps the last two planes of its activated input (and
+one plane of its residual input), so consecutive chunks share them instead of recomputing
+2 x 8 planes of valid-convolution margin per box edge.
 
 Skipped: the window maps everything below -15 HU to ``BACKGROUND`` (-1), so air and fat
 around the head are one constant. The factor-s pathway's coarse voxel m reads lattice
 points s (m - 8) + s // 2 .. s (m + 8) + s // 2 (clamped to the volume); where none of
 them lies in the bounding box of the non-background voxels, every input it reads is the
 background and its output is the pathway's output on a constant background, computed
-once (``Footprint``). Where all three pathways are constant, so are the logits. Each
-pathway therefore runs only on its coarse footprint, the head only on the footprints'
-union; the rest takes the constant values.
+once (``Footprint``). Each pathway therefore runs only on its coarse footprint, the head
+only on the footprints' union; the rest takes the constant values. Inside that box, the
+factor-1 output at a voxel is the constant wherever no non-background voxel lies within 8
+voxels (Chebyshev) of it (``Footprint.varying``, about half of the GE head's region):
+each z chunk of that pathway runs only in the y-x window where its output varies on the
+chunk's planes (``Footprint.fine_window``), and the frame-wide planes it carries into the
+next chunk hold each block's constant-background input elsewhere. The head runs voxel by
+voxel only where the factor-1 output varies; elsewhere its input is constant on each cell
+of the factor-3 and factor-5 lattices (7 x 7 x 7 cells per 15 x 15 x 15 voxels), so it
+runs once per cell and the cell's logits are copied to its voxels.
 """
 
 from __future__ import annotations
