@@ -365,7 +365,7 @@ def prepared_macs(image: np.ndarray, size: tuple[int, ...], member: PreparedMemb
     """Multiply-accumulates of ``PreparedMember.logit_chunks`` on ``image``, with the
     member's pruned channels: the coarse pathways once over their footprints; the factor-1
     pathway streamed along z without recomputed margins, per z chunk of ``size[0]``
-    planes over the window where it varies (in columns of at most ``size[1:]``); the
+    planes over the windows where it varies (in columns of at most ``size[1:]``); the
     head voxel by voxel where the factor-1 output varies, and once per coarse cell of the
     region."""
     area = footprint(image)
@@ -385,9 +385,10 @@ def prepared_macs(image: np.ndarray, size: tuple[int, ...], member: PreparedMemb
         first, last = max(za, span[0]), min(zb, span[1])
         window = area.fine_window((first, last)) if last > first else None
         if window is not None:
-            for ry in split(window[0], size[1]):
-                for rx in split(window[1], size[2]):
-                    total += streamed_macs(last - first, ry, rx, started, paths[1])
+            for ys, xs in area.fine_windows((first, last)):
+                for ry in split(ys, size[1]):
+                    for rx in split(xs, size[2]):
+                        total += streamed_macs(last - first, ry, rx, started, paths[1])
         started = started or last > first
         for j in range(za, zb, step):
             if window is not None:

@@ -30,9 +30,10 @@ once (``Footprint``). Each pathway therefore runs only on its coarse footprint, 
 only on the footprints' union; the rest takes the constant values. Inside that box, the
 factor-1 output at a voxel is the constant wherever no non-background voxel lies within 8
 voxels (Chebyshev) of it (``Footprint.varying``, about half of the GE head's region):
-each z chunk of that pathway runs only in the y-x window where its output varies on the
-chunk's planes (``Footprint.fine_window``), and the frame-wide planes it carries into the
-next chunk hold each block's constant-background input elsewhere. The head runs voxel by
+each z chunk of that pathway runs only in y-x windows that cover where its output varies
+on the chunk's planes (``Footprint.fine_windows``: the bounding box, cut in two wherever
+that saves multiply-accumulates, margins included), and the frame-wide planes it carries
+into the next chunk hold each block's constant-background input elsewhere. The head runs voxel by
 voxel only where the factor-1 output varies; elsewhere its input is constant on each cell
 of the factor-3 and factor-5 lattices (7 x 7 x 7 cells per 15 x 15 x 15 voxels), so it
 runs once per cell and the cell's logits are copied to its voxels.
@@ -51,7 +52,14 @@ from scipy import ndimage
 from torch import Tensor
 from torch.nn import functional as F
 
-from pipelines.blast_ct.network import FACTORS, NUM_CLASSES, PATHWAY_DEPTH, Block, DeepMedic
+from pipelines.blast_ct.network import (
+    FACTORS,
+    FEATURE_MAPS,
+    NUM_CLASSES,
+    PATHWAY_DEPTH,
+    Block,
+    DeepMedic,
+)
 
 BACKGROUND = -1.0
 """The windowed value of every voxel below -15 HU."""
@@ -412,6 +420,14 @@ class Footprint:
         inside[fine] = True
         return inside
 
+    def fine_windows(self, planes: Range) -> list[tuple[Range, Range]]:
+        """Windows that cover the varying factor-1 output on ``planes`` (see
+        ``fine_window``: a chunk streamed in them is exact) at fewer multiply-accumulates
+        than their bounding box (``covering_windows``)."""
+        (fy0, fy1), (fx0, fx1) = self.coarse[1][1:]
+        varying = np.any(self.fine_varying((planes, (fy0, fy1), (fx0, fx1))), axis=0)
+        return covering_windows(varying, (fy0, fx0))
+
     def fine_window(self, planes: Range) -> tuple[Range, Range] | None:
         """The y-x bounding box of the varying factor-1 output on ``planes`` (``None``
         where it varies nowhere there).
@@ -431,6 +447,56 @@ class Footprint:
             (fy0 + int(rows[0]), fy0 + int(rows[-1]) + 1),
             (fx0 + int(cols[0]), fx0 + int(cols[-1]) + 1),
         )
+
+
+CUT_STEP = 8  # y-x windows are cut at multiples of this many voxels from their start
+BLOCK_MACS = tuple(a * b * 27 for a, b in itertools.pairwise((1, *FEATURE_MAPS)))
+
+
+def window_cost(rows: int, cols: int) -> int:
+    """Multiply-accumulates per plane of the factor-1 pathway computing a rows x cols
+    window (each block on the window widened by its valid-convolution margin)."""
+    depth = len(BLOCK_MACS)
+    return sum(
+        (rows + 2 * (depth - 1 - k)) * (cols + 2 * (depth - 1 - k)) * macs
+        for k, macs in enumerate(BLOCK_MACS)
+    )
+
+
+def covering_windows(
+    varying: NDArray[np.bool_], origin: tuple[int, int]
+) -> list[tuple[Range, Range]]:
+    """Windows (absolute y-x ranges; ``origin`` is the mask's first row and column) that
+    cover every true pixel of ``varying`` (rows, cols), by recursive bisection: a window
+    is cut in two along y or x where the two parts' bounding boxes cost fewer
+    multiply-accumulates, margins included, than the window (``window_cost``)."""
+    rows, cols = np.flatnonzero(varying.any(axis=1)), np.flatnonzero(varying.any(axis=0))
+    if not rows.size:
+        return []
+    y0, y1, x0, x1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+    box = varying[y0:y1, x0:x1]
+    best, parts = window_cost(y1 - y0, x1 - x0), None
+    for axis in (0, 1):
+        for cut in range(CUT_STEP, box.shape[axis] - CUT_STEP + 1, CUT_STEP):
+            halves = np.split(box, [cut], axis=axis)
+            cost = 0
+            for half in halves:
+                r, c = np.flatnonzero(half.any(axis=1)), np.flatnonzero(half.any(axis=0))
+                cost += window_cost(int(r[-1] - r[0]) + 1, int(c[-1] - c[0]) + 1) if r.size else 0
+            if cost < best:
+                best, parts = cost, (axis, cut, halves)
+    if parts is None:
+        return [((origin[0] + y0, origin[0] + y1), (origin[1] + x0, origin[1] + x1))]
+    axis, cut, halves = parts
+    second = (
+        (origin[0] + y0 + cut, origin[1] + x0)
+        if axis == 0
+        else (origin[0] + y0, origin[1] + x0 + cut)
+    )
+    return [
+        *covering_windows(halves[0], (origin[0] + y0, origin[1] + x0)),
+        *covering_windows(halves[1], second),
+    ]
 
 
 def coarse_range(low: int, high: int, length: int, factor: int) -> Range:
@@ -822,9 +888,11 @@ class FineStreams:
             return
         self.window = self.area.fine_window((first, last))
         if self.window is not None:
-            ys, xs = self.window
             self.columns = [
-                (ry, rx) for ry in split(ys, self.most[0]) for rx in split(xs, self.most[1])
+                (ry, rx)
+                for ys, xs in self.area.fine_windows((first, last))
+                for ry in split(ys, self.most[0])
+                for rx in split(xs, self.most[1])
             ]
         end = last - self.span[0] + 2 * PATHWAY_DEPTH
         self.outputs = self.stream(self.source[:, :, self.fed : end], self.columns)
