@@ -33,10 +33,10 @@ voxels (Chebyshev) of it (``Footprint.varying``, about half of the GE head's reg
 each z chunk of that pathway runs only in y-x windows that cover where its output varies
 on the chunk's planes (``Footprint.fine_windows``: the bounding box, cut in two wherever
 that saves multiply-accumulates, margins included), and the frame-wide planes it carries
-into the next chunk hold each block's constant-background input elsewhere. The head runs voxel by
-voxel only where the factor-1 output varies; elsewhere its input is constant on each cell
-of the factor-3 and factor-5 lattices (7 x 7 x 7 cells per 15 x 15 x 15 voxels), so it
-runs once per cell and the cell's logits are copied to its voxels.
+into the next chunk hold each block's constant-background input elsewhere. The head runs
+voxel by voxel only where the factor-1 output varies; elsewhere its input is constant on
+each cell of the factor-3 and factor-5 lattices (7 x 7 x 7 cells per 15 x 15 x 15
+voxels), so it runs once per cell and the cell's logits are copied to its voxels.
 """
 
 from __future__ import annotations
@@ -363,8 +363,9 @@ class PathwayStream:
     def __call__(self, x: Tensor, windows: Sequence[tuple[Range, Range]]) -> list[Tensor]:
         """Output planes of the next input chunk ``x`` (1, channels, planes, frame rows +
         2 ``PATHWAY_DEPTH``, frame columns + 2 ``PATHWAY_DEPTH``) in each of the output
-        ``windows``; the output elsewhere in the frame must be the constant-background one
-        on every plane of this chunk and of the neighbouring ``PATHWAY_DEPTH`` each side."""
+        ``windows``, which must cover every position of the chunk's output planes where
+        the output is not the constant-background one (then so is every block's input
+        outside them on the planes carried into the next chunk: ``Footprint.fine_window``)."""
         for stream in self.streams:
             stream.begin()
         outputs = []
@@ -675,7 +676,7 @@ class PreparedMember:
         rows, region's columns)).
 
         The coarse pathways run first over their whole footprints; the factor-1 pathway is
-        streamed chunk by chunk over the window where it varies, in columns of at most
+        streamed chunk by chunk over the windows where it varies, in columns of at most
         ``size[1]`` x ``size[2]``. Where its output varies, the head runs voxel by voxel;
         elsewhere its input is constant on each cell of the coarse lattices and it runs
         once per cell. The coarse outputs' frame in y and x is the region widened to
@@ -851,9 +852,9 @@ def _upsample_planes(
 
 
 class FineStreams:
-    """The factor-1 pathway streamed along z, one z chunk at a time, over the window where
-    its output varies on the chunk's planes, in y-x columns of at most ``most`` (rows,
-    columns)."""
+    """The factor-1 pathway streamed along z, one z chunk at a time, over windows that
+    cover where its output varies on the chunk's planes (``Footprint.fine_windows``), in
+    y-x columns of at most ``most`` (rows, columns)."""
 
     def __init__(
         self,
@@ -870,8 +871,8 @@ class FineStreams:
         self.most = most
         self.span = area.coarse[1][0]
         frame = (area.coarse[1][1], area.coarse[1][2])
-        self.running = min(b - a for a, b in area.coarse[1]) > 0
-        self.source = lattice_input(volume, 1, area.coarse[1]) if self.running else None
+        running = min(b - a for a, b in area.coarse[1]) > 0
+        self.source = lattice_input(volume, 1, area.coarse[1]) if running else None
         self.stream = PathwayStream(blocks, frame, inputs)
         self.fed = 0
         self.planes: Range = (0, 0)
@@ -886,14 +887,18 @@ class FineStreams:
         self.planes, self.window, self.columns, self.outputs = (first, last), None, [], []
         if last <= first or self.source is None:
             return
-        self.window = self.area.fine_window((first, last))
-        if self.window is not None:
-            self.columns = [
-                (ry, rx)
-                for ys, xs in self.area.fine_windows((first, last))
-                for ry in split(ys, self.most[0])
-                for rx in split(xs, self.most[1])
-            ]
+        windows = self.area.fine_windows((first, last))
+        if windows:
+            self.window = (
+                (min(ys[0] for ys, _ in windows), max(ys[1] for ys, _ in windows)),
+                (min(xs[0] for _, xs in windows), max(xs[1] for _, xs in windows)),
+            )
+        self.columns = [
+            (ry, rx)
+            for ys, xs in windows
+            for ry in split(ys, self.most[0])
+            for rx in split(xs, self.most[1])
+        ]
         end = last - self.span[0] + 2 * PATHWAY_DEPTH
         self.outputs = self.stream(self.source[:, :, self.fed : end], self.columns)
         self.fed = end
