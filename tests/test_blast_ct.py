@@ -21,7 +21,15 @@ from pipelines.blast_ct.inference import (
     reference_logits,
 )
 from pipelines.blast_ct.network import Block, DeepMedic
-from pipelines.blast_ct.prepared import BACKGROUND, Footprint, PreparedMember, boxes, footprint
+from pipelines.blast_ct.prepared import (
+    BACKGROUND,
+    Footprint,
+    PreparedMember,
+    boxes,
+    covering_windows,
+    footprint,
+    window_cost,
+)
 from pipelines.blast_ct.preprocess import (
     nearest_from_1mm,
     radiological,
@@ -236,6 +244,25 @@ def test_constant_parts_of_the_head_box_are_skipped_exactly() -> None:
     summed = ensemble_sum([member], image, (8, 320, 320), CPU)
     assert float(np.abs(summed - expected.numpy()).max()) <= 1e-5
     assert np.array_equal(summed.argmax(axis=0), expected.argmax(dim=0).numpy())
+
+
+def test_covering_windows_cover_the_varying_pixels_at_less_cost() -> None:
+    """Two blobs apart and a thin line, as a head and its holder: the windows cover every
+    varying pixel once, cost fewer multiply-accumulates than the bounding box, and an
+    empty mask needs none."""
+    varying = np.zeros((120, 110), dtype=bool)
+    y, x = np.ogrid[:120, :110]
+    varying[((y - 40) / 30.0) ** 2 + ((x - 45) / 35.0) ** 2 <= 1.0] = True
+    varying[100:104, 90:108] = True
+    varying[5:115, 2] = True
+    windows = covering_windows(varying, (7, 3))
+    covered = np.zeros_like(varying, dtype=np.int64)
+    for (ya, yb), (xa, xb) in windows:
+        covered[ya - 7 : yb - 7, xa - 3 : xb - 3] += 1
+    assert covered.max() == 1 and covered[varying].min() == 1
+    cost = sum(window_cost(yb - ya, xb - xa) for (ya, yb), (xa, xb) in windows)
+    assert len(windows) > 1 and cost < 0.9 * window_cost(110, 106)
+    assert covering_windows(np.zeros((5, 5), dtype=bool), (0, 0)) == []
 
 
 @pytest.mark.shared
