@@ -12,9 +12,9 @@ block; the head's last one, after its residual block) is folded into that convol
 its scale multiplies the weights' output channels and the residual, its shift becomes the
 bias (``fold_norm``). Channels that a batch norm scales by zero are constants after it:
 their share of the next convolution moves into its bias, and a channel that nothing reads
-then is not computed (``pruned``; the published members have 12-103 such channels: 13 %
-of member 1's multiply-accumulates on the GE head, 27 % of member 2's). Numbers equal the
-modules' up to float rounding.
+then is not computed (``pruned``; the head reads 47-143 of its 150 input channels across
+the published members: 13 % of member 1's multiply-accumulates on the GE head, 27 % of
+member 2's). Numbers equal the modules' up to float rounding.
 
 Streamed: each pathway runs once over its footprint, plane chunk by plane chunk along z
 (``PathwayStream``): every block keeps the last two planes of its activated input (and
@@ -185,10 +185,11 @@ def pruned(
     (bool, the first block's), with the kept output channels (bool).
 
     A channel that a batch norm scales by zero is a constant after that norm and its
-    leaky ReLU (the published members have 12-103 of them per member), so its share of
-    the convolution is a constant: it moves into the bias and the channel is not read. A
-    channel no later block reads is not computed, unless a residual carries it to one
-    that does (a residual block keeps its input's channels). Exact up to float rounding.
+    leaky ReLU (the published members have them mostly at the end of each pathway and
+    in the head's first norm), so its share of the convolution is a constant: it moves
+    into the bias and the channel is not read. A channel no later block reads is not
+    computed, unless a residual carries it to one that does (a residual block keeps its
+    input's channels). Exact up to float rounding.
     """
     kept: list[Tensor] = [needed] * (len(blocks) + 1)
     required = needed
