@@ -10,21 +10,28 @@ as a fraction of the limit, and the largest probability difference between the t
 (everywhere, and on the head's voxels, windowed value above -1); then the ensemble of
 ``--members`` as the pipeline runs it (summed softmax; weights loaded first, apart), with
 the Dice / false-positive volume of the IPH segment for a synthetic 20 mL haematoma.
+``--before PATH`` (another checkout, e.g. ``git archive main`` unpacked) runs that
+checkout's prepared member in a child process right after ours, on the same image, with
+the same threads: time, ratio and the largest probability difference from one run.
 Peak memory is the process's resident high-water mark (VmHWM) after each step, so it only
 grows; each step starts from the previous step's peak.
 
 Run: ``PYTHONPATH=$PWD .venv/bin/python bench/blast_ct.py [--members 1,2] [--per-member 1]
-[--no-plain] [--no-tiling]``; prints JSON. Needs ../shared (the GE head CT and the weights).
+[--no-plain] [--no-tiling] [--no-pipeline] [--before /tmp/main]``; prints JSON. Needs
+../shared (the GE head CT and the weights).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
+import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -34,13 +41,32 @@ import torch
 from bench.conv3d_limit import default_device, measure, synchronise
 from pipelines.blast_ct import BlastCtParameters, BlastCtPipeline
 from pipelines.blast_ct.inference import box_logits, ensemble_sum, reference_logits
-from pipelines.blast_ct.network import FACTORS, FEATURE_MAPS, FULLY_CONNECTED, NUM_CLASSES
-from pipelines.blast_ct.prepared import ALIGN, BACKGROUND, Footprint, boxes, footprint, split
+from pipelines.blast_ct.network import (
+    FACTORS,
+    FEATURE_MAPS,
+    FULLY_CONNECTED,
+    NUM_CLASSES,
+    DeepMedic,
+)
+from pipelines.blast_ct.prepared import (
+    BACKGROUND,
+    HEAD_VOXELS,
+    PATHWAY_DEPTH,
+    Footprint,
+    PreparedBlock,
+    PreparedMember,
+    Range,
+    aligned,
+    boxes,
+    cells,
+    footprint,
+    split,
+)
 from pipelines.blast_ct.preprocess import radiological, resample_to_1mm, window
-from pipelines.blast_ct.weights import load_ensemble
+from pipelines.blast_ct.weights import load_ensemble, weights_dir
 from pipelines.geometry import represented_thickness
 from pipelines.synthetic import insert_lesion, write_series
-from pipelines.volume import load_series
+from pipelines.volume import LoadedSeries, load_series
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 GE_HEADCT = SHARED / "data" / "headct_ge_tilt"
@@ -69,6 +95,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--no-plain", action="store_true", help="skip the plain path")
     parser.add_argument("--no-tiling", action="store_true", help="skip the tiling check")
+    parser.add_argument("--no-pipeline", action="store_true", help="skip the ensemble pipeline")
+    parser.add_argument(
+        "--before", type=Path, default=None, help="another checkout whose member runs beside ours"
+    )
     parser.add_argument(
         "--tiling-crop",
         type=numbers,
@@ -121,7 +151,11 @@ def main() -> None:
             synchronise(device)
             seconds = timings[name] = time.perf_counter() - start
             prepared = name == "prepared"
-            macs = executed_macs(image, pipeline.box if prepared else plain_box, prepared)
+            macs = (
+                prepared_macs(image, pipeline.box, prepared_member(model))
+                if prepared
+                else plain_macs(image, plain_box)
+            )
             row[name] = {
                 "inference_s": round(seconds, 1),
                 "gmac": round(macs / 1e9),
@@ -140,10 +174,30 @@ def main() -> None:
             row["labels_equal"] = bool(
                 np.array_equal(results["prepared"].argmax(0), results["plain"].argmax(0))
             )
+        if args.before is not None:
+            row["before"] = before_member(
+                args.before, image, index, pipeline.box, device, args.threads, results["prepared"]
+            )
+            row["before"]["prepared_over_before"] = round(  # type: ignore[index]
+                timings["prepared"] / float(row["before"]["inference_s"]),  # type: ignore[index]
+                3,
+            )
         per_member[str(index)] = row
     summary["per_member"] = per_member
     if not args.no_tiling:
         summary["tiling_vs_whole_pass"] = tiling_vs_whole(image, args.tiling_crop, device)
+    if not args.no_pipeline:
+        summary["ensemble"] = ensemble_row(pipeline, series, datasets, lesion.masks)
+    sys.stdout.write(json.dumps(summary, indent=2) + "\n")
+
+
+def ensemble_row(
+    pipeline: BlastCtPipeline,
+    series: LoadedSeries,
+    datasets: Sequence[pydicom.Dataset],
+    masks: np.ndarray,
+) -> dict[str, object]:
+    """The pipeline with its members on the series: time, memory, IPH segment figures."""
     start = time.perf_counter()
     pipeline.check()
     loaded = time.perf_counter() - start
@@ -151,7 +205,7 @@ def main() -> None:
     result = pipeline.run(series)
     elapsed = time.perf_counter() - start
     index_of = {str(ds.SOPInstanceUID): i for i, ds in enumerate(datasets)}
-    inserted = lesion.masks[[index_of[f.sop_instance_uid] for f in series.frames]]
+    inserted = masks[[index_of[f.sop_instance_uid] for f in series.frames]]
     iph = result.segments[0].frame_mask
     outside = np.any([s.frame_mask for s in result.segments], axis=0) & ~inserted
     thickness = represented_thickness(series.stack.offsets[:, 0])
@@ -161,7 +215,7 @@ def main() -> None:
         """Planimetric volume of a frame mask, mL."""
         return round(float(np.sum(mask.sum(axis=(1, 2)) * thickness)) * pixel_ml, 2)
 
-    summary["ensemble"] = {
+    return {
         "members": list(pipeline.members),
         "load_s": round(loaded, 1),
         "pipeline_s": round(elapsed, 1),
@@ -175,7 +229,67 @@ def main() -> None:
             for s in result.segments
         },
     }
-    sys.stdout.write(json.dumps(summary, indent=2) + "\n")
+
+
+BEFORE_SCRIPT = """
+import sys, time
+from pathlib import Path
+import numpy as np, torch
+from pipelines.blast_ct.inference import ensemble_sum
+from pipelines.blast_ct.weights import load_ensemble
+image, out, device, threads, index, box, folder = sys.argv[1:8]
+torch.set_num_threads(int(threads))
+device = torch.device(device)
+model = load_ensemble([int(index)], device, Path(folder))[0]
+start = time.perf_counter()
+p = ensemble_sum([model], np.load(image), tuple(int(v) for v in box.split(",")), device)
+if device.type == "cuda":
+    torch.cuda.synchronize(device)
+seconds = time.perf_counter() - start
+try:  # that checkout's count of its multiply-accumulates, where its bench has one
+    from bench.blast_ct import executed_macs
+    gmac = executed_macs(np.load(image), tuple(int(v) for v in box.split(",")), True) / 1e9
+except (ImportError, TypeError):
+    gmac = float("nan")
+print(seconds, gmac)
+np.save(out, p)
+"""
+
+
+def before_member(
+    checkout: Path,
+    image: np.ndarray,
+    index: int,
+    box: tuple[int, ...],
+    device: torch.device,
+    threads: int,
+    ours: np.ndarray,
+) -> dict[str, object]:
+    """Member ``index``'s prepared pass by another checkout's code in a child process:
+    its time, and its largest probability difference from ``ours``."""
+    with tempfile.TemporaryDirectory() as folder:
+        source, out = Path(folder) / "image.npy", Path(folder) / "before.npy"
+        np.save(source, image)
+        argv = [str(source), str(out), str(device), str(threads), str(index)]
+        argv += [",".join(str(v) for v in box), str(weights_dir().resolve())]
+        done = subprocess.run(
+            [sys.executable, "-c", BEFORE_SCRIPT, *argv],
+            cwd=checkout,
+            env={"PYTHONPATH": str(checkout.resolve()), "PATH": "/usr/bin:/bin"},
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        theirs = np.load(out)
+    difference = np.abs(theirs - ours)
+    seconds, gmac = (float(v) for v in done.stdout.split()[-2:])
+    return {
+        "checkout": str(checkout),
+        "inference_s": round(seconds, 1),
+        "gmac": round(gmac) if math.isfinite(gmac) else None,
+        "max_abs_probability_difference": float(difference.max()),
+        "labels_equal": bool(np.array_equal(theirs.argmax(0), ours.argmax(0))),
+    }
 
 
 def full_footprint(shape: tuple[int, ...]) -> Footprint:
@@ -199,13 +313,17 @@ def plain_probabilities(
     return total
 
 
-def pathway_macs(sizes: list[int]) -> int:
-    """Multiply-accumulates of one pathway producing coarse output ``sizes`` (z, y, x)."""
-    channels = (1, *FEATURE_MAPS)
+PLAIN_SHAPES = [(a, b) for a, b in itertools.pairwise((1, *FEATURE_MAPS))]
+"""(in, out) channels of every block of a pathway, as published."""
+
+
+def pathway_macs(sizes: list[int], shapes: Sequence[tuple[int, int]] = PLAIN_SHAPES) -> int:
+    """Multiply-accumulates of one pathway of blocks with (in, out) channels ``shapes``
+    producing coarse output ``sizes`` (z, y, x)."""
     total = 0
-    for k in range(len(FEATURE_MAPS)):
-        grow = 2 * (len(FEATURE_MAPS) - 1 - k)
-        total += math.prod(n + grow for n in sizes) * channels[k] * channels[k + 1] * 27
+    for k, (cin, cout) in enumerate(shapes):
+        grow = 2 * (len(shapes) - 1 - k)
+        total += math.prod(n + grow for n in sizes) * cin * cout * 27
     return total
 
 
@@ -219,38 +337,79 @@ HEAD_MACS = sum(
 )
 
 
-def executed_macs(image: np.ndarray, size: tuple[int, ...], prepared: bool) -> int:
-    """Multiply-accumulates a path executes on ``image``.
+def prepared_member(model: DeepMedic) -> PreparedMember:
+    """``model`` prepared as the pipeline runs it (for its pruned channel counts)."""
+    with torch.inference_mode():
+        return PreparedMember(model)
 
-    Plain (``box_logits`` over boxes of ``size`` tiling the volume): per box, each
-    pathway on the coarse voxels the box needs, plus its valid-convolution margins, and
-    the head on every voxel of the box. Prepared: each pathway once over its footprint
-    (the factor-1 one per y-x column of at most ``size[1:]``), streamed along z without
-    recomputed margins, and the head on the region's planes over its frame widened to
-    multiples of ``ALIGN`` in y and x.
-    """
-    if not prepared:
-        total = 0
-        area = full_footprint(image.shape)
-        for box in boxes(area, size):
-            for s in FACTORS:
-                total += pathway_macs([-(-b // s) - a // s for a, b in box])
-            total += math.prod(b - a for a, b in box) * HEAD_MACS
-        return total
+
+def shapes(blocks: Sequence[PreparedBlock]) -> list[tuple[int, int]]:
+    """(in, out) channels of prepared blocks."""
+    return [(int(b.weight.shape[1]), int(b.weight.shape[0])) for b in blocks]
+
+
+def plain_macs(image: np.ndarray, size: tuple[int, ...]) -> int:
+    """Multiply-accumulates of ``box_logits`` over boxes of ``size`` tiling the volume:
+    per box, each pathway on the coarse voxels the box needs, plus its valid-convolution
+    margins, and the head on every voxel of the box."""
+    total = 0
+    area = full_footprint(image.shape)
+    for box in boxes(area, size):
+        for s in FACTORS:
+            total += pathway_macs([-(-b // s) - a // s for a, b in box])
+        total += math.prod(b - a for a, b in box) * HEAD_MACS
+    return total
+
+
+def prepared_macs(image: np.ndarray, size: tuple[int, ...], member: PreparedMember) -> int:
+    """Multiply-accumulates of ``PreparedMember.logit_chunks`` on ``image``, with the
+    member's pruned channels: the coarse pathways once over their footprints; the factor-1
+    pathway streamed along z without recomputed margins, per z chunk of ``size[0]``
+    planes over the windows where it varies (in columns of at most ``size[1:]``); the
+    head voxel by voxel where the factor-1 output varies, and once per coarse cell of the
+    region."""
     area = footprint(image)
     if area.empty:
         return 0
+    paths = {s: shapes(blocks) for s, blocks in member.pathways}
+    head = sum(cin * cout for cin, cout in shapes(member.head))
+    total = sum(pathway_macs([b - a for a, b in area.coarse[s]], paths[s]) for s in FACTORS[:-1])
+    (z0, z1), (y0, y1), (x0, x1) = area.region
+    rows, cols = (b - a for a, b in aligned(((y0, y1), (x0, x1))))
+    step = max(HEAD_VOXELS // (rows * cols), 1)
+    total += math.prod(len(cells(a, b, FACTORS[:-1])[0]) for a, b in area.region) * head
+    span = area.coarse[1][0]
+    started = False
+    for za in range(z0, z1, size[0]):
+        zb = min(za + size[0], z1)
+        first, last = max(za, span[0]), min(zb, span[1])
+        window = area.fine_window((first, last)) if last > first else None
+        if window is not None:
+            for ys, xs in area.fine_windows((first, last)):
+                for ry in split(ys, size[1]):
+                    for rx in split(xs, size[2]):
+                        total += streamed_macs(last - first, ry, rx, started, paths[1])
+        started = started or last > first
+        for j in range(za, zb, step):
+            if window is not None:
+                varying = area.fine_varying(((j, min(j + step, zb)), *window))
+                total += int(np.count_nonzero(varying)) * head
+    return total
+
+
+def streamed_macs(
+    planes: int, rows: Range, cols: Range, carried: bool, shapes: Sequence[tuple[int, int]]
+) -> int:
+    """Multiply-accumulates of the factor-1 pathway (blocks of (in, out) channels
+    ``shapes``) on one z chunk of ``planes`` output planes in a y-x window: each block on
+    the window widened by its valid-convolution margin, and along z as well on the
+    stream's first chunk (``carried`` false)."""
     total = 0
-    for s in FACTORS:
-        z, y, x = area.coarse[s]
-        columns = (
-            [(y, x)] if s > 1 else [(a, b) for a in split(y, size[1]) for b in split(x, size[2])]
-        )
-        for ry, rx in columns:
-            total += pathway_macs([b - a for a, b in (z, ry, rx)])
-    (z0, z1), *plane = area.region
-    frame = math.prod(-(-b // ALIGN) * ALIGN - (a - a % ALIGN) for a, b in plane)
-    return total + (z1 - z0) * frame * HEAD_MACS
+    for k, (cin, cout) in enumerate(shapes):
+        grow = 2 * (PATHWAY_DEPTH - 1 - k)
+        size = (planes + (0 if carried else grow), *(b - a + grow for a, b in (rows, cols)))
+        total += math.prod(size) * cin * cout * 27
+    return total
 
 
 def tiling_vs_whole(

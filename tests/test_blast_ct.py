@@ -20,8 +20,16 @@ from pipelines.blast_ct.inference import (
     ensemble_sum,
     reference_logits,
 )
-from pipelines.blast_ct.network import DeepMedic
-from pipelines.blast_ct.prepared import BACKGROUND, Footprint, PreparedMember, boxes, footprint
+from pipelines.blast_ct.network import Block, DeepMedic
+from pipelines.blast_ct.prepared import (
+    BACKGROUND,
+    Footprint,
+    PreparedMember,
+    boxes,
+    covering_windows,
+    footprint,
+    window_cost,
+)
 from pipelines.blast_ct.preprocess import (
     nearest_from_1mm,
     radiological,
@@ -192,6 +200,69 @@ def test_prepared_forward_equals_reference_forward() -> None:
         float(np.abs(ensemble_sum(members[:1], blank, (8, 8, 8), CPU) - plain[0].numpy()).max())
         <= 1e-5
     )
+
+
+def test_constant_parts_of_the_head_box_are_skipped_exactly() -> None:
+    """A 'head' with background inside its bounding box: two blobs apart in y and x, one
+    on the volume's edge, a thin line, and a gap along z where the full-resolution pathway
+    is constant over whole chunks; a member with dead channels (scaled by zero in the norm
+    after them and in the head's). The prepared member (dead channels pruned,
+    full-resolution pathway in per-chunk windows, head voxel by voxel only where that
+    pathway varies, once per coarse cell elsewhere) against the plain whole-volume pass."""
+    rng = np.random.default_rng(5)
+    image = np.full((48, 56, 52), BACKGROUND, dtype=np.float32)
+    z, y, x = np.ogrid[:48, :56, :52]
+    blob = ((z - 1) / 3.0) ** 2 + ((y - 14) / 9.0) ** 2 + ((x - 12) / 8.0) ** 2 <= 1.0
+    edge = ((z - 45) / 5.0) ** 2 + ((y - 40) / 10.0) ** 2 + ((x - 48) / 9.0) ** 2 <= 1.0
+    for mask in (blob, edge):
+        image[mask] = rng.uniform(-1.0, 1.0, int(mask.sum()))
+    image[44, 5:50, 3] = rng.uniform(-0.5, 1.0, 45)  # a thin line, as a head holder's
+    area = footprint(image)
+    assert area.varying is not None
+    assert area.fine_window((21, 24)) is None  # whole chunks of constant full-resolution output
+    region = tuple(slice(a, b) for a, b in area.region)
+    assert float(area.varying[region].mean()) < 0.6
+    member = random_member(6)
+    with torch.no_grad():  # dead channels, as in the published members: never read
+        for index, pathway in enumerate(member.pathways):
+            last = pathway.path[-1]
+            assert isinstance(last, Block)
+            last.bn.weight[:6] = 0.0
+            member.fully_connected[0].bn.weight[50 * index : 50 * index + 6] = 0.0
+    volume = torch.from_numpy(image)[None, None]
+    with torch.inference_mode():
+        whole = box_logits(member, volume, ((0, 48), (0, 56), (0, 52)))
+        plain = whole[(..., *region)]
+        prepared = PreparedMember(member)
+        widths = [int(blocks[-1].weight.shape[0]) for _, blocks in prepared.pathways]
+        assert max(widths) <= 44 and int(prepared.head[0].weight.shape[1]) == sum(widths)
+        scale = float(plain.abs().max())
+        for size in ((1, 56, 52), (3, 10, 12), (7, 13, 32), (8, 320, 320), (48, 64, 64)):
+            logits = torch.cat([c for _, c in prepared.logit_chunks(volume, area, size)], dim=2)
+            assert float((logits - plain).abs().max()) <= 1e-5 * scale, size
+    expected = torch.softmax(whole, dim=1)[0]
+    summed = ensemble_sum([member], image, (8, 320, 320), CPU)
+    assert float(np.abs(summed - expected.numpy()).max()) <= 1e-5
+    assert np.array_equal(summed.argmax(axis=0), expected.argmax(dim=0).numpy())
+
+
+def test_covering_windows_cover_the_varying_pixels_at_less_cost() -> None:
+    """Two blobs apart and a thin line, as a head and its holder: the windows cover every
+    varying pixel once, cost fewer multiply-accumulates than the bounding box, and an
+    empty mask needs none."""
+    varying = np.zeros((120, 110), dtype=bool)
+    y, x = np.ogrid[:120, :110]
+    varying[((y - 40) / 30.0) ** 2 + ((x - 45) / 35.0) ** 2 <= 1.0] = True
+    varying[100:104, 90:108] = True
+    varying[5:115, 2] = True
+    windows = covering_windows(varying, (7, 3))
+    covered = np.zeros_like(varying, dtype=np.int64)
+    for (ya, yb), (xa, xb) in windows:
+        covered[ya - 7 : yb - 7, xa - 3 : xb - 3] += 1
+    assert covered.max() == 1 and covered[varying].min() == 1
+    cost = sum(window_cost(yb - ya, xb - xa) for (ya, yb), (xa, xb) in windows)
+    assert len(windows) > 1 and cost < 0.9 * window_cost(110, 106)
+    assert covering_windows(np.zeros((5, 5), dtype=bool), (0, 0)) == []
 
 
 @pytest.mark.shared
