@@ -278,6 +278,13 @@ def run_tasks(
         return run_tasks(tasks, 1, meanwhile)
 
 
+def shutdown_pool() -> bool:
+    """Stop the worker pool's processes and wait for them (a stopping node calls this
+    once its jobs ended); False when no pool was made. An extraction after it makes a
+    new pool. (multiprocessing's forkserver, idle, stays until the process exits.)"""
+    return _Pool.shutdown()
+
+
 def _worker_start(verbosity: int) -> None:
     """Each worker runs ITK filters on one thread (the pool is the parallelism) and logs
     pyradiomics' messages from ``verbosity`` up, as the process that made the pool does."""
@@ -309,6 +316,17 @@ class _Pool:
                 )
                 cls._size = workers
             return cls._pool
+
+    @classmethod
+    def shutdown(cls) -> bool:
+        """Stop the pool's worker processes and wait for them to exit; False when there
+        was no pool. The next extraction makes a new pool."""
+        with cls._lock:
+            pool, cls._pool, cls._size = cls._pool, None, 0
+        if pool is None:
+            return False
+        pool.shutdown(wait=True, cancel_futures=True)
+        return True
 
     @classmethod
     def discard(cls, pool: ProcessPoolExecutor) -> None:
