@@ -79,6 +79,7 @@ class JobSpec:
 
 Process = Callable[[JobSpec], list[Path]]
 FOLLOW_UP_MARKER = "follow-up.json"
+FOLLOW_UP_RESTARTS = 1  # a follow-up that a restarted node could not end either is dropped
 
 
 class JobRunner(ABC):
@@ -100,9 +101,10 @@ class JobRunner(ABC):
         its workers have stopped."""
 
 
-def write_follow_up_marker(spec: JobSpec) -> Path:
+def write_follow_up_marker(spec: JobSpec, restarts: int = 0) -> Path:
     """Record, durably, that ``spec``'s follow-up is still to run: the spec as JSON in
-    its results folder (written whole: temporary file, fsync, rename)."""
+    its results folder (written whole: temporary file, fsync, rename), with how many
+    starts of the node have taken it up again (``restarts``)."""
     path = spec.output_dir / FOLLOW_UP_MARKER
     text = json.dumps(
         {
@@ -110,6 +112,7 @@ def write_follow_up_marker(spec: JobSpec) -> Path:
             "pipeline": spec.pipeline, "rule": spec.rule,
             "instance_paths": [str(p) for p in spec.instance_paths],
             "destinations": list(spec.destinations), "revision": spec.revision,
+            "restarts": restarts,
         }
     )  # fmt: skip
     staging = path.with_suffix(".tmp")
@@ -126,10 +129,11 @@ def write_follow_up_marker(spec: JobSpec) -> Path:
     return path
 
 
-def read_follow_up_marker(path: Path) -> JobSpec:
-    """The :class:`JobSpec` a marker of :func:`write_follow_up_marker` recorded."""
+def read_follow_up_marker(path: Path) -> tuple[JobSpec, int]:
+    """The :class:`JobSpec` and restarts a marker of :func:`write_follow_up_marker`
+    recorded."""
     data = json.loads(path.read_text(encoding="utf-8"))
-    return JobSpec(
+    spec = JobSpec(
         job_id=int(data["job_id"]),
         series_uid=str(data["series_uid"]),
         study_uid=str(data["study_uid"]),
@@ -140,6 +144,7 @@ def read_follow_up_marker(path: Path) -> JobSpec:
         output_dir=path.parent,
         revision=int(data["revision"]),
     )
+    return spec, int(data.get("restarts", 0))
 
 
 FailureReport = Callable[[JobSpec, BaseException], list[Path]]
@@ -299,17 +304,22 @@ class Node:
     def _recover_follow_ups(self) -> None:
         """Queue the follow-up of each done job whose marker a previous run left (it
         stopped after the job, before its follow-up ended); remove the markers of jobs
-        that are not done (they run again, and their follow-up with them)."""
+        that are not done (they run again, and their follow-up with them). A follow-up
+        taken up ``FOLLOW_UP_RESTARTS`` times already is dropped (logged): one that kills
+        the node (out of memory) must not keep it from its jobs."""
         for marker in sorted((self.config.state_dir / "results").glob(f"*/{FOLLOW_UP_MARKER}")):
             job = self.jobs.get(int(marker.parent.name)) if marker.parent.name.isdigit() else None
             if self.runner is None or job is None or job.state is not JobState.DONE:
                 marker.unlink()
                 continue
             try:
-                spec = read_follow_up_marker(marker)
+                spec, restarts = read_follow_up_marker(marker)
+                if restarts >= FOLLOW_UP_RESTARTS:
+                    raise ValueError(f"the node stopped during it {restarts + 1} times")
+                write_follow_up_marker(spec, restarts + 1)
             except (OSError, ValueError, KeyError, TypeError) as exc:
-                log.error("follow-up marker unreadable; follow-up lost", job_id=job.id,
-                          error=f"{type(exc).__name__}: {exc}")  # fmt: skip
+                log.error("follow-up dropped: case record and shadow run lost", job_id=job.id,
+                          reason=f"{type(exc).__name__}: {exc}")  # fmt: skip
                 marker.unlink()
                 continue
             self._follow_ups.append(spec)

@@ -6,7 +6,8 @@ A real node process (``python -m dicomnode.cli serve``) routes a generated head 
 a hyperdensity (``pipelines.followup.pairs``) to ``ht_after_mt`` with a ``[case_store]``
 and a shadow version of its model; DCMTK storescu sends the series, and a pynetdicom SCP
 (``tests.scp``) receives the results and notes, as it acknowledges each one, whether the
-case record and the shadow record exist yet.
+case record and the shadow record exist yet. A follow-up that a restarted node could not
+end either (killed again) is dropped, and the node goes on with its jobs.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pathlib import Path
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
 
 from dicomnode.case_store import list_cases
 from dicomnode.node import FOLLOW_UP_MARKER
@@ -144,6 +146,19 @@ def nodes() -> Iterator[list[subprocess.Popen[bytes]]]:
         process.wait(30)
 
 
+def second_series(paths: list[Path], folder: Path) -> list[Path]:
+    """``paths`` as another patient's study and series (new UIDs) in ``folder``."""
+    folder.mkdir()
+    study, series, copies = generate_uid(), generate_uid(), []
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        ds.PatientID, ds.StudyInstanceUID, ds.SeriesInstanceUID = "FOLLOW-2", study, series
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.save_as(folder / path.name, enforce_file_format=True)
+        copies.append(folder / path.name)
+    return copies
+
+
 def storescu(port: int, paths: list[Path]) -> None:
     """Send ``paths`` to the node with DCMTK storescu."""
     completed = subprocess.run(
@@ -245,3 +260,40 @@ def test_a_node_killed_before_the_follow_up_ends_does_it_at_its_next_start(
     assert {str(pydicom.dcmread(p).StudyInstanceUID) for p in series} == {
         str(ds.StudyInstanceUID) for ds in pacs.received
     }
+
+
+def test_a_follow_up_that_a_restarted_node_cannot_end_either_is_dropped(
+    tmp_path: Path, series: list[Path], nodes: list[subprocess.Popen[bytes]]
+) -> None:
+    port, pacs_port, log = free_port(), free_port(), tmp_path / "node.log"
+    config = write_config(tmp_path, port, pacs_port)
+    state = tmp_path / "state"
+    with storage_scp(pacs_port) as pacs:
+        nodes.append(node := start_node(config, log))
+        storescu(port, series)
+        wait_for(lambda: all_sent(state), "results not sent", node, log)
+        node.kill()
+        node.wait(30)
+        (marker,) = (state / "results").glob(f"*/{FOLLOW_UP_MARKER}")
+        for attempt in range(2):  # killed during the follow-up it took up again, then started
+            nodes.append(again := start_node(config, log))
+            if attempt == 0:
+                wait_for(
+                    lambda: "interrupted follow-up started" in log.read_text(),
+                    "the follow-up was not taken up again", again, log,
+                )  # fmt: skip
+                again.kill()
+                again.wait(30)
+                assert marker.exists()
+        wait_for(lambda: not marker.exists(), "the marker stayed", again, log)
+        following = second_series(series, tmp_path / "next")
+        storescu(port, following)  # the node goes on with its jobs
+        wait_for(lambda: bool(read_records(state, MODEL)), "no shadow record", again, log)
+        received = len(pacs.received)
+    (record,) = read_records(state, MODEL)  # the second job's; the first one's was dropped
+    assert record["series_uid"] == str(pydicom.dcmread(following[0]).SeriesInstanceUID)
+    assert "follow-up dropped" in log.read_text()
+    assert received == len(rows(state, "SELECT id FROM outbox")) >= 6  # both jobs', once
+    assert [row["state"] for row in rows(state, "SELECT state FROM jobs")] == ["done", "done"]
+    again.send_signal(signal.SIGTERM)
+    assert again.wait(60) == 0

@@ -6,8 +6,9 @@ A real node process (``python -m dicomnode.cli serve``) routes the generated
 square... images: several tasks, so the pool is used) sent twice by DCMTK storescu (the
 first job after a start imports the radiomics package, so only the second is given the
 pool's size). SIGTERM comes once the pool's processes are seen in the node's process tree
-(``/proc``): when the node is idle again, or while the second job uses the pool. Every
-process of the tree must be gone within a few seconds of the node's exit. A node stopped
+(``/proc``): when the node is idle again, or while the second job uses the pool; or
+SIGKILL, when idle (no shutdown runs: the workers end with their parent, the forkserver).
+Every process of the tree must be gone within a few seconds of the node's exit. A node stopped
 in-process (``Node.stop``) stops the pool's workers too, though its process lives on.
 """
 
@@ -129,8 +130,8 @@ workers = 2
 """
 
 
-@pytest.mark.parametrize("when", ["idle", "mid-job"])
-def test_sigterm_stops_the_radiomics_worker_pool_with_the_node(tmp_path: Path, when: str) -> None:
+@pytest.mark.parametrize("when", ["idle", "mid-job", "sigkill"])
+def test_a_stopped_or_killed_node_leaves_no_pool_process(tmp_path: Path, when: str) -> None:
     case = demo_case(tmp_path / "case", seed=1)
     port = free_port()
     config = tmp_path / "node.toml"
@@ -157,8 +158,12 @@ def test_sigterm_stops_the_radiomics_worker_pool_with_the_node(tmp_path: Path, w
         assert len(tree) >= 3, f"no pool (forkserver and 2 workers) in the tree: {tree}"
         if when == "mid-job":
             assert jobs_done(tmp_path / "state") == 1, "the second job ended before SIGTERM"
-        node.send_signal(signal.SIGTERM)
-        assert node.wait(60) == 0, log.read_text()[-3000:]
+        if when == "sigkill":  # no shutdown runs: the workers end with their parent
+            node.kill()
+            assert node.wait(60) == -signal.SIGKILL
+        else:
+            node.send_signal(signal.SIGTERM)
+            assert node.wait(60) == 0, log.read_text()[-3000:]
         deadline = time.monotonic() + GONE_WITHIN_S
         while any(alive(pid) for pid in tree) and time.monotonic() < deadline:
             time.sleep(0.1)
