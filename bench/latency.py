@@ -31,6 +31,14 @@ Modes (``--modes``):
 The first series after each start is a warm-up (lazy imports, model loading) and is
 reported apart. The node process's peak resident memory (VmHWM) is reported per start.
 
+``--follow-up`` gives the node a ``[case_store]`` and, for a pipeline whose model store
+holds two versions or more, a shadow version beside the one in service (a copy of the
+bundled store): the work a job's results no longer wait for. The next series is sent
+once the previous one's follow-up has ended (no ``follow-up.json`` left in the results
+folders), so each series starts on an idle node. ``--before DIR`` runs every cell also
+with another checkout's node (e.g. main from ``git archive``), right after this tree's,
+for a before/after ratio from one run.
+
 Run from the repository root: ``python -m bench.latency`` (needs dcmtk). The summary is
 printed as a table and written to ``bench/results/latency-<UTC time>.json``.
 """
@@ -40,6 +48,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -71,6 +80,9 @@ from bench.peers import (
     write_results,
 )
 from dicomnode.demo import demo_module, prepare_case, shared_dir
+from model_store.lifecycle import set_shadow
+from model_store.registry import STORE_ROOT, list_versions, select_version
+from pipelines.settings import PipelinesSettings, StoredModelSettings
 from pipelines.stages import SCALE_OUT_STAGES
 from pipelines.stages import STAGES as ALL_JOB_STAGES
 
@@ -142,10 +154,33 @@ class TimingPacs:
         self.server = server
 
 
+def follow_up_settings(base: Path, pipeline: str) -> tuple[list[str], str | None]:
+    """Config lines for a case store and, when ``pipeline``'s bundled model store holds two
+    versions or more, a copy of that store with the latest other version in shadow; and
+    that shadow version (None: no shadow)."""
+    lines = ["[case_store]", 'folder = "cases"', 'salt = "latency-bench-salt-0123"', ""]
+    own = getattr(PipelinesSettings(), pipeline, None)
+    if not isinstance(own, StoredModelSettings) or len(list_versions(pipeline)) < 2:
+        return lines, None
+    store = base / "store"
+    shutil.copytree(STORE_ROOT / pipeline, store / pipeline)
+    service = select_version(pipeline, store)
+    shadow = [v for v in list_versions(pipeline, store) if v != service][-1]
+    set_shadow(pipeline, shadow, store, by="bench.latency")
+    return [*lines, f"[pipelines.{pipeline}]", f'model_store_dir = "{store}"', ""], shadow
+
+
 def config_toml(
-    base: Path, port: int, pacs_port: int, pipeline: str, mode: str, stable_age_s: float
+    base: Path,
+    port: int,
+    pacs_port: int,
+    pipeline: str,
+    mode: str,
+    stable_age_s: float,
+    extra: list[str] | None = None,
 ) -> Path:
-    """A node config routing every CT series to ``pipeline`` with ``mode``'s trust."""
+    """A node config routing every CT series to ``pipeline`` with ``mode``'s trust;
+    ``extra``: more sections (before the route's)."""
     lines = [
         f"stable_age_s = {stable_age_s}",
         "poll_interval_s = 0.05",
@@ -165,6 +200,7 @@ def config_toml(
         "[completeness]",
         *MODE_SETTINGS[mode],
         "",
+        *(extra or []),
         "[destinations.PACS]",
         f'ae_title = "{PACS_AE}"',
         'host = "127.0.0.1"',
@@ -295,6 +331,10 @@ def one_series(
     last = pacs.last(study)
     if last is None:
         raise RuntimeError("the job finished but the PACS received nothing")
+    while any((state.parent / "results").glob("*/follow-up.json")):  # case store, shadow
+        if time.monotonic() > deadline or not node.alive():
+            raise TimeoutError(f"a follow-up did not end within {RESULT_TIMEOUT_S} s")
+        time.sleep(0.02)
     return split(state, study, acknowledged, last)
 
 
@@ -305,13 +345,16 @@ def run_cell(
     pipeline: str,
     mode: str,
     args: argparse.Namespace,
+    tree: Path = REPO,
 ) -> dict[str, Any]:
-    """One pipeline in one mode: a node start, a warm-up series, ``--runs`` timed ones."""
-    base = work / f"{pipeline}-{mode}"
+    """One pipeline in one mode: a start of ``tree``'s node, a warm-up series, ``--runs``
+    timed ones."""
+    base = work / f"{pipeline}-{mode}-{'this' if tree == REPO else 'before'}"
     base.mkdir(parents=True)
     port = free_port()
-    config = config_toml(base, port, pacs.port, pipeline, mode, args.stable_age)
-    node = NodeProcess(config, port, base / "node.log")
+    extra, shadow = follow_up_settings(base, pipeline) if args.follow_up else ([], None)
+    config = config_toml(base, port, pacs.port, pipeline, mode, args.stable_age, extra)
+    node = NodeProcess(config, port, base / "node.log", repo=tree)
     node.start()
     state = base / "state" / "dicomnode.sqlite3"
     try:
@@ -328,6 +371,9 @@ def run_cell(
     return {
         "pipeline": pipeline,
         "mode": mode,
+        "tree": "this" if tree == REPO else str(tree),
+        "case_store": bool(args.follow_up),
+        "shadow": shadow,
         "evidence": sorted({t.evidence for t in runs}),
         "job_states": sorted({t.job_state for t in runs}),
         "median": {s: round(statistics.median(t.stages[s] for t in runs), 3) for s in STAGES},
@@ -341,16 +387,22 @@ def table(cells: list[dict[str, Any]]) -> str:
     """A markdown table of the medians."""
     names = [s.removesuffix("_s") for s in STAGES]
     head = (
-        "| pipeline | mode | evidence | " + " | ".join(names) + " | first after start | peak MiB |"
+        "| pipeline | mode | tree | evidence | "
+        + " | ".join(names)
+        + " | first after start | peak MiB |"
     )
-    lines = [head, "|" + "---|" * (len(STAGES) + 5)]
+    lines = [head, "|" + "---|" * (len(STAGES) + 6)]
     for cell in cells:
         if "error" in cell:
-            lines.append(f"| {cell['pipeline']} | {cell['mode']} | failed: {cell['error']} |")
+            lines.append(
+                f"| {cell['pipeline']} | {cell['mode']} | {cell['tree']} "
+                f"| failed: {cell['error']} |"
+            )
             continue
         medians = " | ".join(f"{cell['median'][s]:.2f}" for s in STAGES)
         lines.append(
-            f"| {cell['pipeline']} | {cell['mode']} | {','.join(cell['evidence'])} | {medians} "
+            f"| {cell['pipeline']} | {cell['mode']} | {cell['tree']} "
+            f"| {','.join(cell['evidence'])} | {medians} "
             f"| {cell['first_series_after_start']['total_s']:.2f} | {cell['node_peak_rss_mb']} |"
         )
     return "\n".join(lines)
@@ -366,6 +418,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--stable-age", type=float, default=30.0)
     parser.add_argument("--results-dir", type=Path, default=REPO / "bench" / "results")
+    parser.add_argument(
+        "--follow-up", action="store_true",
+        help="a case store and, where the model store has two versions, a shadow model",
+    )  # fmt: skip
+    parser.add_argument(
+        "--before", type=Path,
+        help="another checkout (e.g. main, from git archive) whose node runs each cell too",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     missing = missing_tools([STORESCU])
     if missing:
@@ -381,16 +441,20 @@ def main(argv: list[str] | None = None) -> int:
             cases[pipeline] = prepared.description
             case: list[Dataset] = [pydicom.dcmread(path) for path in prepared.files]
             for mode in args.modes.split(","):
-                try:
-                    cells.append(run_cell(work, pacs, case, pipeline, mode, args))
-                except (RuntimeError, TimeoutError) as exc:  # the others still run
-                    progress(f"{pipeline} {mode}: {exc}")
-                    cells.append({"pipeline": pipeline, "mode": mode, "error": str(exc)})
+                for tree in [REPO] if args.before is None else [REPO, args.before]:
+                    try:
+                        cells.append(run_cell(work, pacs, case, pipeline, mode, args, tree))
+                    except (RuntimeError, TimeoutError) as exc:  # the others still run
+                        progress(f"{pipeline} {mode} {tree}: {exc}")
+                        cells.append({"pipeline": pipeline, "mode": mode, "tree": str(tree),
+                                      "error": str(exc)})  # fmt: skip
     finally:
         pacs.server.shutdown()
     summary = {
         "cases": cases,
         "stable_age_s": args.stable_age,
+        "follow_up": bool(args.follow_up),
+        "before": None if args.before is None else str(args.before),
         "runs": args.runs,
         "cells": cells,
         "table": table(cells),

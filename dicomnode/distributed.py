@@ -28,7 +28,10 @@ returned objects); and, only when the message says the node has a ``[case_store]
 the case record (features, inputs, prediction and the arrays as a deflated ``.npz``,
 base64); the node stores it with its own settings (salt, folder), so workers need no
 case store and nothing identifying travels beyond the reference instance's SOP Instance
-UID, which names the header the node reads from its spool.
+UID, which names the header the node reads from its spool. The node stores it in the
+job's follow-up (``node.JobRunner``), once the results are queued for sending; a node
+stopped in between asks the workers for the job again at its next start, for the case
+record only.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import base64
 import hashlib
 import io
 import tempfile
+import threading
 import time
 import uuid
 import zlib
@@ -55,8 +59,14 @@ from pydicom.errors import InvalidDicomError
 from dicomnode.case_store import CaseStoreSettings, prediction_of, save_arrays
 from dicomnode.config import CelerySettings, NodeConfig
 from dicomnode.failures import FailureKind
-from dicomnode.node import JobSpec, Process
-from dicomnode.processing import JobFailure, PipelineFactory, run_pipeline, store_case
+from dicomnode.node import JobRunner, JobSpec
+from dicomnode.processing import (
+    JobFailure,
+    PipelineFactory,
+    run_pipeline,
+    stop_radiomics_pool,
+    store_case,
+)
 from pipelines.base import CaseRecord, PipelineResult
 from pipelines.registry import pipeline_factory
 from pipelines.stages import StageTimer, recording, stage
@@ -285,21 +295,31 @@ def broker_seconds(waited_s: float, remote: Mapping[str, float]) -> float:
     return max(0.0, waited_s - sum(float(v) for v in remote.values()))
 
 
-def celery_processor(config: NodeConfig, app: Celery | None = None) -> Process:
-    """The node's job callback in scale-out mode: send the job to the workers, wait for
-    its result (at most ``job_timeout_s``) and write the returned objects."""
-    settings = config.celery
-    if settings is None:
-        raise ValueError("celery_processor needs a [celery] section in the config")
-    celery = celery_app(settings) if app is None else app
+class CeleryProcessor(JobRunner):
+    """The node's job runner in scale-out mode: send each job to the workers, wait for
+    its result (at most ``job_timeout_s``) and write the returned objects. Its follow-up,
+    after the job's results are queued for sending, stores the returned case record
+    (``[case_store]``); one that runs after a restart asks the workers for the job again
+    and keeps only its case record (nothing is written or sent)."""
 
-    def process_job(job: JobSpec) -> list[Path]:
-        case_store = config.case_store
+    def __init__(self, config: NodeConfig, settings: CelerySettings, app: Celery) -> None:
+        """Send ``config``'s jobs through ``app`` (``settings``: its queue and timeout)."""
+        self.config = config
+        self.settings = settings
+        self.celery = app
+        self._cases: dict[int, Payload] = {}
+        self._lock = threading.Lock()
+
+    def remote_result(self, job: JobSpec) -> Payload:
+        """The workers' result of ``job``: its stage split recorded in ``job.stages``."""
+        settings = self.settings
         task_id = f"dicomnode-job-{job.job_id}-{uuid.uuid4().hex}"
         with stage("dispatch"):
-            payload = job_payload(job, config.default_pipeline, case_record=case_store is not None)
-            pending = celery.send_task(TASK_NAME, args=[payload], task_id=task_id,
-                                       queue=settings.queue)  # fmt: skip
+            payload = job_payload(
+                job, self.config.default_pipeline, case_record=self.config.case_store is not None
+            )
+            pending = self.celery.send_task(TASK_NAME, args=[payload], task_id=task_id,
+                                            queue=settings.queue)  # fmt: skip
         log.info("job sent to the Celery workers", job_id=job.job_id, task_id=task_id)
         del payload  # the packed series is the job's largest object: not kept while waiting
         sent = time.perf_counter()
@@ -317,14 +337,56 @@ def celery_processor(config: NodeConfig, app: Celery | None = None) -> Process:
         remote: Mapping[str, float] = result.get("stages") or {}
         job.stages.add(remote)
         job.stages.add({"broker": broker_seconds(waited, remote)})
+        return dict(result)
+
+    def __call__(self, job: JobSpec) -> list[Path]:
+        """Run ``job`` on the workers; return its result files (its case record is kept
+        for the follow-up)."""
+        result = self.remote_result(job)
         with stage("result"):
             job.output_dir.mkdir(parents=True, exist_ok=True)
             written = outputs_of(result, job.output_dir)
-            if case_store is not None and result.get("case") is not None:
-                store_remote_case(case_store, result["case"], job.instance_paths)
+        case = result.get("case")
+        if self.config.case_store is not None and case is not None:
+            with self._lock:
+                self._cases[job.job_id] = case
         return written
 
-    return process_job
+    def follow_up(self, job: JobSpec) -> None:
+        """Store ``job``'s returned case record (failures are logged)."""
+        with self._lock:
+            case = self._cases.pop(job.job_id, None)
+        settings = self.config.case_store
+        if settings is None:
+            return
+        if case is None:  # the node stopped between the job and its follow-up
+            case = self.case_again(job)
+        if case is not None:
+            store_remote_case(settings, case, job.instance_paths)
+
+    def case_again(self, job: JobSpec) -> Payload | None:
+        """The case record of ``job`` from running it on the workers again; None (logged)
+        when it fails now or keeps no case."""
+        try:
+            result = self.remote_result(job)
+        except (JobFailure, PayloadError) as exc:
+            log.error("case not stored", job_id=job.job_id,
+                      reason=f"its case record could not be made again: {exc}")  # fmt: skip
+            return None
+        if not result.get("ok"):
+            reason = f"its case record could not be made again: {result.get('reason')}"
+            log.error("case not stored", job_id=job.job_id, reason=reason)
+            return None
+        case = result.get("case")
+        return dict(case) if case is not None else None
+
+
+def celery_processor(config: NodeConfig, app: Celery | None = None) -> CeleryProcessor:
+    """The node's job runner in scale-out mode (:class:`CeleryProcessor`)."""
+    settings = config.celery
+    if settings is None:
+        raise ValueError("celery_processor needs a [celery] section in the config")
+    return CeleryProcessor(config, settings, celery_app(settings) if app is None else app)
 
 
 def register_worker_task(app: Celery, config: NodeConfig) -> None:
@@ -364,4 +426,7 @@ def run_worker(config: NodeConfig, hostname: str | None = None) -> None:
     ]  # fmt: skip
     if hostname:
         argv += ["--hostname", hostname]
-    app.worker_main(argv)
+    try:
+        app.worker_main(argv)
+    finally:  # a solo worker runs radiomics in this process: stop its pool, if any
+        stop_radiomics_pool()

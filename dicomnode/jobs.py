@@ -238,6 +238,15 @@ class OutboxStore:
             ).fetchall()
         return [Attempt(r["outbox_id"], r["attempted_at"], r["status"], r["error"]) for r in rows]
 
+    def count_unattempted(self, job_id: int) -> int:
+        """How many items of job ``job_id`` wait for their first delivery attempt."""
+        with self.store.transaction() as db:
+            row = db.execute(
+                "SELECT count(*) FROM outbox WHERE job_id = ? AND state = ? AND attempts = 0",
+                (job_id, OutboxState.PENDING.value),
+            ).fetchone()
+        return int(row[0])
+
     def count_pending(self) -> int:
         """How many items still wait to be sent."""
         with self.store.transaction() as db:

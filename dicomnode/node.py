@@ -4,14 +4,26 @@ The pipeline is not imported here: it comes in as ``process``, a callable taking
 :class:`JobSpec` and returning the result files to send, and (optionally) as
 :class:`Reporting`: the callables that write a failed job's "analysis not performed"
 objects and the rejection notes that retract a series' superseded results.
+
+A ``process`` that is a :class:`JobRunner` also has work to do after a job whose results
+need not wait for it (the case store write, a shadow model's run): its ``follow_up`` runs
+in the same worker thread once the job is done, its results are queued for sending and
+each had its first delivery attempt (so that it does not compete with sending). A marker
+file in the job's results folder, written before the job is recorded done and
+removed after the follow-up, makes this durable: a node stopped in between runs the
+follow-up of every done job that still has its marker at its next start.
 """
 
 from __future__ import annotations
 
 import functools
+import json
+import os
 import sqlite3
 import threading
 import time
+from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -66,6 +78,75 @@ class JobSpec:
 
 
 Process = Callable[[JobSpec], list[Path]]
+FOLLOW_UP_MARKER = "follow-up.json"
+FOLLOW_UP_RESTARTS = 1  # a follow-up that a restarted node could not end either is dropped
+
+
+class JobRunner(ABC):
+    """A :data:`Process` with a follow-up: work after the job that its results do not wait
+    for. ``follow_up`` must log its own failures; one that raises is logged by the node
+    and never fails the job nor sends anything again."""
+
+    @abstractmethod
+    def __call__(self, job: JobSpec) -> list[Path]:
+        """Run ``job``; return the result files to send."""
+
+    @abstractmethod
+    def follow_up(self, job: JobSpec) -> None:
+        """The work after ``job``, done and its results queued; after a restart it runs
+        in a new process, with nothing kept in memory from the job."""
+
+    def close(self) -> None:  # noqa: B027 (most runners hold nothing to release)
+        """Release what the jobs left running (worker processes); the node calls it once
+        its workers have stopped."""
+
+
+def write_follow_up_marker(spec: JobSpec, restarts: int = 0) -> Path:
+    """Record, durably, that ``spec``'s follow-up is still to run: the spec as JSON in
+    its results folder (written whole: temporary file, fsync, rename), with how many
+    starts of the node have taken it up again (``restarts``)."""
+    path = spec.output_dir / FOLLOW_UP_MARKER
+    text = json.dumps(
+        {
+            "job_id": spec.job_id, "series_uid": spec.series_uid, "study_uid": spec.study_uid,
+            "pipeline": spec.pipeline, "rule": spec.rule,
+            "instance_paths": [str(p) for p in spec.instance_paths],
+            "destinations": list(spec.destinations), "revision": spec.revision,
+            "restarts": restarts,
+        }
+    )  # fmt: skip
+    staging = path.with_suffix(".tmp")
+    with staging.open("w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    staging.replace(path)
+    directory = os.open(spec.output_dir, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+    return path
+
+
+def read_follow_up_marker(path: Path) -> tuple[JobSpec, int]:
+    """The :class:`JobSpec` and restarts a marker of :func:`write_follow_up_marker`
+    recorded."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    spec = JobSpec(
+        job_id=int(data["job_id"]),
+        series_uid=str(data["series_uid"]),
+        study_uid=str(data["study_uid"]),
+        pipeline=str(data["pipeline"]),
+        rule=str(data["rule"]),
+        instance_paths=tuple(Path(p) for p in data["instance_paths"]),
+        destinations=tuple(str(d) for d in data["destinations"]),
+        output_dir=path.parent,
+        revision=int(data["revision"]),
+    )
+    return spec, int(data.get("restarts", 0))
+
+
 FailureReport = Callable[[JobSpec, BaseException], list[Path]]
 RetractionNote = Callable[[JobSpec, Retraction], Path]
 
@@ -139,6 +220,11 @@ class Node:
         self._receiver: Receiver | None = None
         self.health: HealthServer | None = None
         self.retention: RetentionScheduler | None = None
+        self.runner = process if isinstance(process, JobRunner) else None
+        # Follow-ups a previous run of the node left undone; the workers take them first.
+        self._follow_ups: deque[JobSpec] = deque()
+        self._following = 0  # follow-ups running now
+        self._follow_lock = threading.Lock()
 
     @property
     def database_path(self) -> Path:
@@ -175,6 +261,7 @@ class Node:
         requeued = self.jobs.requeue_running()
         if requeued:
             log.warning("requeued jobs interrupted by a previous stop", count=requeued)
+        self._recover_follow_ups()
         self._stop.clear()
         assembler = Assembler(self.config, self.store, self.jobs)
         sender = OutboxProcessor(self.config, self.outbox)
@@ -214,6 +301,34 @@ class Node:
             )
             self.health.start()
 
+    def _recover_follow_ups(self) -> None:
+        """Queue the follow-up of each done job whose marker a previous run left (it
+        stopped after the job, before its follow-up ended); remove the markers of jobs
+        that are not done (they run again, and their follow-up with them). A follow-up
+        taken up ``FOLLOW_UP_RESTARTS`` times already is dropped (logged): one that kills
+        the node (out of memory) must not keep it from its jobs."""
+        for marker in sorted((self.config.state_dir / "results").glob(f"*/{FOLLOW_UP_MARKER}")):
+            job = self.jobs.get(int(marker.parent.name)) if marker.parent.name.isdigit() else None
+            if self.runner is None or job is None or job.state is not JobState.DONE:
+                marker.unlink()
+                continue
+            try:
+                spec, restarts = read_follow_up_marker(marker)
+                if restarts >= FOLLOW_UP_RESTARTS:
+                    raise ValueError(f"the node stopped during it {restarts + 1} times")
+                write_follow_up_marker(spec, restarts + 1)
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                log.error("follow-up dropped: case record and shadow run lost", job_id=job.id,
+                          reason=f"{type(exc).__name__}: {exc}")  # fmt: skip
+                marker.unlink()
+                continue
+            self._follow_ups.append(spec)
+        if self._follow_ups:
+            log.warning(
+                "follow-ups interrupted by a previous stop will run",
+                jobs=[spec.job_id for spec in self._follow_ups],
+            )
+
     def _status_page(self, http: HttpSettings, store: StateStore) -> StatusPage:
         """The status page over ``store``; its re-send button wakes the outbox."""
 
@@ -245,6 +360,11 @@ class Node:
         for thread in self._threads:
             thread.join()
         self._threads.clear()
+        if self.runner is not None:
+            try:
+                self.runner.close()
+            except Exception:  # stopping goes on; what was not released is logged
+                log.exception("job runner not closed")
         if self.store is not None:
             self.store.close()
             self.store = None
@@ -295,6 +415,8 @@ class Node:
         (logged once, and once more when it runs again), for ``worker.disk_full_retry_s``;
         after that it fails as a full disk and PACS is told so.
         """
+        if self._follow_up_recovered():
+            return True
         now = time.time()
         held = slot.held
         if held is not None and now < held.retry_at:
@@ -337,8 +459,70 @@ class Node:
             bound.info("failure reported", objects=len(notices))
             return
         self.jobs.record_stages(job.id, spec.stages.seconds())
-        self._finish(job, spec, JobState.DONE, None, results)
-        bound.info("job done", results=len(results), revision=spec.revision)
+        if self.runner is None:
+            self._finish(job, spec, JobState.DONE, None, results)
+            bound.info("job done", results=len(results), revision=spec.revision)
+            return
+        try:
+            marker: Path | None = write_follow_up_marker(spec)
+        except OSError as exc:  # the follow-up still runs, unless the node stops first
+            bound.error("follow-up marker not written", error=f"{type(exc).__name__}: {exc}")
+            marker = None
+        with self._follow_lock:
+            self._following += 1
+        try:
+            self._finish(job, spec, JobState.DONE, None, results)
+            bound.info("job done", results=len(results), revision=spec.revision)
+            if self._results_attempted(job.id):
+                self._follow_up(self.runner, spec, marker)
+            else:  # stopping: the marker keeps it for the next start
+                bound.info("follow-up left for the next start: the node is stopping")
+        finally:
+            with self._follow_lock:
+                self._following -= 1
+
+    def _results_attempted(self, job_id: int) -> bool:
+        """Wait until each result of job ``job_id`` had its first delivery attempt (at
+        most ``outbox.timeout_s``), so that the follow-up's work does not compete with
+        sending them; False when the node stops meanwhile."""
+        deadline = time.monotonic() + self.config.outbox.timeout_s
+        while not self._stop.is_set():
+            if self.outbox.count_unattempted(job_id) == 0 or time.monotonic() > deadline:
+                return True
+            self._stop.wait(0.01)
+        return False
+
+    def _follow_up_recovered(self) -> bool:
+        """Run one follow-up a previous run of the node left undone; False when none."""
+        with self._follow_lock:
+            if not self._follow_ups or self.runner is None:
+                return False
+            spec = self._follow_ups.popleft()
+            self._following += 1
+        try:
+            log.info("interrupted follow-up started", job_id=spec.job_id)
+            self._follow_up(self.runner, spec, spec.output_dir / FOLLOW_UP_MARKER)
+        finally:
+            with self._follow_lock:
+                self._following -= 1
+        return True
+
+    @staticmethod
+    def _follow_up(runner: JobRunner, spec: JobSpec, marker: Path | None) -> None:
+        """Run ``spec``'s follow-up, then remove its marker; a failure is logged (the
+        results are sent already, the job stays done)."""
+        started = time.perf_counter()
+        try:
+            runner.follow_up(spec)
+        except Exception as exc:  # the job is done and its results queued: log only
+            log.exception(
+                "follow-up failed", job_id=spec.job_id, error=f"{type(exc).__name__}: {exc}"
+            )
+        else:
+            log.info("follow-up done", job_id=spec.job_id,
+                     seconds=round(time.perf_counter() - started, 3))  # fmt: skip
+        if marker is not None:
+            marker.unlink(missing_ok=True)
 
     def _failure_notices(self, spec: JobSpec, exc: BaseException) -> list[Path]:
         """The "analysis not performed" files of a failed job; none without reporting
@@ -417,12 +601,15 @@ class Node:
 
     def is_idle(self) -> bool:
         """Nothing journaled and not recorded, no series receiving, no job queued or
-        running, nothing waiting to be sent."""
+        running, no follow-up to run, nothing waiting to be sent."""
         if self.store is None:
             return True
         receiver = self._receiver
+        with self._follow_lock:
+            following = self._following or len(self._follow_ups)
         return (
-            (receiver is None or receiver.journal.pending() == 0)
+            not following
+            and (receiver is None or receiver.journal.pending() == 0)
             and self.store.count_receiving() == 0
             and self.jobs.count_active() == 0
             and self.outbox.count_pending() == 0

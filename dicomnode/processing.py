@@ -10,7 +10,10 @@ the rejection notes that retract a series' superseded results.
 
 from __future__ import annotations
 
+import sys
+import threading
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +26,7 @@ from dicomnode import phi
 from dicomnode.case_store import CaseStoreError, CaseStoreSettings, prediction_of, write_record
 from dicomnode.config import NodeConfig
 from dicomnode.failures import FailureKind, classify_failure, radiologist_sentence
-from dicomnode.node import JobSpec, Process, Reporting
+from dicomnode.node import JobRunner, JobSpec, Reporting
 from dicomnode.pipelines_check import PipelinePlan
 from dicomnode.revisions import Retraction
 from dicomnode.shadow import run_shadow
@@ -85,32 +88,10 @@ def run_pipeline(
     ``JobFailure`` with its kind.
     """
     phi.remember_files(paths)  # before loading can log one of their values
-    try:
-        with stage("load"):
-            series = load_series(paths)
-    except VolumeLoadError as exc:
-        raise JobFailure(f"series cannot be loaded: {exc}", classify_failure(exc)) from exc
-    try:
-        try:
-            pipeline = pipelines(pipeline_name)
-            result = run_once(pipeline, series, keep is not None)
-        except PipelineUnavailable as exc:
-            if fallback is None or fallback == pipeline_name:
-                raise
-            log.warning(
-                "pipeline unavailable, running the default", pipeline=pipeline_name,
-                fallback=fallback, reason=str(exc),
-            )  # fmt: skip
-            pipeline_name = fallback
-            pipeline = pipelines(fallback)
-            result = run_once(pipeline, series, keep is not None)
-    except Exception as exc:  # every pipeline failure becomes a JobFailure with its kind
-        kind = classify_failure(exc)
-        if not isinstance(exc, PipelineError) and kind is FailureKind.PIPELINE_ERROR:
-            raise JobFailure(
-                f"pipeline {pipeline_name} failed: {type(exc).__name__}: {exc}", kind
-            ) from exc
-        raise JobFailure(f"pipeline {pipeline_name} failed: {exc}", kind) from exc
+    series = load_job_series(paths)
+    pipeline_name, pipeline, result = run_series(
+        series, pipeline_name, fallback, pipelines, keep is not None
+    )
     output_dir.mkdir(parents=True, exist_ok=True)
     written = []
     with stage("writers"):
@@ -132,6 +113,47 @@ def run_pipeline(
     if keep is not None:
         keep(pipeline_name, series.reference, result)
     return written
+
+
+def load_job_series(paths: Sequence[Path]) -> LoadedSeries:
+    """``paths`` loaded as one series (stage ``load``); ``JobFailure`` when they cannot be."""
+    try:
+        with stage("load"):
+            return load_series(paths)
+    except VolumeLoadError as exc:
+        raise JobFailure(f"series cannot be loaded: {exc}", classify_failure(exc)) from exc
+
+
+def run_series(
+    series: LoadedSeries,
+    pipeline_name: str,
+    fallback: str | None,
+    pipelines: PipelineFactory,
+    keep_case: bool,
+) -> tuple[str, Pipeline, PipelineResult]:
+    """Run ``pipeline_name`` on ``series``, or ``fallback`` when it is unavailable here;
+    returns the name of the one that ran, it and its result. Every failure is a
+    ``JobFailure`` with its kind."""
+    try:
+        try:
+            pipeline = pipelines(pipeline_name)
+            return pipeline_name, pipeline, run_once(pipeline, series, keep_case)
+        except PipelineUnavailable as exc:
+            if fallback is None or fallback == pipeline_name:
+                raise
+            log.warning(
+                "pipeline unavailable, running the default", pipeline=pipeline_name,
+                fallback=fallback, reason=str(exc),
+            )  # fmt: skip
+            pipeline = pipelines(fallback)
+            return fallback, pipeline, run_once(pipeline, series, keep_case)
+    except Exception as exc:  # every pipeline failure becomes a JobFailure with its kind
+        kind = classify_failure(exc)
+        if not isinstance(exc, PipelineError) and kind is FailureKind.PIPELINE_ERROR:
+            raise JobFailure(
+                f"pipeline {pipeline_name} failed: {type(exc).__name__}: {exc}", kind
+            ) from exc
+        raise JobFailure(f"pipeline {pipeline_name} failed: {exc}", kind) from exc
 
 
 def run_once(pipeline: Pipeline, series: LoadedSeries, keep_case: bool) -> PipelineResult:
@@ -170,38 +192,126 @@ def store_case(
         log.error("case not stored", pipeline=pipeline, reason=f"{type(exc).__name__}: {exc}")
 
 
-def processor(
-    config: NodeConfig,
-    pipelines: PipelineFactory | None = None,
-    plan: PipelinePlan | None = None,
-) -> Process:
-    """The node's job callback: run each job's pipeline on its spooled instances, falling
-    back to ``config.default_pipeline`` when the pipeline is unavailable: at once when
-    ``plan`` (the start-up check) found it so, else when it raises ``PipelineUnavailable``.
-    Pipelines are built by ``pipelines``, by default from ``config.pipelines``."""
-    build = pipeline_factory(config.pipelines) if pipelines is None else pipelines
-    keep = case_keeper(config.case_store)
+@dataclass(frozen=True)
+class KeptCase:
+    """A job's case record, kept in memory from the job to its follow-up."""
 
-    def process_job(job: JobSpec) -> list[Path]:
-        rule = study_rule(config, job.rule)
+    pipeline: str
+    reference: Dataset
+    record: CaseRecord
+    prediction: Mapping[str, Any] | None
+
+
+class Processor(JobRunner):
+    """The node's job runner: each job's pipeline on its spooled instances, falling back
+    to ``config.default_pipeline`` when the pipeline is unavailable: at once when ``plan``
+    (the start-up check) found it so, else when it raises ``PipelineUnavailable``.
+
+    Its follow-up, after the job's results are queued for sending, writes the case
+    record into ``[case_store]`` and runs the pipeline's shadow model, if any. The case
+    record comes from the job (kept in memory meanwhile); a follow-up that runs after a
+    restart makes it again by running the pipeline on the spooled series (nothing is
+    written or sent)."""
+
+    def __init__(self, config: NodeConfig, build: PipelineFactory, plan: PipelinePlan | None):
+        """Run the pipelines ``build`` makes, for ``config``."""
+        self.config = config
+        self.build = build
+        self.plan = plan
+        self._kept: dict[int, KeptCase] = {}
+        self._lock = threading.Lock()
+
+    def pipeline_of(self, job: JobSpec) -> str:
+        """The pipeline ``job`` runs: its own, or the default when the start-up check found
+        its own unavailable."""
+        return self.plan.resolve(job.pipeline) if self.plan is not None else job.pipeline
+
+    def __call__(self, job: JobSpec) -> list[Path]:
+        """Run ``job``; return its result files (the case record is kept for the
+        follow-up)."""
+        rule = study_rule(self.config, job.rule)
         if rule is not None:  # one job for a whole study: its series by role
             return run_study_job(
-                job.instance_paths, rule, job.pipeline, job.output_dir, build, job.revision
+                job.instance_paths, rule, job.pipeline, job.output_dir, self.build, job.revision
             )
-        pipeline = plan.resolve(job.pipeline) if plan is not None else job.pipeline
+        pipeline = self.pipeline_of(job)
         if pipeline != job.pipeline:
             log.info(
                 "routed pipeline unavailable since start, running the default",
                 job_id=job.job_id, routed=job.pipeline, pipeline=pipeline,
             )  # fmt: skip
-        written = run_pipeline(
-            job.instance_paths, pipeline, job.output_dir, config.default_pipeline,
-            revision=job.revision, pipelines=build, keep=keep,
-        )  # fmt: skip
-        run_shadow(config, pipeline, job.instance_paths)  # records only; sends nothing
-        return written
 
-    return process_job
+        def keep(name: str, reference: Dataset, result: PipelineResult) -> None:
+            if result.case_record is not None:
+                kept = KeptCase(name, reference, result.case_record, prediction_of(result))
+                with self._lock:
+                    self._kept[job.job_id] = kept
+
+        return run_pipeline(
+            job.instance_paths, pipeline, job.output_dir, self.config.default_pipeline,
+            revision=job.revision, pipelines=self.build,
+            keep=keep if self.config.case_store is not None else None,
+        )  # fmt: skip
+
+    def follow_up(self, job: JobSpec) -> None:
+        """Store ``job``'s case record, then run the shadow model (records only; sends
+        nothing); failures are logged."""
+        with self._lock:
+            kept = self._kept.pop(job.job_id, None)
+        if study_rule(self.config, job.rule) is not None:
+            return
+        pipeline = self.pipeline_of(job)
+        settings = self.config.case_store
+        if settings is not None:
+            if kept is None:  # the node stopped between the job and its follow-up
+                kept = self.case_again(job, pipeline)
+            if kept is not None:
+                store_case(settings, kept.pipeline, kept.reference, kept.record, kept.prediction)
+        run_shadow(self.config, pipeline, job.instance_paths)
+
+    def close(self) -> None:
+        """Stop the radiomics worker pool, if a job made one."""
+        stop_radiomics_pool()
+
+    def case_again(self, job: JobSpec, pipeline: str) -> KeptCase | None:
+        """The case record of ``job`` made again from its spooled series; None (logged)
+        when the series is gone or the pipeline fails on it now."""
+        phi.remember_files(job.instance_paths)
+        try:
+            series = load_job_series(job.instance_paths)
+            name, _, result = run_series(
+                series, pipeline, self.config.default_pipeline, self.build, keep_case=True
+            )
+        except JobFailure as exc:
+            log.error("case not stored", job_id=job.job_id, pipeline=pipeline,
+                      reason=f"its case record could not be made again: {exc}")  # fmt: skip
+            return None
+        if result.case_record is None:
+            return None
+        log.info("case record made again after a restart", job_id=job.job_id, pipeline=name)
+        return KeptCase(name, series.reference, result.case_record, prediction_of(result))
+
+
+def stop_radiomics_pool() -> None:
+    """Stop the radiomics worker pool (``[pipelines.radiomics] workers``) when an
+    extraction made one, rather than leave its workers to the interpreter's exit (a node
+    stopped in-process would keep them); radiomics is not imported for this."""
+    if "pipelines.radiomics.engine" in sys.modules:  # else no extraction made a pool
+        from pipelines.radiomics.engine import shutdown_pool
+
+        if shutdown_pool():
+            log.info("radiomics worker pool stopped")
+
+
+def processor(
+    config: NodeConfig,
+    pipelines: PipelineFactory | None = None,
+    plan: PipelinePlan | None = None,
+) -> Processor:
+    """The node's job runner (:class:`Processor`); pipelines are built by ``pipelines``,
+    by default from ``config.pipelines``."""
+    build = pipeline_factory(config.pipelines) if pipelines is None else pipelines
+    return Processor(config, build, plan)
 
 
 def readable_headers(paths: Sequence[Path], series_uid: str) -> list[Dataset]:

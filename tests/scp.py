@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -19,19 +19,26 @@ class FakePacs:
 
     status: int = Status.SUCCESS
     received: list[Dataset] = field(default_factory=list)
+    observe: Callable[[Dataset], None] | None = None  # called before each answer
 
     def handle_store(self, event: Event) -> int:
-        """Keep the dataset and answer ``status``."""
+        """Keep the dataset, let ``observe`` see it, and answer ``status``."""
         self.received.append(event.dataset)
+        if self.observe is not None:
+            self.observe(event.dataset)
         return int(self.status)
 
 
 @contextmanager
 def storage_scp(
-    port: int, ae_title: str = "PACS", status: int = Status.SUCCESS
+    port: int,
+    ae_title: str = "PACS",
+    status: int = Status.SUCCESS,
+    observe: Callable[[Dataset], None] | None = None,
 ) -> Iterator[FakePacs]:
-    """Run a storage SCP on loopback ``port`` for the duration of the block."""
-    pacs = FakePacs(status=status)
+    """Run a storage SCP on loopback ``port`` for the duration of the block; ``observe``
+    sees each instance before it is acknowledged."""
+    pacs = FakePacs(status=status, observe=observe)
     ae = AE(ae_title=ae_title)
     ae.supported_contexts = AllStoragePresentationContexts
     server = ae.start_server(

@@ -3,7 +3,8 @@
 which completes it exactly once; jobs spread over two workers; a job that fails on a
 worker reaches PACS as a failure notice, as it does in-process; a worker's job records
 its stage split on the node, with the node's own side of it (dispatch, broker, transfer,
-result), and, with ``[case_store]`` on the node, its case record."""
+result), and, with ``[case_store]`` on the node, its case record, which a node stopped
+before storing it gets again from a worker at its next start."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import base64
 import hashlib
 import io
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -34,7 +36,7 @@ from dicomnode.distributed import (
     unpack_case,
     unpack_files,
 )
-from dicomnode.node import Node
+from dicomnode.node import FOLLOW_UP_MARKER, JobSpec, Node, write_follow_up_marker
 from dicomnode.processing import reporting
 from dicomnode.records import JobState
 from pipelines.followup.pairs import generate_pair
@@ -252,6 +254,12 @@ def test_a_workers_job_records_its_node_side_stages_and_its_case_on_the_node(
             )
             [sr] = [p for p in (tmp_path / "node").rglob("SR-*.dcm")]
             probability = _sr_probability(sr)
+            sent = len(node.outbox.items())
+            spec = JobSpec(
+                job.id, job.series_instance_uid, job.study_instance_uid, job.pipeline,
+                job.rule, tuple(node.store.series_paths(job.series_instance_uid)),
+                job.destinations, config.state_dir / "results" / str(job.id),
+            )  # fmt: skip
         [case] = list_cases(cases)
         assert case.key == study_key(str(baseline[0].StudyInstanceUID), "celery-case-salt-16")
         assert case.scored and case.prediction is not None
@@ -262,6 +270,21 @@ def test_a_workers_job_records_its_node_side_stages_and_its_case_on_the_node(
         for name in NODE_SIDE:  # the node's side of a Celery job, exported like the others
             label = f'dicomnode_job_stage_seconds_count{{pipeline="ht_after_mt",stage="{name}"}}'
             assert f"{label} 1.0" in metrics
+
+        # What a node killed after the job, before its follow-up (the case store write),
+        # leaves: the job done, its results sent, the follow-up's marker, no case. The
+        # next start asks the worker for the job again, keeps only its case record.
+        shutil.rmtree(cases)
+        write_follow_up_marker(spec)
+        with Node(config, celery_processor(config), reporting()) as node:
+            wait_for(lambda: node.is_idle(), 90, "the follow-up")
+            assert [j.state for j in node.jobs.all()] == [JobState.DONE]
+            assert len(node.outbox.items()) == sent  # nothing queued again
+        [again] = list_cases(cases)
+        assert again.key == case.key and again.prediction == case.prediction
+        assert not (spec.output_dir / FOLLOW_UP_MARKER).exists()
+        study = str(baseline[0].StudyInstanceUID)
+        assert len([t for t in orthanc.instances() if t.get("StudyInstanceUID") == study]) == sent
     finally:
         worker.kill()
 

@@ -45,6 +45,7 @@ from pydicom.uid import generate_uid
 
 from dicomnode.case_store import list_cases
 from dicomnode.labels import labels
+from dicomnode.node import FOLLOW_UP_MARKER
 from dicomnode.shadow import read_records
 from model_store.lifecycle import read_gate
 from model_store.registry import STORE_ROOT, list_versions, promoted_version
@@ -132,11 +133,13 @@ def _jobs_done(http_port: int) -> int:
     return 0
 
 
-def _wait_jobs(http_port: int, node: subprocess.Popen[str], count: int) -> None:
+def _wait_jobs(http_port: int, node: subprocess.Popen[str], count: int, state: Path) -> None:
+    """Wait for ``count`` jobs done and their follow-ups (case store, shadow run) ended."""
     deadline = time.monotonic() + JOB_TIMEOUT_S
     while time.monotonic() < deadline:
         assert node.poll() is None, "the node exited"
-        if _jobs_done(http_port) >= count:
+        following = list((state / "results").glob(f"*/{FOLLOW_UP_MARKER}"))
+        if _jobs_done(http_port) >= count and not following:
             return
         time.sleep(0.3)
     raise AssertionError(f"the node did not finish {count} jobs")
@@ -274,7 +277,7 @@ def test_the_whole_retraining_loop_through_a_real_node(
             _storescu(port, baseline)
             _storescu(port, followup)
             sent += 2
-        _wait_jobs(http_port, process, sent)
+        _wait_jobs(http_port, process, sent, state)
 
     # 1. the first 8 patients, a retrain now: too few held-out events
     send_phase()
@@ -327,7 +330,7 @@ def test_the_whole_retraining_loop_through_a_real_node(
     shadow_case, _ = _series(tmp_path / "dicom", next(patients), "blood-like", "ht")
     _storescu(port, shadow_case)
     sent += 1
-    _wait_jobs(http_port, process, sent)
+    _wait_jobs(http_port, process, sent, state)
     shadow_series = str(pydicom.dcmread(shadow_case[0]).SeriesInstanceUID)
     records = read_records(state, MODEL)
     assert [(r["series_uid"], r["shadow"], r["in_service"]) for r in records] == [
@@ -342,7 +345,7 @@ def test_the_whole_retraining_loop_through_a_real_node(
     promoted_case, _ = _series(tmp_path / "dicom", next(patients), "blood-like", "ht")
     _storescu(port, promoted_case)
     sent += 1
-    _wait_jobs(http_port, process, sent)
+    _wait_jobs(http_port, process, sent, state)
     assert _sr_versions(results)[_study(promoted_case)] == candidate
 
     # 5. rollback, picked up too
@@ -351,7 +354,7 @@ def test_the_whole_retraining_loop_through_a_real_node(
     rolled_case, _ = _series(tmp_path / "dicom", next(patients), "stain-like", "contrast")
     _storescu(port, rolled_case)
     sent += 1
-    _wait_jobs(http_port, process, sent)
+    _wait_jobs(http_port, process, sent, state)
     assert _sr_versions(results)[_study(rolled_case)] == SERVICE
 
     # 6. both reports exist and hold their plots

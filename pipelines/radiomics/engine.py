@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
+import select
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -278,11 +280,40 @@ def run_tasks(
         return run_tasks(tasks, 1, meanwhile)
 
 
-def _worker_start(verbosity: int) -> None:
+def shutdown_pool() -> bool:
+    """Stop the worker pool's processes and wait for them (a stopping node calls this
+    once its jobs ended); False when no pool was made. An extraction after it makes a
+    new pool. (multiprocessing's forkserver, idle, stays until the process exits.)"""
+    return _Pool.shutdown()
+
+
+def _worker_start(verbosity: int, owner: int) -> None:
     """Each worker runs ITK filters on one thread (the pool is the parallelism) and logs
-    pyradiomics' messages from ``verbosity`` up, as the process that made the pool does."""
+    pyradiomics' messages from ``verbosity`` up, as the process that made the pool does;
+    it ends with that process, ``owner`` (:func:`_end_with`)."""
+    _end_with(owner)
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
     radiomics.setVerbosity(verbosity)
+
+
+def _end_with(owner: int) -> None:
+    """End this worker when process ``owner`` ends (Linux: a thread waits on its pidfd).
+
+    A process killed with SIGKILL (or by the OOM killer) runs no shutdown; its workers,
+    children of the forkserver, would wait on their task queue for ever, and keep the
+    forkserver alive too (they hold its alive pipe)."""
+    try:
+        handle = os.pidfd_open(owner)
+    except ProcessLookupError:  # it ended already
+        os._exit(0)
+    except (AttributeError, OSError):  # no pidfd here: the pool's shutdown still ends us
+        return
+
+    def wait() -> None:
+        select.select([handle], [], [])
+        os._exit(0)
+
+    threading.Thread(target=wait, name="radiomics-pool-owner", daemon=True).start()
 
 
 class _Pool:
@@ -305,10 +336,21 @@ class _Pool:
                     max_workers=workers,
                     mp_context=context,
                     initializer=_worker_start,
-                    initargs=(int(radiomics.handler.level),),
+                    initargs=(int(radiomics.handler.level), os.getpid()),
                 )
                 cls._size = workers
             return cls._pool
+
+    @classmethod
+    def shutdown(cls) -> bool:
+        """Stop the pool's worker processes and wait for them to exit; False when there
+        was no pool. The next extraction makes a new pool."""
+        with cls._lock:
+            pool, cls._pool, cls._size = cls._pool, None, 0
+        if pool is None:
+            return False
+        pool.shutdown(wait=True, cancel_futures=True)
+        return True
 
     @classmethod
     def discard(cls, pool: ProcessPoolExecutor) -> None:
