@@ -30,6 +30,7 @@ from dicomnode.config import load_config
 from dicomnode.node import Node
 from dicomnode.processing import processor
 from pipelines.ich_expansion_hybrid.demo import demo_case
+from pipelines.radiomics.engine import shutdown_pool
 from tests.support import REPO_ROOT, free_port, require_tool
 
 pytestmark = [
@@ -183,6 +184,7 @@ def test_a_node_stopped_in_process_stops_the_pool_workers(tmp_path: Path) -> Non
     port = free_port()
     (tmp_path / "node.toml").write_text(config_toml(port), encoding="utf-8")
     config = load_config(tmp_path / "node.toml")
+    shutdown_pool()  # the pool is process-wide: start without one an earlier test made
     before = children(os.getpid())
     with Node(config, processor(config)) as node:
         for paths in (case, second_copy(case, tmp_path / "again")):
