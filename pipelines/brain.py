@@ -23,6 +23,8 @@ import numpy as np
 from numpy.typing import NDArray
 from scipy import ndimage
 
+from pipelines.measure import bounding_box
+
 BONE_HU = 400.0
 """Lowest HU taken as bone. Cortical bone is 700-1500 HU; 400 keeps thin skull while
 staying above acute blood (50-90 HU) and contrast staining (up to ~300 HU)."""
@@ -206,9 +208,67 @@ def intracranial_mask(
     on a common in-plane grid, ``spacing`` (typical gap between frames, row, column) in mm.
     Working on the acquired frames avoids the bridging that interpolating a tilted series
     onto an orthogonal grid makes between the skull of one frame and the brain of the next.
-    The work is done at about ``WORKING_PIXEL_MM`` in-plane and taken back by repetition.
+    The work is done at about ``WORKING_PIXEL_MM`` in-plane and taken back by repetition,
+    and only in the in-plane box of what is not air (:func:`head_box`): the masks are
+    those of the whole frames (``tests/test_brain.py`` holds the two equal).
     """
-    step = max(1, int(WORKING_PIXEL_MM / min(spacing[1], spacing[2]) + 1e-6))
+    empty = np.zeros(hu.shape, dtype=bool)
+    box = head_box(hu, spacing)
+    if box is None:
+        return Intracranial(empty, empty.copy(), empty.copy(), empty.copy())
+    inside = intracranial_on_frames(hu[box], spacing)
+    masks = []
+    for part in (inside.brain, inside.core, inside.skull, inside.cavity):
+        whole = np.zeros(hu.shape, dtype=bool)
+        whole[box] = part
+        masks.append(whole)
+    return Intracranial(*masks)
+
+
+def _working_step(spacing: tuple[float, float, float]) -> int:
+    """In-plane subsampling that brings the pixel to about ``WORKING_PIXEL_MM``."""
+    return max(1, int(WORKING_PIXEL_MM / min(spacing[1], spacing[2]) + 1e-6))
+
+
+def _closing_half_width(spacing: tuple[float, float, float]) -> tuple[int, int]:
+    """Half-width, in pixels of ``spacing``, of the skull's in-plane closing."""
+    return (
+        max(1, round(BONE_CLOSING_MM / spacing[1])),
+        max(1, round(BONE_CLOSING_MM / spacing[2])),
+    )
+
+
+def head_box(
+    hu: NDArray[np.floating], spacing: tuple[float, float, float]
+) -> tuple[slice, ...] | None:
+    """All frames, and the rows and columns of every voxel that is not air
+    (``SOFT_TISSUE_LOW_HU``) widened by a margin the extraction cannot see past (the
+    closing's reach and one subsampling cell, in working pixels), with its first row and
+    column on the subsampling lattice; None when every voxel is air.
+
+    Nothing of the extraction starts below ``SOFT_TISSUE_LOW_HU`` and no step reaches
+    further in-plane than the margin, so the masks in the box are those of the whole
+    frames. The frames are all kept: the holes are filled slice by slice, and a first or
+    last frame counts as border."""
+    step = _working_step(spacing)
+    half_width = _closing_half_width((spacing[0], spacing[1] * step, spacing[2] * step))
+    tissue = hu >= SOFT_TISSUE_LOW_HU
+    if not tissue.any():
+        return None
+    margin = tuple(step * (2 * reach + 2) for reach in half_width)
+    rows, columns = bounding_box(tissue, (0, *margin))[1:]
+    return (
+        slice(None),
+        slice(rows.start - rows.start % step, rows.stop),
+        slice(columns.start - columns.start % step, columns.stop),
+    )
+
+
+def intracranial_on_frames(
+    hu: NDArray[np.floating], spacing: tuple[float, float, float]
+) -> Intracranial:
+    """:func:`intracranial_mask` computed on the whole of ``hu``."""
+    step = _working_step(spacing)
     coarse_spacing = (spacing[0], spacing[1] * step, spacing[2] * step)
     brain, core, skull_mask, cavity = _coarse_intracranial(hu[:, ::step, ::step], coarse_spacing)
 
@@ -236,11 +296,7 @@ def _coarse_intracranial(
     touching = np.unique(labels[bone])
     band = np.isin(labels, touching[touching > 0])
     skull_mask = bounded_rim(band, hu, max(1, round(RIM_MAX_MM / pixel)))
-    half_width = (
-        max(1, round(BONE_CLOSING_MM / spacing[1])),
-        max(1, round(BONE_CLOSING_MM / spacing[2])),
-    )
-    closed = _in_plane_closing(skull_mask, half_width)
+    closed = _in_plane_closing(skull_mask, _closing_half_width(spacing))
     filled = ndimage.binary_fill_holes(closed, structure=_IN_PLANE)
     inside = filled & ~closed & (hu >= SOFT_TISSUE_LOW_HU)
     if not inside.any():

@@ -35,7 +35,8 @@ from pipelines.base import (
 )
 from pipelines.brain import RIM_PATH_HU, Intracranial, intracranial_mask
 from pipelines.contract import OutputProfile, Writer
-from pipelines.measure import measure_segment, structure
+from pipelines.filters import in_plane_median
+from pipelines.measure import bounding_box, measure_segment, structure
 from pipelines.run_scope import per_run, run_scope
 from pipelines.series import LoadedSeries, label_dtype
 from pipelines.settings import PipelinesSettings
@@ -186,7 +187,7 @@ def _grow(seeds: NDArray[np.bool_], within: NDArray[np.bool_], steps: int) -> ND
 
 def _in_hu_window(hu: NDArray[np.floating], p: HyperdenseParameters) -> NDArray[np.bool_]:
     """Voxels whose in-plane median (``median_size_px``) lies in ``low_hu``-``high_hu``."""
-    denoised = ndimage.median_filter(hu, size=(1, p.median_size_px, p.median_size_px))
+    denoised = in_plane_median(hu, p.median_size_px)
     return np.asarray((denoised >= p.low_hu) & (denoised <= p.high_hu))
 
 
@@ -277,14 +278,17 @@ def drop_skull_band(
 ) -> tuple[NDArray[np.int32], int]:
     """Labels without the regions that are the skull's partial-volume band (see
     :class:`HyperdenseParameters`), renumbered 1..n in their order."""
+    if count == 0:
+        return labels, 0
     margin = [int(np.ceil(p.band_depth_mm / step)) + 1 for step in spacing]
+    within = bounding_box(labels > 0)  # the regions' box: the whole volume need not be read
     kept = []
-    for index, box in enumerate(ndimage.find_objects(labels, max_label=count), start=1):
+    for index, box in enumerate(ndimage.find_objects(labels[within], max_label=count), start=1):
         if box is None:
             continue
         wide = tuple(
-            slice(max(b.start - m, 0), min(b.stop + m, n))
-            for b, m, n in zip(box, margin, labels.shape, strict=True)
+            slice(max(w.start + b.start - m, 0), min(w.start + b.stop + m, n))
+            for w, b, m, n in zip(within, box, margin, labels.shape, strict=True)
         )
         region = labels[wide] == index
         core_fraction = np.count_nonzero(region & masks.core[wide]) / np.count_nonzero(region)
@@ -296,7 +300,9 @@ def drop_skull_band(
             kept.append(index)
     lookup = np.zeros(count + 1, dtype=np.int32)
     lookup[np.asarray(kept, dtype=np.intp)] = np.arange(1, len(kept) + 1, dtype=np.int32)
-    return lookup[labels], len(kept)
+    out = np.zeros(labels.shape, dtype=np.int32)
+    out[within] = lookup[labels[within]]
+    return out, len(kept)
 
 
 def label_regions(
@@ -307,19 +313,23 @@ def label_regions(
 ) -> tuple[NDArray[np.int32], int]:
     """3-D connected regions of a mask of at least ``min_volume_ml``, each voxel counting
     its slice's voxel volume (``slice_voxel_ml`` along axis 0); labels 1..n largest first
-    (0 background)."""
+    (0 background). The work is done on the mask's bounding box: labels are numbered in
+    raster order, which a box keeps, so the result is the whole volume's."""
+    out = np.zeros(mask.shape, dtype=np.int32)
     if not mask.any():
-        return np.zeros(mask.shape, dtype=np.int32), 0
-    labels, count = ndimage.label(mask, structure=structure(connectivity), output=np.int32)
+        return out, 0
+    box = bounding_box(mask)
+    labels, count = ndimage.label(mask[box], structure=structure(connectivity), output=np.int32)
     sizes = np.zeros(count + 1, dtype=np.float64)
-    for plane, voxel_ml in zip(labels, slice_voxel_ml, strict=True):  # no volume of weights
+    for plane, voxel_ml in zip(labels, slice_voxel_ml[box[0]], strict=True):  # no weight volume
         sizes += np.bincount(plane.ravel(), minlength=count + 1) * voxel_ml
     sizes = sizes[1:]
     kept = np.nonzero(sizes >= min_volume_ml)[0]
     kept = kept[np.argsort(-sizes[kept], kind="stable")]
     lookup = np.zeros(count + 1, dtype=np.int32)
     lookup[kept + 1] = np.arange(1, len(kept) + 1, dtype=np.int32)
-    return lookup[labels], len(kept)
+    out[box] = lookup[labels]
+    return out, len(kept)
 
 
 class HyperdenseThresholdPipeline:

@@ -42,7 +42,7 @@ def connected_regions(
     out = np.zeros(mask.shape, dtype=np.int32)
     if not mask.any():
         return out, 0
-    box = _bounding_box(mask, margin=0)
+    box = bounding_box(mask)
     labels, count = ndimage.label(mask[box], structure=structure(connectivity))
     sizes = np.bincount(labels.ravel(), minlength=count + 1)[1:] * voxel_volume_ml
     kept = np.nonzero(sizes >= min_volume_ml)[0]
@@ -53,13 +53,18 @@ def connected_regions(
     return out, len(kept)
 
 
-def _bounding_box(mask: NDArray[np.bool_], margin: int) -> tuple[slice, ...]:
-    """Slices of the smallest box holding a non-empty mask, widened by ``margin``."""
-    box = ndimage.find_objects(mask.astype(np.uint8))[0]
-    return tuple(
-        slice(max(s.start - margin, 0), min(s.stop + margin, n))
-        for s, n in zip(box, mask.shape, strict=True)
-    )
+def bounding_box(mask: NDArray[np.bool_], margin: int | tuple[int, ...] = 0) -> tuple[slice, ...]:
+    """Slices of the smallest box holding a non-empty ``mask``, widened by ``margin``
+    voxels (one for every axis, or one per axis) and clipped to the array."""
+    margins = (margin,) * mask.ndim if isinstance(margin, int) else margin
+    box = []
+    for axis, grow in enumerate(margins):
+        others = tuple(a for a in range(mask.ndim) if a != axis)
+        where = np.flatnonzero(mask.any(axis=others))
+        box.append(
+            slice(max(int(where[0]) - grow, 0), min(int(where[-1]) + grow + 1, mask.shape[axis]))
+        )
+    return tuple(box)
 
 
 def mean_hu(hu: NDArray[np.floating], mask: NDArray[np.bool_]) -> float:
@@ -77,7 +82,7 @@ def hu_max(hu: NDArray[np.floating], mask: NDArray[np.bool_]) -> float:
     if not mask.any():
         return float("nan")
     half = HU_MAX_WINDOW_PX // 2
-    box = (slice(None), *_bounding_box(mask, margin=half)[1:])
+    box = (slice(None), *bounding_box(mask, margin=half)[1:])
     size = (1, HU_MAX_WINDOW_PX, HU_MAX_WINDOW_PX)
     means = ndimage.uniform_filter(hu[box].astype(np.float64), size=size, mode="nearest")
     return float(means[mask[box]].max())

@@ -51,6 +51,7 @@ from pipelines.outputs import build_outputs
 from pipelines.outputs.regions import segment_plan
 from pipelines.registry import pipeline_factory
 from pipelines.settings import BlastCtSettings, PipelinesSettings
+from pipelines.stages import StageTimer, recording
 from pipelines.synthetic import insert_lesion, synthetic_head_ct, write_series
 from pipelines.volume import load_series
 from tests.dciodvfy import dciodvfy_errors
@@ -302,7 +303,10 @@ def test_haematoma_in_real_head_ct(folder: Path, ge_headct_dir: Path, tmp_path: 
     assert 10.0 <= lesion.volume_ml <= 30.0
     series = load_series(write_series(datasets, tmp_path))
     pipeline = BlastCtPipeline(BlastCtParameters(members=(1,), device="cpu", weights_dir=folder))
-    result = pipeline.run(series)
+    with recording(StageTimer()) as timer:
+        result = pipeline.run(series)
+    seconds = timer.seconds()  # the members' inference is the job's segmentation stage
+    assert seconds["segmentation"] > 0.8 * sum(seconds.values()), seconds
     assert result.algorithm.name == "BLAST-CT v1 (DeepMedic ensemble, 1 member)"
     assert "Apache-2.0" in result.algorithm.provenance
     assert [s.segment for s in result.segments] == list(CLASS_SEGMENTS)

@@ -187,6 +187,7 @@ class BlastCtPipeline:
 
         return ensemble_sum(self.models(), image, self.box, self.device)
 
+    @charged_to("segmentation")
     def labels(self, series: LoadedSeries) -> NDArray[np.uint8]:
         """Network class (0..4) of every voxel of ``series.volume``'s grid."""
         volume = series.volume

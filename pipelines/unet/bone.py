@@ -46,6 +46,7 @@ from numpy.typing import NDArray
 from scipy import ndimage
 
 from pipelines.hyperdense import CALCIFICATION_WINDOW_MM, HyperdenseParameters
+from pipelines.measure import bounding_box
 
 SHELL_EDGES_MM = (0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 20.0, 25.0)
 """Distance-to-skull shells (mm) of the rise profile; deep brain lies beyond the last."""
@@ -84,16 +85,6 @@ CALCIFICATION_HALO_MM = 1.5
 (a head kernel's FWHM is 0.8-1.2 mm): its halo there reads 60-150 HU."""
 
 
-def _box(mask: NDArray[np.bool_], margin: tuple[int, ...]) -> tuple[slice, ...]:
-    """The bounding box of ``mask``, grown by ``margin`` voxels per axis, as slices."""
-    box = []
-    for axis, grow in enumerate(margin):
-        others = tuple(a for a in range(mask.ndim) if a != axis)
-        where = np.flatnonzero(mask.any(axis=others))
-        box.append(slice(max(int(where[0]) - grow, 0), int(where[-1]) + grow + 1))
-    return tuple(box)
-
-
 def calcification_halo(
     calcified: NDArray[np.bool_], spacing: tuple[float, float, float]
 ) -> NDArray[np.bool_]:
@@ -103,7 +94,9 @@ def calcification_halo(
     halo = np.zeros(calcified.shape, dtype=bool)
     if not calcified.any():
         return halo
-    box = _box(calcified, tuple(int(np.ceil(CALCIFICATION_HALO_MM / s)) + 1 for s in spacing))
+    box = bounding_box(
+        calcified, tuple(int(np.ceil(CALCIFICATION_HALO_MM / s)) + 1 for s in spacing)
+    )
     distance = ndimage.distance_transform_edt(~calcified[box], sampling=spacing)
     halo[box] = (distance > 0) & (distance <= CALCIFICATION_HALO_MM)
     return halo
