@@ -212,15 +212,39 @@ def intracranial_mask(
     and only in the in-plane box of what is not air (:func:`head_box`): the masks are
     those of the whole frames (``tests/test_brain.py`` holds the two equal).
     """
-    empty = np.zeros(hu.shape, dtype=bool)
     box = head_box(hu, spacing)
     if box is None:
+        empty = np.zeros(hu.shape, dtype=bool)
         return Intracranial(empty, empty.copy(), empty.copy(), empty.copy())
-    inside = intracranial_on_frames(hu[box], spacing)
+    return _intracranial_in(hu, spacing, box)
+
+
+def intracranial_on_frames(
+    hu: NDArray[np.floating], spacing: tuple[float, float, float]
+) -> Intracranial:
+    """:func:`intracranial_mask` computed on the whole frames (no box)."""
+    return _intracranial_in(hu, spacing, (slice(None),) * 3)
+
+
+def _intracranial_in(
+    hu: NDArray[np.floating], spacing: tuple[float, float, float], box: tuple[slice, ...]
+) -> Intracranial:
+    """The masks of ``hu`` computed in ``box`` (whose first row and column lie on the
+    subsampling lattice), false outside it; each is taken back to full resolution
+    straight into its whole-volume array, so no box-sized copy of the four is held."""
+    step = _working_step(spacing)
+    part = hu[box]
+    coarse = _coarse_intracranial(
+        part[:, ::step, ::step], (spacing[0], spacing[1] * step, spacing[2] * step)
+    )
+    soft = part >= SOFT_TISSUE_LOW_HU
     masks = []
-    for part in (inside.brain, inside.core, inside.skull, inside.cavity):
+    for mask, soft_only in zip(coarse, (True, True, False, True), strict=True):
+        up = np.repeat(np.repeat(mask, step, axis=1), step, axis=2)[
+            :, : part.shape[1], : part.shape[2]
+        ]
         whole = np.zeros(hu.shape, dtype=bool)
-        whole[box] = part
+        whole[box] = up & soft if soft_only else up
         masks.append(whole)
     return Intracranial(*masks)
 
@@ -261,24 +285,6 @@ def head_box(
         slice(None),
         slice(rows.start - rows.start % step, rows.stop),
         slice(columns.start - columns.start % step, columns.stop),
-    )
-
-
-def intracranial_on_frames(
-    hu: NDArray[np.floating], spacing: tuple[float, float, float]
-) -> Intracranial:
-    """:func:`intracranial_mask` computed on the whole of ``hu``."""
-    step = _working_step(spacing)
-    coarse_spacing = (spacing[0], spacing[1] * step, spacing[2] * step)
-    brain, core, skull_mask, cavity = _coarse_intracranial(hu[:, ::step, ::step], coarse_spacing)
-
-    def full(mask: NDArray[np.bool_]) -> NDArray[np.bool_]:
-        up = np.repeat(np.repeat(mask, step, axis=1), step, axis=2)
-        return np.asarray(up[:, : hu.shape[1], : hu.shape[2]])
-
-    soft = hu >= SOFT_TISSUE_LOW_HU
-    return Intracranial(
-        full(brain) & soft, full(core) & soft, full(skull_mask), full(cavity) & soft
     )
 
 
