@@ -27,7 +27,7 @@ def in_plane_median(hu: NDArray[np.floating], size: int) -> NDArray[np.floating]
     if size != 3 or hu.ndim != 3 or 0 in hu.shape:
         return np.asarray(ndimage.median_filter(hu, size=(1, size, size)))
     out = np.empty(hu.shape, dtype=hu.dtype)
-    _median_3x3(np.ascontiguousarray(hu), out)
+    _median_3x3(hu, out)  # a strided view as it is: no box-sized copy
     return out
 
 
