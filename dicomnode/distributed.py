@@ -32,6 +32,14 @@ UID, which names the header the node reads from its spool. The node stores it in
 job's follow-up (``node.JobRunner``), once the results are queued for sending; a node
 stopped in between asks the workers for the job again at its next start, for the case
 record only.
+
+A result also names the shadow version of the job's model, as the worker's model store
+says (``dicomnode.shadow``); the node's follow-up then sends the series again (read from
+its spool) in a ``dicomnode.shadow`` task, whose worker runs that version and returns the
+prediction's record, which the node appends to its own ``<state_dir>/shadow`` file, as
+in-process. A shadow that fails on the worker comes back as its reason, logged on the
+node; it never fails the job. A node stopped before its follow-up ends sends the shadow
+task at its next start.
 """
 
 from __future__ import annotations
@@ -45,6 +53,7 @@ import time
 import uuid
 import zlib
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,29 +61,30 @@ import numpy as np
 import pydicom
 import structlog
 from celery import Celery
+from celery.result import AsyncResult
 from celery.signals import setup_logging, worker_ready
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
+from dicomnode import phi
 from dicomnode.case_store import CaseStoreSettings, prediction_of, save_arrays
 from dicomnode.config import CelerySettings, NodeConfig
 from dicomnode.failures import FailureKind
 from dicomnode.node import JobRunner, JobSpec
-from dicomnode.processing import (
-    JobFailure,
-    PipelineFactory,
-    run_pipeline,
-    stop_radiomics_pool,
-    store_case,
-)
+from dicomnode.processing import JobFailure, run_pipeline, stop_radiomics_pool, store_case
+from dicomnode.shadow import ShadowFailure, append_record, shadow_prediction, shadow_settings
 from pipelines.base import CaseRecord, PipelineResult
 from pipelines.registry import pipeline_factory
+from pipelines.settings import PipelinesSettings
 from pipelines.stages import StageTimer, recording, stage
 
 log = structlog.get_logger(__name__)
 
 TASK_NAME = "dicomnode.run_job"
-PAYLOAD_FORMAT = "dicomnode-job/2"  # 2: the worker's split has ``transfer``
+SHADOW_TASK_NAME = "dicomnode.shadow"
+# 2: the worker's split has ``transfer``; 3: a result names the shadow version, and the
+# shadow task exists
+PAYLOAD_FORMAT = "dicomnode-job/3"
 
 Payload = dict[str, Any]
 
@@ -132,6 +142,16 @@ def job_payload(job: JobSpec, fallback: str | None, case_record: bool = False) -
     }
 
 
+def shadow_payload(job: JobSpec) -> Payload:
+    """The message of ``job``'s shadow run: its pipeline and its spooled instances."""
+    return {
+        "format": PAYLOAD_FORMAT,
+        "job_id": job.job_id,
+        "pipeline": job.pipeline,
+        "files": pack_files(job.instance_paths),
+    }
+
+
 def pack_case(pipeline: str, reference: Dataset, result: PipelineResult) -> Payload | None:
     """The case record of a run as JSON: the arrays as a deflated ``.npz`` (base64) with
     its SHA-256; None when the pipeline keeps nothing for retraining."""
@@ -163,12 +183,18 @@ def unpack_case(packed: Mapping[str, Any]) -> CaseRecord:
     return CaseRecord(arrays, dict(packed["features"]), dict(packed["inputs"]))
 
 
-def run_payload(payload: Mapping[str, Any], pipelines: PipelineFactory) -> Payload:
-    """Run one task message in a private temporary folder (the worker's side): the output
-    files, or the job failure's reason and kind; the stage split either way, and the case
-    record when the message asks for it."""
+def check_payload(payload: Mapping[str, Any]) -> None:
+    """``PayloadError`` unless ``payload`` is a task message of this version."""
     if payload.get("format") != PAYLOAD_FORMAT:
         raise PayloadError(f"task format {payload.get('format')!r} is not {PAYLOAD_FORMAT}")
+
+
+def run_payload(payload: Mapping[str, Any], settings: PipelinesSettings) -> Payload:
+    """Run one task message in a private temporary folder (the worker's side) with the
+    pipelines of ``settings``: the output files and the shadow version of the pipeline's
+    model (None: no shadow), or the job failure's reason and kind; the stage split either
+    way, and the case record when the message asks for it."""
+    check_payload(payload)
     job_id = int(payload["job_id"])
     bound = log.bind(job_id=job_id, pipeline=payload["pipeline"])
     timer = StageTimer()
@@ -188,7 +214,7 @@ def run_payload(payload: Mapping[str, Any], pipelines: PipelineFactory) -> Paylo
         try:
             outputs = run_pipeline(
                 paths, str(payload["pipeline"]), Path(tmp) / "out", payload.get("fallback"),
-                revision=int(payload["revision"]), pipelines=pipelines,
+                revision=int(payload["revision"]), pipelines=pipeline_factory(settings),
                 keep=keep if payload.get("case_record") else None,
             )  # fmt: skip
         except JobFailure as exc:
@@ -196,11 +222,35 @@ def run_payload(payload: Mapping[str, Any], pipelines: PipelineFactory) -> Paylo
             return {"format": PAYLOAD_FORMAT, "ok": False, "reason": str(exc),
                     "kind": exc.kind, "stages": timer.seconds()}  # fmt: skip
         case = cases[0] if cases else None
-        bound.info("remote job done", outputs=len(outputs), case_record=case is not None)
+        pinned = shadow_settings(str(payload["pipeline"]), settings)
+        shadow = None if pinned is None else pinned[1]
+        bound.info("remote job done", outputs=len(outputs), case_record=case is not None,
+                   shadow=shadow)  # fmt: skip
         with stage("transfer"):
             packed = pack_files(outputs)
         return {"format": PAYLOAD_FORMAT, "ok": True, "outputs": packed,
-                "stages": timer.seconds(), "case": case}  # fmt: skip
+                "stages": timer.seconds(), "case": case, "shadow": shadow}  # fmt: skip
+
+
+def run_shadow_payload(payload: Mapping[str, Any], settings: PipelinesSettings) -> Payload:
+    """Run the shadow version of a shadow message's pipeline (the model store of
+    ``settings``) on its series, in a private temporary folder (the worker's side): the
+    prediction's record (``dicomnode.shadow.RECORD_FIELDS``; None: no shadow now), or
+    the failure's reason."""
+    check_payload(payload)
+    job_id, pipeline = int(payload["job_id"]), str(payload["pipeline"])
+    bound = log.bind(job_id=job_id, pipeline=pipeline)
+    with tempfile.TemporaryDirectory(prefix=f"dicomnode-shadow-{job_id}-") as tmp:
+        paths = unpack_files(payload["files"], Path(tmp))
+        phi.remember_files(paths)  # before loading can log one of their values
+        try:
+            record = shadow_prediction(pipeline, settings, paths)
+        except ShadowFailure as exc:
+            bound.warning("shadow run failed", shadow=exc.version, reason=str(exc))
+            return {"format": PAYLOAD_FORMAT, "ok": False, "shadow": exc.version,
+                    "reason": str(exc)}  # fmt: skip
+    bound.info("shadow run done", shadow=None if record is None else record["shadow"])
+    return {"format": PAYLOAD_FORMAT, "ok": True, "record": record}
 
 
 def check_result(result: Mapping[str, Any]) -> None:
@@ -295,90 +345,139 @@ def broker_seconds(waited_s: float, remote: Mapping[str, float]) -> float:
     return max(0.0, waited_s - sum(float(v) for v in remote.values()))
 
 
+@dataclass(frozen=True)
+class Returned:
+    """What a job's follow-up needs of its task result: the case record (None: none
+    returned) and whether the worker's model has a shadow version."""
+
+    case: Payload | None
+    shadow: bool
+
+
 class CeleryProcessor(JobRunner):
     """The node's job runner in scale-out mode: send each job to the workers, wait for
     its result (at most ``job_timeout_s``) and write the returned objects. Its follow-up,
     after the job's results are queued for sending, stores the returned case record
-    (``[case_store]``); one that runs after a restart asks the workers for the job again
-    and keeps only its case record (nothing is written or sent)."""
+    (``[case_store]``) and has the workers run the shadow version of the job's model,
+    if any, recording the returned prediction; one that runs after a restart asks the
+    workers for the job again and keeps only its case record (nothing is written or
+    sent), then sends the shadow task."""
 
     def __init__(self, config: NodeConfig, settings: CelerySettings, app: Celery) -> None:
         """Send ``config``'s jobs through ``app`` (``settings``: its queue and timeout)."""
         self.config = config
         self.settings = settings
         self.celery = app
-        self._cases: dict[int, Payload] = {}
+        self._returned: dict[int, Returned] = {}
         self._lock = threading.Lock()
+
+    def send(self, task: str, job: JobSpec, payload: Payload) -> AsyncResult:
+        """Publish ``payload`` to the workers' ``task`` (the payload, the largest object of
+        a job, is not kept once published)."""
+        task_id = f"{task}-{job.job_id}-{uuid.uuid4().hex}"
+        pending = self.celery.send_task(task, args=[payload], task_id=task_id,
+                                        queue=self.settings.queue)  # fmt: skip
+        log.info("task sent to the Celery workers", task=task, job_id=job.job_id, task_id=task_id)
+        return pending
+
+    def wait(self, pending: AsyncResult) -> Payload:
+        """The result of ``pending`` (at most ``job_timeout_s``); the worker's unexpected
+        error or the wait's timeout is raised."""
+        try:
+            return dict(pending.get(timeout=self.settings.job_timeout_s, propagate=True))
+        finally:
+            pending.forget()
 
     def remote_result(self, job: JobSpec) -> Payload:
         """The workers' result of ``job``: its stage split recorded in ``job.stages``."""
-        settings = self.settings
-        task_id = f"dicomnode-job-{job.job_id}-{uuid.uuid4().hex}"
         with stage("dispatch"):
-            payload = job_payload(
-                job, self.config.default_pipeline, case_record=self.config.case_store is not None
+            case_record = self.config.case_store is not None
+            pending = self.send(
+                TASK_NAME, job, job_payload(job, self.config.default_pipeline, case_record)
             )
-            pending = self.celery.send_task(TASK_NAME, args=[payload], task_id=task_id,
-                                            queue=settings.queue)  # fmt: skip
-        log.info("job sent to the Celery workers", job_id=job.job_id, task_id=task_id)
-        del payload  # the packed series is the job's largest object: not kept while waiting
         sent = time.perf_counter()
         try:
-            result = pending.get(timeout=settings.job_timeout_s, propagate=True)
+            result = self.wait(pending)
         except Exception as exc:  # the worker's unexpected error or the wait's timeout
             job.stages.add({"broker": time.perf_counter() - sent})
             if isinstance(exc, JobFailure):
                 raise
             raise JobFailure(f"remote job failed: {type(exc).__name__}: {exc}") from exc
-        finally:
-            pending.forget()
         waited = time.perf_counter() - sent
         check_result(result)
         remote: Mapping[str, float] = result.get("stages") or {}
         job.stages.add(remote)
         job.stages.add({"broker": broker_seconds(waited, remote)})
-        return dict(result)
+        return result
 
     def __call__(self, job: JobSpec) -> list[Path]:
-        """Run ``job`` on the workers; return its result files (its case record is kept
-        for the follow-up)."""
+        """Run ``job`` on the workers; return its result files (what its follow-up needs
+        of the result is kept)."""
         result = self.remote_result(job)
         with stage("result"):
             job.output_dir.mkdir(parents=True, exist_ok=True)
             written = outputs_of(result, job.output_dir)
-        case = result.get("case")
-        if self.config.case_store is not None and case is not None:
-            with self._lock:
-                self._cases[job.job_id] = case
+        case = result.get("case") if self.config.case_store is not None else None
+        with self._lock:
+            self._returned[job.job_id] = Returned(case, result.get("shadow") is not None)
         return written
 
     def follow_up(self, job: JobSpec) -> None:
-        """Store ``job``'s returned case record (failures are logged)."""
+        """Store ``job``'s returned case record, then have the workers run the shadow
+        model (records only; sends nothing); failures are logged."""
         with self._lock:
-            case = self._cases.pop(job.job_id, None)
+            returned = self._returned.pop(job.job_id, None)
+        if returned is None:  # the node stopped between the job and its follow-up
+            returned = self.again(job)
         settings = self.config.case_store
-        if settings is None:
-            return
-        if case is None:  # the node stopped between the job and its follow-up
-            case = self.case_again(job)
-        if case is not None:
-            store_remote_case(settings, case, job.instance_paths)
+        if settings is not None and returned.case is not None:
+            store_remote_case(settings, returned.case, job.instance_paths)
+        if returned.shadow:
+            self.shadow(job)
 
-    def case_again(self, job: JobSpec) -> Payload | None:
-        """The case record of ``job`` from running it on the workers again; None (logged)
-        when it fails now or keeps no case."""
+    def again(self, job: JobSpec) -> Returned:
+        """What the follow-up of ``job`` needs, after a restart: with a case store, the
+        case record from running the job on the workers again (none, logged, when it
+        fails now) and whether its model has a shadow; without, only the shadow task
+        (its worker says whether there is a shadow)."""
+        if self.config.case_store is None:
+            return Returned(None, shadow=True)
         try:
             result = self.remote_result(job)
         except (JobFailure, PayloadError) as exc:
             log.error("case not stored", job_id=job.job_id,
                       reason=f"its case record could not be made again: {exc}")  # fmt: skip
-            return None
+            return Returned(None, shadow=True)
         if not result.get("ok"):
             reason = f"its case record could not be made again: {result.get('reason')}"
             log.error("case not stored", job_id=job.job_id, reason=reason)
-            return None
+            return Returned(None, shadow=True)
         case = result.get("case")
-        return dict(case) if case is not None else None
+        return Returned(None if case is None else dict(case), result.get("shadow") is not None)
+
+    def shadow(self, job: JobSpec) -> None:
+        """Have the workers run the shadow version of ``job``'s model on its spooled
+        series and append the returned record to the node's shadow file; a failure is
+        logged, never raised."""
+        bound = log.bind(job_id=job.job_id, pipeline=job.pipeline)
+        try:
+            pending = self.send(SHADOW_TASK_NAME, job, shadow_payload(job))
+            result = self.wait(pending)
+            check_result(result)
+        except Exception as exc:  # the worker's unexpected error, a timeout, a lost spool
+            bound.warning("shadow run failed", reason=f"{type(exc).__name__}: {exc}")
+            return
+        if not result.get("ok"):
+            bound.warning("shadow run failed", shadow=result.get("shadow"),
+                          reason=f"on the worker: {result.get('reason')}")  # fmt: skip
+            return
+        record = result.get("record")
+        if record is None:  # the shadow was stopped since the job
+            return
+        try:
+            append_record(self.config.state_dir, job.pipeline, record)
+        except (OSError, TypeError, ValueError) as exc:
+            bound.error("shadow prediction not recorded", reason=f"{type(exc).__name__}: {exc}")
 
 
 def celery_processor(config: NodeConfig, app: Celery | None = None) -> CeleryProcessor:
@@ -390,12 +489,17 @@ def celery_processor(config: NodeConfig, app: Celery | None = None) -> CeleryPro
 
 
 def register_worker_task(app: Celery, config: NodeConfig) -> None:
-    """Define the task the workers run, on pipelines built from ``config.pipelines``."""
-    pipelines = pipeline_factory(config.pipelines)
+    """Define the tasks the workers run (a job, a shadow run), on pipelines built from
+    ``config.pipelines``."""
+    settings = config.pipelines
 
     @app.task(name=TASK_NAME, acks_late=True, reject_on_worker_lost=True)
     def run_job(payload: dict[str, Any]) -> Payload:
-        return run_payload(payload, pipelines)
+        return run_payload(payload, settings)
+
+    @app.task(name=SHADOW_TASK_NAME, acks_late=True, reject_on_worker_lost=True)
+    def run_shadow(payload: dict[str, Any]) -> Payload:
+        return run_shadow_payload(payload, settings)
 
 
 def _keep_node_logging(**_: object) -> None:

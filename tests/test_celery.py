@@ -4,13 +4,17 @@ which completes it exactly once; jobs spread over two workers; a job that fails 
 worker reaches PACS as a failure notice, as it does in-process; a worker's job records
 its stage split on the node, with the node's own side of it (dispatch, broker, transfer,
 result), and, with ``[case_store]`` on the node, its case record, which a node stopped
-before storing it gets again from a worker at its next start."""
+before storing it gets again from a worker at its next start; the shadow version of the
+model the worker's store names runs on a worker after the results are acknowledged, and
+its prediction is recorded on the node as in-process (also after a restart), while a
+shadow that fails on the worker is logged and leaves the job done."""
 
 from __future__ import annotations
 
 import base64
 import hashlib
 import io
+import json
 import os
 import shutil
 import signal
@@ -25,6 +29,7 @@ import numpy as np
 import pydicom
 import pytest
 import redis
+import structlog
 from pydicom.dataset import Dataset
 
 from dicomnode.case_store import list_cases, load_record, save_arrays, study_key
@@ -39,16 +44,22 @@ from dicomnode.distributed import (
 from dicomnode.node import FOLLOW_UP_MARKER, JobSpec, Node, write_follow_up_marker
 from dicomnode.processing import reporting
 from dicomnode.records import JobState
+from dicomnode.shadow import read_records, run_shadow
+from model_store.lifecycle import set_shadow
+from model_store.registry import STORE_ROOT
 from pipelines.followup.pairs import generate_pair
 from pipelines.outputs.sr import RISK_PROBABILITY
+from pipelines.settings import PipelinesSettings
 from pipelines.synthetic import synthetic_head_ct, write_series
 from tests.orthanc import Orthanc
 from tests.pacs_reports import node_config, storescu, wait_for
+from tests.scp import storage_scp
 from tests.support import free_port, require_tool
 
 REPO = Path(__file__).resolve().parents[1]
 VISIBILITY_TIMEOUT_S = 3.0
 NODE_SIDE = ("dispatch", "broker", "transfer", "result")  # the stages of scale-out
+MODEL, SERVICE, SHADOW = "ht_after_mt", "1.1.0", "1.0.0"
 
 
 @pytest.fixture()
@@ -87,10 +98,15 @@ def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
 
 
 def _config(
-    base: Path, pacs: Orthanc, broker: str, extra: dict[str, object] | None = None
+    base: Path,
+    pacs: Orthanc,
+    broker: str,
+    extra: dict[str, object] | None = None,
+    store: Path | None = None,
 ) -> tuple[NodeConfig, Path]:
     """The node's config in Celery mode (with ``extra`` sections), and the same config as
-    a TOML file for workers (the risk pipeline on the threshold segmenter; no case store)."""
+    a TOML file for workers (the risk pipeline on the threshold segmenter, its model in
+    ``store`` when given; no case store)."""
     data = {**node_config(base, pacs).model_dump(mode="json"), **(extra or {})}
     data["worker"] = {"threads": 4}  # jobs in flight at once, each waiting on a worker
     data["celery"] = {
@@ -104,6 +120,7 @@ def _config(
         '[[allowed_callers]]\nae_title = "STORESCU"\nhost = "127.0.0.1"\n'
         f'[celery]\nbroker_url = "{broker}"\nvisibility_timeout_s = {VISIBILITY_TIMEOUT_S}\n'
         '[pipelines.ht_after_mt]\nsegmenter = "hyperdense_regions"\n'
+        + ("" if store is None else f'model_store_dir = "{store}"\n')
     )
     return config, toml
 
@@ -316,3 +333,121 @@ def test_a_returned_case_record_round_trips_and_a_damaged_one_is_refused() -> No
     assert record.features == {"clinical": {"age": 70.0}}
     with pytest.raises(PayloadError, match="SHA-256"):
         unpack_case({**packed, "arrays_sha256": "0" * 64})
+
+
+def _shadow_store(folder: Path) -> Path:
+    """A model store of ``ht_after_mt``: SERVICE in service, SHADOW in shadow."""
+    for version in (SERVICE, SHADOW):
+        shutil.copytree(STORE_ROOT / MODEL / version, folder / MODEL / version)
+    (folder / MODEL / "promoted.json").write_text(json.dumps({"version": SERVICE}) + "\n")
+    set_shadow(MODEL, SHADOW, folder, by="test")
+    return folder
+
+
+def _shadow_config(
+    base: Path, orthanc: Orthanc, broker: str, store: Path, pacs_port: int
+) -> tuple[NodeConfig, Path]:
+    """A Celery node routing CT to ``ht_after_mt`` and sending to the SCP on
+    ``pacs_port``; only its workers read ``store`` (the node's own store has no shadow)."""
+    route = {"name": "ht", "match": {"modality": "CT"}, "pipeline": MODEL,
+             "destinations": ["PACS"]}  # fmt: skip
+    pacs = {"PACS": {"ae_title": "PACS", "host": "127.0.0.1", "port": pacs_port}}
+    extra = {"routes": [route], "destinations": pacs,
+             "pipelines": {MODEL: {"segmenter": "hyperdense_regions"}}}  # fmt: skip
+    return _config(base, orthanc, broker, extra, store=store)
+
+
+def test_the_shadow_runs_on_a_worker_after_the_results_and_is_recorded_on_the_node(
+    tmp_path: Path, orthanc: Orthanc, redis_url: str
+) -> None:
+    store = _shadow_store(tmp_path / "store")
+    pacs_port = free_port()
+    config, toml = _shadow_config(tmp_path / "node", orthanc, redis_url, store, pacs_port)
+    paths = write_series(generate_pair(31, "ht", baseline_hu=70.0).baseline, tmp_path / "in")
+    shadowed: list[bool] = []  # at each acknowledged result: did the shadow line exist?
+
+    def observe(_: Dataset) -> None:
+        shadowed.append(bool(read_records(config.state_dir, MODEL)))
+
+    worker = Worker(toml, "shadow", tmp_path)
+    try:
+        with (
+            storage_scp(pacs_port, observe=observe) as pacs,
+            Node(config, celery_processor(config), reporting()) as node,
+        ):
+            storescu(node, paths)
+            wait_for(lambda: bool(read_records(config.state_dir, MODEL)), 120, "the shadow line")
+            wait_for(node.is_idle, 30, "the node to be idle")
+            [job] = node.jobs.all()
+            assert job.state == JobState.DONE
+            assert shadowed == [False] * len(pacs.received) and len(pacs.received) >= 3
+            assert node.store is not None
+            spec = JobSpec(
+                job.id, job.series_instance_uid, job.study_instance_uid, job.pipeline,
+                job.rule, tuple(node.store.series_paths(job.series_instance_uid)),
+                job.destinations, config.state_dir / "results" / str(job.id),
+            )  # fmt: skip
+            sent = len(pacs.received)
+        [record] = read_records(config.state_dir, MODEL)
+        assert (record["shadow"], record["in_service"]) == (SHADOW, SERVICE)
+        assert worker.said("shadow run done")
+        assert not (tmp_path / "node" / "worker-state" / "shadow").exists()
+
+        # The same shadow run in-process, on the same series: the same line but its time.
+        pipelines = PipelinesSettings.model_validate(
+            {MODEL: {"model_store_dir": str(store), "segmenter": "hyperdense_regions"}}
+        )
+        local = config.model_copy(
+            update={"state_dir": tmp_path / "in-process", "pipelines": pipelines}
+        )
+        in_process = run_shadow(local, MODEL, paths)
+        assert in_process is not None and read_records(local.state_dir, MODEL) == [in_process]
+        assert {k: v for k, v in record.items() if k != "at"} == {
+            k: v for k, v in in_process.items() if k != "at"
+        }
+
+        # A node killed after the job, before its follow-up: its next start sends the
+        # shadow task (the series again, from the spool), once; nothing is sent again.
+        shutil.rmtree(config.state_dir / "shadow")
+        write_follow_up_marker(spec)
+        with (
+            storage_scp(pacs_port) as pacs,
+            Node(config, celery_processor(config), reporting()) as node,
+        ):
+            wait_for(lambda: not (spec.output_dir / FOLLOW_UP_MARKER).exists(), 120, "follow-up")
+            assert not pacs.received and len(node.outbox.items()) == sent
+        [again] = read_records(config.state_dir, MODEL)
+        assert {k: v for k, v in again.items() if k != "at"} == {
+            k: v for k, v in record.items() if k != "at"
+        }
+    finally:
+        worker.kill()
+
+
+def test_a_shadow_that_fails_on_the_worker_is_logged_and_leaves_the_job_done(
+    tmp_path: Path, orthanc: Orthanc, redis_url: str
+) -> None:
+    store = _shadow_store(tmp_path / "store")
+    with (store / MODEL / SHADOW / "combined.skops").open("ab") as artefact:
+        artefact.write(b"changed")  # no longer matches its manifest
+    pacs_port = free_port()
+    config, toml = _shadow_config(tmp_path / "node", orthanc, redis_url, store, pacs_port)
+    worker = Worker(toml, "broken-shadow", tmp_path)
+    try:
+        with (
+            structlog.testing.capture_logs() as logs,
+            storage_scp(pacs_port) as pacs,
+            Node(config, celery_processor(config), reporting()) as node,
+        ):
+            baseline = generate_pair(33, "ht", baseline_hu=70.0).baseline
+            storescu(node, write_series(baseline, tmp_path / "in"))
+            wait_for(lambda: any(e["event"] == "follow-up done" for e in logs), 120, "follow-up")
+            [job] = node.jobs.all()
+            assert job.state == JobState.DONE and len(pacs.received) >= 3
+        [failed] = [e for e in logs if e["event"] == "shadow run failed"]
+        assert failed["job_id"] == job.id and failed["shadow"] == SHADOW
+        assert "combined.skops" in failed["reason"] and failed["reason"].startswith("on the worker")
+        assert read_records(config.state_dir, MODEL) == []
+        assert worker.said("shadow run failed")
+    finally:
+        worker.kill()
