@@ -1,78 +1,58 @@
-"""In-plane median filtering of a frame stack, compiled (numba) for the 3 x 3 window.
+"""In-plane median filtering of a frame stack, vectorised for the 3 x 3 window.
 
 ``in_plane_median(hu, size)`` equals ``scipy.ndimage.median_filter(hu, size=(1, size,
 size))`` (mode "reflect") value for value. The 3 x 3 window, the threshold baseline's
-denoising, runs a compiled kernel that sorts each column of three once and takes the
-median of nine as the median of (largest of the column minima, median of the column
-medians, smallest of the column maxima), exact for any values. On the 127 x 332 x 298 brain box of a
-tilted head CT it takes 0.03 s where scipy's general rank filter took 1.4 s (1.0-1.4 s of
-the threshold baseline's 5.5 s). Other sizes use scipy.
-
-The kernel is compiled on its first call (about 0.5 s) and cached on disk as the radiomics
-kernels are (``pipelines.radiomics.kernels``: ``__pycache__`` or ``NUMBA_CACHE_DIR``);
-``python -m pipelines.filters`` compiles it (the container image does at build time).
+denoising, sorts each column of three once with elementwise minima and maxima, and takes
+the median of nine as the median of (largest of the column minima, median of the column
+medians, smallest of the column maxima), exact for any values. On the 127 x 332 x 298
+brain box of a tilted head CT it takes about 0.1 s where scipy's general rank filter took
+1.4 s. Other sizes use scipy.
 """
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 from numpy.typing import NDArray
 from scipy import ndimage
+
+FRAMES_PER_PASS = 16
+"""Frames filtered at once: bounds the temporaries to a few slabs of this many frames."""
 
 
 def in_plane_median(hu: NDArray[np.floating], size: int) -> NDArray[np.floating]:
     """The median of each voxel's ``size`` x ``size`` in-plane window (axis 0 is the
     frame), edges reflected; the input's dtype."""
-    if size != 3 or hu.ndim != 3 or 0 in hu.shape:
+    if size != 3 or hu.ndim != 3:
         return np.asarray(ndimage.median_filter(hu, size=(1, size, size)))
     out = np.empty(hu.shape, dtype=hu.dtype)
-    _median_3x3(hu, out)  # a strided view as it is: no box-sized copy
+    for start in range(0, hu.shape[0], FRAMES_PER_PASS):
+        frames = slice(start, start + FRAMES_PER_PASS)
+        out[frames] = _median_3x3(hu[frames])
     return out
 
 
-@numba.njit(cache=True, nogil=True)
-def _sort3(a: float, b: float, c: float) -> tuple[float, float, float]:
-    """``a``, ``b``, ``c`` in ascending order."""
-    if a > b:
-        a, b = b, a
-    if b > c:
-        b, c = c, b
-    if a > b:
-        a, b = b, a
-    return a, b, c
+def _median_3x3(hu: NDArray[np.floating]) -> NDArray[np.floating]:
+    """The 3 x 3 in-plane median of ``hu``; "symmetric" padding is scipy's "reflect"
+    (index -1 reads 0, index n reads n - 1)."""
+    padded = np.pad(hu, ((0, 0), (1, 1), (1, 1)), mode="symmetric")
+    low, mid, high = _sort3(padded[:, :-2], padded[:, 1:-1], padded[:, 2:])  # each column
+    del padded
+    largest_low = np.maximum(np.maximum(low[..., :-2], low[..., 1:-1]), low[..., 2:])
+    middle = _median3(mid[..., :-2], mid[..., 1:-1], mid[..., 2:])
+    smallest_high = np.minimum(np.minimum(high[..., :-2], high[..., 1:-1]), high[..., 2:])
+    return _median3(largest_low, middle, smallest_high)
 
 
-@numba.njit(cache=True, nogil=True)
-def _median_3x3(hu: NDArray[np.floating], out: NDArray[np.floating]) -> None:
-    """``out`` = the 3 x 3 in-plane median of ``hu`` (reflected edges: index -1 reads 0,
-    index n reads n - 1)."""
-    frames, rows, columns = hu.shape
-    low = np.empty(columns, dtype=hu.dtype)
-    mid = np.empty(columns, dtype=hu.dtype)
-    high = np.empty(columns, dtype=hu.dtype)
-    for z in range(frames):
-        for y in range(rows):
-            above = y - 1 if y > 0 else 0
-            below = y + 1 if y < rows - 1 else rows - 1
-            for x in range(columns):
-                low[x], mid[x], high[x] = _sort3(hu[z, above, x], hu[z, y, x], hu[z, below, x])
-            for x in range(columns):
-                left = x - 1 if x > 0 else 0
-                right = x + 1 if x < columns - 1 else columns - 1
-                largest_low = max(low[left], low[x], low[right])
-                middle = _sort3(mid[left], mid[x], mid[right])[1]
-                smallest_high = min(high[left], high[x], high[right])
-                out[z, y, x] = _sort3(largest_low, middle, smallest_high)[1]
+def _sort3(
+    a: NDArray[np.floating], b: NDArray[np.floating], c: NDArray[np.floating]
+) -> tuple[NDArray[np.floating], NDArray[np.floating], NDArray[np.floating]]:
+    """Elementwise smallest, middle and largest of ``a``, ``b``, ``c``."""
+    low, high = np.minimum(a, b), np.maximum(a, b)
+    return np.minimum(low, c), _median3(a, b, c), np.maximum(high, c)
 
 
-def compile_kernels() -> None:
-    """Run the kernel once on a small stack of each dtype the pipelines pass (compiles
-    it, or loads it from the cache)."""
-    small = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
-    in_plane_median(small, 3)
-    in_plane_median(small.astype(np.float64), 3)
-
-
-if __name__ == "__main__":
-    compile_kernels()
+def _median3(
+    a: NDArray[np.floating], b: NDArray[np.floating], c: NDArray[np.floating]
+) -> NDArray[np.floating]:
+    """Elementwise middle of ``a``, ``b``, ``c``."""
+    return np.maximum(np.minimum(a, b), np.minimum(np.maximum(a, b), c))
