@@ -9,7 +9,6 @@ Every registered class builds itself with ``from_settings(settings)``, where
 from __future__ import annotations
 
 import importlib
-import sys
 from collections.abc import Callable
 from functools import lru_cache, partial
 from typing import cast, get_args
@@ -66,11 +65,7 @@ def get_pipeline(name: str, settings: PipelinesSettings = DEFAULT_SETTINGS) -> P
     per distinct settings), and built again when the version in service of its model
     changes (:func:`promotion_stamp`): the running node picks up a promotion or a
     rollback at its next job, without a restart."""
-    pipeline = _build_pipeline(name, settings, promotion_stamp(name, settings))
-    radiomics = sys.modules.get("pipelines.radiomics")
-    if radiomics is not None:  # a pipeline extracts radiomics features: size their pool
-        radiomics.configure(workers=settings.radiomics.workers)
-    return pipeline
+    return _build_pipeline(name, settings, promotion_stamp(name, settings))
 
 
 @lru_cache(maxsize=PIPELINE_CACHE_SIZE)

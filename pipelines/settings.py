@@ -181,9 +181,11 @@ class RadiomicsSettings(_Settings):
     """``[pipelines.radiomics]``: shared by every pipeline that extracts radiomics
     features. ``workers``: processes the derived images (LoG scales, wavelet
     decompositions, ...) of one extraction are shared out to (default 1: all in the
-    pipeline's own process; a pool gains only where cores are idle, bench/README.md)."""
+    pipeline's own process; a pool gains only where cores are idle, bench/README.md).
+    Each such pipeline takes it from the settings it is built from and passes it to
+    every extraction it runs."""
 
-    workers: int | None = Field(default=None, ge=1, le=16)
+    workers: int = Field(default=1, ge=1, le=16)
 
 
 class PipelinesSettings(_Settings):

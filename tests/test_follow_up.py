@@ -13,21 +13,15 @@ end either (killed again) is dropped, and the node goes on with its jobs.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
-import sqlite3
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
-from pydicom.uid import generate_uid
 
 from dicomnode.case_store import list_cases
 from dicomnode.node import FOLLOW_UP_MARKER
@@ -36,13 +30,29 @@ from model_store.lifecycle import set_shadow
 from model_store.registry import STORE_ROOT
 from pipelines.followup.pairs import generate_pair
 from tests.scp import storage_scp
-from tests.support import REPO_ROOT, free_port, require_tool
+from tests.support import (
+    NodeStarter,
+    as_new_series,
+    free_port,
+    node_toml,
+    state_rows,
+    storescu,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 
 MODEL = "ht_after_mt"
 SERVICE, SHADOW = "1.1.0", "1.0.0"
-TIMEOUT_S = 240.0
+OWN_TOML = """
+[pipelines.ht_after_mt]
+model_store_dir = "{store}"
+segmenter = "hyperdense_regions"  # 96 px generated heads are below the U-Net's sizes
+
+[case_store]
+folder = "cases"
+salt = "follow-up-test-salt-0123"
+"""
 
 
 @dataclass
@@ -59,7 +69,7 @@ class Observations:
         self.seen.append((time.time(), stored, bool(read_records(self.state, MODEL))))
 
 
-def write_config(base: Path, port: int, pacs_port: int, extra: str = "") -> Path:
+def write_config(base: Path, port: int, pacs_port: int) -> Path:
     """A node routing CT to ``ht_after_mt`` (a model store with a shadow) with a case
     store, sending to the PACS on ``pacs_port``."""
     store = base / "store"
@@ -68,58 +78,31 @@ def write_config(base: Path, port: int, pacs_port: int, extra: str = "") -> Path
     (store / MODEL / "promoted.json").write_text(json.dumps({"version": SERVICE}) + "\n")
     set_shadow(MODEL, SHADOW, store, by="test")
     path = base / "node.toml"
-    path.write_text(
-        f"""spool_dir = "spool"
-state_dir = "state"
-stable_age_s = 0.5
-poll_interval_s = 0.05
-
-[node]
-ae_title = "DICOMNODE"
-host = "127.0.0.1"
-port = {port}
-
-[[allowed_callers]]
-ae_title = "STORESCU"
-host = "127.0.0.1"
-
-[destinations.PACS]
-ae_title = "PACS"
-host = "127.0.0.1"
-port = {pacs_port}
-
-[[routes]]
-name = "head-ct"
-pipeline = "{MODEL}"
-destinations = ["PACS"]
-
-[routes.match]
-modality = ["CT"]
-
-[pipelines.ht_after_mt]
-model_store_dir = "{store}"
-segmenter = "hyperdense_regions"  # 96 px generated heads are below the U-Net's sizes
-
-[case_store]
-folder = "cases"
-salt = "follow-up-test-salt-0123"
-{extra}""",
-        encoding="utf-8",
-    )
+    own = OWN_TOML.format(store=store)
+    path.write_text(node_toml(port, MODEL, pacs_port=pacs_port, extra=own), encoding="utf-8")
     return path
 
 
-def start_node(config: Path, log: Path) -> subprocess.Popen[bytes]:
-    """``dicomnode serve`` on ``config``, logging to ``log``; returns once it listens."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "dicomnode.cli", "serve", "--config", str(config)],
-        cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=log.open("ab"),
-        env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"},
-    )  # fmt: skip
-    assert process.stdout is not None
-    line = process.stdout.readline()  # "<AE> listening on ..." once the node is up
-    assert b"listening" in line, (line, log.read_text()[-3000:])
-    return process
+@dataclass(frozen=True)
+class Site:
+    """A test's node (on free loopback ports) and where it keeps its log, state and cases."""
+
+    port: int
+    pacs_port: int
+    config: Path
+    log: Path
+    state: Path
+    cases: Path
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Site:
+    """The node of :func:`write_config` in the test's folder."""
+    port, pacs_port = free_port(), free_port()
+    config = write_config(tmp_path, port, pacs_port)
+    return Site(
+        port, pacs_port, config, tmp_path / "node.log", tmp_path / "state", tmp_path / "cases"
+    )
 
 
 @pytest.fixture
@@ -135,63 +118,10 @@ def series(tmp_path: Path) -> list[Path]:
     return paths
 
 
-@pytest.fixture
-def nodes() -> Iterator[list[subprocess.Popen[bytes]]]:
-    """The node processes a test starts; any still running is killed at the end."""
-    started: list[subprocess.Popen[bytes]] = []
-    yield started
-    for process in started:
-        if process.poll() is None:
-            process.kill()
-        process.wait(30)
-
-
-def second_series(paths: list[Path], folder: Path) -> list[Path]:
-    """``paths`` as another patient's study and series (new UIDs) in ``folder``."""
-    folder.mkdir()
-    study, series, copies = generate_uid(), generate_uid(), []
-    for path in paths:
-        ds = pydicom.dcmread(path)
-        ds.PatientID, ds.StudyInstanceUID, ds.SeriesInstanceUID = "FOLLOW-2", study, series
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-        ds.save_as(folder / path.name, enforce_file_format=True)
-        copies.append(folder / path.name)
-    return copies
-
-
-def storescu(port: int, paths: list[Path]) -> None:
-    """Send ``paths`` to the node with DCMTK storescu."""
-    completed = subprocess.run(
-        [require_tool("storescu", "dcmtk"), "-aec", "DICOMNODE", "127.0.0.1", str(port),
-         *map(str, paths)],
-        capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
-    assert completed.returncode == 0, completed.stderr
-
-
-def rows(state: Path, query: str) -> list[sqlite3.Row]:
-    """Rows of the node's state database (read only)."""
-    with sqlite3.connect(f"file:{state / 'dicomnode.sqlite3'}?mode=ro", uri=True) as db:
-        db.row_factory = sqlite3.Row
-        return db.execute(query).fetchall()
-
-
-def wait_for(condition: object, what: str, process: subprocess.Popen[bytes], log: Path) -> None:
-    """Poll ``condition`` (a callable) until true; fail if the node exits or time runs out."""
-    assert callable(condition)
-    deadline = time.monotonic() + TIMEOUT_S
-    while not condition():
-        assert process.poll() is None, f"the node exited: {log.read_text()[-3000:]}"
-        assert time.monotonic() < deadline, f"{what}: {log.read_text()[-3000:]}"
-        time.sleep(0.05)
-
-
 def all_sent(state: Path) -> bool:
     """Whether a job is done and every outbox row is sent."""
-    if not (state / "dicomnode.sqlite3").exists():
-        return False
-    jobs = rows(state, "SELECT state FROM jobs")
-    outbox = rows(state, "SELECT state FROM outbox")
+    jobs = state_rows(state, "SELECT state FROM jobs")
+    outbox = state_rows(state, "SELECT state FROM outbox")
     return (
         bool(jobs)
         and jobs[0]["state"] == "done"
@@ -201,19 +131,17 @@ def all_sent(state: Path) -> bool:
 
 
 def test_results_reach_the_pacs_before_the_case_record_and_the_shadow_run(
-    tmp_path: Path, series: list[Path], nodes: list[subprocess.Popen[bytes]]
+    site: Site, series: list[Path], serve_node: NodeStarter
 ) -> None:
-    port, pacs_port, log = free_port(), free_port(), tmp_path / "node.log"
-    config = write_config(tmp_path, port, pacs_port)
-    state, cases = tmp_path / "state", tmp_path / "cases"
+    state, cases, log = site.state, site.cases, site.log
     seen = Observations(cases, state)
-    with storage_scp(pacs_port, observe=seen.observe) as pacs:
-        nodes.append(node := start_node(config, log))
-        storescu(port, series)
+    with storage_scp(site.pacs_port, observe=seen.observe) as pacs:
+        node = serve_node(site.config, log)
+        storescu(site.port, series)
         wait_for(lambda: bool(read_records(state, MODEL)), "no shadow record", node, log)
         wait_for(lambda: bool(list_cases(cases)), "no case record", node, log)
         received = len(pacs.received)
-    assert received == len(rows(state, "SELECT id FROM outbox")) >= 3  # SEG, SC, SR at least
+    assert received == len(state_rows(state, "SELECT id FROM outbox")) >= 3  # SEG, SC, SR at least
     assert [(stored, shadowed) for _, stored, shadowed in seen.seen] == [(False, False)] * received
     (record,) = read_records(state, MODEL)
     assert (record["shadow"], record["in_service"]) == (SHADOW, SERVICE)
@@ -227,14 +155,12 @@ def test_results_reach_the_pacs_before_the_case_record_and_the_shadow_run(
 
 
 def test_a_node_killed_before_the_follow_up_ends_does_it_at_its_next_start(
-    tmp_path: Path, series: list[Path], nodes: list[subprocess.Popen[bytes]]
+    site: Site, series: list[Path], serve_node: NodeStarter
 ) -> None:
-    port, pacs_port, log = free_port(), free_port(), tmp_path / "node.log"
-    config = write_config(tmp_path, port, pacs_port)
-    state, cases = tmp_path / "state", tmp_path / "cases"
-    with storage_scp(pacs_port) as pacs:
-        nodes.append(node := start_node(config, log))
-        storescu(port, series)
+    state, cases, log = site.state, site.cases, site.log
+    with storage_scp(site.pacs_port) as pacs:
+        node = serve_node(site.config, log)
+        storescu(site.port, series)
         wait_for(lambda: all_sent(state), "results not sent", node, log)
         assert not read_records(state, MODEL), "the shadow ran before the kill: too late"
         node.kill()  # SIGKILL: the follow-up (case record, shadow run) is cut short
@@ -243,7 +169,7 @@ def test_a_node_killed_before_the_follow_up_ends_does_it_at_its_next_start(
         sent_before = len(pacs.received)
         killed_at = time.time()
 
-        nodes.append(again := start_node(config, log))
+        again = serve_node(site.config, log)
         wait_for(lambda: not marker.exists(), "the follow-up did not run again", again, log)
         (case,) = list_cases(cases)
         (record,) = read_records(state, MODEL)
@@ -252,8 +178,8 @@ def test_a_node_killed_before_the_follow_up_ends_does_it_at_its_next_start(
     assert case.stored_at.timestamp() > killed_at  # made again by the restarted node
     assert case.pipeline == MODEL and case.prediction is not None
     assert (record["shadow"], record["in_service"]) == (SHADOW, SERVICE)
-    assert received == sent_before == len(rows(state, "SELECT id FROM outbox"))
-    assert [row["state"] for row in rows(state, "SELECT state FROM jobs")] == ["done"]
+    assert received == sent_before == len(state_rows(state, "SELECT id FROM outbox"))
+    assert [row["state"] for row in state_rows(state, "SELECT state FROM jobs")] == ["done"]
     assert "case record made again after a restart" in log.read_text()
     again.send_signal(signal.SIGTERM)
     assert again.wait(60) == 0
@@ -263,20 +189,18 @@ def test_a_node_killed_before_the_follow_up_ends_does_it_at_its_next_start(
 
 
 def test_a_follow_up_that_a_restarted_node_cannot_end_either_is_dropped(
-    tmp_path: Path, series: list[Path], nodes: list[subprocess.Popen[bytes]]
+    tmp_path: Path, site: Site, series: list[Path], serve_node: NodeStarter
 ) -> None:
-    port, pacs_port, log = free_port(), free_port(), tmp_path / "node.log"
-    config = write_config(tmp_path, port, pacs_port)
-    state = tmp_path / "state"
-    with storage_scp(pacs_port) as pacs:
-        nodes.append(node := start_node(config, log))
-        storescu(port, series)
+    state, log = site.state, site.log
+    with storage_scp(site.pacs_port) as pacs:
+        node = serve_node(site.config, log)
+        storescu(site.port, series)
         wait_for(lambda: all_sent(state), "results not sent", node, log)
         node.kill()
         node.wait(30)
         (marker,) = (state / "results").glob(f"*/{FOLLOW_UP_MARKER}")
         for attempt in range(2):  # killed during the follow-up it took up again, then started
-            nodes.append(again := start_node(config, log))
+            again = serve_node(site.config, log)
             if attempt == 0:
                 wait_for(
                     lambda: "interrupted follow-up started" in log.read_text(),
@@ -286,14 +210,14 @@ def test_a_follow_up_that_a_restarted_node_cannot_end_either_is_dropped(
                 again.wait(30)
                 assert marker.exists()
         wait_for(lambda: not marker.exists(), "the marker stayed", again, log)
-        following = second_series(series, tmp_path / "next")
-        storescu(port, following)  # the node goes on with its jobs
+        following = as_new_series(series, tmp_path / "next", "FOLLOW-2")
+        storescu(site.port, following)  # the node goes on with its jobs
         wait_for(lambda: bool(read_records(state, MODEL)), "no shadow record", again, log)
         received = len(pacs.received)
     (record,) = read_records(state, MODEL)  # the second job's; the first one's was dropped
     assert record["series_uid"] == str(pydicom.dcmread(following[0]).SeriesInstanceUID)
     assert "follow-up dropped" in log.read_text()
-    assert received == len(rows(state, "SELECT id FROM outbox")) >= 6  # both jobs', once
-    assert [row["state"] for row in rows(state, "SELECT state FROM jobs")] == ["done", "done"]
+    assert received == len(state_rows(state, "SELECT id FROM outbox")) >= 6  # both jobs', once
+    assert [row["state"] for row in state_rows(state, "SELECT state FROM jobs")] == ["done", "done"]
     again.send_signal(signal.SIGTERM)
     assert again.wait(60) == 0

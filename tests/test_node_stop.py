@@ -4,34 +4,37 @@ forkserver and workers, ``[pipelines.radiomics] workers``) goes with it.
 A real node process (``python -m dicomnode.cli serve``) routes the generated
 ``ich_expansion_hybrid`` case (its model's radiomics run on the original, gradient, wavelet,
 square... images: several tasks, so the pool is used) sent twice by DCMTK storescu (the
-first job after a start imports the radiomics package, so only the second is given the
-pool's size). SIGTERM comes once the pool's processes are seen in the node's process tree
-(``/proc``): when the node is idle again, or while the second job uses the pool; or
-SIGKILL, when idle (no shutdown runs: the workers end with their parent, the forkserver).
-Every process of the tree must be gone within a few seconds of the node's exit. A node stopped
-in-process (``Node.stop``) stops the pool's workers too, though its process lives on.
+second job uses the pool the first one made). SIGTERM comes once the pool's processes are
+seen in the node's process tree (``/proc``): when the node is idle again, or while the
+second job uses the pool; or SIGKILL, when idle (no shutdown runs: the workers end with
+their parent, the forkserver). Every process of the tree must be gone within a few seconds
+of the node's exit. A node stopped in-process (``Node.stop``) stops the pool's workers
+too, though its process lives on.
 """
 
 from __future__ import annotations
 
 import os
 import signal
-import sqlite3
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-import pydicom
 import pytest
-from pydicom.uid import generate_uid
 
 from dicomnode.config import load_config
 from dicomnode.node import Node
 from dicomnode.processing import processor
 from pipelines.ich_expansion_hybrid.demo import demo_case
 from pipelines.radiomics.engine import shutdown_pool
-from tests.support import REPO_ROOT, free_port, require_tool
+from tests.support import (
+    NodeStarter,
+    as_new_series,
+    free_port,
+    node_toml,
+    state_rows,
+    storescu,
+    wait_for,
+)
 
 pytestmark = [
     pytest.mark.slow,
@@ -74,91 +77,41 @@ def alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
-def storescu(port: int, paths: list[Path]) -> None:
-    """Send ``paths`` to the node with DCMTK storescu."""
-    sent = subprocess.run(
-        [require_tool("storescu", "dcmtk"), "-aec", "DICOMNODE", "127.0.0.1", str(port),
-         *map(str, paths)],
-        capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
-    assert sent.returncode == 0, sent.stderr
-
-
 def jobs_done(state: Path) -> int:
     """How many jobs the node recorded done."""
-    database = state / "dicomnode.sqlite3"
-    if not database.exists():
-        return 0
-    with sqlite3.connect(f"file:{database}?mode=ro", uri=True) as db:
-        return int(db.execute("SELECT count(*) FROM jobs WHERE state = 'done'").fetchone()[0])
-
-
-def second_copy(paths: list[Path], folder: Path) -> list[Path]:
-    """``paths`` as another study and series (new UIDs) in ``folder``."""
-    folder.mkdir()
-    study, series, copies = generate_uid(), generate_uid(), []
-    for path in paths:
-        ds = pydicom.dcmread(path)
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-        ds.save_as(folder / path.name, enforce_file_format=True)
-        copies.append(folder / path.name)
-    return copies
+    return len(state_rows(state, "SELECT id FROM jobs WHERE state = 'done'"))
 
 
 def config_toml(port: int) -> str:
-    """A node routing every series to ``ich_expansion_hybrid`` with a pool of 2 workers."""
-    return f"""spool_dir = "spool"
-state_dir = "state"
-stable_age_s = 0.5
-poll_interval_s = 0.05
-
-[node]
-ae_title = "DICOMNODE"
-host = "127.0.0.1"
-port = {port}
-
-[[allowed_callers]]
-ae_title = "STORESCU"
-host = "127.0.0.1"
-
-[[routes]]
-name = "ct"
-pipeline = "ich_expansion_hybrid"
-
-[pipelines.radiomics]
-workers = 2
-"""
+    """A node routing every CT series to ``ich_expansion_hybrid`` with a pool of 2 workers."""
+    return node_toml(port, "ich_expansion_hybrid", extra="\n[pipelines.radiomics]\nworkers = 2\n")
 
 
 @pytest.mark.parametrize("when", ["idle", "mid-job", "sigkill"])
-def test_a_stopped_or_killed_node_leaves_no_pool_process(tmp_path: Path, when: str) -> None:
+def test_a_stopped_or_killed_node_leaves_no_pool_process(
+    tmp_path: Path, when: str, serve_node: NodeStarter
+) -> None:
     case = demo_case(tmp_path / "case", seed=1)
     port = free_port()
     config = tmp_path / "node.toml"
     config.write_text(config_toml(port), encoding="utf-8")
     log = tmp_path / "node.log"
-    node = subprocess.Popen(
-        [sys.executable, "-m", "dicomnode.cli", "serve", "--config", str(config)],
-        cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=log.open("wb"),
-        env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"},
-    )  # fmt: skip
+    node = serve_node(config, log)
     tree: set[int] = set()
+    state = tmp_path / "state"
     try:
-        assert node.stdout is not None and b"listening" in node.stdout.readline()
-        for done, paths in enumerate((case, second_copy(case, tmp_path / "again")), start=1):
-            storescu(port, paths)
-            deadline = time.monotonic() + JOB_TIMEOUT_S
-            while jobs_done(tmp_path / "state") < done:
-                assert node.poll() is None, log.read_text()[-3000:]
-                assert time.monotonic() < deadline, log.read_text()[-3000:]
-                if done == 2 and when == "mid-job" and len(children(node.pid)) >= 3:
-                    break  # the second job is extracting in the pool
-                time.sleep(0.02)
+        storescu(port, case)
+        wait_for(lambda: jobs_done(state) >= 1, "the first job not done", node, log, JOB_TIMEOUT_S)
+        storescu(port, as_new_series(case, tmp_path / "again"))
+        wait_for(
+            lambda: jobs_done(state) >= 2  # or, mid-job, the second job extracts in the pool
+            or (when == "mid-job" and len(children(node.pid)) >= 3),
+            "the second job not done", node, log, JOB_TIMEOUT_S, poll_s=0.02,
+        )  # fmt: skip
         tree = children(node.pid)
         assert len(tree) >= 3, f"no pool (forkserver and 2 workers) in the tree: {tree}"
         if when == "mid-job":
-            assert jobs_done(tmp_path / "state") == 1, "the second job ended before SIGTERM"
+            assert jobs_done(state) == 1, "the second job ended before SIGTERM"
         if when == "sigkill":  # no shutdown runs: the workers end with their parent
             node.kill()
             assert node.wait(60) == -signal.SIGKILL
@@ -174,9 +127,6 @@ def test_a_stopped_or_killed_node_leaves_no_pool_process(tmp_path: Path, when: s
         for pid in tree:  # whatever the test found alive is not left on the machine
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
-        if node.poll() is None:
-            node.kill()
-        node.wait(30)
 
 
 def test_a_node_stopped_in_process_stops_the_pool_workers(tmp_path: Path) -> None:
@@ -187,7 +137,7 @@ def test_a_node_stopped_in_process_stops_the_pool_workers(tmp_path: Path) -> Non
     shutdown_pool()  # the pool is process-wide: start without one an earlier test made
     before = children(os.getpid())
     with Node(config, processor(config)) as node:
-        for paths in (case, second_copy(case, tmp_path / "again")):
+        for paths in (case, as_new_series(case, tmp_path / "again")):
             storescu(port, paths)
             assert node.wait_idle(JOB_TIMEOUT_S)
         # the pool's workers are the forkserver's children: this process' grandchildren

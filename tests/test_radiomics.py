@@ -45,6 +45,13 @@ featureClass: {shape: , firstorder: , glcm: , glrlm: , glszm: , gldm: , ngtdm: }
 setting: {binWidth: 25, voxelArrayShift: 2000, distances: [1], gldm_a: 0, label: 1,
           additionalInfo: false}
 """
+RADIOMICS_PIPELINES = (
+    "ht_after_mt",
+    "iph_vs_contrast",
+    "ich_expansion_hybrid",
+    "ais_prognosis_mri",
+)
+"""Every pipeline that extracts radiomics features."""
 # Mesh-based shape features changed after the baseline was made (pyradiomics 1.3): stock
 # pyradiomics 3.0.1 differs from it there by up to 0.1%, exactly as we do.
 MESH_FEATURES = {"MeshVolume", "SurfaceArea", "SurfaceVolumeRatio", "Sphericity"}
@@ -378,23 +385,78 @@ def test_lbp3d_matches_pyradiomics(monkeypatch: pytest.MonkeyPatch) -> None:
         assert np.allclose(ours[name][mask], theirs[name][mask], rtol=1e-12, atol=1e-12), name
 
 
-def test_pool_size_comes_from_the_settings() -> None:
-    """``[pipelines.radiomics] workers`` sizes the pool of a pipeline that extracts features."""
+@pytest.mark.parametrize("name", RADIOMICS_PIPELINES)
+def test_pool_size_comes_from_the_settings(name: str) -> None:
+    """``[pipelines.radiomics] workers`` goes with every pipeline that extracts radiomics
+    features, built from the settings (each passes it to its extractions)."""
     from pydantic import ValidationError
 
-    from pipelines.radiomics import configure, default_workers
     from pipelines.registry import get_pipeline
     from pipelines.settings import PipelinesSettings, RadiomicsSettings
 
     with pytest.raises(ValidationError, match="workers"):
         RadiomicsSettings(workers=0)
-    try:
-        get_pipeline("iph_vs_contrast", PipelinesSettings(radiomics=RadiomicsSettings(workers=3)))
-        assert default_workers() == 3
-        get_pipeline("iph_vs_contrast", PipelinesSettings())
-        assert default_workers() == 1
-    finally:
-        configure(workers=None)
+    three = PipelinesSettings(radiomics=RadiomicsSettings(workers=3))
+    assert vars(get_pipeline(name, three))["radiomics_workers"] == 3
+    assert vars(get_pipeline(name, PipelinesSettings()))["radiomics_workers"] == 1
+
+
+FIRST_EXTRACTION = {
+    "ich_expansion_hybrid": """
+from pipelines.ich_expansion.cohort import generate_expansion_cohort
+from pipelines.ich_expansion_hybrid.pipeline import IchExpansionHybridPipeline as Built
+from pipelines.volume import load_series
+
+case = generate_expansion_cohort(Path(sys.argv[1]), 1, 1, rows=64, n_slices=12).cases[0]
+Built.from_settings(SETTINGS).run(load_series(sorted(case.folder.glob("*.dcm"))))
+""",
+    "ais_prognosis_mri": """
+from pipelines.ais_prognosis_mri.pipeline import AisPrognosisMriPipeline as Built
+from pipelines.ais_prognosis_mri.synthetic_mri import Infarct, StudySpec, study_datasets
+from pipelines.volume import load_datasets
+
+spec = StudySpec(seed=4, infarct=Infarct((32.0, -8.0, 5.0), 15.0, severity=0.7, onset_h=8.0))
+study = {role: load_datasets(group) for role, group in study_datasets(spec).items()}
+Built.from_settings(SETTINGS).run_study(study)
+""",
+}
+"""A new process's first extraction, by a pipeline built from settings with a pool of 2
+(the generated case is small: 64 px, 12 or 16 slices)."""
+CHILD_HEAD = """
+import sys
+from pathlib import Path
+
+from pipelines.settings import PipelinesSettings, RadiomicsSettings
+
+SETTINGS = PipelinesSettings(radiomics=RadiomicsSettings(workers=2))
+"""
+CHILD_TAIL = """
+from pipelines.radiomics.engine import _Pool  # the pool the extraction made, if any
+
+print(_Pool._size)
+"""
+
+
+@pytest.mark.parametrize("name", sorted(FIRST_EXTRACTION))
+def test_the_first_extraction_of_a_new_process_uses_the_pool_size_of_the_settings(
+    name: str, tmp_path: Path
+) -> None:
+    """A new process builds the pipeline ``name`` from settings with ``workers = 2`` and
+    runs it once: its first extraction (several derived images: several tasks) is shared
+    out to a pool of 2 worker processes."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    script = CHILD_HEAD + FIRST_EXTRACTION[name] + CHILD_TAIL  # -c: no script for the
+    # forkserver to run again in each worker (a file would be, as the main module)
+    found = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)], cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"},
+        capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert found.returncode == 0, found.stderr[-3000:]
+    assert found.stdout.split() == ["2"]
 
 
 def _extract_in_child(params: str, queue: multiprocessing.Queue[int]) -> None:

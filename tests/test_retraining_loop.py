@@ -52,7 +52,7 @@ from model_store.registry import STORE_ROOT, list_versions, promoted_version
 from pipelines.followup.pairs import PairKind, generate_pair
 from pipelines.ht_after_mt.clinical import TABLE_VARIABLES
 from pipelines.retraining.report import FIGURES, REPORT_HTML
-from tests.support import REPO_ROOT, free_port, require_tool
+from tests.support import REPO_ROOT, free_port, storescu
 
 pytestmark = pytest.mark.slow
 
@@ -107,15 +107,6 @@ def _series(base: Path, patient: int, group: str, kind: PairKind) -> tuple[list[
         _write(_identity(pair.baseline, patient, "B"), base / f"p{patient:03d}" / "baseline"),
         _write(_identity(pair.followup, patient, "F"), base / f"p{patient:03d}" / "followup"),
     )
-
-
-def _storescu(port: int, paths: list[Path]) -> None:
-    completed = subprocess.run(
-        [require_tool("storescu", "dcmtk"), "-aec", "DICOMNODE", "127.0.0.1", str(port),
-         *map(str, paths)],
-        capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
-    assert completed.returncode == 0, completed.stderr
 
 
 def _jobs_done(http_port: int) -> int:
@@ -274,8 +265,8 @@ def test_the_whole_retraining_loop_through_a_real_node(
         nonlocal sent
         for group, kind in PHASE:
             baseline, followup = _series(tmp_path / "dicom", next(patients), group, kind)
-            _storescu(port, baseline)
-            _storescu(port, followup)
+            storescu(port, baseline)
+            storescu(port, followup)
             sent += 2
         _wait_jobs(http_port, process, sent, state)
 
@@ -328,7 +319,7 @@ def test_the_whole_retraining_loop_through_a_real_node(
 
     # 3. shadow: the version in service reports, the candidate's risk is only recorded
     shadow_case, _ = _series(tmp_path / "dicom", next(patients), "blood-like", "ht")
-    _storescu(port, shadow_case)
+    storescu(port, shadow_case)
     sent += 1
     _wait_jobs(http_port, process, sent, state)
     shadow_series = str(pydicom.dcmread(shadow_case[0]).SeriesInstanceUID)
@@ -343,7 +334,7 @@ def test_the_whole_retraining_loop_through_a_real_node(
     promoted = _cli("models", "promote", candidate, "--config", str(config), "--by", "tester")
     assert promoted.returncode == 0, promoted.stderr
     promoted_case, _ = _series(tmp_path / "dicom", next(patients), "blood-like", "ht")
-    _storescu(port, promoted_case)
+    storescu(port, promoted_case)
     sent += 1
     _wait_jobs(http_port, process, sent, state)
     assert _sr_versions(results)[_study(promoted_case)] == candidate
@@ -352,7 +343,7 @@ def test_the_whole_retraining_loop_through_a_real_node(
     back = _cli("models", "rollback", "--config", str(config), "--by", "tester")
     assert back.returncode == 0 and SERVICE in back.stdout, back.stderr
     rolled_case, _ = _series(tmp_path / "dicom", next(patients), "stain-like", "contrast")
-    _storescu(port, rolled_case)
+    storescu(port, rolled_case)
     sent += 1
     _wait_jobs(http_port, process, sent, state)
     assert _sr_versions(results)[_study(rolled_case)] == SERVICE

@@ -34,11 +34,13 @@ PLAUSIBLE = {"nihss": (0.0, 42.0), "ich": (0.0, 1.0)}
 
 
 @charged_to("features")
-def radiomics_features(study: PreparedStudy) -> dict[str, float]:
-    """pyradiomics features (``ais_prognosis_mri.yaml``) of the whole infarct ROI."""
+def radiomics_features(study: PreparedStudy, workers: int = 1) -> dict[str, float]:
+    """pyradiomics features (``ais_prognosis_mri.yaml``) of the whole infarct ROI, with a
+    pool of ``workers``."""
     logging.getLogger("radiomics").setLevel(logging.ERROR)
+    dwi = study.zscored[ROLE_DWI]
     try:
-        return extract(study.zscored[ROLE_DWI], study.spacing, study.roi, RADIOMICS_PARAMS)
+        return extract(dwi, study.spacing, study.roi, RADIOMICS_PARAMS, workers=workers)
     except RadiomicsError as exc:
         raise PipelineError(f"radiomics of the infarct ROI failed: {exc}") from exc
 

@@ -141,9 +141,11 @@ class AisPrognosisMriPipeline:
         root: Path = STORE_ROOT,
         clinical_table: Path | None = None,
         device: str = "cpu",
+        radiomics_workers: int = 1,
     ) -> None:
         """Use ``version`` (default: the promoted one) of the model in ``root``; the
-        clinical variables come from ``clinical_table`` (CSV), else are imputed."""
+        clinical variables come from ``clinical_table`` (CSV), else are imputed.
+        ``radiomics_workers``: the pool size of its radiomics extraction."""
         try:
             self.version = version or select_version(MODEL_NAME, root)
             manifest = load_manifest(MODEL_NAME, self.version, root)
@@ -151,6 +153,7 @@ class AisPrognosisMriPipeline:
             raise PipelineUnavailable(f"model {MODEL_NAME} unavailable: {exc}") from exc
         self.root = root
         self.clinical_table = clinical_table
+        self.radiomics_workers = radiomics_workers
         self.device = torch.device(
             "cuda" if device == "auto" and torch.cuda.is_available() else
             ("cpu" if device == "auto" else device)
@@ -168,11 +171,12 @@ class AisPrognosisMriPipeline:
 
     @classmethod
     def from_settings(cls, settings: PipelinesSettings) -> AisPrognosisMriPipeline:
-        """The pipeline of ``[pipelines.ais_prognosis_mri]``."""
+        """The pipeline of ``[pipelines.ais_prognosis_mri]``, extracting with the pool
+        size of ``[pipelines.radiomics]``."""
         own = settings.ais_prognosis_mri
         return cls(
             own.version, root=own.store_root, clinical_table=own.clinical_table,
-            device=own.device,
+            device=own.device, radiomics_workers=settings.radiomics.workers,
         )  # fmt: skip
 
     @property
@@ -230,7 +234,7 @@ class AisPrognosisMriPipeline:
             return replace(result, notes=[*notes, f"no infarct ROI: no probability of {OUTCOME}"])
         found = self._clinical(study)
         case = cnn_input(study)
-        radiomics = radiomics_features(study)
+        radiomics = radiomics_features(study, self.radiomics_workers)
         with self._lock:
             prediction = model.predict(found.values, radiomics, case)
             heatmaps = self._heatmaps(study, model)

@@ -233,15 +233,15 @@ def resolve_params(params: str | Path) -> str | Path:
 
 
 def radiomics_features(
-    series: LoadedSeries, lesion: Lesion, params: str | Path
+    series: LoadedSeries, lesion: Lesion, params: str | Path, workers: int = 1
 ) -> dict[str, float]:
     """pyradiomics features of the lesion; ``PipelineError`` when it cannot be measured.
 
     ``params``: a name of :data:`BUNDLED_PARAMS` or of ``pipelines.radiomics``' study
-    files, or a YAML path.
+    files, or a YAML path; ``workers``: the extraction's pool size.
     """
     try:
-        return extract_series(series, lesion.grid_mask, resolve_params(params))
+        return extract_series(series, lesion.grid_mask, resolve_params(params), workers=workers)
     except RadiomicsError as exc:
         raise PipelineError(f"radiomics of the hyperdense lesion failed: {exc}") from exc
 
@@ -265,14 +265,16 @@ def case_features(
     radiomics_params: str | Path,
     cnn_config: InputConfig = CNN_INPUT,
     labels: tuple[NDArray[np.integer], int] | None = None,
+    radiomics_workers: int = 1,
 ) -> CaseFeatures:
     """Lesion, radiomics, CNN input and clinical values of one case (``row``: its table
-    row, or the :class:`RowLookup` saying why there is none)."""
+    row, or the :class:`RowLookup` saying why there is none); the radiomics with a pool
+    of ``radiomics_workers``."""
     lesion = find_lesion(series, segmenter, labels)
     clinical = screen_clinical(series.reference, row)
     return CaseFeatures(
         lesion=lesion,
-        radiomics=radiomics_features(series, lesion, radiomics_params),
+        radiomics=radiomics_features(series, lesion, radiomics_params, radiomics_workers),
         cnn_input=prepare_case(series, lesion.frame_mask, cnn_config),
         clinical=clinical.values,
         clinical_issues=clinical.issues,

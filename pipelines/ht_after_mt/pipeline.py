@@ -114,6 +114,7 @@ class HtAfterMtPipeline:
         heatmap_reach: int = HEATMAP_REACH,
         segmenter: Segmenter | None = None,
         calcification_finder: HyperdenseThresholdPipeline | None = None,
+        radiomics_workers: int = 1,
     ) -> None:
         """Use ``version`` (default: the promoted one) of the model in ``root``.
 
@@ -121,13 +122,15 @@ class HtAfterMtPipeline:
         one, every table variable is imputed. ``segmenter`` finds the lesion that is
         scored (default: the threshold baseline); ``calcification_finder`` tells
         calcified foci apart (default: the segmenter when it is the threshold baseline,
-        else a threshold baseline of its own). Only the manifest is read here.
+        else a threshold baseline of its own); ``radiomics_workers``: the pool size of
+        the lesion's radiomics extraction. Only the manifest is read here.
         """
         self.version = version or select_version(MODEL_NAME, root)
         manifest = load_manifest(MODEL_NAME, self.version, root)
         self.root = root
         self.clinical_table = clinical_table
         self.heatmap_reach = heatmap_reach
+        self.radiomics_workers = radiomics_workers
         self.segmenter: Segmenter = segmenter or HyperdenseThresholdPipeline()
         if calcification_finder is None:
             own = self.segmenter
@@ -168,7 +171,8 @@ class HtAfterMtPipeline:
     @classmethod
     def from_settings(cls, settings: PipelinesSettings) -> HtAfterMtPipeline:
         """The risk model of ``[pipelines.ht_after_mt]``: model store folder and version,
-        clinical table, and its segmenter built from that segmenter's own settings."""
+        clinical table, and its segmenter built from that segmenter's own settings;
+        extracting with the pool size of ``[pipelines.radiomics]``."""
         own = settings.ht_after_mt
         return cls(
             own.version,
@@ -178,6 +182,7 @@ class HtAfterMtPipeline:
             calcification_finder=cast(
                 HyperdenseThresholdPipeline, get_pipeline("hyperdense_regions", settings)
             ),
+            radiomics_workers=settings.radiomics.workers,
         )
 
     @property
@@ -305,7 +310,13 @@ class HtAfterMtPipeline:
             return replace(imaging, statements=(reason,), case_record=record)
         scored = ((labels == choice.label).view(np.uint8), 1)
         case = case_features(
-            series, found, self.segmenter, model.radiomics_params, model.cnn_input, scored
+            series,
+            found,
+            self.segmenter,
+            model.radiomics_params,
+            model.cnn_input,
+            scored,
+            radiomics_workers=self.radiomics_workers,
         )
         with self._lock:
             prediction = model.predict(str(series.reference.get("SeriesInstanceUID", "")), case)

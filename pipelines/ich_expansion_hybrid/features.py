@@ -78,11 +78,15 @@ def hybrid_features(
     segmenter: Segmenter,
     network: CnnClassifier,
     labels: LabelledRegions | None = None,
+    radiomics_workers: int = 1,
 ) -> HybridFeatures:
-    """Haematoma, radiomics and frozen CNN features; ``PipelineError`` when none."""
+    """Haematoma, radiomics (with a pool of ``radiomics_workers``) and frozen CNN
+    features; ``PipelineError`` when none."""
     lesion = find_lesion(series, segmenter, labels)
     try:
-        radiomics = extract_series(series, lesion.grid_mask, RADIOMICS_PARAMS)
+        radiomics = extract_series(
+            series, lesion.grid_mask, RADIOMICS_PARAMS, workers=radiomics_workers
+        )
     except RadiomicsError as exc:
         raise PipelineError(f"radiomics of the haematoma failed: {exc}") from exc
     inputs = prepare_case(series, lesion.frame_mask, CNN_INPUT)

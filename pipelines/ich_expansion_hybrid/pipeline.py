@@ -77,14 +77,17 @@ class IchExpansionHybridPipeline:
         segmenter: Segmenter | None = None,
         cnn_weights: Path | None = None,
         device: str = "cpu",
+        radiomics_workers: int = 1,
     ) -> None:
         """Use ``version`` (default: promoted) of the model in ``root``; only the manifest
         is read here. ``cnn_weights``: a safetensors Lite0 backbone (default: the
-        packaged ImageNet weights)."""
+        packaged ImageNet weights); ``radiomics_workers``: the pool size of its radiomics
+        extraction."""
         self.version = version or select_version(MODEL_NAME, root)
         manifest = load_manifest(MODEL_NAME, self.version, root)
         self.root = root
         self.cnn_weights = cnn_weights
+        self.radiomics_workers = radiomics_workers
         self.trained_weights = str(manifest.get("cnn", {}).get("weights", PACKAGED_WEIGHTS))
         self.weights_name = (
             PACKAGED_WEIGHTS
@@ -124,7 +127,8 @@ class IchExpansionHybridPipeline:
 
     @classmethod
     def from_settings(cls, settings: PipelinesSettings) -> IchExpansionHybridPipeline:
-        """The model of ``[pipelines.ich_expansion_hybrid]`` and its segmenter."""
+        """The model of ``[pipelines.ich_expansion_hybrid]`` and its segmenter, extracting
+        with the pool size of ``[pipelines.radiomics]``."""
         own = settings.ich_expansion_hybrid
         return cls(
             own.version,
@@ -132,6 +136,7 @@ class IchExpansionHybridPipeline:
             segmenter=get_segmenter(own.segmenter, settings),
             cnn_weights=own.cnn_weights,
             device=own.device,
+            radiomics_workers=settings.radiomics.workers,
         )
 
     @property
@@ -178,7 +183,9 @@ class IchExpansionHybridPipeline:
         labels = self.segmenter.segment(series)
         try:
             with self._lock:
-                described = hybrid_features(series, self.segmenter, network, labels)
+                described = hybrid_features(
+                    series, self.segmenter, network, labels, self.radiomics_workers
+                )
         except PipelineError as exc:
             empty = measure_segment(series, self._class, *labels)
             notes = [str(exc), model.notice]

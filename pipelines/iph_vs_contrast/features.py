@@ -88,11 +88,12 @@ def resolve_params(params: str | Path) -> str | Path:
 
 @charged_to("features")
 def area_radiomics(
-    series: LoadedSeries, grid_mask: NDArray[np.bool_], params: str | Path
+    series: LoadedSeries, grid_mask: NDArray[np.bool_], params: str | Path, workers: int = 1
 ) -> dict[str, float]:
-    """pyradiomics features of one area; ``PipelineError`` when it cannot be measured."""
+    """pyradiomics features of one area (with a pool of ``workers``); ``PipelineError``
+    when it cannot be measured."""
     try:
-        return extract_series(series, grid_mask, resolve_params(params))
+        return extract_series(series, grid_mask, resolve_params(params), workers=workers)
     except RadiomicsError as exc:
         raise PipelineError(f"radiomics of a hyperdense area failed: {exc}") from exc
 

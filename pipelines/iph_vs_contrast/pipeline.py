@@ -109,13 +109,15 @@ class IphVsContrastPipeline:
         *,
         root: Path = STORE_ROOT,
         segmenter: Segmenter | None = None,
+        radiomics_workers: int = 1,
     ) -> None:
         """Use ``version`` (default: the promoted one) of the model in ``root``, on the
-        areas of ``segmenter`` (default: the threshold baseline). Only the manifest is
-        read here."""
+        areas of ``segmenter`` (default: the threshold baseline); ``radiomics_workers``:
+        the pool size of each area's radiomics extraction. Only the manifest is read here."""
         self.version = version or select_version(MODEL_NAME, root)
         manifest = load_manifest(MODEL_NAME, self.version, root)
         self.root = root
+        self.radiomics_workers = radiomics_workers
         self.segmenter: Segmenter = segmenter or HyperdenseThresholdPipeline()
         self._model: IphModel | None = None
         self._lock = threading.Lock()
@@ -140,12 +142,14 @@ class IphVsContrastPipeline:
     @classmethod
     def from_settings(cls, settings: PipelinesSettings) -> IphVsContrastPipeline:
         """The classifier of ``[pipelines.iph_vs_contrast]``: model store folder and
-        version, and its segmenter built from that segmenter's own settings."""
+        version, and its segmenter built from that segmenter's own settings; extracting
+        with the pool size of ``[pipelines.radiomics]``."""
         own = settings.iph_vs_contrast
         return cls(
             own.version,
             root=own.store_root,
             segmenter=get_segmenter(own.segmenter, settings),
+            radiomics_workers=settings.radiomics.workers,
         )
 
     @property
@@ -189,7 +193,9 @@ class IphVsContrastPipeline:
         unmeasured: list[str] = []
         for k, area in enumerate(areas, start=1):
             try:
-                radiomics = area_radiomics(series, area.grid_mask, model.radiomics_params)
+                radiomics = area_radiomics(
+                    series, area.grid_mask, model.radiomics_params, self.radiomics_workers
+                )
                 verdicts.append(model.classify(radiomics))
             except PipelineError as exc:
                 verdicts.append(None)

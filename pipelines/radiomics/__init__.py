@@ -1,6 +1,5 @@
 """Radiomics feature extraction with pyradiomics: one parameter file per study."""
 
-from pipelines.radiomics.engine import configure, default_workers
 from pipelines.radiomics.extract import extract, extract_series
 from pipelines.radiomics.params import (
     STUDY_PARAMS,
@@ -12,9 +11,7 @@ from pipelines.radiomics.params import (
 __all__ = [
     "STUDY_PARAMS",
     "RadiomicsError",
-    "configure",
     "count_features",
-    "default_workers",
     "extract",
     "extract_series",
     "study_feature_counts",

@@ -239,20 +239,6 @@ def _share(images: Any, task: Task) -> Any:
             yield item
 
 
-_configured_workers: int | None = None
-
-
-def configure(*, workers: int | None) -> None:
-    """Set the pool size extractions use when they name none (None: ``default_workers``)."""
-    global _configured_workers
-    _configured_workers = workers
-
-
-def default_workers() -> int:
-    """The configured pool size, else two worker processes (one on a single core)."""
-    return _configured_workers or 1
-
-
 def run_tasks(
     tasks: list[Task], workers: int, meanwhile: Callable[[], dict[str, float]]
 ) -> dict[str, float]:

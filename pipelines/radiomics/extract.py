@@ -34,7 +34,7 @@ from numpy.typing import NDArray
 from radiomics import imageoperations
 from radiomics.featureextractor import RadiomicsFeatureExtractor
 
-from pipelines.radiomics.engine import LBP3D, default_workers, run_tasks, tasks_for
+from pipelines.radiomics.engine import LBP3D, run_tasks, tasks_for
 from pipelines.radiomics.images import (
     Box,
     bounding_box,
@@ -63,7 +63,7 @@ def extract(
     label: int = 1,
     direction: NDArray[np.float64] | None = None,
     crop: bool = True,
-    workers: int | None = None,
+    workers: int = 1,
 ) -> dict[str, float]:
     """Features of the ROI ``mask`` (True voxels, or voxels equal to ``label``).
 
@@ -73,7 +73,8 @@ def extract(
     bundled study name or a pyradiomics YAML path. Raises ``RadiomicsError`` for a mask
     features cannot be computed on. ``crop=False`` runs stock pyradiomics on the whole
     volume (the reference); ``workers`` is the size of the worker pool the derived images
-    are shared out to (default ``default_workers()``; 1: all in this process).
+    are shared out to (1: all in this process; a pipeline passes its settings'
+    ``[pipelines.radiomics] workers``).
     """
     roi = _roi(volume_hu, spacing_mm, mask, label)
     extractor = load_extractor(params)
@@ -111,11 +112,10 @@ def extract(
         )
     bounds = _checked_box(mask_image, settings)  # pyradiomics' array (computeShape's)
     box_xyz = tuple(int(v) for v in bounds)
-    pool = workers if workers is not None else default_workers()
     main = {k: v for k, v in types.items() if resampled or k not in POINTWISE}
     if lbp is not None:
         main[LBP3D] = lbp
-    tasks = tasks_for(image, mask_image, box_xyz, main, settings, texture, pooled=pool > 1)
+    tasks = tasks_for(image, mask_image, box_xyz, main, settings, texture, pooled=workers > 1)
     pointwise = {k: v for k, v in types.items() if k not in main}
     if pointwise:
         sentinel = _with_sentinel(image, volume, region, box)
@@ -130,7 +130,7 @@ def extract(
         values = shaper.computeShape(image, mask_image, bounds, **settings)
         return {k: float(v) for k, v in values.items()}
 
-    return run_tasks(tasks, pool, shape_features)
+    return run_tasks(tasks, workers, shape_features)
 
 
 def _crop_invariant(settings: dict[str, Any]) -> bool:
@@ -161,12 +161,16 @@ def extract_series(
     params: str | Path,
     *,
     label: int = 1,
+    workers: int = 1,
 ) -> dict[str, float]:
-    """``extract`` on ``series.volume``; ``mask`` lies on that volume's grid."""
+    """``extract`` on ``series.volume`` (with a pool of ``workers``); ``mask`` lies on
+    that volume's grid."""
     volume = series.volume
     spacing = volume.spacing
     direction = volume.affine[:3, :3] / np.asarray(spacing)
-    return extract(volume.hu, spacing, mask, params, label=label, direction=direction)
+    return extract(
+        volume.hu, spacing, mask, params, label=label, direction=direction, workers=workers
+    )
 
 
 def _roi(
