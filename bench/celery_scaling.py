@@ -41,9 +41,10 @@ from pathlib import Path
 import redis
 
 from dicomnode.config import NodeConfig
-from dicomnode.demo import DEMO_PACS_AET, DEMO_SCANNER_AET, free_port
+from dicomnode.demo import DEMO_PACS_AET, DEMO_SCANNER_AET
 from dicomnode.distributed import celery_processor
 from dicomnode.node import JobSpec, Node, Process
+from dicomnode.ports import free_port
 from dicomnode.processing import processor, reporting
 from pipelines.lesions import insert_lesion
 from pipelines.stages import STAGES

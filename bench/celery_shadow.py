@@ -42,9 +42,10 @@ import structlog
 
 from bench.celery_scaling import ONE_THREAD, _redis, _storescp, _storescu, _wait
 from dicomnode.config import NodeConfig
-from dicomnode.demo import DEMO_PACS_AET, DEMO_SCANNER_AET, free_port
+from dicomnode.demo import DEMO_PACS_AET, DEMO_SCANNER_AET
 from dicomnode.distributed import celery_processor
 from dicomnode.node import Node
+from dicomnode.ports import free_port
 from dicomnode.processing import processor, reporting
 from dicomnode.shadow import read_records
 from model_store.lifecycle import set_shadow

@@ -1,8 +1,9 @@
 """What the bench harnesses drive from the outside: the node as a process, DCMTK storescu,
 a real Orthanc, and the node's SQLite state read only.
 
-Nothing here imports ``dicomnode``: the harnesses treat the node as a black box (its CLI,
-its DICOM port, its state file), so they keep working while its internals change.
+Nothing here imports ``dicomnode`` but its free-port helper (``dicomnode.ports``): the
+harnesses treat the node as a black box (its CLI, its DICOM port, its state file), so they
+keep working while its internals change.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import json
 import os
 import re
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from pynetdicom import AE
+
+from dicomnode.ports import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 NODE_AE = "DICOMNODE"
@@ -45,13 +47,6 @@ SERIES_BUSY = frozenset({"receiving"})
 _SENDING = re.compile(r"Sending file: (.+)$")
 _RESPONSE = re.compile(r"Received Store Response \((.+)\)")
 EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit)\b")
-
-
-def free_port() -> int:
-    """A TCP port free on loopback right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def missing_tools(names: Sequence[str]) -> list[str]:

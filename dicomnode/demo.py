@@ -15,7 +15,6 @@ import importlib
 import importlib.util
 import os
 import shutil
-import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from pynetdicom.events import Event
 
 from dicomnode.config import Destination, NodeConfig, RouteMatch, RouteRule, default_config
 from dicomnode.node import Node
+from dicomnode.ports import free_port
 from dicomnode.processing import processor, reporting
 from dicomnode.sender import send_files
 from dicomnode.status import Status
@@ -48,13 +48,6 @@ def shared_dir() -> Path:
     """``$DICOMNODE_SHARED``, or ``../shared`` beside the repository."""
     default = Path(__file__).resolve().parents[2] / "shared"
     return Path(os.environ.get("DICOMNODE_SHARED", default))
-
-
-def free_port() -> int:
-    """A TCP port free on loopback now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import sqlite3
 import subprocess
 import time
@@ -15,6 +14,8 @@ from pathlib import Path
 import pydicom
 import pytest
 from pydicom.uid import generate_uid
+
+from dicomnode.ports import free_port as free_port  # re-exported: the tests' helper
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DIR = Path(os.environ.get("DICOMNODE_SHARED", REPO_ROOT.parent / "shared"))
@@ -32,13 +33,6 @@ def shared_path(path: Path) -> Path:
             f"needs {path} from ../shared (real head CT data); it is absent on this machine"
         )
     return path
-
-
-def free_port() -> int:
-    """A TCP port free on loopback right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def require_tool(name: str, debian_package: str) -> str:

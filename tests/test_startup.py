@@ -66,3 +66,10 @@ def test_unwritable_spool_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixt
     line = _one_line_error(capsys)
     assert line.startswith(f"dicomnode: spool_dir {tmp_path / 'a-file' / 'spool'} is not writable")
     assert "Not a directory" in line
+
+
+def test_free_ports_are_never_handed_out_twice() -> None:
+    """Two calls in a row may get the same port from the kernel; a node given it for
+    DICOM and HTTP would not start (the demo and the tests ask for two at once)."""
+    ports = [free_port() for _ in range(300)]
+    assert len(set(ports)) == len(ports)
