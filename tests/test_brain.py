@@ -12,6 +12,7 @@ from pipelines.brain import Intracranial, head_box, intracranial_mask, intracran
 from pipelines.hyperdense import label_regions
 from pipelines.measure import structure
 from pipelines.synthetic import synthetic_head_ct
+from pipelines.unet.pipeline import frame_regions
 from pipelines.volume import load_datasets
 
 HEADS = [  # seed, rows, slices, thickness mm, tilt deg, head scale, stack offset mm
@@ -98,3 +99,20 @@ def test_label_regions_on_the_mask_box_equals_the_whole_volume(seed: int) -> Non
 def test_label_regions_of_an_empty_mask() -> None:
     labels, count = label_regions(np.zeros((3, 5, 5), dtype=bool), np.ones(3), 0.0, 26)
     assert count == 0 and labels.shape == (3, 5, 5) and not labels.any()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_frame_regions_on_the_mask_box_equal_the_whole_stack(seed: int) -> None:
+    rng = np.random.default_rng(100 + seed)
+    shape = (int(rng.integers(6, 14)), int(rng.integers(20, 40)), int(rng.integers(20, 40)))
+    mask = (rng.random(shape) < 0.1) | (rng.random(shape) < 0.5) & (np.indices(shape)[1] > 25)
+    frame_ml = rng.uniform(0.001, 0.003, size=shape[0])
+    regions = frame_regions(mask, frame_ml, 0.002)
+    labels, count = ndimage.label(mask, structure=structure(26))  # the whole stack
+    volumes = [frame_ml[np.nonzero(labels == i)[0]].sum() for i in range(1, count + 1)]
+    kept = [i for i in sorted(range(count), key=lambda i: -volumes[i]) if volumes[i] >= 0.002]
+    assert kept, "the random mask has a region above the minimum"
+    assert len(regions) == len(kept)
+    for region, i in zip(regions, kept, strict=True):
+        assert region.shape == shape and np.array_equal(region, labels == i + 1)
+    assert frame_regions(np.zeros(shape, dtype=bool), frame_ml, 0.0) == []

@@ -69,7 +69,7 @@ from pipelines.hyperdense import (
     calcification_note,
     classify_hyperdense,
 )
-from pipelines.measure import connected_regions, measure_region, structure
+from pipelines.measure import bounding_box, connected_regions, measure_region, structure
 from pipelines.run_scope import per_run
 from pipelines.series import LoadedSeries
 from pipelines.settings import PipelinesSettings
@@ -177,15 +177,24 @@ def frame_regions(
     """3-D connected regions of a frame-stack mask, largest first, small ones dropped.
 
     ``voxel_ml`` (frames,) is each frame's pixel volume, so a region's volume is the sum
-    over its pixels, as the planimetric volume of ``pipelines.measure`` counts it.
+    over its pixels, as the planimetric volume of ``pipelines.measure`` counts it. The
+    labels and sums are computed on the mask's bounding box, in the whole stack's raster
+    order, so they are those of the whole stack (a per-voxel weight volume of the whole
+    stack was 629 MB of float64 on 300 frames of 512 x 512).
     """
-    labels, count = ndimage.label(mask, structure=structure(connectivity))
-    if count == 0:
+    if not mask.any():
         return []
-    weights = np.broadcast_to(voxel_ml[:, None, None], mask.shape)
+    box = bounding_box(mask)
+    labels, count = ndimage.label(mask[box], structure=structure(connectivity))
+    weights = np.broadcast_to(voxel_ml[box[0], None, None], labels.shape)
     volumes = np.asarray(ndimage.sum(weights, labels, np.arange(1, count + 1)))
     order = [int(i) for i in np.argsort(-volumes, kind="stable") if volumes[i] >= min_volume_ml]
-    return [labels == i + 1 for i in order]
+    regions = []
+    for i in order:
+        region = np.zeros(mask.shape, dtype=bool)
+        region[box] = labels == i + 1
+        regions.append(region)
+    return regions
 
 
 def _ascii(text: str) -> str:
