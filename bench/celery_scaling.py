@@ -66,7 +66,18 @@ def _case(index: int, folder: Path, rows: int, slices: int) -> list[Path]:
 def _config(
     base: Path, pacs_port: int, broker: str | None, threads: int, pipeline: str
 ) -> NodeConfig:
-    """A node routing every head CT to ``pipeline``, on Celery when ``broker``."""
+    """A node routing every head CT to ``pipeline`` with ``threads`` worker threads, on
+    Celery when ``broker``."""
+    data = node_settings(base, pacs_port, broker, pipeline)
+    data["worker"] = {"threads": threads}
+    return NodeConfig.model_validate(data)
+
+
+def node_settings(
+    base: Path, pacs_port: int, broker: str | None, pipeline: str
+) -> dict[str, object]:
+    """The settings of a node in ``base`` routing every head CT to ``pipeline`` and
+    sending to the PACS on ``pacs_port``, on Celery when ``broker``."""
     data: dict[str, object] = {
         "node": {"ae_title": "DICOMNODE", "host": "127.0.0.1", "port": free_port()},
         "allowed_callers": [{"ae_title": DEMO_SCANNER_AET, "host": "127.0.0.1"}],
@@ -77,11 +88,10 @@ def _config(
         "stable_age_s": 1.0, "poll_interval_s": 0.05,
         "outbox": {"initial_delay_s": 0.2, "max_delay_s": 1.0},
         "spool_dir": str(base / "spool"), "state_dir": str(base / "state"),
-        "worker": {"threads": threads},
     }  # fmt: skip
     if broker is not None:
         data["celery"] = {"broker_url": broker, "job_timeout_s": 1800}
-    return NodeConfig.model_validate(data)
+    return data
 
 
 def _start_workers(count: int, broker: str, folder: Path) -> list[subprocess.Popen[bytes]]:

@@ -40,9 +40,8 @@ from typing import Any
 
 import structlog
 
-from bench.celery_scaling import ONE_THREAD, _redis, _storescp, _storescu, _wait
+from bench.celery_scaling import ONE_THREAD, _redis, _storescp, _storescu, _wait, node_settings
 from dicomnode.config import NodeConfig
-from dicomnode.demo import DEMO_PACS_AET, DEMO_SCANNER_AET
 from dicomnode.distributed import celery_processor
 from dicomnode.node import Node
 from dicomnode.ports import free_port
@@ -72,20 +71,9 @@ def _store(folder: Path, shadow: bool) -> Path:
 def _config(base: Path, pacs_port: int, store: Path, broker: str | None) -> NodeConfig:
     """A node routing CT to ``ht_after_mt`` (model in ``store``), on Celery when
     ``broker``."""
-    data: dict[str, object] = {
-        "node": {"ae_title": "DICOMNODE", "host": "127.0.0.1", "port": free_port()},
-        "allowed_callers": [{"ae_title": DEMO_SCANNER_AET, "host": "127.0.0.1"}],
-        "destinations": {"PACS": {"ae_title": DEMO_PACS_AET, "host": "127.0.0.1",
-                                  "port": pacs_port}},
-        "routes": [{"name": "head", "match": {"modality": ["CT"]},
-                    "pipeline": MODEL, "destinations": ["PACS"]}],
-        "stable_age_s": 0.5, "poll_interval_s": 0.05,
-        "outbox": {"initial_delay_s": 0.2, "max_delay_s": 1.0},
-        "spool_dir": str(base / "spool"), "state_dir": str(base / "state"),
-        "pipelines": {MODEL: {"model_store_dir": str(store), "segmenter": "hyperdense_regions"}},
-    }  # fmt: skip
-    if broker is not None:
-        data["celery"] = {"broker_url": broker, "job_timeout_s": 1800}
+    data = node_settings(base, pacs_port, broker, MODEL)
+    data["stable_age_s"] = 0.5
+    data["pipelines"] = {MODEL: {"model_store_dir": str(store), "segmenter": "hyperdense_regions"}}
     return NodeConfig.model_validate(data)
 
 
